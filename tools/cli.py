@@ -1,0 +1,34 @@
+"""The `pgolf` command: one subcommand family per kit module, each registered by that module's add_commands()."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Each module defines add_commands(subparsers) and sets `func` on the parsers it adds.
+COMMAND_MODULES = [
+    "tools.data",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pgolf", description="Parameter Golf kit: data, train, quantize, pack, eval, records.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        # Errors from the kit name the file, the value and the fix; show them without a traceback.
+        print(f"pgolf {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
