@@ -8,6 +8,11 @@ import sys
 # Each module defines add_commands(subparsers) and sets `func` on the parsers it adds.
 COMMAND_MODULES = [
     "tools.data",
+    "tools.bench",
+    "tools.stats",
+    "tools.check",
+    "tools.artifact",
+    "tools.bundle",
 ]
 
 

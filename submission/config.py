@@ -1,0 +1,146 @@
+"""Typed configs whose defaults are the recommended recipe, and the one validated override path (env + CLI)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass
+
+
+@dataclass
+class ModelConfig:
+    """The 11-layer record model (CHALLENGE.md, "Reference figures"); every feature is on by default."""
+    vocab_size: int = 1024
+    num_layers: int = 11
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4           # GQA: 2 query heads share each KV head
+    mlp_mult: float = 3.0           # hidden = 1536, LeakyReLU(0.5)^2
+    logit_softcap: float = 30.0     # logits = c * tanh(z / c); 0 disables
+    qk_norm: bool = True            # RMSNorm on q and k before RoPE
+    q_gain_init: float = 1.5        # learned per-head gain on q (after the norm)
+    xsa_last_n: int = 11            # XSA (remove the self-value component) on the last N layers: all 11
+    rope_dims: int = 16             # partial RoPE: rotate 16 of the 64 head dims, the rest stay position-free
+    rope_base: float = 10000.0
+    ln_scale: bool = True           # scale each block's norm output by 1/sqrt(layer + 1)
+    bigram_buckets: int = 3072      # BigramHash table rows; 0 disables
+    bigram_dim: int = 112
+    smear_gate: bool = True         # mix the previous position's embedding in, never across a BOS
+    value_embed_last_n: int = 2     # value embeddings added to v on the last N layers; 0 disables
+    value_embed_dim: int = 128
+    unet_skips: bool = True         # encoder half -> decoder half skip connections with learned weights
+    resid_mix: bool = True          # each block mixes the residual with the initial embedding x0
+    tie_embeddings: bool = True
+    bos_id: int = 1
+
+    @property
+    def head_dim(self) -> int:
+        return self.model_dim // self.num_heads
+
+
+@dataclass
+class TrainConfig:
+    """Training loop, optimizer and schedule. Batch sizes are global token counts; accumulation is derived."""
+    data_dir: str = "data/datasets/fineweb10B_sp1024"
+    tokenizer_path: str = "data/tokenizers/fineweb_1024_bpe.model"
+    run_dir: str = ""                     # default: runs/<timestamp>_seed<seed>
+    seed: int = 1337
+    train_batch_tokens: int = 786_432     # global tokens per optimizer step (8 GPUs x 48 x 2048 in the record)
+    micro_batch_tokens: int = 98_304      # tokens per forward per GPU; grad_accum = global / (world * micro)
+    seq_len: int = 2048
+    max_wallclock_seconds: float = 600.0  # training cap by the script's own timer (warmup/compile excluded)
+    max_steps: int = 20_000               # safety bound; the wallclock cap normally ends training
+    warmup_steps: int = 20                # compile/warmup steps, their model/optimizer state restored afterwards
+    warmdown_frac: float = 0.5            # LR decays linearly to 0 over the last half of the time budget
+    matrix_lr: float = 0.025              # Muon, attention and MLP matrices
+    embed_lr: float = 0.035               # AdamW, tied token embedding and other tables
+    scalar_lr: float = 0.025              # AdamW, gains, gates, mixes
+    muon_momentum: float = 0.99
+    muon_momentum_start: float = 0.92
+    muon_momentum_warmup_steps: int = 1500
+    muon_ns_steps: int = 5
+    weight_decay: float = 0.04            # decoupled, Muon and AdamW matrices/tables
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 0.3
+    ema_decay: float = 0.997              # 0 disables; applied at the end
+    qat_threshold: float = 0.15           # late QAT: int6 fake-quant once the LR scale falls below this; 0 disables
+    qat_bits: int = 6
+    log_every: int = 50
+    val_every: int = 0                    # 0: validate only at the end (validation pauses the timer)
+    val_batch_seqs: int = 32
+    compile: bool = True                  # torch.compile on GPU (ignored on CPU)
+
+
+def _parse(value: str, kind, name: str):
+    if kind is bool:
+        low = value.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{name}={value!r}: expected a boolean (1/0, true/false)")
+    if kind == tuple[float, float]:
+        parts = value.replace(",", " ").split()
+        if len(parts) != 2:
+            raise ValueError(f"{name}={value!r}: expected two numbers, e.g. '0.9,0.95'")
+        return tuple(float(p) for p in parts)
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r}: expected {kind.__name__}") from None
+
+
+def apply_overrides(cfg, overrides: dict[str, str], source: str = "env") -> list[str]:
+    """Set fields named (case-insensitively) in `overrides`; return 'name: old -> new' lines for the log.
+
+    Keys that name no field are ignored when source == "env" (the environment holds unrelated variables) and are an
+    error otherwise. Values are parsed to the field's type or rejected with the field named.
+    """
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    hints = typing.get_type_hints(type(cfg))
+    changed = []
+    for key, raw in overrides.items():
+        name = key.lower()
+        if name not in fields:
+            if source != "env":
+                raise ValueError(f"unknown {type(cfg).__name__} field {key!r} (known: {', '.join(fields)})")
+            continue
+        old = getattr(cfg, name)
+        new = raw if not isinstance(raw, str) else _parse(raw, hints[name], key)
+        if new != old:
+            setattr(cfg, name, new)
+            changed.append(f"{name}: {old} -> {new} ({source})")
+    return changed
+
+
+def resolve(*configs, env: dict[str, str] | None = None, cli: dict[str, str] | None = None) -> list[str]:
+    """Apply environment variables (upper-case field names, the challenge's habit) then CLI overrides."""
+    env = dict(os.environ) if env is None else env
+    changed = []
+    for cfg in configs:
+        changed += apply_overrides(cfg, {k: v for k, v in env.items() if k.isupper()}, "env")
+    for key, value in (cli or {}).items():
+        owners = [c for c in configs if key.lower() in {f.name for f in dataclasses.fields(c)}]
+        if not owners:
+            raise ValueError(f"unknown setting {key!r}")
+        changed += apply_overrides(owners[0], {key: value}, "cli")
+    return changed
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(kind, data: dict):
+    """Rebuild a config from a stored dict, rejecting unknown keys (a config/code mismatch)."""
+    known = {f.name for f in dataclasses.fields(kind)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"{kind.__name__}: stored config has unknown fields {sorted(unknown)} (made by another "
+                         "version of the kit?)")
+    out = kind(**data)
+    for f in dataclasses.fields(kind):
+        if isinstance(getattr(out, f.name), list):
+            setattr(out, f.name, tuple(getattr(out, f.name)))
+    return out
+

@@ -1,0 +1,270 @@
+"""The record model: GQA attention with XSA and partial RoPE, BigramHash, SmearGate, value embeddings, U-Net skips."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from submission.config import ModelConfig
+
+try:  # FA3 (Hopper) when installed; otherwise torch SDPA
+    from flash_attn_interface import flash_attn_func as _fa3
+except ImportError:
+    _fa3 = None
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def fake_quant(w: Tensor, bits: int) -> Tensor:
+    """Per-row symmetric int fake-quant with a straight-through gradient (late QAT)."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = w.detach().abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / qmax
+    q = (w / scale).round().clamp(-qmax, qmax) * scale
+    return w + (q - w).detach()
+
+
+class CastedLinear(nn.Linear):
+    """Linear kept in fp32 for the optimizer, computed in the input dtype; `qat_mix` blends in the int6 fake-quant.
+
+    qat_mix is a buffer, not a Python flag: a compiled graph reads its value on every call, so turning QAT on
+    after compilation cannot be constant-folded away (a real submission shipped its QAT dead that way).
+    """
+
+    def __init__(self, in_features: int, out_features: int, qat_bits: int = 6):
+        super().__init__(in_features, out_features, bias=False)
+        self.qat_bits = qat_bits
+        self.register_buffer("qat_mix", torch.zeros(()), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        w = w + self.qat_mix * (fake_quant(w, self.qat_bits) - w)
+        return F.linear(x, w.to(x.dtype))
+
+
+def rope_tables(seq_len: int, rope_dims: int, base: float, device=None) -> tuple[Tensor, Tensor]:
+    inv_freq = 1.0 / base ** (torch.arange(0, rope_dims, 2, dtype=torch.float32, device=device) / rope_dims)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+
+
+def apply_partial_rope(x: Tensor, cos: Tensor, sin: Tensor, rope_dims: int) -> Tensor:
+    """Rotate the first rope_dims of each head ([B, T, H, D]); the other dims carry no position."""
+    rot, keep = x[..., :rope_dims], x[..., rope_dims:]
+    half = rope_dims // 2
+    x1, x2 = rot[..., :half], rot[..., half:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return torch.cat((rotated, keep), dim=-1)
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """q [B, T, H, D], k/v [B, T, Hkv, D] -> [B, T, H, D]. FA3 if importable, else SDPA (cuDNN on GPU, see train)."""
+    if _fa3 is not None and q.is_cuda:
+        return _fa3(q, k, v, causal=True)
+    group = q.size(2) // k.size(2)
+    if group > 1:  # SDPA's cuDNN backend takes no GQA flag; the repeat is cheap next to the attention itself
+        k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+    return y.transpose(1, 2)
+
+
+def remove_self_value(y: Tensor, v: Tensor) -> Tensor:
+    """XSA: subtract from each head's output its projection on the normalized value vector of the same position.
+
+    y [B, T, H, D], v [B, T, Hkv, D]; query heads are grouped onto their KV head without repeating v.
+    """
+    B, T, H, D = y.shape
+    hkv = v.size(2)
+    yg = y.reshape(B, T, hkv, H // hkv, D)
+    vn = F.normalize(v.float(), dim=-1).to(y.dtype).unsqueeze(3)
+    yg = yg - (yg * vn).sum(-1, keepdim=True) * vn
+    return yg.reshape(B, T, H, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, xsa: bool):
+        super().__init__()
+        self.cfg, self.xsa = cfg, xsa
+        d, hd = cfg.model_dim, cfg.head_dim
+        self.c_q = CastedLinear(d, cfg.num_heads * hd)
+        self.c_k = CastedLinear(d, cfg.num_kv_heads * hd)
+        self.c_v = CastedLinear(d, cfg.num_kv_heads * hd)
+        self.c_proj = CastedLinear(cfg.num_heads * hd, d)
+        self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.q_gain_init))
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], value_embed: Tensor | None) -> Tensor:
+        cfg = self.cfg
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, cfg.num_heads, cfg.head_dim)
+        k = self.c_k(x).view(B, T, cfg.num_kv_heads, cfg.head_dim)
+        v = self.c_v(x)
+        if value_embed is not None:
+            v = v + value_embed
+        v = v.view(B, T, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = rms_norm(q), rms_norm(k)
+        if cfg.rope_dims:
+            cos, sin = rope[0][:, :T], rope[1][:, :T]
+            q = apply_partial_rope(q, cos, sin, cfg.rope_dims)
+            k = apply_partial_rope(k, cos, sin, cfg.rope_dims)
+        q = q * self.q_gain.to(q.dtype)[None, None, :, None]
+        y = causal_attention(q, k, v)
+        if self.xsa:
+            y = remove_self_value(y, v)
+        return self.c_proj(y.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = int(cfg.mlp_mult * cfg.model_dim)
+        self.c_fc = CastedLinear(cfg.model_dim, hidden)
+        self.c_proj = CastedLinear(hidden, cfg.model_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c_proj(F.leaky_relu(self.c_fc(x), 0.5).square())
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.attn = Attention(cfg, xsa=layer >= cfg.num_layers - cfg.xsa_last_n)
+        self.mlp = MLP(cfg)
+        self.norm_scale = 1.0 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0
+        self.attn_scale = nn.Parameter(torch.ones(cfg.model_dim))
+        self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
+        # resid_mix[0] weighs the running residual, resid_mix[1] the initial embedding x0
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim)))) \
+            if cfg.resid_mix else None
+
+    def forward(self, x: Tensor, x0: Tensor, rope, value_embed: Tensor | None) -> Tensor:
+        if self.resid_mix is not None:
+            mix = self.resid_mix.to(x.dtype)
+            x = mix[0] * x + mix[1] * x0
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, rope, value_embed)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)
+
+
+def bigram_bucket(idx: Tensor, buckets: int, bos_id: int) -> Tensor:
+    """Hash (previous, current) token into [1, buckets); position 0 and document starts (BOS) use bucket 0."""
+    prev = F.pad(idx[:, :-1], (1, 0))
+    h = (prev * 36313 ^ idx * 27191) % (buckets - 1) + 1
+    h[:, 0] = 0
+    return h.masked_fill(idx == bos_id, 0)
+
+
+class BigramHash(nn.Module):
+    """Hashed (previous, current) token embedding added to the token embedding.
+
+    The table starts at zero so the model starts as if it had none; the projection gets a normal init, because
+    with both at zero neither would ever receive a gradient.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.buckets, self.bos_id = cfg.bigram_buckets, cfg.bos_id
+        self.table = nn.Embedding(cfg.bigram_buckets, cfg.bigram_dim)
+        nn.init.zeros_(self.table.weight)
+        self.proj = CastedLinear(cfg.bigram_dim, cfg.model_dim)
+        self.scale = nn.Parameter(torch.tensor(0.05))
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.scale * self.proj(self.table(bigram_bucket(idx, self.buckets, self.bos_id)))
+
+
+class SmearGate(nn.Module):
+    """x_t <- (1 - g) x_t + g x_{t-1} with a learned per-channel gate; no mixing at position 0 or at a BOS."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.bos_id = cfg.bos_id
+        self.gate = nn.Parameter(torch.full((cfg.model_dim,), -3.0))  # sigmoid(-3) ~ 0.05: starts nearly off
+
+    def forward(self, x: Tensor, idx: Tensor) -> Tensor:
+        g = torch.sigmoid(self.gate).to(x.dtype)
+        prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+        allowed = (idx != self.bos_id).to(x.dtype).unsqueeze(-1)
+        allowed[:, 0] = 0
+        return x + allowed * g * (prev - x)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig, qat_bits: int = 6):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.model_dim
+        self.tok_emb = nn.Embedding(cfg.vocab_size, d)
+        nn.init.normal_(self.tok_emb.weight, std=0.005)
+        self.bigram = BigramHash(cfg) if cfg.bigram_buckets else None
+        self.smear = SmearGate(cfg) if cfg.smear_gate else None
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        kv_dim = cfg.num_kv_heads * cfg.head_dim
+        if cfg.value_embed_last_n:
+            self.value_embed = nn.Embedding(cfg.vocab_size, cfg.value_embed_dim)
+            nn.init.normal_(self.value_embed.weight, std=0.01)
+            self.value_proj = CastedLinear(cfg.value_embed_dim, kv_dim)
+            self.value_scales = nn.Parameter(torch.full((cfg.value_embed_last_n,), 0.1))
+        self.num_encoder = cfg.num_layers // 2 if cfg.unet_skips else 0
+        if cfg.unet_skips:
+            self.skip_weights = nn.Parameter(torch.ones(cfg.num_layers - self.num_encoder, d))
+        self.lm_head = None if cfg.tie_embeddings else CastedLinear(d, cfg.vocab_size)
+        for m in self.modules():
+            if isinstance(m, CastedLinear):
+                m.qat_bits = qat_bits
+        for block in self.blocks:  # output projections start at zero: every block starts as the identity
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+        if self.lm_head is not None:
+            nn.init.zeros_(self.lm_head.weight)
+
+    def embed(self, idx: Tensor, extra_embed: Tensor | None = None) -> Tensor:
+        """Token embedding (+ BigramHash, + an eval-time extra embedding), then SmearGate; before the first norm."""
+        x = self.tok_emb(idx)
+        if self.bigram is not None:
+            x = x + self.bigram(idx).to(x.dtype)
+        if extra_embed is not None:
+            x = x + extra_embed.to(x.dtype)
+        if self.smear is not None:
+            x = self.smear(x, idx)
+        return x
+
+    def hidden(self, idx: Tensor, extra_embed: Tensor | None = None) -> Tensor:
+        cfg = self.cfg
+        x = self.embed(idx, extra_embed)
+        dtype = torch.bfloat16 if x.is_cuda else x.dtype
+        x = x0 = rms_norm(x).to(dtype)
+        rope = rope_tables(idx.size(1), max(cfg.rope_dims, 2), cfg.rope_base, idx.device)
+        ve = None
+        if cfg.value_embed_last_n:
+            ve = self.value_proj(self.value_embed(idx).to(dtype))
+        skips = []
+        for i, block in enumerate(self.blocks):
+            if cfg.unet_skips and i >= self.num_encoder and skips:
+                x = x + self.skip_weights[i - self.num_encoder].to(dtype) * skips.pop()
+            j = i - (cfg.num_layers - cfg.value_embed_last_n)
+            x = block(x, x0, rope, ve * self.value_scales[j].to(dtype) if ve is not None and j >= 0 else None)
+            if cfg.unet_skips and i < self.num_encoder:
+                skips.append(x)
+        return rms_norm(x)
+
+    def logits(self, idx: Tensor, extra_embed: Tensor | None = None) -> Tensor:
+        """Soft-capped logits in fp32, [B, T, V]."""
+        x = self.hidden(idx, extra_embed)
+        w = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        z = F.linear(x, w.to(x.dtype)).float()
+        c = self.cfg.logit_softcap
+        return c * torch.tanh(z / c) if c else z
+
+    def forward(self, idx: Tensor, targets: Tensor) -> Tensor:
+        """Mean next-token cross-entropy in nats."""
+        z = self.logits(idx)
+        return F.cross_entropy(z.reshape(-1, z.size(-1)), targets.reshape(-1))
+
+    def set_qat(self, on: bool) -> None:
+        for m in self.modules():
+            if isinstance(m, CastedLinear):
+                m.qat_mix.fill_(1.0 if on else 0.0)

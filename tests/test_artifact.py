@@ -1,0 +1,286 @@
+"""tools.artifact: bit-exact round trip, corruption errors, the decimal cap, budget fitting, size vs torch.save."""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import lzma
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from tools.artifact import (CODE_FILENAME, COMPRESSORS, DECIMAL_CAP, MODEL_FILENAME, PREFIX, ArtifactError,
+                            add_commands, check_budget, compress, decompress, fit_to_budget, pack_artifact,
+                            read_artifact, read_contents, size_report, to_state_dict, unpack_artifact,
+                            write_artifact)
+from tools.gptq import QuantConfig, QuantTensor, gptq_quantize, rtn_quantize
+
+MODEL_CONFIG = {"num_layers": 2, "model_dim": 64, "mlp_mult": 3.0, "adam_betas": [0.9, 0.95], "name": "tiny",
+                "tie_embeddings": True, "lm_head": None}
+QUANT_CONFIG = {"matrix_bits": 6, "embed_bits": 8, "clip_sigmas": [3.0, 12.85]}
+
+
+def gptq_like(rows: int, cols: int, seed: int, bits: int = 6) -> QuantTensor:
+    """Codes from GPTQ on heavy-tailed weights with correlated inputs: the statistics real artifacts hold."""
+    g = torch.Generator().manual_seed(seed)
+    W = 0.02 * torch.randn(rows, cols, generator=g) / torch.sqrt(
+        torch.distributions.Chi2(5.0).sample((rows, cols)) / 5) * torch.exp(0.3 * torch.randn(rows, 1, generator=g))
+    X = torch.randn(4 * cols, 16, generator=g) @ torch.randn(16, cols, generator=g) + torch.randn(4 * cols, cols,
+                                                                                               generator=g)
+    codes, scales, _ = gptq_quantize(W, X.T @ X, bits, QuantConfig(clip_sigmas=(4.0, 6.0, 10.0)))
+    return QuantTensor(codes, scales, bits)
+
+
+@pytest.fixture(scope="module")
+def tensors() -> dict:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "blocks.0.attn.c_q.weight": gptq_like(64, 64, seed=1),
+        "blocks.0.mlp.c_fc.weight": gptq_like(192, 64, seed=2),
+        "tok_emb.weight": QuantTensor(*rtn_quantize(torch.randn(100, 64, generator=g) * 0.05, 8)[:2], 8),
+        "blocks.0.attn_scale": (1 + 0.1 * torch.randn(64, generator=g)).half(),
+        "blocks.0.resid_mix": torch.randn(2, 64, generator=g),                     # float32 passthrough
+        "skip_weights": torch.randn(1, 64, generator=g).bfloat16(),
+        "smear.gate": torch.tensor(-3.0),                                            # 0-d
+        "step": torch.tensor([7, -1], dtype=torch.int64),
+        "mask": torch.tensor([True, False, True]),
+    }
+
+
+def assert_same(a: dict, b: dict):
+    assert list(a) == list(b)
+    for name, x in a.items():
+        y = b[name]
+        if isinstance(x, QuantTensor):
+            assert isinstance(y, QuantTensor) and x.bits == y.bits
+            assert torch.equal(x.codes, y.codes)
+            assert torch.equal(x.scales.view(torch.int16), y.scales.view(torch.int16))
+        else:
+            assert x.dtype == y.dtype and x.shape == y.shape, name
+            assert bit_pattern(x) == bit_pattern(y), name
+
+
+def bit_pattern(t: torch.Tensor) -> bytes:
+    t = t.reshape(-1)
+    return (t.to(torch.uint8) if t.dtype == torch.bool else t.view(torch.uint8)).numpy().tobytes()
+
+
+def rewrite_body(blob: bytes, edit) -> bytes:
+    """Decompress, let `edit(header, payload)` change things, re-compress with a valid crc (what the crc misses)."""
+    magic, version, cid, _, _ = PREFIX.unpack_from(blob)
+    name = COMPRESSORS[cid]
+    raw = decompress(blob[PREFIX.size:], name)
+    (hlen,) = struct.unpack_from("<I", raw)
+    header, payload = json.loads(raw[4:4 + hlen]), raw[4 + hlen:]
+    header, payload = edit(header, payload)
+    hb = json.dumps(header).encode()
+    body = compress(struct.pack("<I", len(hb)) + hb + payload, name)
+    return PREFIX.pack(magic, version, cid, len(body), zlib.crc32(body)) + body
+
+
+def test_round_trip_is_bit_exact(tensors):
+    blob = pack_artifact(tensors, MODEL_CONFIG, QUANT_CONFIG)
+    out, model_config, quant_config = unpack_artifact(blob)
+    assert_same(tensors, out)
+    assert model_config == MODEL_CONFIG and quant_config == QUANT_CONFIG
+    for forced in ("brotli", "lzma"):
+        contents = read_contents(pack_artifact(tensors, MODEL_CONFIG, QUANT_CONFIG, compressors=(forced,)))
+        assert contents.compressor == forced
+        assert_same(tensors, contents.tensors)
+    # the smaller of the two is kept
+    sizes = [len(pack_artifact(tensors, MODEL_CONFIG, QUANT_CONFIG, compressors=(c,))) for c in ("brotli", "lzma")]
+    assert len(blob) == min(sizes)
+
+
+def test_truncated_corrupted_and_foreign_bytes(tensors, tmp_path):
+    blob = pack_artifact(tensors, MODEL_CONFIG, QUANT_CONFIG, compressors=("lzma",))
+    path = tmp_path / MODEL_FILENAME
+    path.write_bytes(blob[:-10])
+    with pytest.raises(ArtifactError, match=rf"{MODEL_FILENAME}: prefix says {len(blob) - PREFIX.size} compressed "
+                                            rf"bytes but {len(blob) - PREFIX.size - 10} follow \(truncated"):
+        read_artifact(path)
+    flipped = bytearray(blob)
+    flipped[len(blob) // 2] ^= 0x40
+    with pytest.raises(ArtifactError, match="crc32 .* != .* stored"):
+        unpack_artifact(bytes(flipped))
+    with pytest.raises(ArtifactError, match="magic"):
+        unpack_artifact(b"PK\x03\x04" + blob[4:])
+    with pytest.raises(ArtifactError, match="format version 9"):
+        unpack_artifact(blob[:4] + bytes([9]) + blob[5:])
+    with pytest.raises(ArtifactError, match="shorter than"):
+        unpack_artifact(blob[:5])
+    with pytest.raises(FileNotFoundError):
+        read_artifact(tmp_path / "missing.pgz")
+
+
+def test_header_payload_mismatch_is_named(tensors):
+    blob = pack_artifact(tensors, MODEL_CONFIG, QUANT_CONFIG, compressors=("lzma",))
+
+    def wrong_shape(header, payload):
+        header["tensors"]["blocks.0.attn.c_q.weight"]["shape"] = [64, 65]
+        return header, payload
+    with pytest.raises(ArtifactError, match=r"c_q.weight shape \[64, 65\] needs segments of \[4160, 64, 64\] bytes"):
+        unpack_artifact(rewrite_body(blob, wrong_shape))
+
+    def short_payload(header, payload):
+        return header, payload[:-3]
+    with pytest.raises(ArtifactError, match=r"header says \d+ payload bytes, found \d+"):
+        unpack_artifact(rewrite_body(blob, short_payload))
+
+    def code_out_of_range(header, payload):
+        offset = header["tensors"]["blocks.0.attn.c_q.weight"]["segments"][0][0]
+        return header, payload[:offset] + bytes([40]) + payload[offset + 1:]
+    with pytest.raises(ArtifactError, match=r"codes up to 40, beyond int6's \+-31"):
+        unpack_artifact(rewrite_body(blob, code_out_of_range))
+
+    def no_tensor_table(header, payload):
+        del header["tensors"]
+        return header, payload
+    with pytest.raises(ArtifactError, match="malformed header \\(KeyError: 'tensors'\\)"):
+        unpack_artifact(rewrite_body(blob, no_tensor_table))
+
+
+def test_to_state_dict_checks_names_and_shapes(tensors):
+    reference = {n: (v.dequantize() if isinstance(v, QuantTensor) else v).float() for n, v in tensors.items()}
+    state = to_state_dict(tensors, reference, "run/model.pgz")
+    q = tensors["blocks.0.attn.c_q.weight"]
+    torch.testing.assert_close(state["blocks.0.attn.c_q.weight"], q.codes.float() * q.scales.float()[:, None])
+    assert state["step"].dtype == torch.float32
+    bad = dict(reference, **{"blocks.0.attn.c_q.weight": torch.zeros(32, 64)})
+    with pytest.raises(ArtifactError, match=r"run/model.pgz: tensor blocks.0.attn.c_q.weight is \[64, 64\] in the "
+                                            r"artifact but \[32, 64\] in the model"):
+        to_state_dict(tensors, bad, "run/model.pgz")
+    with pytest.raises(ArtifactError, match=r"missing from the artifact \['extra'\]"):
+        to_state_dict(tensors, dict(reference, extra=torch.zeros(1)), "run/model.pgz")
+
+
+def test_cap_is_decimal(tmp_path):
+    assert DECIMAL_CAP == 16_000_000
+    path = tmp_path / MODEL_FILENAME
+    over = b"PGLF" + bytes(16_500_000 - 4)  # under 16 MiB = 16,777,216, over 16,000,000
+    with pytest.raises(ValueError, match="16,500,000 = 16,500,000 bytes exceeds the cap 16,000,000"):
+        write_artifact(path, over, code_bytes=0)
+    assert not path.exists() and not list(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="exceeds the cap"):
+        check_budget(15_990_000, 10_001)
+    assert check_budget(15_990_000, 10_000) == DECIMAL_CAP
+    write_artifact(path, b"PGLF" + bytes(15_990_000 - 4), code_bytes=10_000)
+    assert path.stat().st_size == 15_990_000
+    with pytest.raises(ValueError, match="do not start with"):
+        write_artifact(path, b"junk", code_bytes=0)
+
+
+def fit_inputs():
+    g = torch.Generator().manual_seed(5)
+    quant = {}
+    for i, (rows, cols) in enumerate([(96, 128), (128, 96)]):
+        # Laplace weights with a wide clip: many small codes, so there are +-1 codes to prune
+        W = torch.distributions.Laplace(0.0, 1.0).sample((rows, cols)) * torch.exp(0.5 * torch.randn(rows, 1,
+                                                                                                  generator=g))
+        codes, scales, _ = rtn_quantize(W, 6, QuantConfig(clip_sigmas=(12.0,)))
+        quant[f"m{i}.weight"] = QuantTensor(codes, scales, 6)
+    tensors = dict(quant, gain=torch.ones(16).half())
+    hdiag = {"m0.weight": torch.rand(128, generator=g) + 0.1}
+    return tensors, hdiag
+
+
+def test_fit_to_budget_zeroes_cheapest_pm1_codes_until_it_fits():
+    tensors, hdiag = fit_inputs()
+    before = {n: v.codes.clone() for n, v in tensors.items() if isinstance(v, QuantTensor)}
+    size0 = len(pack_artifact(tensors, MODEL_CONFIG, QUANT_CONFIG))
+    code_bytes = 1_000
+    target = code_bytes + int(size0 * 0.97)
+    blob, fitted, report = fit_to_budget(tensors, hdiag, code_bytes, MODEL_CONFIG, QUANT_CONFIG, target=target,
+                                         progress=False)
+    assert code_bytes + len(blob) <= target and report.total_bytes == code_bytes + len(blob)
+    assert report.model_bytes_before == size0 and report.rounds >= 1
+    assert_same(fitted, unpack_artifact(blob)[0])
+    costs_zeroed, costs_kept = [], []
+    for name, old in before.items():
+        assert torch.equal(tensors[name].codes, old)  # caller's tensors untouched
+        new = fitted[name].codes
+        changed = new != old
+        assert (old[changed].abs() == 1).all() and (new[changed] == 0).all()
+        assert int(changed.sum()) == report.zeroed.get(name, 0)
+        scale2 = fitted[name].scales.double()[:, None] ** 2
+        col = hdiag[name].double() / hdiag[name].double().mean() if name in hdiag else torch.ones(old.size(1))
+        cost = (scale2 * col[None, :].double()).expand_as(old)
+        costs_zeroed.append(cost[changed])
+        costs_kept.append(cost[(new.abs() == 1)])
+    assert sum(report.zeroed.values()) > 0
+    assert float(torch.cat(costs_zeroed).max()) <= float(torch.cat(costs_kept).min())
+    assert torch.equal(fitted["gain"], tensors["gain"])
+    assert report.lines()[0].startswith(f"budget: target:{target} code_bytes:1000")
+
+
+def test_fit_to_budget_fits_untouched_or_raises():
+    tensors, hdiag = fit_inputs()
+    size0 = len(pack_artifact(tensors, MODEL_CONFIG, QUANT_CONFIG))
+    blob, fitted, report = fit_to_budget(tensors, None, 0, MODEL_CONFIG, QUANT_CONFIG, target=size0,
+                                         progress=False)
+    assert len(blob) == size0 and not report.zeroed and report.rounds == 0
+    with pytest.raises(ValueError, match="above the cap"):
+        fit_to_budget(tensors, None, 0, MODEL_CONFIG, QUANT_CONFIG, target=16 * 1024 * 1024, progress=False)
+    with pytest.raises(ValueError, match="still above the target"):
+        fit_to_budget(tensors, hdiag, 0, MODEL_CONFIG, QUANT_CONFIG, target=size0 // 3, progress=False)
+
+
+def test_smaller_than_lzma_of_torch_save():
+    """The issue asks >= 4% on the real model; on these synthetic GPTQ codes the figure is printed (about 3%)."""
+    tensors = {f"blocks.{i}.{n}.weight": gptq_like(r, c, seed=10 + 3 * i + j, bits=6)
+               for i in range(2) for j, (n, r, c) in enumerate([("c_q", 128, 128), ("c_fc", 384, 128),
+                                                                ("proj", 128, 384)])}
+    tensors["blocks.0.attn_scale"] = (1 + 0.1 * torch.randn(128)).half()
+    ours = len(pack_artifact(tensors, MODEL_CONFIG, QUANT_CONFIG))
+    flat = {}
+    for name, v in tensors.items():
+        if isinstance(v, QuantTensor):
+            flat[name + ".q"], flat[name + ".scale"] = v.codes, v.scales
+        else:
+            flat[name] = v
+    buf = io.BytesIO()
+    torch.save(flat, buf)
+    baseline = len(lzma.compress(buf.getvalue(), preset=9 | lzma.PRESET_EXTREME))
+    print(f"artifact:{ours} torch_save_lzma9e:{baseline} smaller_by:{1 - ours / baseline:.2%}")
+    assert ours < 0.985 * baseline
+
+
+def test_size_report_and_cli(tensors, tmp_path, capsys):
+    blob = pack_artifact(tensors, MODEL_CONFIG, QUANT_CONFIG)
+    code = "print('hello')\n" * 100
+    write_artifact(tmp_path / MODEL_FILENAME, blob, code_bytes=len(code))
+    (tmp_path / CODE_FILENAME).write_text(code)
+    report = size_report(tmp_path / MODEL_FILENAME, tmp_path / CODE_FILENAME, progress=False)
+    assert report.code_bytes == len(code) and report.model_bytes == len(blob) and report.fits
+    assert sum(t.bytes for t in report.tensors) == pytest.approx(len(blob))
+    by_name = {t.name: t for t in report.tensors}
+    assert by_name["blocks.0.mlp.c_fc.weight"].params == 192 * 64 and by_name["blocks.0.mlp.c_fc.weight"].bits == 6
+    assert by_name["blocks.0.resid_mix"].bits == 32
+    assert by_name["blocks.0.mlp.c_fc.weight"].bytes > by_name["blocks.0.attn.c_q.weight"].bytes
+
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers())
+    args = parser.parse_args(["size", str(tmp_path), "--quiet"])
+    assert args.func(args) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == (f"size: code_bytes:{len(code)} model_bytes:{len(blob)} total_bytes:{len(code) + len(blob)} "
+                    f"cap:16000000 headroom:{16_000_000 - len(code) - len(blob)} "
+                    f"compressor:{read_contents(blob).compressor} fits:true")
+    with pytest.raises(FileNotFoundError, match="expected model.pgz"):
+        args = parser.parse_args(["size", str(tmp_path / "nope")])
+        args.func(args)
+
+
+def test_pack_rejects_bad_inputs(tensors):
+    bad = QuantTensor(torch.full((2, 3), 40, dtype=torch.int8), torch.ones(2).half(), 6)
+    with pytest.raises(ValueError, match=r"codes reach 40 but int6 allows \+-31"):
+        pack_artifact({"w": bad}, {}, {})
+    with pytest.raises(ValueError, match="scales must be float16"):
+        pack_artifact({"w": QuantTensor(torch.zeros(2, 3, dtype=torch.int8), torch.ones(2), 6)}, {}, {})
+    with pytest.raises(ValueError, match="plain JSON"):
+        pack_artifact({"w": torch.zeros(1)}, {"x": float("nan")}, {})
+    with pytest.raises(ValueError, match="cannot store"):
+        pack_artifact({"w": np.zeros(3)}, {}, {})

@@ -1,0 +1,430 @@
+"""Tests for tools/data.py: build vs the reference prep_shards.py, tokenizer settings, verify/info, download."""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import lzma
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
+
+import tools.data as data
+from submission.data import HEADER_BYTES, ShardError, read_shard, write_shard
+from tools.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+SAMPLE = REPO / "data/sample/sample_wiki.jsonl.xz"
+SP1024 = REPO / "data/sample/fineweb_1024_bpe.model"
+PREP = SHARED / "benchdata/prep_shards.py"
+needs_shared = pytest.mark.skipif(not PREP.is_file(), reason=f"reference data {SHARED} absent (CI has it beside "
+                                                             "the repo)")
+
+
+def run_prep_shards(docs: Path, out: Path, split: str, shard_tokens: int = 100_000_000) -> None:
+    """The reference script, in a subprocess, with its shard size optionally patched."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import prep_shards; "
+            "prep_shards.SHARD = int(sys.argv[2]); prep_shards.main(*sys.argv[3:7])")
+    subprocess.run([sys.executable, "-c", code, str(PREP.parent), str(shard_tokens), str(docs), str(SP1024),
+                    str(out), split], check=True, capture_output=True)
+
+
+def sample_lines() -> list[str]:
+    with lzma.open(SAMPLE, "rt", encoding="utf-8") as f:
+        return f.readlines()
+
+
+def write_xz(path: Path, lines: list[str]) -> Path:
+    with lzma.open(path, "wt", encoding="utf-8", preset=0) as f:  # fast: the test measures tokens, not xz
+        f.writelines(lines)
+    return path
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+# ---------------------------------------------------------------------------------------------------- build
+
+@needs_shared
+def test_build_docs_val_matches_prep_shards_token_for_token(tmp_path):
+    docs = SHARED / "benchdata/docs_val.jsonl.xz"
+    run_prep_shards(docs, tmp_path / "ref", "val")
+    report = data.build_shards([docs], SP1024, tmp_path / "ours", split="val", workers=2, progress=False)
+    assert report.tokens == {"val": 1_571_521} and report.docs == {"val": 2095}
+    assert files_of(tmp_path / "ours") == files_of(tmp_path / "ref")
+    raw = (tmp_path / "ref/fineweb_val_000000.bin").read_bytes()[HEADER_BYTES:]
+    assert report.val_fingerprint == hashlib.sha256(raw).hexdigest()
+
+
+@needs_shared
+def test_build_document_split_and_shard_cuts_match_prep_shards(tmp_path):
+    lines = sample_lines()
+    run_prep_shards(write_xz(tmp_path / "v.jsonl.xz", lines[:60]), tmp_path / "ref", "val", shard_tokens=200_000)
+    run_prep_shards(write_xz(tmp_path / "t.jsonl.xz", lines[60:]), tmp_path / "ref", "train", shard_tokens=200_000)
+    report = data.build_shards([SAMPLE], SP1024, tmp_path / "ours", val_docs=60, workers=2, shard_tokens=200_000,
+                               progress=False)
+    ref = files_of(tmp_path / "ref")
+    assert len(ref) > 4  # several shards per split, so the cuts are exercised
+    assert files_of(tmp_path / "ours") == ref
+    assert report.docs == {"val": 60, "train": len(lines) - 60}
+    assert report.shards["train"] == sorted(n for n in ref if "train" in n)
+
+
+@needs_shared
+def test_build_reads_plain_and_gz_files_in_order(tmp_path):
+    lines = sample_lines()
+    (tmp_path / "a.jsonl").write_text("".join(lines[:100]), encoding="utf-8")
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.writelines(lines[100:])
+    run_prep_shards(SAMPLE, tmp_path / "ref", "train")
+    data.build_shards([tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz"], SP1024, tmp_path / "ours", split="train",
+                      workers=1, progress=False)
+    assert files_of(tmp_path / "ours") == files_of(tmp_path / "ref")
+
+
+def test_build_val_fraction_is_a_document_split(tmp_path):
+    report = data.build_shards([SAMPLE], SP1024, tmp_path, val_fraction=0.1, workers=1, progress=False)
+    assert report.docs == {"val": 25, "train": 222}  # round(0.1 * 247)
+    sp = spm.SentencePieceProcessor(model_file=str(SP1024))
+    texts = [json.loads(line)["text"] for line in sample_lines()]
+    expected_val = np.concatenate([[1] + sp.encode(t) for t in texts[:25]])
+    np.testing.assert_array_equal(read_shard(tmp_path / "fineweb_val_000000.bin"), expected_val)
+    train = read_shard(tmp_path / "fineweb_train_000000.bin")
+    assert train[0] == 1 and (train == 1).sum() == 222
+
+
+def test_build_bad_input_names_file_and_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    good = json.dumps({"text": "hello world"})
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text(f"{good}\n\n{{\"text\": \"unterminated\n{good}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:3: invalid JSON"):
+        data.build_shards([bad_json], SP1024, out, split="train", workers=1, progress=False)
+    no_text = tmp_path / "notext.jsonl"
+    no_text.write_text(f'{good}\n{{"body": "x"}}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r'notext\.jsonl:2: no "text"'):
+        data.build_shards([SAMPLE, no_text], SP1024, out, split="val", workers=2, progress=False)
+    (tmp_path / "broken.jsonl.xz").write_bytes(b"not xz data")
+    with pytest.raises(ValueError, match=r"broken\.jsonl\.xz: unreadable after line 0"):
+        data.build_shards([tmp_path / "broken.jsonl.xz"], SP1024, out, val_fraction=0.5, progress=False)
+    with pytest.raises(ValueError, match="hold only 247 documents"):
+        data.build_shards([SAMPLE], SP1024, out, val_docs=300, workers=1, progress=False)
+    assert list(out.iterdir()) == []  # no shard, no staging folder
+
+
+def test_build_refuses_existing_shards_unless_overwrite(tmp_path):
+    data.build_shards([SAMPLE], SP1024, tmp_path, split="train", shard_tokens=500_000, workers=1, progress=False)
+    assert len(list(tmp_path.glob("fineweb_train_*.bin"))) == 3
+    with pytest.raises(ValueError, match="--overwrite"):
+        data.build_shards([SAMPLE], SP1024, tmp_path, split="train", workers=1, progress=False)
+    data.build_shards([SAMPLE], SP1024, tmp_path, split="train", overwrite=True, workers=1, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fineweb_train_000000.bin"]  # stale cuts removed
+
+
+def test_build_cli_prints_fingerprint(tmp_path, capsys):
+    rc = main(["data", "build", str(SAMPLE), "--tokenizer", str(SP1024), "--out", str(tmp_path), "--val-docs", "10",
+               "--workers", "1", "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "build:ok" in out and "val_docs:10" in out and "train_docs:237" in out
+    raw = (tmp_path / "fineweb_val_000000.bin").read_bytes()[HEADER_BYTES:]
+    assert f"val_fingerprint:{hashlib.sha256(raw).hexdigest()}" in out
+    rc = main(["data", "build", str(tmp_path / "missing.jsonl"), "--tokenizer", str(SP1024), "--out",
+               str(tmp_path), "--split", "val"])
+    assert rc == 2 and "missing.jsonl not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["download", "build", "tokenizer", "verify", "info"])
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", command, "--help"])
+    assert exit_info.value.code == 0 and len(capsys.readouterr().out) > 400
+
+
+# ---------------------------------------------------------------------------------------------------- tokenizer
+
+def test_train_tokenizer_has_challenge_settings_and_roundtrips(tmp_path):
+    from sentencepiece import sentencepiece_model_pb2
+
+    report = data.train_tokenizer([SAMPLE], tmp_path / "tok", data.TokenizerSpec(vocab_size=512), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tok.model", "tok.vocab"]
+    long_docs = sum(len(json.loads(line)["text"].strip().encode()) > 4192 for line in sample_lines())
+    assert (report.vocab_size, report.docs, report.docs_over_max_length) == (512, 247, long_docs)
+
+    def spec(path):
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(Path(path).read_bytes())
+        t, n = proto.trainer_spec, proto.normalizer_spec
+        return dict(model_type=t.model_type, coverage=round(t.character_coverage, 6), byte_fallback=t.byte_fallback,
+                    split_digits=t.split_digits, normalizer=n.name, dummy_prefix=n.add_dummy_prefix,
+                    ids=(t.pad_id, t.bos_id, t.eos_id, t.unk_id))
+
+    ours = spec(report.model)
+    assert ours == dict(model_type=sentencepiece_model_pb2.TrainerSpec.BPE, coverage=0.999, byte_fallback=True,
+                        split_digits=True, normalizer="nmt_nfkc", dummy_prefix=False, ids=(0, 1, 2, 3))
+    reference = SHARED / "benchdata/tokenizers/fineweb_8192_bpe.model"  # built with the challenge's settings
+    if reference.is_file():
+        assert ours == spec(reference)
+
+    sp = spm.SentencePieceProcessor(model_file=report.model)
+    text = "The 2015 census counted 12345 people in \u4e2d\u6587 towns."
+    ids = sp.encode(text)
+    assert sp.decode(ids) == text
+    pieces = sp.encode("12345", out_type=str)
+    assert [p for p in pieces if p.strip("\u2581")] == list("12345")  # split_digits
+    assert "<0xE4>" in sp.encode("\u4e2d", out_type=str)  # byte_fallback for an unseen character
+
+
+def test_tokenizer_cli_passes_sampling_cap(tmp_path, capsys):
+    from sentencepiece import sentencepiece_model_pb2
+
+    rc = main(["data", "tokenizer", str(SAMPLE), "--vocab-size", "700", "--out", str(tmp_path / "t"),
+               "--input-sentence-size", "150", "--max-sentence-length", "100000", "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "tokenizer:ok" in out and "docs_over_max_length:0" in out
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString((tmp_path / "t.model").read_bytes())
+    assert proto.trainer_spec.input_sentence_size == 150 and proto.trainer_spec.max_sentence_length == 100000
+    with pytest.raises(ValueError, match="must be 0 .all documents. or > 100"):
+        data.TokenizerSpec(vocab_size=700, input_sentence_size=50)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "hello"}\n{"text": \n', encoding="utf-8")
+    assert main(["data", "tokenizer", str(bad), "--vocab-size", "300", "--out", str(tmp_path / "b"), "--quiet"]) == 2
+    assert "bad.jsonl:2: invalid JSON" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*b.*"))  # no model, vocab or temp file
+
+
+# ---------------------------------------------------------------------------------------------------- verify / info
+
+def test_val_fingerprint_equals_sha256_of_token_bytes(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        tokens = rng.integers(2, 1024, 5000)
+        tokens[::97] = 1
+        write_shard(tmp_path / f"fineweb_val_{i:06d}.bin", tokens)
+    report = data.verify_dataset(tmp_path, progress=False)
+    expected = hashlib.sha256()
+    for i in range(2):
+        expected.update((tmp_path / f"fineweb_val_{i:06d}.bin").read_bytes()[HEADER_BYTES:])
+    assert report.val_fingerprint == expected.hexdigest()
+    assert report.val.tokens == 10_000 and report.val.docs == 2 * len(range(0, 5000, 97)) and report.ok
+
+
+def test_overlap_found_across_shard_boundaries(tmp_path):
+    write_shard(tmp_path / "fineweb_val_000000.bin", [1, 5, 6, 7, 1, 8, 9, 1, 10, 11, 12, 13])
+    # train docs: [1,20,21], [1,8,9] (cut by the shard boundary), [1,8,9,30] (longer: no match), [1,5,6,7] (last)
+    for i, part in enumerate([[1, 20, 21, 1, 8], [9, 1, 8, 9, 30], [1, 5, 6, 7]]):
+        write_shard(tmp_path / f"fineweb_train_{i:06d}.bin", part)
+    report = data.verify_dataset(tmp_path, progress=False)
+    assert (report.val.docs, report.train.docs, report.train.tokens) == (3, 4, 14)
+    assert report.overlap_docs == 2 and not report.ok
+    assert [(e.val_doc, e.train_shard, e.train_offset, e.tokens) for e in report.overlap_examples] == [
+        (1, "fineweb_train_000000.bin", 3, 3), (0, "fineweb_train_000002.bin", 0, 4)]
+    assert data.verify_dataset(tmp_path, max_overlap_docs=2, progress=False).ok
+
+
+def test_injected_duplicate_document_fails_verify(tmp_path, capsys):
+    data.build_shards([SAMPLE], SP1024, tmp_path, val_docs=40, workers=1, progress=False)
+    assert data.verify_dataset(tmp_path, progress=False).overlap_docs == 0
+    val = read_shard(tmp_path / "fineweb_val_000000.bin")
+    starts = np.flatnonzero(val == 1)
+    doc = val[starts[4]:starts[5]]  # the fifth val document
+    train_path = tmp_path / "fineweb_train_000000.bin"
+    train = read_shard(train_path)
+    cut = np.flatnonzero(train == 1)[100]
+    write_shard(train_path, np.concatenate([train[:cut], doc, train[cut:]]))
+
+    report = data.verify_dataset(tmp_path, progress=False)
+    assert report.overlap_docs == 1 and report.train.docs == 247 - 40 + 1
+    assert (report.overlap_examples[0].val_doc, report.overlap_examples[0].train_offset) == (4, cut)
+    assert main(["data", "verify", str(tmp_path), "--quiet"]) == 1
+    captured = capsys.readouterr()
+    assert "overlap_docs:1" in captured.out and "verify:fail" in captured.out and "leak" in captured.err
+    assert main(["data", "info", str(tmp_path), "--quiet", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["overlap_docs"] == 1 and info["ok"] is False and info["val"]["docs"] == 40
+
+
+def test_corrupt_and_foreign_shards_are_named(tmp_path, capsys):
+    write_shard(tmp_path / "fineweb_val_000000.bin", np.arange(1, 600))
+    write_shard(tmp_path / "fineweb_train_000000.bin", np.arange(1, 600))
+    bad_magic = tmp_path / "fineweb_train_000001.bin"
+    write_shard(bad_magic, np.arange(1, 600))
+    with open(bad_magic, "r+b") as f:
+        f.write(b"\0\0\0\0")
+    truncated = tmp_path / "fineweb_train_000002.bin"
+    write_shard(truncated, np.arange(1, 600))
+    truncated.write_bytes(truncated.read_bytes()[:-1])
+    with pytest.raises(ShardError) as err:
+        data.verify_dataset(tmp_path, progress=False)
+    assert "fineweb_train_000001.bin: header magic 0" in str(err.value)
+    assert "fineweb_train_000002.bin" in str(err.value) and "truncated" in str(err.value)
+
+    foreign = tmp_path / "text"
+    foreign.mkdir()
+    (foreign / "fineweb_val_000000.bin").write_text("this is a text file, not a shard\n" * 100)
+    assert main(["data", "info", str(foreign), "--quiet"]) == 2
+    message = capsys.readouterr().err
+    assert "fineweb_val_000000.bin" in message and "not a challenge shard" in message
+
+
+def test_verify_flags_unusable_val_and_points_to_download_layout(tmp_path):
+    write_shard(tmp_path / "fineweb_val_000000.bin", [7, 8, 1, 5, 6])
+    report = data.verify_dataset(tmp_path, progress=False)
+    assert report.val.tokens_before_first_bos == 2 and "first document is cut" in report.problems[0]
+    assert "no BOS token 2" in data.verify_dataset(tmp_path, bos_id=2, progress=False).problems[0]
+    (tmp_path / "root/datasets/fineweb10B_sp1024").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="datasets/fineweb10B_sp1024"):
+        data.verify_dataset(tmp_path / "root", progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------- download
+
+class FakeHub:
+    """Stand-in for hf_hub_download over a folder of repos, recording every request."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.calls: list[tuple[str, str]] = []
+
+    def add(self, repo_id: str, filename: str, content: bytes) -> None:
+        path = self.root / repo_id / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+
+    def publish(self, repo_id: str, variant: str, val: int, train: int, manifest: bool = True,
+                entry: bool = True) -> None:
+        vocab = variant[2:]
+        folder = f"datasets/datasets/fineweb10B_{variant}"
+        rng = np.random.default_rng(len(self.calls))
+        for split, count in (("val", val), ("train", train)):
+            for i in range(count):
+                tokens = rng.integers(2, 1000, 3000 + 100 * i)
+                tokens[::50] = 1
+                path = self.root / repo_id / folder / f"fineweb_{split}_{i:06d}.bin"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_shard(path, tokens)
+        self.add(repo_id, f"datasets/tokenizers/fineweb_{vocab}_bpe.model", SP1024.read_bytes())
+        self.add(repo_id, f"datasets/tokenizers/fineweb_{vocab}_bpe.vocab", b"<unk>\t0\n")
+        if manifest:
+            datasets = [{"name": f"fineweb10B_{variant}", "tokenizer_name": f"sp_bpe_{vocab}",
+                         "stats": {"files_val": val, "files_train": train}}] if entry else []
+            tokenizers = [{"name": f"sp_bpe_{vocab}", "model_path": f"tokenizers/fineweb_{vocab}_bpe.model",
+                           "vocab_path": f"tokenizers/fineweb_{vocab}_bpe.vocab"}]
+            self.add(repo_id, "datasets/manifest.json",
+                     json.dumps({"datasets": datasets, "tokenizers": tokenizers}).encode())
+
+    def download(self, repo_id, filename, *, repo_type=None, local_dir=None, **kwargs):
+        assert repo_type == "dataset" and local_dir is not None
+        self.calls.append((repo_id, filename))
+        source = self.root / repo_id / filename
+        if not source.is_file():
+            raise EntryNotFoundError(f"404: {repo_id}/{filename}")
+        target = Path(local_dir) / filename
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+        return str(target)
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    fake = FakeHub(tmp_path / "hub")
+    monkeypatch.setattr(data, "hf_hub_download", fake.download)
+    return fake
+
+
+def test_download_follows_manifest_and_train_shard_limit(hub, tmp_path):
+    hub.publish("willdepueoai/parameter-golf", "sp1024", val=1, train=3)
+    out = tmp_path / "data"
+    report = data.download("sp1024", 2, out, progress=False)
+    shard_dir = out / "datasets/fineweb10B_sp1024"
+    assert sorted(p.name for p in shard_dir.iterdir()) == [
+        "fineweb_train_000000.bin", "fineweb_train_000001.bin", "fineweb_val_000000.bin"]
+    assert sorted(p.name for p in (out / "tokenizers").iterdir()) == [
+        "fineweb_1024_bpe.model", "fineweb_1024_bpe.vocab"]
+    remote = hub.root / "willdepueoai/parameter-golf/datasets/datasets/fineweb10B_sp1024"
+    for path in shard_dir.iterdir():
+        assert path.read_bytes() == (remote / path.name).read_bytes()
+    assert not any("train_000002" in f for _, f in hub.calls)
+    assert (report.val_shards, report.train_shards, report.val_tokens, report.train_tokens) == (1, 2, 3000, 6100)
+    assert report.notes == [] and len(report.fetched) == 6
+    assert sorted(p.name for p in (out / "datasets").iterdir()) == [
+        "fineweb10B_sp1024", "manifest--willdepueoai--parameter-golf.json"]  # staging removed
+    with pytest.raises(ValueError, match="has 3 sp1024 train shards, asked for 4"):
+        data.download("sp1024", 4, out, progress=False)
+
+
+def test_download_resumes_and_refetches_truncated_files(hub, tmp_path):
+    hub.publish("willdepueoai/parameter-golf", "sp1024", val=1, train=3)
+    out = tmp_path / "data"
+    data.download("sp1024", 2, out, progress=False)
+    hub.calls.clear()
+    report = data.download("sp1024", 2, out, progress=False)
+    assert hub.calls == [] and report.fetched == [] and len(report.skipped) == 6
+    shard = out / "datasets/fineweb10B_sp1024/fineweb_train_000001.bin"
+    good = shard.read_bytes()
+    shard.write_bytes(good[:-10])
+    report = data.download("sp1024", 2, out, progress=False)
+    assert hub.calls == [("willdepueoai/parameter-golf",
+                          "datasets/datasets/fineweb10B_sp1024/fineweb_train_000001.bin")]
+    assert shard.read_bytes() == good and "re-fetching" in report.notes[0]
+
+
+def test_download_repo_defaults_and_override(hub, tmp_path):
+    hub.publish("kevclark/parameter-golf", "sp8192", val=1, train=1)
+    hub.publish("someone/golf-data", "sp1024", val=1, train=1)
+    data.download("sp8192", 1, tmp_path / "a", progress=False)
+    assert {repo for repo, _ in hub.calls} == {"kevclark/parameter-golf"}
+    assert (tmp_path / "a/tokenizers/fineweb_8192_bpe.model").is_file()
+    hub.calls.clear()
+    report = data.download("sp1024", 1, tmp_path / "b", repo_id="someone/golf-data", progress=False)
+    assert {repo for repo, _ in hub.calls} == {"someone/golf-data"} and report.repo_id == "someone/golf-data"
+    with pytest.raises(FileNotFoundError, match="no datasets/datasets/fineweb10B_sp1024/fineweb_val_000000.bin"):
+        data.download("sp1024", 1, tmp_path / "c", repo_id="kevclark/parameter-golf", progress=False)
+
+
+@pytest.mark.parametrize("manifest", ["no entry", "no manifest"])
+def test_download_falls_back_to_naming_pattern(hub, tmp_path, manifest):
+    hub.publish("willdepueoai/parameter-golf", "sp1024", val=2, train=2, manifest=manifest == "no entry",
+                entry=False)
+    report = data.download("sp1024", 1, tmp_path, progress=False)
+    assert report.val_shards == 2 and report.train_shards == 1
+    assert len(report.notes) == 1 and "naming pattern" in report.notes[0]
+    assert (report.manifest is None) == (manifest == "no manifest")
+    assert sorted(p.name for p in (tmp_path / "tokenizers").iterdir()) == [
+        "fineweb_1024_bpe.model", "fineweb_1024_bpe.vocab"]
+    with pytest.raises(FileNotFoundError, match="it holds 2 train shards"):
+        data.download("sp1024", 3, tmp_path, progress=False)
+
+
+def test_download_rejects_corrupt_remote_shard_and_offline_hub(hub, tmp_path, monkeypatch):
+    hub.publish("willdepueoai/parameter-golf", "sp1024", val=1, train=1)
+    remote = hub.root / "willdepueoai/parameter-golf/datasets/datasets/fineweb10B_sp1024/fineweb_train_000000.bin"
+    remote.write_bytes(remote.read_bytes()[:-2])
+    with pytest.raises(ShardError, match="fineweb_train_000000.bin is invalid"):
+        data.download("sp1024", 1, tmp_path, progress=False)
+    assert not (tmp_path / "datasets/fineweb10B_sp1024/fineweb_train_000000.bin").exists()
+
+    def offline(*args, **kwargs):
+        raise LocalEntryNotFoundError("connection error")
+
+    monkeypatch.setattr(data, "hf_hub_download", offline)
+    with pytest.raises(RuntimeError, match="cannot reach the Hugging Face hub"):
+        data.download("sp1024", 1, tmp_path / "offline", progress=False)
+
+
+def test_download_cli(hub, tmp_path, capsys):
+    hub.publish("willdepueoai/parameter-golf", "sp1024", val=1, train=2)
+    rc = main(["data", "download", "--train-shards", "1", "--out", str(tmp_path), "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "download:ok fetched:5" in out and "train_shards:1" in out
+    shard_dir = tmp_path / "datasets/fineweb10B_sp1024"
+    assert main(["data", "verify", str(shard_dir), "--quiet"]) == 0
+    assert "verify:ok" in capsys.readouterr().out

@@ -1,0 +1,182 @@
+"""tools.gptq: GPTQ against round-to-nearest, act-order, adaptive damping, dead columns, Hessian hooks."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tools.gptq import (QuantConfig, QuantTensor, collect_hessians, dequantize, gptq_quantize, h_weighted_error,
+                        inverse_hessian_factor, quantize_state_dict, rtn_quantize)
+
+
+def heavy_tailed_weights(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """Rows like trained matrices: Student-t entries (outliers) with row norms that vary."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(rows, cols, generator=g) / torch.sqrt(torch.distributions.Chi2(5.0).sample((rows, cols)) / 5)
+    return 0.02 * t * torch.exp(0.3 * torch.randn(rows, 1, generator=g))
+
+
+def correlated_inputs(tokens: int, cols: int, seed: int, rank: int = 16, noise: float = 0.3,
+                      outliers: int = 4) -> torch.Tensor:
+    """Activations: a low-rank shared component plus noise, with a few outlier channels."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(tokens, rank, generator=g) @ torch.randn(rank, cols, generator=g) + noise * torch.randn(
+        tokens, cols, generator=g)
+    X[:, :outliers] *= 8
+    return X
+
+
+def reference_rtn(W: np.ndarray, bits: int, clip_sigmas: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Plain numpy per-row round-to-nearest, trying every clip and keeping each row's smallest squared error."""
+    qmax = 2 ** (bits - 1) - 1
+    W = W.astype(np.float32)
+    absmax = np.abs(W).max(1)
+    std = W.std(1, ddof=1)
+    best_err = np.full(W.shape[0], np.inf)
+    best_q = np.zeros(W.shape, dtype=np.int8)
+    best_s = np.zeros(W.shape[0], dtype=np.float16)
+    for clip in [np.minimum(k * std, absmax) for k in clip_sigmas] + [absmax]:
+        s16 = np.maximum(clip / qmax, 2.0 ** -24).astype(np.float16)
+        s = s16.astype(np.float32)[:, None]
+        q = np.clip(np.round(W / s), -qmax, qmax)
+        err = ((W - q * s) ** 2).sum(1)
+        better = err < best_err
+        best_err[better], best_q[better], best_s[better] = err[better], q[better], s16[better]
+    return best_q, best_s
+
+
+def test_rtn_matches_numpy_reference():
+    W = heavy_tailed_weights(64, 96, seed=1)
+    for cfg in (QuantConfig(clip_sigmas=()), QuantConfig()):
+        codes, scales, info = rtn_quantize(W, 6, cfg)
+        ref_q, ref_s = reference_rtn(W.numpy(), 6, cfg.clip_sigmas)
+        assert np.array_equal(codes.numpy(), ref_q)
+        assert np.array_equal(scales.numpy(), ref_s)
+        assert sum(info["clip_choice"].values()) == 64
+    # the clip search must pick something other than absmax on heavy-tailed rows, and lower the error
+    _, _, searched = rtn_quantize(W, 6, QuantConfig())
+    _, _, plain = rtn_quantize(W, 6, QuantConfig(clip_sigmas=()))
+    assert set(searched["clip_choice"]) != {"absmax"}
+    assert searched["sq_error"] < plain["sq_error"]
+
+
+def test_gptq_beats_rtn_on_correlated_inputs():
+    W = heavy_tailed_weights(96, 128, seed=2)
+    H = correlated_inputs(1024, 128, seed=3).T @ correlated_inputs(1024, 128, seed=3)
+    codes, scales, info = gptq_quantize(W, H, 6)
+    rtn_codes, rtn_scales, _ = rtn_quantize(W, 6)
+    assert codes.dtype == torch.int8 and scales.dtype == torch.float16
+    assert codes.shape == W.shape and scales.shape == (96,)
+    assert int(codes.min()) >= -31 and int(codes.max()) <= 31
+    gptq_err = h_weighted_error(W, dequantize(codes, scales), H)
+    rtn_err = h_weighted_error(W, dequantize(rtn_codes, rtn_scales), H)
+    assert gptq_err < 0.5 * rtn_err, (gptq_err, rtn_err)
+    assert info["h_error"] == pytest.approx(gptq_err, rel=1e-3)
+    assert info["damp_retries"] == 0 and info["damp"] == 0.01 and info["dead_columns"] == 0
+
+
+def test_gptq_int8_codes_in_range():
+    W = heavy_tailed_weights(32, 64, seed=4)
+    X = correlated_inputs(256, 64, seed=5)
+    codes, _, _ = gptq_quantize(W, X.T @ X, 8)
+    assert int(codes.abs().max()) <= 127
+    assert int(codes.abs().max()) > 31  # really uses the int8 range
+
+
+def test_act_order_permutation_is_undone():
+    W = heavy_tailed_weights(48, 64, seed=6)
+    g = torch.Generator().manual_seed(7)
+    cfg = QuantConfig(clip_sigmas=())
+    # A diagonal H propagates no error: GPTQ must equal RTN column for column, whatever order it visits them in.
+    H_diag = torch.diag(torch.rand(64, generator=g) + 0.5)
+    for act_order in (True, False):
+        codes, scales, _ = gptq_quantize(W, H_diag, 6, QuantConfig(clip_sigmas=(), act_order=act_order))
+        rtn_codes, rtn_scales, _ = rtn_quantize(W, 6, cfg)
+        assert torch.equal(codes, rtn_codes) and torch.equal(scales, rtn_scales)
+    # With a full H, relabelling the inputs must only relabel the codes (act-order sorts by the diagonal).
+    X = correlated_inputs(512, 64, seed=8)
+    H = X.T @ X
+    perm = torch.randperm(64, generator=g)
+    codes, _, _ = gptq_quantize(W, H, 6)
+    codes_perm, _, _ = gptq_quantize(W[:, perm], H[perm][:, perm], 6)
+    assert torch.equal(codes_perm, codes[:, perm])
+
+
+def test_rank_deficient_bf16_hessian_needs_and_gets_more_damping():
+    cols = 128
+    X = correlated_inputs(48, cols, seed=9, noise=0.1, outliers=0)  # fewer tokens than columns
+    Xb = X.bfloat16()
+    H_bf16 = (Xb.T @ Xb).float()              # what a hook under autocast accumulates
+    with pytest.raises(RuntimeError, match="Cholesky failed"):
+        inverse_hessian_factor(H_bf16.double(), QuantConfig(max_damp_retries=0))
+    W = heavy_tailed_weights(64, cols, seed=10)
+    codes, scales, info = gptq_quantize(W, H_bf16, 6)
+    assert info["damp_retries"] >= 1
+    assert info["damp"] == pytest.approx(0.01 * 10 ** info["damp_retries"])
+    assert int(codes.abs().max()) <= 31 and torch.isfinite(scales.float()).all()
+    H_exact = X.double().T @ X.double()
+    rtn_codes, rtn_scales, _ = rtn_quantize(W, 6)
+    assert h_weighted_error(W, dequantize(codes, scales), H_exact) < h_weighted_error(
+        W, dequantize(rtn_codes, rtn_scales), H_exact)
+
+
+def test_non_finite_hessian_is_a_clear_error():
+    H = torch.eye(8)
+    H[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="inf/NaN"):
+        gptq_quantize(torch.randn(4, 8), H, 6)
+    with pytest.raises(ValueError, match="must be \\[8, 8\\]"):
+        gptq_quantize(torch.randn(4, 8), torch.eye(6), 6)
+
+
+def test_dead_columns_and_zero_rows():
+    W = heavy_tailed_weights(16, 32, seed=11)
+    W[3] = 0  # an all-zero row must not divide by a zero scale
+    X = correlated_inputs(256, 32, seed=12)
+    X[:, [5, 17]] = 0  # inputs that never fire
+    codes, scales, info = gptq_quantize(W, X.T @ X, 6)
+    assert info["dead_columns"] == 2
+    assert (codes[:, [5, 17]] == 0).all() and (codes[3] == 0).all()
+    assert (scales.float() > 0).all() and torch.isfinite(dequantize(codes, scales)).all()
+
+
+def test_collect_hessians_matches_manual_gram():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 20), nn.GELU(), nn.Linear(20, 6))
+    model.train()
+    batches = [torch.randn(3, 5, 12) for _ in range(4)]
+    stats = collect_hessians(model, batches, {"fc": model[0], "proj": model[2]}, progress=False)
+    X = torch.cat([b.reshape(-1, 12) for b in batches]).double()
+    with torch.no_grad():
+        Y = model[1](model[0](X.float())).double()
+    torch.testing.assert_close(stats.hessians["fc"], (X.T @ X).float(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(stats.hessians["proj"], (Y.T @ Y).float(), rtol=1e-5, atol=1e-4)
+    assert stats.tokens == {"fc": 60, "proj": 60} and stats.batches == 4
+    assert model.training and not model[0]._forward_hooks and not model[2]._forward_hooks
+    with pytest.raises(RuntimeError, match="saw no input"):
+        collect_hessians(model, [], {"fc": model[0]}, progress=False)
+
+
+def test_quantize_state_dict_routes_each_tensor():
+    W = heavy_tailed_weights(256, 256, seed=13)  # 65,536 elements: quantized
+    X = correlated_inputs(512, 256, seed=14)
+    state = {"emb.weight": heavy_tailed_weights(300, 256, seed=15), "mlp.weight": W,
+             "other.weight": heavy_tailed_weights(256, 256, seed=16), "gain": torch.ones(256),
+             "small.weight": torch.randn(100, 100), "step": torch.tensor(3)}
+    tensors, report = quantize_state_dict(state, {"mlp.weight": X.T @ X}, ["emb.weight"], progress=False)
+    assert report.methods == {"emb.weight": "rtn int8", "mlp.weight": "gptq int6", "other.weight": "rtn int6",
+                              "gain": "fp16", "small.weight": "fp16", "step": "keep"}
+    assert isinstance(tensors["mlp.weight"], QuantTensor) and tensors["mlp.weight"].bits == 6
+    assert tensors["emb.weight"].bits == 8 and int(tensors["emb.weight"].codes.abs().max()) > 31
+    assert tensors["gain"].dtype == torch.float16 and tensors["step"].dtype == torch.int64
+    assert any(line.startswith("quant:mlp.weight method:gptq_int6 damp:0.01") for line in report.lines())
+    with pytest.raises(ValueError, match="not in the state dict"):
+        quantize_state_dict(state, {}, ["nope"], progress=False)
+
+
+def test_quant_config_validation():
+    with pytest.raises(ValueError, match="matrix_bits=9"):
+        QuantConfig(matrix_bits=9)
+    with pytest.raises(ValueError, match="clip_sigmas"):
+        QuantConfig(clip_sigmas=(0.0,))

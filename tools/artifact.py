@@ -1,0 +1,549 @@
+"""The model artifact: pickle-free serialization of quantized tensors + configs, compression, and the 16 MB budget."""
+from __future__ import annotations
+
+import argparse
+import json
+import lzma
+import os
+import struct
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import brotli
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from tools.gptq import QuantTensor, qmax_for
+
+# The challenge's cap on code bytes + compressed model bytes: decimal, not MiB (16 * 1024 * 1024 = 16,777,216 is a
+# known way to ship an over-cap submission). Every size check in the kit imports this one constant.
+DECIMAL_CAP = 16_000_000
+
+MODEL_FILENAME = "model.pgz"
+CODE_FILENAME = "train_gpt.py"
+
+# Layout: MAGIC, version u8, compressor u8, body length u32, crc32 of the body u32, then the compressed body.
+# The body decompresses to: header length u32, JSON header, payload. The header is compressed with the payload
+# (it is ~10 KB of JSON for the record model and shrinks ~4x); the compressor id sits in the fixed prefix because
+# it is needed before anything can be decompressed.
+MAGIC = b"PGLF"
+VERSION = 1
+PREFIX = struct.Struct("<4sBBII")
+COMPRESSORS = {1: "brotli", 2: "lzma"}
+COMPRESSOR_IDS = {name: cid for cid, name in COMPRESSORS.items()}
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
+          "int8": torch.int8, "uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32,
+          "int64": torch.int64, "bool": torch.bool}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+class ArtifactError(ValueError):
+    """A malformed, truncated, corrupted or mismatched artifact; the message names the file and the numbers."""
+
+
+def compress(data: bytes, compressor: str) -> bytes:
+    if compressor == "brotli":
+        return brotli.compress(data, quality=11, lgwin=24)
+    if compressor == "lzma":
+        return lzma.compress(data, format=lzma.FORMAT_XZ, preset=9 | lzma.PRESET_EXTREME)
+    raise ValueError(f"unknown compressor {compressor!r} (known: {', '.join(COMPRESSOR_IDS)})")
+
+
+def decompress(data: bytes, compressor: str) -> bytes:
+    return brotli.decompress(data) if compressor == "brotli" else lzma.decompress(data, format=lzma.FORMAT_XZ)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Payload layout
+#
+# Codes are stored one int8 byte per code, row-major, all int6 matrices back to back. Measured on GPTQ int6 codes
+# of record-shaped heavy-tailed matrices (4.7 M codes, order-0 entropy 4.37 bits/code = 2,577,000 bytes):
+#   int8 bytes:              brotli-11 2,558,042   lzma-9e 2,643,788
+#   packed 4 codes / 3 bytes: brotli-11 2,859,750   lzma-9e 2,985,356   (+12% / +13%)
+# At full size (66 record-shaped matrices, 26 M codes) brotli gave 13,795,088 bytes in 70 s, lzma 14,355,294 in 37 s
+# (H100 host CPU); on the small set the whole artifact is 3.1% smaller than lzma-9e of torch.save of the same tensors.
+# Packing hides nothing the entropy coder cannot remove itself, but codes straddling byte boundaries destroy the
+# byte alignment its literal and context models rely on. Sorting rows by width or storing columns first did not pay
+# (-8 KB for a 9 KB permutation; +1.4%). Multi-byte tensors (scales, float16 passthrough) are split into byte
+# planes: the sign/exponent bytes repeat a lot, the low mantissa bytes are noise, and mixed they hide each other.
+
+
+def _byte_planes(t: Tensor) -> list[bytes]:
+    """Little-endian byte planes of a tensor: plane i holds byte i of every element."""
+    raw = t.detach().cpu().contiguous().reshape(-1)
+    itemsize = raw.element_size()
+    data = raw.view(torch.uint8).numpy() if raw.dtype != torch.bool else raw.to(torch.uint8).numpy()
+    if itemsize == 1:
+        return [data.tobytes()]
+    return [np.ascontiguousarray(data.reshape(-1, itemsize)[:, i]).tobytes() for i in range(itemsize)]
+
+
+def _from_planes(planes: list[bytes], dtype: torch.dtype, shape: list[int]) -> Tensor:
+    if len(planes) == 1:
+        arr = np.frombuffer(planes[0], dtype=np.uint8)
+    else:
+        arr = np.stack([np.frombuffer(p, dtype=np.uint8) for p in planes], axis=1).reshape(-1)
+    t = torch.from_numpy(arr.copy())
+    t = t.to(torch.bool) if dtype == torch.bool else t.view(dtype)
+    return t.reshape(shape)
+
+
+def _segments(name: str, value: QuantTensor | Tensor) -> tuple[dict, list[tuple[tuple, bytes]]]:
+    """A tensor's header entry (without offsets) and its byte segments, each keyed by the stream group it joins."""
+    if isinstance(value, QuantTensor):
+        codes, scales = value.codes, value.scales
+        if codes.dtype != torch.int8 or codes.ndim != 2:
+            raise ValueError(f"{name}: codes must be an int8 matrix, got {codes.dtype} {list(codes.shape)}")
+        if scales.dtype != torch.float16 or list(scales.shape) != [codes.size(0)]:
+            raise ValueError(f"{name}: scales must be float16 [{codes.size(0)}], got {scales.dtype} "
+                             f"{list(scales.shape)}")
+        qmax = qmax_for(value.bits)
+        if codes.numel() and int(codes.abs().max()) > qmax:
+            raise ValueError(f"{name}: codes reach {int(codes.abs().max())} but int{value.bits} allows +-{qmax}")
+        entry = {"kind": "quant", "bits": value.bits, "shape": list(codes.shape)}
+        segs = [((0, value.bits), codes.detach().cpu().contiguous().numpy().tobytes())]
+        segs += [((1, i), plane) for i, plane in enumerate(_byte_planes(scales))]
+        return entry, segs
+    if not isinstance(value, Tensor) or value.dtype not in DTYPE_NAMES:
+        kind = value.dtype if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"{name}: cannot store {kind} (tensors: {', '.join(DTYPES)}; or a QuantTensor)")
+    entry = {"kind": "raw", "dtype": DTYPE_NAMES[value.dtype], "shape": list(value.shape)}
+    return entry, [((2, entry["dtype"], i), plane) for i, plane in enumerate(_byte_planes(value))]
+
+
+def _layout(tensors: Mapping[str, QuantTensor | Tensor]) -> tuple[dict, bytes]:
+    """Header tensor table and payload. Segments of one group (all int6 codes, all scale exponent bytes, ...) are
+    adjacent, so the compressor sees long runs of one distribution."""
+    entries, keyed = {}, []
+    for order, (name, value) in enumerate(tensors.items()):
+        if not isinstance(name, str):
+            raise ValueError(f"tensor names must be strings, got {name!r}")
+        entry, segs = _segments(name, value)
+        entries[name] = entry
+        keyed += [(group, order, name, data) for group, data in segs]
+    keyed.sort(key=lambda item: (item[0], item[1]))
+    offset, parts = 0, []
+    for group, _, name, data in keyed:
+        entries[name].setdefault("segments", []).append([offset, len(data)])
+        parts.append(data)
+        offset += len(data)
+    return entries, b"".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pack / unpack
+
+
+def pack_artifact(tensors: Mapping[str, QuantTensor | Tensor], model_config: dict, quant_config: dict,
+                  compressors: tuple[str, ...] = ("brotli", "lzma")) -> bytes:
+    """Serialize tensors and configs, compress with each compressor, keep the smallest. Configs must be JSON-able."""
+    entries, payload = _layout(tensors)
+    header = {"model_config": model_config, "quant_config": quant_config, "tensors": entries,
+              "payload_bytes": len(payload)}
+    try:
+        header_bytes = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"artifact configs must be plain JSON (dicts, lists, str, finite numbers): {err}") from None
+    body = struct.pack("<I", len(header_bytes)) + header_bytes + payload
+    best = None
+    for name in compressors:
+        packed = compress(body, name)
+        if best is None or len(packed) < len(best[1]):
+            best = (name, packed)
+    name, packed = best
+    return PREFIX.pack(MAGIC, VERSION, COMPRESSOR_IDS[name], len(packed), zlib.crc32(packed)) + packed
+
+
+@dataclass
+class ArtifactContents:
+    """A parsed artifact: the decoded tensors, both configs, and what the file says about itself."""
+    tensors: dict[str, QuantTensor | Tensor]
+    model_config: dict
+    quant_config: dict
+    compressor: str
+    header: dict
+    payload: bytes
+
+
+def read_contents(blob: bytes, source: str = "artifact") -> ArtifactContents:
+    """Validate and decode a blob; every failure is an ArtifactError naming `source` and the numbers involved."""
+    if len(blob) < PREFIX.size:
+        raise ArtifactError(f"{source}: {len(blob)} bytes, shorter than the {PREFIX.size}-byte prefix (truncated)")
+    magic, version, cid, body_len, crc = PREFIX.unpack_from(blob)
+    if magic != MAGIC:
+        raise ArtifactError(f"{source}: magic {magic!r} != {MAGIC!r} (not a pgolf model artifact)")
+    if version != VERSION:
+        raise ArtifactError(f"{source}: format version {version}, this kit reads version {VERSION} (made by another "
+                            "version of the kit: re-pack it)")
+    if cid not in COMPRESSORS:
+        raise ArtifactError(f"{source}: unknown compressor id {cid} (known: {COMPRESSORS})")
+    body = blob[PREFIX.size:]
+    if len(body) != body_len:
+        raise ArtifactError(f"{source}: prefix says {body_len} compressed bytes but {len(body)} follow "
+                            f"({'truncated' if len(body) < body_len else 'trailing data'}: copy the file again)")
+    if zlib.crc32(body) != crc:
+        raise ArtifactError(f"{source}: crc32 {zlib.crc32(body):#010x} != {crc:#010x} stored (corrupted bytes)")
+    compressor = COMPRESSORS[cid]
+    try:
+        raw = decompress(body, compressor)
+    except Exception as err:  # brotli.error / lzma.LZMAError: the crc matched, so the writer itself was broken
+        raise ArtifactError(f"{source}: {compressor} cannot decompress the body ({err})") from None
+    if len(raw) < 4:
+        raise ArtifactError(f"{source}: decompressed body is {len(raw)} bytes, no room for the header length")
+    (header_len,) = struct.unpack_from("<I", raw)
+    if 4 + header_len > len(raw):
+        raise ArtifactError(f"{source}: header length {header_len} exceeds the {len(raw) - 4} decompressed bytes")
+    try:
+        header = json.loads(raw[4:4 + header_len])
+    except ValueError as err:
+        raise ArtifactError(f"{source}: header is not valid JSON ({err})") from None
+    payload = raw[4 + header_len:]
+    try:
+        if len(payload) != header["payload_bytes"]:
+            raise ArtifactError(f"{source}: header says {header['payload_bytes']} payload bytes, found "
+                                f"{len(payload)}")
+        tensors = {name: _decode_tensor(name, entry, payload, source) for name, entry in header["tensors"].items()}
+        return ArtifactContents(tensors, header["model_config"], header["quant_config"], compressor, header, payload)
+    except ArtifactError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ArtifactError(f"{source}: malformed header ({type(err).__name__}: {err}); not written by this "
+                            "kit's pack_artifact") from None
+
+
+def _decode_tensor(name: str, entry: dict, payload: bytes, source: str) -> QuantTensor | Tensor:
+    shape = entry["shape"]
+    numel = int(np.prod(shape)) if shape else 1
+    segs = []
+    for offset, length in entry["segments"]:
+        if offset < 0 or offset + length > len(payload):
+            raise ArtifactError(f"{source}: tensor {name} segment [{offset}, {offset + length}) lies outside the "
+                                f"{len(payload)}-byte payload")
+        segs.append(payload[offset:offset + length])
+    if entry["kind"] == "quant":
+        rows, cols = shape
+        expected = [rows * cols, rows, rows]
+        if [len(s) for s in segs] != expected:
+            raise ArtifactError(f"{source}: tensor {name} shape {shape} needs segments of {expected} bytes, found "
+                                f"{[len(s) for s in segs]}")
+        codes = torch.from_numpy(np.frombuffer(segs[0], dtype=np.int8).copy()).reshape(rows, cols)
+        qmax = qmax_for(entry["bits"])
+        if codes.numel() and int(codes.abs().max()) > qmax:
+            raise ArtifactError(f"{source}: tensor {name} has codes up to {int(codes.abs().max())}, beyond "
+                                f"int{entry['bits']}'s +-{qmax}")
+        return QuantTensor(codes, _from_planes(segs[1:], torch.float16, [rows]), entry["bits"])
+    dtype = DTYPES.get(entry["dtype"])
+    if dtype is None:
+        raise ArtifactError(f"{source}: tensor {name} has unknown dtype {entry['dtype']!r}")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    planes = 1 if itemsize == 1 else itemsize
+    if [len(s) for s in segs] != [numel] * planes:
+        raise ArtifactError(f"{source}: tensor {name} {entry['dtype']} {shape} needs {planes} planes of {numel} "
+                            f"bytes, found {[len(s) for s in segs]}")
+    return _from_planes(segs, dtype, shape)
+
+
+def unpack_artifact(blob: bytes, source: str = "artifact") -> tuple[dict[str, QuantTensor | Tensor], dict, dict]:
+    """(tensors, model_config, quant_config) from pack_artifact's bytes."""
+    contents = read_contents(blob, source)
+    return contents.tensors, contents.model_config, contents.quant_config
+
+
+def check_budget(model_bytes: int, code_bytes: int, cap: int = DECIMAL_CAP, source: str = "artifact") -> int:
+    """Total counted bytes; raises if code + model exceed the decimal cap."""
+    total = model_bytes + code_bytes
+    if total > cap:
+        raise ValueError(f"{source}: code {code_bytes:,} + model {model_bytes:,} = {total:,} bytes exceeds the cap "
+                         f"{cap:,} (decimal bytes; 16 MiB would be {16 * 1024 * 1024:,}) by {total - cap:,}: prune "
+                         "with fit_to_budget, lower bits, or shrink the model")
+    return total
+
+
+def write_artifact(path: str | os.PathLike, blob: bytes, code_bytes: int) -> None:
+    """Write a packed artifact atomically after checking its prefix and that code + model bytes fit the cap."""
+    path = Path(path)
+    if blob[:len(MAGIC)] != MAGIC:
+        raise ValueError(f"{path}: refusing to write bytes that do not start with {MAGIC!r} (not pack_artifact's "
+                         "output)")
+    check_budget(len(blob), code_bytes, source=str(path))
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_bytes(blob)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_artifact(path: str | os.PathLike) -> tuple[dict[str, QuantTensor | Tensor], dict, dict]:
+    """(tensors, model_config, quant_config) from a file; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"artifact {path} not found (pack one with the quantize step)")
+    return unpack_artifact(path.read_bytes(), str(path))
+
+
+def to_state_dict(tensors: Mapping[str, QuantTensor | Tensor], reference: Mapping[str, Tensor],
+                  source: str = "artifact") -> dict[str, Tensor]:
+    """Dequantized tensors in the reference's dtypes, after checking names and shapes against it (the model)."""
+    missing = [n for n in reference if n not in tensors]
+    extra = [n for n in tensors if n not in reference]
+    if missing or extra:
+        raise ArtifactError(f"{source}: artifact and model disagree on tensor names: missing from the artifact "
+                            f"{missing[:5]}{'...' if len(missing) > 5 else ''} ({len(missing)}), not in the model "
+                            f"{extra[:5]}{'...' if len(extra) > 5 else ''} ({len(extra)}) (model config mismatch?)")
+    out = {}
+    for name, ref in reference.items():
+        value = tensors[name]
+        value = value.dequantize() if isinstance(value, QuantTensor) else value
+        if tuple(value.shape) != tuple(ref.shape):
+            raise ArtifactError(f"{source}: tensor {name} is {list(value.shape)} in the artifact but "
+                                f"{list(ref.shape)} in the model (artifact made for another model config?)")
+        out[name] = value.to(ref.dtype)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Budget fitting
+
+
+@dataclass
+class BudgetReport:
+    """What fit_to_budget did: sizes before/after and the +-1 codes it zeroed per tensor."""
+    target: int
+    code_bytes: int
+    model_bytes_before: int
+    model_bytes: int
+    compressor: str
+    candidates: int = 0                                      # +-1 codes that could have been zeroed
+    zeroed: dict[str, int] = field(default_factory=dict)     # tensor -> codes zeroed
+    rounds: int = 0                                          # re-compressions after the first pack
+
+    @property
+    def total_bytes(self) -> int:
+        return self.code_bytes + self.model_bytes
+
+    def lines(self) -> list[str]:
+        n = sum(self.zeroed.values())
+        out = [f"budget: target:{self.target} code_bytes:{self.code_bytes} model_bytes_before:"
+               f"{self.model_bytes_before} model_bytes:{self.model_bytes} total_bytes:{self.total_bytes} "
+               f"compressor:{self.compressor} zeroed:{n} candidates:{self.candidates} rounds:{self.rounds}"]
+        out += [f"budget_zeroed: tensor:{name} codes:{count}" for name, count in self.zeroed.items() if count]
+        return out
+
+
+def _order0_bits(counts: np.ndarray) -> float:
+    """Ideal order-0 code length (bits) of a symbol multiset given its counts."""
+    c = counts[counts > 0].astype(np.float64)
+    return float(-(c * np.log2(c / c.sum())).sum())
+
+
+class _PruneCandidates:
+    """Every +-1 code, cheapest first, with an order-0 entropy model of the bits saved by zeroing a prefix."""
+
+    def __init__(self, quant: dict[str, QuantTensor], hessian_diag: Mapping[str, Tensor] | None):
+        self.names = list(quant)
+        idx, cost, which, sign, self.base_counts = [], [], [], [], []
+        for t, name in enumerate(self.names):
+            q = quant[name]
+            codes = q.codes.numpy()
+            qmax = qmax_for(q.bits)
+            self.base_counts.append(np.bincount(codes.reshape(-1).astype(np.int64) + qmax, minlength=2 * qmax + 1))
+            flat = np.flatnonzero(np.abs(codes.reshape(-1)) == 1)
+            rows, cols = np.divmod(flat, codes.shape[1])
+            c = q.scales.float().numpy()[rows].astype(np.float64) ** 2
+            diag = hessian_diag.get(name) if hessian_diag is not None else None
+            if diag is not None:
+                # H's scale follows each layer's activation norms, which do not compare across layers in loss terms;
+                # normalized, it ranks inputs within a layer while scale^2 ranks across layers as RTN's MSE does.
+                d = diag.detach().double().cpu().numpy()
+                c = c * (d[cols] / max(d.mean(), 1e-30))
+            idx.append(flat)
+            cost.append(c)
+            which.append(np.full(len(flat), t, dtype=np.int32))
+            sign.append(codes.reshape(-1)[flat] > 0)
+        order = np.argsort(np.concatenate(cost), kind="stable") if cost else np.empty(0, dtype=np.int64)
+        self.flat = np.concatenate(idx)[order] if idx else np.empty(0, dtype=np.int64)
+        self.which = np.concatenate(which)[order] if which else np.empty(0, dtype=np.int32)
+        self.positive = np.concatenate(sign)[order] if sign else np.empty(0, dtype=bool)
+        self.base_bits = sum(_order0_bits(c) for c in self.base_counts)
+
+    def __len__(self) -> int:
+        return len(self.flat)
+
+    def predicted_saving(self, n: int) -> float:
+        """Order-0 bits saved by zeroing the n cheapest candidates."""
+        moved = np.bincount(self.which[:n] * 2 + self.positive[:n], minlength=2 * len(self.names))
+        bits = 0.0
+        for t, counts in enumerate(self.base_counts):
+            qmax = (len(counts) - 1) // 2
+            after = counts.copy()
+            after[qmax - 1] -= moved[2 * t]
+            after[qmax + 1] -= moved[2 * t + 1]
+            after[qmax] += moved[2 * t] + moved[2 * t + 1]
+            bits += _order0_bits(after)
+        return self.base_bits - bits
+
+    def smallest_n(self, start: int, need_bits: float) -> int:
+        """Smallest n > start whose predicted saving beyond `start` reaches need_bits (or all candidates)."""
+        base = self.predicted_saving(start)
+        lo, hi = start + 1, len(self)
+        if self.predicted_saving(hi) - base < need_bits:
+            return hi
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.predicted_saving(mid) - base >= need_bits:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+
+def fit_to_budget(tensors: Mapping[str, QuantTensor | Tensor], hessian_diag: Mapping[str, Tensor] | None,
+                  code_bytes: int, model_config: dict, quant_config: dict, target: int = DECIMAL_CAP,
+                  max_rounds: int = 12, progress: bool = True
+                  ) -> tuple[bytes, dict[str, QuantTensor | Tensor], BudgetReport]:
+    """Pack; if code + model bytes exceed `target`, zero the least harmful +-1 codes until the total fits.
+
+    Cost of zeroing a +-1 code at (row, col): scale[row]^2 * (H diag[col] / mean H diag, or 1 without H). Batches
+    grow from an order-0 entropy estimate of the bits each zero saves, rescaled after every re-compression by the
+    saving actually measured. Rounds re-compress with the first pack's winner only (brotli took 70 s for the full
+    record model on the H100 host). Returns (blob, tensors as packed, report); raises ValueError if zeroing every
+    +-1 code is not enough. The caller's tensors are not modified.
+    """
+    if target > DECIMAL_CAP:
+        raise ValueError(f"fit_to_budget: target {target:,} is above the cap {DECIMAL_CAP:,} (decimal bytes)")
+    blob = pack_artifact(tensors, model_config, quant_config)
+    compressor = COMPRESSORS[blob[len(MAGIC) + 1]]
+    report = BudgetReport(target, code_bytes, len(blob), len(blob), compressor)
+    if code_bytes + len(blob) <= target:
+        return blob, dict(tensors), report
+
+    quant = {n: QuantTensor(v.codes.detach().cpu().contiguous().clone(), v.scales.detach().cpu(), v.bits)
+             for n, v in tensors.items() if isinstance(v, QuantTensor)}
+    candidates = _PruneCandidates(quant, hessian_diag)
+    report.candidates = len(candidates)
+    efficiency = 1.0  # measured compressed bytes saved / order-0 prediction; starts at the entropy estimate
+    done = 0
+    bar = tqdm(total=code_bytes + len(blob) - target, desc="fit to budget", unit="B", disable=not progress)
+    while code_bytes + len(blob) > target:
+        if done == len(candidates) or report.rounds == max_rounds:
+            bar.close()
+            raise ValueError(
+                f"fit_to_budget: code {code_bytes:,} + model {len(blob):,} = {code_bytes + len(blob):,} bytes is "
+                f"still above the target {target:,} after zeroing {done:,} of {len(candidates):,} +-1 codes in "
+                f"{report.rounds} rounds: lower matrix_bits or the clip, or shrink the model")
+        excess_bits = 8 * (code_bytes + len(blob) - target)
+        # 2% over the estimate: undershooting costs a whole re-compression, overshooting a few hundred codes
+        n = candidates.smallest_n(done, 1.02 * excess_bits / efficiency)
+        predicted = candidates.predicted_saving(n) - candidates.predicted_saving(done)
+        for t, name in enumerate(candidates.names):
+            pick = candidates.which[done:n] == t
+            if pick.any():
+                quant[name].codes.view(-1)[torch.from_numpy(candidates.flat[done:n][pick])] = 0
+                report.zeroed[name] = report.zeroed.get(name, 0) + int(pick.sum())
+        done = n
+        packed = {name: quant.get(name, value) for name, value in tensors.items()}
+        new_blob = pack_artifact(packed, model_config, quant_config, compressors=(compressor,))
+        saved_bits = 8 * (len(blob) - len(new_blob))
+        efficiency = min(max(saved_bits / predicted, 0.05), 20.0) if predicted > 0 else efficiency
+        bar.update(max(len(blob) - len(new_blob), 0))
+        blob = new_blob
+        report.rounds += 1
+    bar.close()
+    report.model_bytes = len(blob)
+    return blob, {name: quant.get(name, value) for name, value in tensors.items()}, report
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Size report
+
+
+@dataclass
+class TensorShare:
+    name: str
+    params: int
+    bits: int
+    bytes: float   # estimated compressed bytes: the tensor compressed alone, normalized so shares sum to the model
+
+
+@dataclass
+class SizeReport:
+    """Counted bytes of an artifact directory: code + model vs the decimal cap, with a per-tensor estimate."""
+    code_bytes: int
+    model_bytes: int
+    compressor: str
+    tensors: list[TensorShare]
+    cap: int = DECIMAL_CAP
+
+    @property
+    def total_bytes(self) -> int:
+        return self.code_bytes + self.model_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.cap
+
+    def lines(self) -> list[str]:
+        width = max([len(t.name) for t in self.tensors] + [6])
+        out = [f"{'tensor':<{width}} {'params':>11} {'bits':>4} {'bytes':>11} {'share':>6} {'bits/param':>10}"]
+        for t in sorted(self.tensors, key=lambda t: -t.bytes):
+            share = t.bytes / self.model_bytes if self.model_bytes else 0.0
+            out.append(f"{t.name:<{width}} {t.params:>11,} {t.bits:>4} {t.bytes:>11,.0f} {share:>6.1%} "
+                       f"{8 * t.bytes / max(t.params, 1):>10.3f}")
+        params = sum(t.params for t in self.tensors)
+        out.append(f"{'total':<{width}} {params:>11,} {'':>4} {self.model_bytes:>11,} {'':>6} "
+                   f"{8 * self.model_bytes / max(params, 1):>10.3f}")
+        out.append(f"size: code_bytes:{self.code_bytes} model_bytes:{self.model_bytes} total_bytes:"
+                   f"{self.total_bytes} cap:{self.cap} headroom:{self.cap - self.total_bytes} compressor:"
+                   f"{self.compressor} fits:{str(self.fits).lower()}")
+        return out
+
+
+def size_report(artifact_path: str | os.PathLike, code_path: str | os.PathLike, progress: bool = True) -> SizeReport:
+    """Code bytes (the file as shipped), model bytes, and each tensor's estimated share of the model bytes."""
+    artifact_path, code_path = Path(artifact_path), Path(code_path)
+    for path, what in ((artifact_path, "model artifact"), (code_path, "code file")):
+        if not path.is_file():
+            raise FileNotFoundError(f"{what} {path} not found (an artifact dir holds {MODEL_FILENAME} and "
+                                    f"{CODE_FILENAME})")
+    blob = artifact_path.read_bytes()
+    contents = read_contents(blob, str(artifact_path))
+    alone = {}
+    for name, entry in tqdm(contents.header["tensors"].items(), desc="size shares", unit="tensor",
+                            disable=not progress):
+        data = b"".join(contents.payload[o:o + n] for o, n in entry["segments"])
+        alone[name] = len(compress(data, contents.compressor))
+    norm = len(blob) / max(sum(alone.values()), 1)
+    shares = []
+    for name, entry in contents.header["tensors"].items():
+        value = contents.tensors[name]
+        if isinstance(value, QuantTensor):
+            params, bits = value.codes.numel(), value.bits
+        else:
+            params, bits = value.numel(), 8 * value.element_size()
+        shares.append(TensorShare(name, params, bits, alone[name] * norm))
+    return SizeReport(code_path.stat().st_size, len(blob), contents.compressor, shares)
+
+
+def _cmd_size(args) -> int:
+    root = Path(args.artifact_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"artifact dir {root} not found (expected {MODEL_FILENAME} and {CODE_FILENAME} in it)")
+    report = size_report(root / args.model, root / args.code, progress=not args.quiet)
+    print("\n".join(report.lines()))
+    return 0 if report.fits else 1
+
+
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser("size", help="counted bytes of an artifact dir (code + model vs 16,000,000)",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("artifact_dir", help=f"directory holding {MODEL_FILENAME} and {CODE_FILENAME}")
+    p.add_argument("--model", default=MODEL_FILENAME, help="model file name inside the dir")
+    p.add_argument("--code", default=CODE_FILENAME, help="code file name inside the dir (counted as shipped)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_size)

@@ -1,0 +1,812 @@
+"""Code bundler: inline the kit modules an entry script imports into one minified, lzma+base85 self-extracting file."""
+from __future__ import annotations
+
+import argparse
+import ast
+import base64
+import hashlib
+import lzma
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+KIT_PACKAGES = ("submission", "eval", "tools")
+# Globals every module has on its own; in the bundle they all belong to the packed script.
+_IMPLICIT_GLOBALS = frozenset({"__name__", "__file__", "__doc__", "__package__", "__spec__", "__loader__",
+                               "__builtins__", "__path__", "__cached__", "__annotations__"})
+# Of those, the ones whose value changes meaning when a library module is inlined into the script.
+_LOCATION_GLOBALS = frozenset({"__name__", "__file__", "__package__", "__spec__", "__loader__", "__path__",
+                               "__cached__"})
+# Filename the unpacked code is compiled under and registered with linecache, so tracebacks show source lines
+# and inspect.getsource works (Triton's @jit needs it); plain exec() would give "<string>" with no source.
+VIRTUAL_FILENAME = "<train_gpt>"
+_LZMA_PRESET = 9 | lzma.PRESET_EXTREME
+
+
+class BundleError(ValueError):
+    """The kit sources cannot be inlined into one namespace; the message names the file, the name and the fix."""
+
+
+@dataclass
+class BundleSizes:
+    """Decimal byte counts at each stage."""
+    readable: int   # the kit source files that went in, as written (docstrings, comments, blank lines)
+    minified: int   # readable_source: inlined, stripped, one-space indents
+    packed: int     # the file as shipped (UTF-8), the number the challenge counts as code bytes
+
+
+@dataclass
+class BundleResult:
+    """One bundled program: its readable and packed text, what went into it, and its sizes."""
+    readable_source: str      # the inlined, stripped, minified program (what the packed file executes)
+    packed: str               # the shipped train_gpt.py text: lzma + base85 + a one-line self-extractor
+    sha256: str               # over sorted (relative path, bytes) of every kit module inlined
+    modules: list[str]        # kit-root-relative paths of the inlined modules, in emission order
+    sizes: BundleSizes
+    packing: str              # the lzma container/settings that gave the smallest file
+    renamed: list[str]        # "path: old -> new" for private names renamed to resolve clashes
+    warnings: list[str]       # constructs whose meaning differs once inlined (e.g. __file__ in a library module)
+
+
+@dataclass
+class _KitImport:
+    """One alias of an import statement that names a kit module."""
+    kind: str              # "module": binds a module object (refs are `alias.attr`); "name": binds module.name
+    module: str            # dotted kit module
+    name: str | None       # the imported name, for kind == "name"
+    bound: str             # the name the statement binds
+    scope: _Scope
+
+
+class _Scope:
+    """One Python scope: the names bound in it and its global/nonlocal declarations."""
+
+    def __init__(self, kind: str, parent: _Scope | None):
+        self.kind = kind  # module, function, class or comprehension
+        self.parent = parent
+        self.bound: dict[str, int] = {}  # name -> number of binding sites
+        self.global_decl: set[str] = set()
+        self.nonlocal_decl: set[str] = set()
+
+
+@dataclass
+class _Site:
+    """A place a name occurs: a Name node, a def/class name, an import alias, an except name, a `global` entry."""
+    node: ast.AST
+    name: str
+    scope: _Scope
+    binding: bool
+    index: int = 0  # position in Global.names
+
+
+class _Analysis:
+    """Python's scoping rules for one module: every name site with the scope it is evaluated in."""
+
+    def __init__(self, tree: ast.Module):
+        self.module = _Scope("module", None)
+        self.sites: list[_Site] = []
+        # (statement, scope, runs at import time) for every import statement
+        self.imports: list[tuple[ast.Import | ast.ImportFrom, _Scope, bool]] = []
+        for stmt in tree.body:
+            self._visit(stmt, self.module, True)
+
+    def resolve(self, scope: _Scope, name: str) -> _Scope:
+        """The scope a name used in `scope` refers to; class bodies are invisible to the functions inside them."""
+        s, first = scope, True
+        while s.kind != "module":
+            if first or s.kind != "class":
+                if name in s.global_decl:
+                    return self.module
+                if name in s.bound and name not in s.nonlocal_decl:
+                    return s
+            s, first = s.parent, False
+        return s
+
+    def _site(self, node: ast.AST, name: str, scope: _Scope, binding: bool) -> None:
+        if binding:
+            scope.bound[name] = scope.bound.get(name, 0) + 1
+        self.sites.append(_Site(node, name, scope, binding))
+
+    def _visit(self, node: ast.AST, scope: _Scope, hard: bool) -> None:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            args = node.args
+            all_args = [*args.posonlyargs, *args.args, *args.kwonlyargs, *filter(None, [args.vararg, args.kwarg])]
+            outer = [*getattr(node, "decorator_list", []), *args.defaults, *filter(None, args.kw_defaults),
+                     *(a.annotation for a in all_args if a.annotation), *filter(None, [getattr(node, "returns", None)])]
+            for child in outer:
+                self._visit(child, scope, hard)
+            inner = _Scope("function", scope)
+            for a in all_args:
+                inner.bound[a.arg] = inner.bound.get(a.arg, 0) + 1
+            if isinstance(node, ast.Lambda):
+                self._visit(node.body, inner, False)
+            else:
+                self._site(node, node.name, scope, True)
+                for stmt in node.body:
+                    self._visit(stmt, inner, False)
+        elif isinstance(node, ast.ClassDef):
+            for child in [*node.decorator_list, *node.bases, *node.keywords]:
+                self._visit(child, scope, hard)
+            self._site(node, node.name, scope, True)
+            inner = _Scope("class", scope)
+            for stmt in node.body:
+                self._visit(stmt, inner, hard)
+        elif isinstance(node, (ast.ListComp, ast.SetComp, ast.GeneratorExp, ast.DictComp)):
+            # The first iterable is evaluated in the enclosing scope, everything else in the comprehension's own.
+            self._visit(node.generators[0].iter, scope, hard)
+            inner = _Scope("comprehension", scope)
+            for i, gen in enumerate(node.generators):
+                if i:
+                    self._visit(gen.iter, inner, hard)
+                self._visit(gen.target, inner, hard)
+                for cond in gen.ifs:
+                    self._visit(cond, inner, hard)
+            for part in ([node.key, node.value] if isinstance(node, ast.DictComp) else [node.elt]):
+                self._visit(part, inner, hard)
+        elif isinstance(node, ast.Name):
+            self._site(node, node.id, scope, not isinstance(node.ctx, ast.Load))
+        elif isinstance(node, ast.NamedExpr):
+            target_scope = scope  # a walrus in a comprehension binds in the enclosing function or module
+            while target_scope.kind == "comprehension":
+                target_scope = target_scope.parent
+            self._site(node.target, node.target.id, target_scope, True)
+            self._visit(node.value, scope, hard)
+        elif isinstance(node, ast.Global):
+            scope.global_decl.update(node.names)
+            self.sites.extend(_Site(node, name, scope, False, i) for i, name in enumerate(node.names))
+        elif isinstance(node, ast.Nonlocal):
+            scope.nonlocal_decl.update(node.names)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            self.imports.append((node, scope, hard))
+            for alias in node.names:
+                if alias.name != "*":
+                    self._site(alias, alias.asname or alias.name.split(".")[0], scope, True)
+        else:
+            name = getattr(node, "rest" if isinstance(node, ast.MatchMapping) else "name", None)
+            if isinstance(node, (ast.ExceptHandler, ast.MatchAs, ast.MatchStar, ast.MatchMapping)) and name:
+                self._site(node, name, scope, True)
+            for child in ast.iter_child_nodes(node):
+                self._visit(child, scope, hard)
+
+
+def _is_main_guard(test: ast.expr) -> bool:
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
+        return False
+    sides = [test.left, test.comparators[0]]
+    return (any(isinstance(s, ast.Name) and s.id == "__name__" for s in sides)
+            and any(isinstance(s, ast.Constant) and s.value == "__main__" for s in sides))
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return ((isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
+            or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"))
+
+
+class _Strip(ast.NodeTransformer):
+    """Drop docstrings and other bare string statements, `if TYPE_CHECKING:` blocks and function annotations."""
+
+    def visit_Expr(self, node: ast.Expr):
+        if isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            return None
+        return self.generic_visit(node)
+
+    def visit_If(self, node: ast.If):
+        self.generic_visit(node)
+        # TYPE_CHECKING is False at run time; its imports are for type checkers and often form import cycles.
+        return (node.orelse or None) if _is_type_checking(node.test) else node
+
+    def _function(self, node):
+        # Function annotations are never evaluated under `from __future__ import annotations` (the kit's style);
+        # class-level annotations stay: dataclasses and typing.get_type_hints read them.
+        node.returns = None
+        args = node.args
+        for a in [*args.posonlyargs, *args.args, *args.kwonlyargs, *filter(None, [args.vararg, args.kwarg])]:
+            a.annotation = None
+        return self.generic_visit(node)
+
+    visit_FunctionDef = visit_AsyncFunctionDef = _function
+
+
+def _ensure_bodies(tree: ast.AST) -> None:
+    """Put `pass` into statement lists that stripping emptied (a body may not be empty)."""
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Module) and isinstance(getattr(node, "body", None), list) and not node.body:
+            node.body = [ast.Pass()]
+        if isinstance(node, ast.Try) and not node.handlers and not node.finalbody:
+            node.finalbody = [ast.Pass()]
+
+
+@dataclass
+class _Module:
+    name: str                 # dotted (the entry outside the kit packages: its file stem)
+    rel: str                  # path relative to kit_root
+    source: bytes
+    tree: ast.Module
+    is_entry: bool
+    analysis: _Analysis
+    future: list[str]
+    kit_imports: dict[int, _KitImport]        # id(alias node) -> kit import
+    ext_imports: dict[int, str]               # id(alias node) -> dotted name of the third-party object bound
+    hard_deps: list[str]                      # kit modules imported at import time (ordering constraints)
+    soft_deps: list[str]                      # imported inside functions, or package __init__s run implicitly
+    module_aliases: dict[tuple[int, str], str]  # (id(scope), bound name) -> kit module it names
+    alias_refs: dict[int, tuple[str, _Scope]]   # id(Name node) -> (kit module, scope) for refs to module aliases
+    global_sites: dict[str, list[_Site]]      # module-level binding sites per name
+    builtin_refs: dict[str, ast.AST]          # names read as globals that this module never binds -> first use
+
+    @property
+    def empty(self) -> bool:
+        return not self.tree.body
+
+    def where(self, node: ast.AST) -> str:
+        return f"{self.rel}:{getattr(node, 'lineno', '?')}"
+
+
+class _Bundler:
+    def __init__(self, entry: Path, kit_root: Path, kit_packages: tuple[str, ...]):
+        self.entry = entry.resolve()
+        self.kit_root = kit_root.resolve()
+        self.kit_packages = tuple(kit_packages)
+        self.modules: dict[str, _Module] = {}
+        self.warnings: list[str] = []
+        self.renames: dict[tuple[str, tuple], str] = {}
+        self._meanings: dict[tuple[str, str], tuple] = {}
+
+    # ---- discovery -------------------------------------------------------------------------------------------
+
+    def find(self, dotted: str) -> Path | None:
+        parts = dotted.split(".")
+        if parts[0] not in self.kit_packages:
+            return None
+        base = self.kit_root.joinpath(*parts)
+        for path in (Path(f"{base}.py"), base / "__init__.py"):
+            if path.is_file():
+                return path
+        return None
+
+    def entry_name(self) -> str:
+        rel = self.entry.relative_to(self.kit_root) if self.entry.is_relative_to(self.kit_root) else None
+        if rel is None or rel.parts[0] not in self.kit_packages:
+            return self.entry.stem
+        parts = list(rel.with_suffix("").parts)
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    def load(self, name: str) -> _Module:
+        if name in self.modules:
+            return self.modules[name]
+        is_entry = name == self.entry_name()
+        path = self.entry if is_entry else self.find(name)
+        rel = path.relative_to(self.kit_root).as_posix() if path.is_relative_to(self.kit_root) else str(path)
+        source = path.read_bytes()
+        try:
+            tree = ast.parse(source, filename=str(path))
+        except SyntaxError as err:
+            raise BundleError(f"{rel}:{err.lineno}: cannot parse: {err.msg}") from None
+        if not is_entry:
+            # A library module's `if __name__ == "__main__":` never runs on import; keep only its else branch.
+            body = []
+            for stmt in tree.body:
+                body += stmt.orelse if isinstance(stmt, ast.If) and _is_main_guard(stmt.test) else [stmt]
+            tree.body = body
+        future = [a.name for s in tree.body if isinstance(s, ast.ImportFrom) and s.module == "__future__"
+                  for a in s.names]
+        tree.body = [s for s in tree.body if not (isinstance(s, ast.ImportFrom) and s.module == "__future__")]
+        tree = _Strip().visit(tree)
+        _ensure_bodies(tree)
+        analysis = _Analysis(tree)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        mod = _Module(name, rel, source, tree, is_entry, analysis, future, {}, {}, [], [], {}, {}, {}, {})
+        self.modules[name] = mod
+        for stmt, scope, hard in analysis.imports:
+            self._classify_import(mod, stmt, scope, hard, package)
+        self._collect_names(mod)
+        return mod
+
+    def _classify_import(self, mod: _Module, stmt, scope: _Scope, hard: bool, package: str) -> None:
+        def depend(target: str) -> None:
+            (mod.hard_deps if hard else mod.soft_deps).append(target)
+            parts = target.split(".")  # Python runs the parent packages' __init__ first
+            mod.soft_deps.extend(".".join(parts[:i]) for i in range(1, len(parts)))
+
+        def require(dotted: str) -> str:
+            if self.find(dotted) is None:
+                raise BundleError(f"{mod.where(stmt)}: kit module {dotted!r} not found under {self.kit_root} "
+                                  f"(typo, or a file outside the kit packages {self.kit_packages}?)")
+            return dotted
+
+        if isinstance(stmt, ast.Import):
+            for alias in stmt.names:
+                bound = alias.asname or alias.name.split(".")[0]
+                if alias.name.split(".")[0] not in self.kit_packages:
+                    mod.ext_imports[id(alias)] = alias.name if alias.asname else bound
+                    continue
+                depend(require(alias.name))
+                target = alias.name if alias.asname else bound
+                mod.kit_imports[id(alias)] = _KitImport("module", target, None, bound, scope)
+                mod.module_aliases[(id(scope), bound)] = target
+            return
+        base = stmt.module or ""
+        if stmt.level:
+            if not package:
+                raise BundleError(f"{mod.where(stmt)}: relative import outside a kit package")
+            pkg = package.split(".")
+            if stmt.level - 1 >= len(pkg):
+                raise BundleError(f"{mod.where(stmt)}: relative import goes above the top-level package {pkg[0]!r}")
+            base = ".".join(pkg[:len(pkg) - stmt.level + 1] + ([base] if base else []))
+        if base.split(".")[0] not in self.kit_packages:
+            for alias in stmt.names:
+                if alias.name == "*":
+                    self.warnings.append(f"{mod.where(stmt)}: `from {base} import *` binds names the bundler cannot "
+                                         "see, so clashes with them go undetected")
+                else:
+                    mod.ext_imports[id(alias)] = f"{base}.{alias.name}"
+            return
+        require(base)
+        for alias in stmt.names:
+            if alias.name == "*":
+                raise BundleError(f"{mod.where(stmt)}: `from {base} import *` of a kit module is not supported by "
+                                  "the bundler; import the names explicitly")
+            bound = alias.asname or alias.name
+            sub = f"{base}.{alias.name}"
+            if self.find(sub) is not None:
+                depend(sub)
+                mod.kit_imports[id(alias)] = _KitImport("module", sub, None, bound, scope)
+                mod.module_aliases[(id(scope), bound)] = sub
+            else:
+                depend(base)
+                mod.kit_imports[id(alias)] = _KitImport("name", base, alias.name, bound, scope)
+
+    def _collect_names(self, mod: _Module) -> None:
+        an = mod.analysis
+        for site in an.sites:
+            owner = an.resolve(site.scope, site.name)
+            if site.binding and owner is an.module:
+                mod.global_sites.setdefault(site.name, []).append(site)
+            key = (id(owner), site.name)
+            if key in mod.module_aliases and isinstance(site.node, ast.Name) and not site.binding:
+                mod.alias_refs[id(site.node)] = (mod.module_aliases[key], site.scope)
+        for imp in mod.kit_imports.values():
+            if imp.kind != "module":
+                continue
+            same = [i for i in mod.kit_imports.values() if i.scope is imp.scope and i.bound == imp.bound]
+            if imp.scope.bound[imp.bound] > len(same) or any(i.kind != "module" or i.module != imp.module
+                                                             for i in same):
+                raise BundleError(f"{mod.rel}: {imp.bound!r} names kit module {imp.module} and is also bound another "
+                                  "way; the bundler replaces `module.attr` by the attribute, so use distinct names")
+        for site in an.sites:
+            if site.binding or an.resolve(site.scope, site.name) is not an.module or site.name in mod.global_sites:
+                continue
+            if site.name in _IMPLICIT_GLOBALS:
+                if site.name in _LOCATION_GLOBALS and not mod.is_entry:
+                    self.warnings.append(f"{mod.where(site.node)}: {site.name} in a library module is the packed "
+                                         "script's own once inlined")
+                continue
+            if site.name in ("globals", "vars") and not mod.is_entry:
+                self.warnings.append(f"{mod.where(site.node)}: {site.name}() in a library module sees the whole "
+                                     "bundle's namespace once inlined")
+            mod.builtin_refs.setdefault(site.name, site.node)
+
+    def order(self) -> list[_Module]:
+        """Dependencies before dependents (module-level imports), the entry last; cycles are errors."""
+        done: list[str] = []
+        state: dict[str, str] = {}
+
+        def visit(name: str, path: list[str]) -> None:
+            if state.get(name) == "done":
+                return
+            if state.get(name) == "visiting":
+                cycle = (path[path.index(name):] if name in path else path) + [name]
+                raise BundleError("import cycle: " + " -> ".join(self.load(n).rel for n in cycle)
+                                  + " (module-level imports; move the shared code into a module both import, or "
+                                  "import inside the function that needs it)")
+            state[name] = "visiting"
+            for dep in self.load(name).hard_deps:
+                visit(dep, path + [name])
+            state[name] = "done"
+            if name != entry:
+                done.append(name)
+
+        entry = self.entry_name()
+        state[entry] = "visiting"
+        for dep in self.load(entry).hard_deps:
+            visit(dep, [entry])
+        # Function-level imports only need their module present by call time: include them, in any order.
+        queue = [entry, *done]
+        while queue:
+            for dep in self.load(queue.pop(0)).soft_deps:
+                if dep != entry and state.get(dep) != "done" and self.find(dep) is not None:
+                    visit(dep, [])
+                    queue.append(dep)
+        return [self.modules[n] for n in [*done, entry] if not self.modules[n].empty]
+
+    # ---- one namespace -----------------------------------------------------------------------------------------
+
+    def meaning(self, module: str, name: str, where: str) -> tuple:
+        """What a module-level name of `module` is: ("def", module, name), ("ext", dotted) or ("module", dotted)."""
+        key = (module, name)
+        if key in self._meanings:
+            return self._meanings[key]
+        mod = self.modules[module]
+        sites = mod.global_sites.get(name)
+        if not sites:
+            raise BundleError(f"{where}: kit module {mod.rel} has no module-level name {name!r} (misspelt, or set "
+                              "in a way the bundler cannot see, e.g. via globals())")
+        kinds = set()
+        for site in sites:
+            kit, ext = mod.kit_imports.get(id(site.node)), mod.ext_imports.get(id(site.node))
+            if kit and kit.kind == "name":
+                kinds.add(self.meaning(kit.module, kit.name, mod.where(site.node)))
+            elif kit:
+                kinds.add(("module", kit.module))
+            elif ext:
+                kinds.add(("ext", ext))
+            else:
+                kinds.add(("def", module, name))
+        result = kinds.pop() if len(kinds) == 1 else ("def", module, name)
+        self._meanings[key] = result
+        return result
+
+    def emitted(self, module: str, name: str, where: str) -> str:
+        """The global name a module-level name of `module` has in the bundle."""
+        return self.renames.get((name, self.meaning(module, name, where)), name)
+
+    def plan_names(self, modules: list[_Module]) -> list[str]:
+        """Group every global name by what it means; rename private clashes, raise on public ones."""
+        groups: dict[str, dict[tuple, list[tuple[_Module, ast.AST]]]] = {}
+        for mod in modules:
+            for name, sites in mod.global_sites.items():
+                meaning = self.meaning(mod.name, name, mod.where(sites[0].node))
+                if meaning[0] != "module":
+                    groups.setdefault(name, {}).setdefault(meaning, []).append((mod, sites[0].node))
+            for name, node in mod.builtin_refs.items():
+                groups.setdefault(name, {}).setdefault(("builtin", name), []).append((mod, node))
+        taken = {name for mod in modules for name in _identifiers(mod.tree)}
+        renamed, clashes = [], []
+        for name, by_meaning in groups.items():
+            if len(by_meaning) < 2:
+                continue
+            meanings = list(by_meaning)
+            keeper = ("builtin", name) if ("builtin", name) in by_meaning else meanings[0]
+            losers = [m for m in meanings if m != keeper]
+            if not name.startswith("_"):
+                where = "; ".join(f"{_describe(m)} at {', '.join(mod.where(node) for mod, node in by_meaning[m])}"
+                                  for m in meanings)
+                clashes.append(f"{name!r}: {where}")
+                continue
+            for meaning in losers:
+                mod = by_meaning[meaning][0][0]
+                stem, new, i = mod.name.rpartition(".")[2], f"{name}_{mod.name.rpartition('.')[2]}", 1
+                while new in taken:
+                    i += 1
+                    new = f"{name}_{stem}{i}"
+                taken.add(new)
+                self.renames[(name, meaning)] = new
+                renamed.append(f"{', '.join(sorted({m.rel for m, _ in by_meaning[meaning]}))}: {name} -> {new}")
+        if clashes:
+            raise BundleError("name clash in the bundle's single namespace (every kit module's globals share one "
+                              "file): " + " | ".join(clashes) + ". Rename one of them (clashing names that start "
+                              "with '_' are renamed automatically).")
+        return renamed
+
+    # ---- emission ------------------------------------------------------------------------------------------------
+
+    def rename_sites(self, mod: _Module) -> None:
+        an = mod.analysis
+        for site in an.sites:
+            if id(site.node) in mod.kit_imports or id(site.node) in mod.alias_refs:
+                continue
+            if an.resolve(site.scope, site.name) is not an.module or site.name not in mod.global_sites:
+                continue
+            new = self.emitted(mod.name, site.name, mod.where(site.node))
+            if new == site.name:
+                continue
+            node = site.node
+            if isinstance(node, ast.Name):
+                node.id = new
+            elif isinstance(node, ast.Global):
+                node.names[site.index] = new
+            elif isinstance(node, ast.alias):
+                if node.asname is None and "." in node.name:
+                    raise BundleError(f"{mod.where(node)}: cannot rename {site.name!r} bound by `import {node.name}`"
+                                      f" (it clashes with another module's {site.name!r}); use `import ... as`")
+                node.asname = new
+            elif isinstance(node, ast.MatchMapping):
+                node.rest = new
+            else:
+                node.name = new  # def, class, except handler, match capture
+
+    def check_not_captured(self, mod: _Module, scope: _Scope, name: str, node: ast.AST, what: str) -> None:
+        if mod.analysis.resolve(scope, name) is not mod.analysis.module:
+            raise BundleError(f"{mod.where(node)}: {what} becomes the global {name!r} once inlined, but a local "
+                              f"{name!r} hides it there; rename the local")
+
+    def kit_import_statements(self, mod: _Module, stmt) -> list[ast.stmt]:
+        """Assignments that replace the kit aliases of an import statement (most need none)."""
+        out = []
+        for alias in stmt.names:
+            imp = mod.kit_imports.get(id(alias))
+            if imp is None or imp.kind == "module":
+                continue
+            where = mod.where(stmt)
+            source = self.emitted(imp.module, imp.name, where)
+            if imp.scope.kind == "module":
+                target = self.emitted(mod.name, imp.bound, where)
+            else:
+                target = imp.bound
+                if imp.scope.kind == "function" and target == source:
+                    if imp.scope.bound[target] > 1:
+                        raise BundleError(f"{where}: {target!r} is imported inside a function that also assigns "
+                                          "it; the bundler drops the import, so give the local another name")
+                    continue  # the name now resolves to the global of the same name: the imported object
+            if target != source or imp.scope.kind == "class":
+                # `x = x` in a class body reads the global x: the class's own x is not bound yet.
+                if not (target == source and imp.scope.bound[target] == 1):
+                    self.check_not_captured(mod, imp.scope, source, stmt, f"`from {imp.module} import {imp.name}`")
+                out.append(ast.copy_location(ast.Assign([ast.Name(target, ast.Store())], ast.Name(source, ast.Load())),
+                                             stmt))
+        return out
+
+
+def _describe(meaning: tuple) -> str:
+    if meaning[0] == "def":
+        return f"defined in {meaning[1]}"
+    if meaning[0] == "ext":
+        return f"third-party {meaning[1]}"
+    return "the builtin"
+
+
+def _identifiers(tree: ast.AST) -> set[str]:
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            names.add(node.id)
+        elif isinstance(node, ast.arg):
+            names.add(node.arg)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.alias):
+            names.add(node.asname or node.name.split(".")[0])
+        elif isinstance(node, (ast.Global, ast.Nonlocal)):
+            names.update(node.names)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            names.add(node.name)
+    return names
+
+
+class _Rewrite(ast.NodeTransformer):
+    """Inside one module: `alias.attr` of kit modules -> the global, nested kit imports -> assignments."""
+
+    def __init__(self, bundler: _Bundler, mod: _Module):
+        self.bundler, self.mod = bundler, mod
+
+    def visit_Import(self, node):
+        ext = [a for a in node.names if id(a) not in self.mod.kit_imports]
+        kept = [type(node)(**{**{f: getattr(node, f) for f in node._fields}, "names": ext})] if ext else []
+        return [ast.copy_location(s, node) for s in kept] + self.bundler.kit_import_statements(self.mod, node)
+
+    visit_ImportFrom = visit_Import
+
+    def visit_Name(self, node: ast.Name):
+        if id(node) in self.mod.alias_refs:
+            raise BundleError(f"{self.mod.where(node)}: kit module alias {node.id!r} is used as a value; the bundler "
+                              f"only supports `{node.id}.name` (import the names you need instead)")
+        return node
+
+    def visit_Attribute(self, node: ast.Attribute):
+        chain, base = [], node
+        while isinstance(base, ast.Attribute):
+            chain.append(base)
+            base = base.value
+        if not (isinstance(base, ast.Name) and id(base) in self.mod.alias_refs):
+            return self.generic_visit(node)
+        chain.reverse()  # innermost first: chain[0].value is the alias
+        module, scope = self.mod.alias_refs[id(base)]
+        for k, attr in enumerate(chain):
+            sub = f"{module}.{attr.attr}"
+            if self.bundler.find(sub) is not None:
+                if sub not in self.bundler.modules:
+                    raise BundleError(f"{self.mod.where(attr)}: {sub} is used through {base.id!r} but never imported; "
+                                      f"add `import {sub}`")
+                module = sub
+                continue
+            if not isinstance(attr.ctx, ast.Load):
+                raise BundleError(f"{self.mod.where(attr)}: assigning {module}.{attr.attr} from another module is not "
+                                  "supported by the bundler; set it through a function in that module")
+            name = self.bundler.emitted(module, attr.attr, self.mod.where(attr))
+            self.bundler.check_not_captured(self.mod, scope, name, attr, f"{module}.{attr.attr}")
+            replacement = ast.copy_location(ast.Name(name, ast.Load()), attr)
+            if k == len(chain) - 1:
+                return replacement
+            chain[k + 1].value = replacement
+            return node
+        raise BundleError(f"{self.mod.where(node)}: kit module {module} is used as a value; the bundler only supports "
+                          "`module.name`")
+
+
+def _import_key(stmt, alias: ast.alias) -> tuple:
+    if isinstance(stmt, ast.Import):
+        return ("import", alias.name, alias.asname)
+    return ("from", stmt.module, alias.name, alias.asname)
+
+
+def _render_imports(keys: list[tuple]) -> list[ast.stmt]:
+    plain = [ast.alias(k[1], k[2]) for k in keys if k[0] == "import"]
+    out: list[ast.stmt] = [ast.Import(plain)] if plain else []
+    by_module: dict[str, list[ast.alias]] = {}
+    for k in keys:
+        if k[0] == "from":
+            by_module.setdefault(k[1], []).append(ast.alias(k[2], k[3]))
+    out += [ast.ImportFrom(module, aliases, 0) for module, aliases in by_module.items()]
+    return out
+
+
+def _assemble(bundler: _Bundler, modules: list[_Module]) -> ast.Module:
+    """One module: __future__ imports, hoisted third-party imports, then each kit module's body in order."""
+    futures = []
+    for mod in modules:
+        futures += [f for f in mod.future if f not in futures]
+    # Only annotations left after stripping (class and variable ones) can change meaning under the future import.
+    lacking = [m.rel for m in modules if set(futures) - set(m.future)
+               and any(isinstance(n, ast.AnnAssign) for n in ast.walk(m.tree))]
+    if lacking:
+        bundler.warnings.append(f"`from __future__ import {', '.join(futures)}` now applies to modules written "
+                                f"without it: {', '.join(lacking)}")
+    hoisted: list[tuple] = []
+    seen: set[tuple] = set()
+    bodies: list[ast.stmt] = []
+    for mod in modules:
+        bundler.rename_sites(mod)
+        rewrite = _Rewrite(bundler, mod)
+        leading = True  # a module's opening import block is hoisted; later imports stay where they run
+        for stmt in mod.tree.body:
+            if not isinstance(stmt, (ast.Import, ast.ImportFrom)):
+                leading = False
+                result = rewrite.visit(stmt)
+                bodies += result if isinstance(result, list) else [result]
+                continue
+            fresh = []
+            for alias in stmt.names:
+                if id(alias) in mod.kit_imports:
+                    continue
+                key = _import_key(stmt, alias)
+                if key in seen:
+                    continue
+                seen.add(key)
+                (hoisted if leading else fresh).append(key)
+            bodies += [ast.copy_location(s, stmt) for s in _render_imports(fresh)]
+            bodies += bundler.kit_import_statements(mod, stmt)
+    head = [ast.ImportFrom("__future__", [ast.alias(f) for f in futures], 0)] if futures else []
+    tree = ast.Module(head + _render_imports(hoisted) + bodies, [])
+    _ensure_bodies(tree)
+    return ast.fix_missing_locations(tree)
+
+
+def _minify(tree: ast.Module) -> str:
+    """ast.unparse with one-space indents and no blank lines, checked to parse back to the same tree."""
+    text = ast.unparse(tree)
+    lines = []
+    for line in text.splitlines():
+        stripped = line.lstrip(" ")
+        if stripped:
+            lines.append(" " * ((len(line) - len(stripped)) // 4) + stripped)
+    out = "\n".join(lines) + "\n"
+    # A multi-line string literal would be re-indented too; the round trip proves none was.
+    if ast.dump(ast.parse(out)) != ast.dump(ast.parse(text)):
+        raise BundleError("minifying changed the program (a multi-line string literal?); report this source")
+    return out
+
+
+def _stub(encoded: str) -> str:
+    # The interpreter's own uncaught-exception printer reads source lines from disk, not linecache; the traceback
+    # module's printer reads linecache, so it is installed as the hook (about 50 bytes for readable crash logs).
+    return ("import lzma,base64,linecache as L,sys,traceback as T\n"
+            f's=lzma.decompress(base64.b85decode("{encoded}")).decode();f="{VIRTUAL_FILENAME}"\n'
+            "L.cache[f]=len(s),None,s.splitlines(1),f;sys.excepthook=T.print_exception;exec(compile(s,f,'exec'))\n")
+
+
+def pack(source: str) -> tuple[str, str]:
+    """Self-extracting text for `source` and a description of the lzma settings that made it smallest."""
+    data = source.encode("utf-8")
+    # lzma.decompress auto-detects .xz and the legacy .lzma ("alone") container, so every candidate uses the same
+    # stub; .lzma has a 13-byte header against ~60 for .xz. lc/pb tuned for text are tried and measured, not assumed.
+    candidates = [("xz", lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_NONE, preset=_LZMA_PRESET))]
+    for lc in range(5):
+        for pb in (0, 2):
+            filters = [{"id": lzma.FILTER_LZMA1, "preset": _LZMA_PRESET, "lc": lc, "lp": 0, "pb": pb}]
+            candidates.append((f"lzma-alone lc={lc} pb={pb}",
+                               lzma.compress(data, format=lzma.FORMAT_ALONE, filters=filters)))
+    name, blob = min(candidates, key=lambda c: len(c[1]))
+    encoded = base64.b85encode(blob).decode("ascii")
+    if lzma.decompress(base64.b85decode(encoded)) != data:
+        raise BundleError(f"packing with {name} did not round-trip; report this source")
+    return _stub(encoded), f"{name} preset=9e base85"
+
+
+def source_sha256(files: list[tuple[str, bytes]]) -> str:
+    """sha256 over (relative path, bytes) pairs sorted by path, each as path NUL bytes NUL."""
+    h = hashlib.sha256()
+    for rel, data in sorted(files):
+        h.update(rel.encode() + b"\0" + data + b"\0")
+    return h.hexdigest()
+
+
+def find_kit_root(entry: Path) -> Path:
+    """The folder above the entry's top-level package (the first parent without an __init__.py)."""
+    folder = entry.resolve().parent
+    while (folder / "__init__.py").is_file():
+        folder = folder.parent
+    return folder
+
+
+def bundle(entry: Path, kit_root: Path, kit_packages: tuple[str, ...] = KIT_PACKAGES) -> BundleResult:
+    """Inline every kit module `entry` imports (transitively) into one program, strip and minify it, and pack it."""
+    entry, kit_root = Path(entry), Path(kit_root)
+    if not entry.is_file():
+        raise FileNotFoundError(f"bundle entry {entry}: no such file")
+    if not kit_root.is_dir():
+        raise FileNotFoundError(f"kit root {kit_root}: no such folder (the folder holding {', '.join(kit_packages)})")
+    bundler = _Bundler(entry, kit_root, kit_packages)
+    modules = bundler.order()
+    renamed = bundler.plan_names(modules)
+    readable = _minify(_assemble(bundler, modules))
+    compile(readable, VIRTUAL_FILENAME, "exec")
+    packed, packing = pack(readable)
+    compile(packed, "train_gpt.py", "exec")
+    return BundleResult(
+        readable_source=readable, packed=packed,
+        sha256=source_sha256([(m.rel, m.source) for m in modules]),
+        modules=[m.rel for m in modules],
+        sizes=BundleSizes(readable=sum(len(m.source) for m in modules), minified=len(readable.encode("utf-8")),
+                          packed=len(packed.encode("utf-8"))),
+        packing=packing, renamed=renamed, warnings=bundler.warnings)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def write_bundle(result: BundleResult, out_dir: Path) -> Path:
+    """Write OUT/train_gpt.py and OUT/train_gpt.py.sha256 (source hash, sizes, module list); return the script."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    script = out_dir / "train_gpt.py"
+    lines = [f"source_sha256:{result.sha256}",
+             f"packed_sha256:{hashlib.sha256(result.packed.encode('utf-8')).hexdigest()}",
+             f"readable_bytes:{result.sizes.readable}", f"minified_bytes:{result.sizes.minified}",
+             f"packed_bytes:{result.sizes.packed}", f"packing:{result.packing}",
+             *(f"module:{m}" for m in result.modules), *(f"renamed:{r}" for r in result.renamed)]
+    _write_atomic(script, result.packed)
+    _write_atomic(out_dir / "train_gpt.py.sha256", "\n".join(lines) + "\n")
+    return script
+
+
+def _cmd_bundle(args: argparse.Namespace) -> int:
+    kit_root = args.kit_root or find_kit_root(args.entry)
+    result = bundle(args.entry, kit_root)
+    script = write_bundle(result, args.out)
+    for module in result.modules:
+        print(f"module:{module}")
+    for line in result.renamed:
+        print(f"renamed:{line}")
+    for line in result.warnings:
+        print(f"warning:{line}")
+    print(f"bundle:{script} source_sha256:{result.sha256[:16]} readable_bytes:{result.sizes.readable} "
+          f"minified_bytes:{result.sizes.minified} packed_bytes:{result.sizes.packed} packing:{result.packing!r}")
+    return 0
+
+
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser("bundle", help="inline the kit modules ENTRY imports into one packed train_gpt.py "
+                                             "(for inspection; `pgolf pack` ships it with the model)")
+    p.add_argument("entry", type=Path, help="entry script, e.g. submission/train_gpt.py")
+    p.add_argument("--out", type=Path, required=True, help="folder for train_gpt.py and train_gpt.py.sha256")
+    p.add_argument("--kit-root", type=Path, default=None,
+                   help="folder holding the kit packages (default: the folder above ENTRY's top-level package)")
+    p.set_defaults(func=_cmd_bundle)

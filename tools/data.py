@@ -1,0 +1,857 @@
+"""`pgolf data`: download the challenge's shards, build shards from documents, train a tokenizer, verify a dataset."""
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import lzma
+import os
+import shutil
+import sys
+import tempfile
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from multiprocessing import Pool
+from pathlib import Path, PurePosixPath
+from typing import Callable, Iterable, Iterator, TextIO
+
+import numpy as np
+import sentencepiece as spm
+from huggingface_hub import hf_hub_download
+from huggingface_hub.utils import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+from tqdm import tqdm
+
+from submission.data import TOKENS_PER_SHARD, ShardError, read_header, read_shard, shard_paths, write_shard
+
+SPLITS = ("val", "train")
+
+
+def _bar(progress: bool, **kwargs) -> tqdm:
+    # disable=None lets tqdm hide the bar when stderr is not a terminal (CI logs stay readable).
+    return tqdm(disable=None if progress else True, **kwargs)
+
+
+def _shard_name(split: str, index: int) -> str:
+    return f"fineweb_{split}_{index:06d}.bin"
+
+
+# ---------------------------------------------------------------------------------------------------- documents
+
+def open_documents(path: Path) -> TextIO:
+    """Open a jsonl, jsonl.xz or jsonl.gz file as UTF-8 text (universal newlines, like the reference prep script)."""
+    if path.name.endswith(".xz"):
+        return lzma.open(path, "rt", encoding="utf-8")
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a document file; undecodable or corrupt files are a ValueError naming the file."""
+    line_no = 0
+    try:
+        with open_documents(path) as f:
+            for line_no, line in enumerate(f, 1):
+                yield line_no, line
+    except (UnicodeDecodeError, lzma.LZMAError, gzip.BadGzipFile, EOFError) as err:
+        raise ValueError(f"{path}: unreadable after line {line_no} ({err}); expected UTF-8 jsonl, "
+                         "optionally .xz or .gz compressed") from None
+
+
+def iter_documents(paths: Iterable[str | os.PathLike]) -> Iterator[str]:
+    """Yield the "text" of each line of each file in order; blank lines are skipped, anything else malformed is
+    a ValueError naming the file and line."""
+    for path in map(Path, paths):
+        for line_no, line in _lines(path):
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_no}: invalid JSON ({err.msg} at column {err.colno}); each "
+                                 'line must be one object like {"text": "..."}') from None
+            text = doc.get("text") if isinstance(doc, dict) else None
+            if not isinstance(text, str):
+                raise ValueError(f'{path}:{line_no}: no "text" string in this line (keys: '
+                                 f'{sorted(doc) if isinstance(doc, dict) else type(doc).__name__}); each '
+                                 'line must be one object like {"text": "..."}')
+            yield text
+
+
+def count_documents(paths: Iterable[str | os.PathLike]) -> int:
+    """Number of non-blank lines (documents) without parsing them: sizes a --val-fraction split."""
+    return sum(1 for path in map(Path, paths) for _, line in _lines(path) if line.strip())
+
+
+def _existing_files(paths: Iterable[str | os.PathLike], what: str) -> list[Path]:
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise ValueError(f"no {what} given")
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"{what} {path} not found")
+    return paths
+
+
+def _load_tokenizer(path: Path) -> spm.SentencePieceProcessor:
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer {path} not found (a SentencePiece .model: `pgolf data download` "
+                                "fetches the challenge's, `pgolf data tokenizer` trains one)")
+    try:
+        return spm.SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError) as err:
+        raise ValueError(f"tokenizer {path}: not a SentencePiece model ({err})") from None
+
+
+# ---------------------------------------------------------------------------------------------------- build
+
+# Documents per worker task: large enough to amortize the pickling, small enough to keep every core busy
+# (the reference prep_shards.py uses the same 512).
+DOC_CHUNK = 512
+_worker_sp: spm.SentencePieceProcessor | None = None
+
+
+def _init_encoder(model_path: str) -> None:
+    global _worker_sp
+    _worker_sp = spm.SentencePieceProcessor(model_file=model_path)
+
+
+def _encode_chunk(task: tuple[str, list[str]]) -> tuple[str, np.ndarray, int]:
+    """BOS + ids for each document, no EOS (the challenge's format), concatenated in order."""
+    split, texts = task
+    bos = _worker_sp.bos_id()
+    ids: list[int] = []
+    for text in texts:
+        ids.append(bos)
+        ids.extend(_worker_sp.encode(text))
+    return split, np.array(ids, dtype=np.uint16), len(texts)
+
+
+def _tasks(texts: Iterator[str], split: str | None, val_docs: int | None) -> Iterator[tuple[str, list[str]]]:
+    """Chunks of documents tagged with their split; a chunk never straddles the val/train boundary."""
+    chunk: list[str] = []
+    chunk_split = None
+    for index, text in enumerate(texts):
+        doc_split = split or ("val" if index < val_docs else "train")
+        if chunk and (doc_split != chunk_split or len(chunk) == DOC_CHUNK):
+            yield chunk_split, chunk
+            chunk = []
+        chunk_split = doc_split
+        chunk.append(text)
+    if chunk:
+        yield chunk_split, chunk
+
+
+def _ordered_imap(pool, fn, tasks: Iterator, in_flight: int) -> Iterator:
+    # Pool.imap reads its whole input eagerly (all document text in memory); this keeps at most in_flight
+    # chunks queued and still returns results in input order.
+    pending: deque = deque()
+    for task in tasks:
+        pending.append(pool.apply_async(fn, (task,)))
+        if len(pending) >= in_flight:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+class _ShardWriter:
+    """Cuts one split's token stream into shards of exactly shard_tokens (the last one shorter)."""
+
+    def __init__(self, folder: Path, split: str, shard_tokens: int):
+        self.folder, self.split, self.shard_tokens = folder, split, shard_tokens
+        self.parts: list[np.ndarray] = []
+        self.buffered = self.tokens = self.docs = 0
+        self.names: list[str] = []
+        self.sha256 = hashlib.sha256()
+
+    def add(self, tokens: np.ndarray, docs: int) -> None:
+        self.sha256.update(tokens.astype("<u2", copy=False).tobytes())
+        self.tokens += tokens.size
+        self.docs += docs
+        self.parts.append(tokens)
+        self.buffered += tokens.size
+        while self.buffered >= self.shard_tokens:
+            flat = np.concatenate(self.parts)
+            self._write(flat[:self.shard_tokens])
+            self.parts, self.buffered = [flat[self.shard_tokens:]], flat.size - self.shard_tokens
+
+    def close(self) -> None:
+        if self.buffered:
+            self._write(np.concatenate(self.parts))
+            self.parts, self.buffered = [], 0
+
+    def _write(self, tokens: np.ndarray) -> None:
+        name = _shard_name(self.split, len(self.names))
+        write_shard(self.folder / name, tokens)
+        self.names.append(name)
+
+
+@dataclass
+class BuildReport:
+    """What `build_shards` wrote: per written split the document count, token count and shard file names;
+    val_fingerprint is sha256 of the val tokens (as `pgolf data verify` computes it), None without val."""
+    out: str
+    tokenizer: str
+    docs: dict[str, int]
+    tokens: dict[str, int]
+    shards: dict[str, list[str]]
+    val_fingerprint: str | None
+
+
+def build_shards(docs: Iterable[str | os.PathLike], tokenizer: str | os.PathLike, out: str | os.PathLike, *,
+                 split: str | None = None, val_docs: int | None = None, val_fraction: float | None = None,
+                 workers: int | None = None, shard_tokens: int = TOKENS_PER_SHARD, overwrite: bool = False,
+                 progress: bool = True) -> BuildReport:
+    """Tokenize documents into challenge shards `fineweb_<split>_%06d.bin` in out.
+
+    Exactly one of: split ("val" or "train": every document goes there), val_docs (the first N documents are
+    val, the rest train) or val_fraction (the first round(F * total) documents are val). Splits are by whole
+    document, so no document is in both. Output is byte-identical to the reference prep_shards.py. Shards are
+    staged in a hidden folder inside out and renamed into place only when every document was encoded, so bad
+    input leaves nothing behind; existing shards of a written split are an error unless overwrite.
+    """
+    docs = _existing_files(docs, "documents file")
+    tokenizer, out = Path(tokenizer), Path(out)
+    if sum(x is not None for x in (split, val_docs, val_fraction)) != 1:
+        raise ValueError("choose exactly one of split, val_docs, val_fraction (--split, --val-docs, --val-fraction)")
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"split {split!r} must be one of {SPLITS}")
+    if val_docs is not None and val_docs < 0:
+        raise ValueError(f"val_docs {val_docs} must be >= 0")
+    if val_fraction is not None and not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction {val_fraction} must be strictly between 0 and 1")
+    if shard_tokens < 1:
+        raise ValueError(f"shard_tokens {shard_tokens} must be >= 1")
+    sp = _load_tokenizer(tokenizer)
+    if sp.get_piece_size() > 65536:
+        raise ValueError(f"tokenizer {tokenizer}: {sp.get_piece_size()} pieces do not fit the uint16 shard format")
+    if sp.bos_id() < 0:
+        raise ValueError(f"tokenizer {tokenizer} has no BOS piece; the challenge format puts BOS before every "
+                         "document (train it with bos_id=1, as `pgolf data tokenizer` does)")
+    workers = workers or os.cpu_count() or 1
+
+    total = count_documents(docs) if val_fraction is not None else None
+    if val_fraction is not None:
+        val_docs = round(val_fraction * total)
+    written = (split,) if split else SPLITS
+    out.mkdir(parents=True, exist_ok=True)
+    existing = [p for s in written for p in sorted(out.glob(f"fineweb_{s}_*.bin"))]
+    if existing and not overwrite:
+        raise ValueError(f"{out} already has {len(existing)} {'/'.join(written)} shards ({existing[0].name}, ...); "
+                         "pass --overwrite to replace them or choose another --out")
+
+    staging = Path(tempfile.mkdtemp(prefix=".build-", dir=out))
+    try:
+        writers = {s: _ShardWriter(staging, s, shard_tokens) for s in written}
+        tasks = _tasks(iter_documents(docs), split, val_docs)
+        with _bar(progress, total=total, unit="doc", desc="build") as bar:
+            if workers == 1:
+                _init_encoder(str(tokenizer))
+                results: Iterable = map(_encode_chunk, tasks)
+                pool = None
+            else:
+                pool = Pool(workers, initializer=_init_encoder, initargs=(str(tokenizer),))
+                results = _ordered_imap(pool, _encode_chunk, tasks, in_flight=4 * workers)
+            try:
+                for doc_split, tokens, count in results:
+                    writers[doc_split].add(tokens, count)
+                    bar.update(count)
+            finally:
+                if pool is not None:
+                    pool.terminate()
+                    pool.join()
+        for writer in writers.values():
+            writer.close()
+        if val_docs is not None and writers["val"].docs < val_docs:
+            raise ValueError(f"--val-docs {val_docs} but {', '.join(map(str, docs))} hold only "
+                             f"{writers['val'].docs} documents")
+        for path in existing:
+            path.unlink()
+        for writer in writers.values():
+            for name in writer.names:
+                os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return BuildReport(
+        out=str(out), tokenizer=str(tokenizer),
+        docs={s: w.docs for s, w in writers.items()}, tokens={s: w.tokens for s, w in writers.items()},
+        shards={s: w.names for s, w in writers.items()},
+        val_fingerprint=writers["val"].sha256.hexdigest() if "val" in writers and writers["val"].tokens else None)
+
+
+# ---------------------------------------------------------------------------------------------------- tokenizer
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """SentencePiece trainer settings. Defaults are the challenge's (openai/parameter-golf
+    data/download_hf_docs_and_tokenize.py): each document is one training sentence."""
+    vocab_size: int
+    model_type: str = "bpe"
+    character_coverage: float = 0.999
+    byte_fallback: bool = True  # unseen characters become <0xNN> byte pieces instead of unk
+    split_digits: bool = True
+    normalization_rule_name: str = "nmt_nfkc"
+    add_dummy_prefix: bool = False
+    pad_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+    unk_id: int = 3
+    hard_vocab_limit: bool = False
+    input_sentence_size: int = 0  # 0: train on every document; N: SentencePiece samples N documents
+    max_sentence_length: int = 4192  # SentencePiece's default, kept by the challenge: longer documents are skipped
+
+    def __post_init__(self):
+        # SentencePiece's own checks, reported before reading any document.
+        specials = 4 + (256 if self.byte_fallback else 0)
+        if self.vocab_size <= specials:
+            raise ValueError(f"vocab_size {self.vocab_size} must exceed the {specials} special and byte pieces")
+        if 0 < self.input_sentence_size <= 100:
+            raise ValueError(f"input_sentence_size {self.input_sentence_size} must be 0 (all documents) or > 100")
+
+
+@dataclass
+class TokenizerReport:
+    """The trained model and vocab files, their piece count, the documents fed to the trainer and how many of
+    those SentencePiece skipped for exceeding max_sentence_length bytes."""
+    model: str
+    vocab: str
+    vocab_size: int
+    docs: int
+    docs_over_max_length: int
+
+
+def train_tokenizer(docs: Iterable[str | os.PathLike], out_prefix: str | os.PathLike, spec: TokenizerSpec,
+                    threads: int | None = None, progress: bool = True) -> TokenizerReport:
+    """Train a SentencePiece model on the documents; writes `<out_prefix>.model` and `.vocab` atomically."""
+    docs = _existing_files(docs, "documents file")
+    out_prefix = Path(out_prefix)
+    out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    tmp_prefix = out_prefix.with_name(f".{out_prefix.name}.tmp{os.getpid()}")
+    counts = {"docs": 0, "long": 0}
+    input_errors: list[ValueError] = []  # SentencePiece wraps iterator errors in its own; report ours as raised
+
+    def sentences() -> Iterator[str]:
+        with _bar(progress, unit="doc", desc="read") as bar:
+            try:
+                for text in iter_documents(docs):
+                    # NUL is SentencePiece's string terminator; the challenge replaced it the same way.
+                    text = text.replace("\x00", " ").strip()
+                    if text:
+                        counts["docs"] += 1
+                        counts["long"] += len(text.encode("utf-8")) > spec.max_sentence_length
+                        bar.update()
+                        yield text
+            except ValueError as err:
+                input_errors.append(err)
+                raise
+
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=sentences(), model_prefix=str(tmp_prefix),
+                                       num_threads=threads or os.cpu_count() or 1, minloglevel=1, **asdict(spec))
+        model = spm.SentencePieceProcessor(model_file=f"{tmp_prefix}.model")
+        os.replace(f"{tmp_prefix}.model", f"{out_prefix}.model")
+        os.replace(f"{tmp_prefix}.vocab", f"{out_prefix}.vocab")
+    except RuntimeError as err:
+        if input_errors:
+            raise input_errors[0] from None
+        raise RuntimeError(f"SentencePiece training on {', '.join(map(str, docs))} failed: {err}") from None
+    finally:
+        for suffix in (".model", ".vocab"):
+            Path(f"{tmp_prefix}{suffix}").unlink(missing_ok=True)
+    return TokenizerReport(model=f"{out_prefix}.model", vocab=f"{out_prefix}.vocab",
+                           vocab_size=model.get_piece_size(), docs=counts["docs"],
+                           docs_over_max_length=counts["long"])
+
+
+# ---------------------------------------------------------------------------------------------------- verify
+
+@dataclass
+class SplitStats:
+    """One split's token stream, shards in load order (the trainer's sorted glob). docs counts BOS tokens;
+    tokens_before_first_bos > 0 means the stream starts inside a document (or --bos-id is wrong)."""
+    shards: list[str] = field(default_factory=list)
+    tokens: int = 0
+    docs: int = 0
+    max_token_id: int = -1
+    tokens_before_first_bos: int = 0
+
+
+@dataclass
+class OverlapExample:
+    """A val document (its index in the val stream) found verbatim in train, and where it starts in train."""
+    val_doc: int
+    train_shard: str
+    train_offset: int
+    tokens: int
+
+
+@dataclass
+class DatasetReport:
+    """Shard statistics, the val fingerprint (sha256 of the val tokens as uint16 little-endian, all val shards
+    in order) and the train/val document overlap; problems lists what makes `pgolf data verify` fail."""
+    directory: str
+    bos_id: int
+    val: SplitStats
+    train: SplitStats
+    val_fingerprint: str | None
+    overlap_docs: int
+    overlap_examples: list[OverlapExample]
+    problems: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _documents(paths: list[str], bos_id: int, stats: SplitStats, bar: tqdm, keep_lengths: np.ndarray | None = None,
+               sha256=None) -> Iterator[tuple[bytes, int, int, str, int]]:
+    """Walk a split's stream document by document (a document runs from a BOS to the next one, across shard
+    boundaries); fill stats and yield (blake2b digest, length, doc index, shard name, offset) of each document,
+    or only of those whose length is in keep_lengths (a document can only equal one of the same length)."""
+    keep = None if keep_lengths is None else set(keep_lengths.tolist())
+    open_hash = None  # the document still open at the end of the previous shard
+    open_len = open_index = open_offset = 0
+    open_shard = ""
+    for path in paths:
+        tokens = read_shard(path)
+        bar.update(tokens.size)
+        name = Path(path).name
+        stats.tokens += tokens.size
+        if sha256 is not None:
+            sha256.update(tokens.tobytes())
+        if not tokens.size:
+            continue
+        stats.max_token_id = max(stats.max_token_id, int(tokens.max()))
+        starts = np.flatnonzero(tokens == bos_id)
+        head = int(starts[0]) if starts.size else tokens.size
+        if open_hash is None:
+            stats.tokens_before_first_bos += head
+        else:
+            open_hash.update(tokens[:head].tobytes())
+            open_len += head
+        if not starts.size:
+            continue
+        if open_hash is not None and (keep is None or open_len in keep):
+            yield open_hash.digest(), open_len, open_index, open_shard, open_offset
+        lengths = np.diff(starts, append=tokens.size)
+        inner = np.arange(starts.size - 1)  # the last document may continue in the next shard
+        if keep_lengths is not None:
+            inner = inner[np.isin(lengths[:-1], keep_lengths)]
+        for i in inner.tolist():
+            start = int(starts[i])
+            digest = hashlib.blake2b(tokens[start:start + int(lengths[i])].tobytes(), digest_size=16).digest()
+            yield digest, int(lengths[i]), stats.docs + i, name, start
+        last = int(starts[-1])
+        open_hash = hashlib.blake2b(tokens[last:].tobytes(), digest_size=16)
+        open_len, open_index, open_shard, open_offset = tokens.size - last, stats.docs + starts.size - 1, name, last
+        stats.docs += starts.size
+    if open_hash is not None and (keep is None or open_len in keep):
+        yield open_hash.digest(), open_len, open_index, open_shard, open_offset
+
+
+def _split_paths(directory: Path, split: str) -> list[str]:
+    try:
+        return shard_paths(str(directory / f"fineweb_{split}_*.bin"))
+    except FileNotFoundError:
+        return []
+
+
+def verify_dataset(directory: str | os.PathLike, bos_id: int = 1, max_overlap_docs: int = 0, max_examples: int = 5,
+                   progress: bool = True) -> DatasetReport:
+    """Check every shard the trainer would load from directory and compare val with train document by document.
+
+    Raises ShardError listing every invalid shard (bad magic/version, size not matching the header) and
+    FileNotFoundError when the directory holds no shards. Overlap and an unusable val stream are reported in
+    `problems`, which `pgolf data verify` turns into a non-zero exit and `pgolf data info` only prints.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"dataset directory {directory} not found")
+    paths = {split: _split_paths(directory, split) for split in SPLITS}
+    if not any(paths.values()):
+        nested = sorted(p.name for p in (directory / "datasets").glob("fineweb10B_*") if p.is_dir())
+        hint = (f" (downloads live one level down: {directory / 'datasets' / nested[0]})" if nested
+                else " (run `pgolf data download` or `pgolf data build`)")
+        raise FileNotFoundError(f"no fineweb_val_*.bin or fineweb_train_*.bin shards in {directory}{hint}")
+    errors, total = [], 0
+    for path in paths["val"] + paths["train"]:
+        try:
+            total += read_header(path)
+        except ShardError as err:
+            errors.append(str(err))
+    if errors:
+        raise ShardError("\n".join(errors))
+
+    val, train = SplitStats(shards=[Path(p).name for p in paths["val"]]), SplitStats(
+        shards=[Path(p).name for p in paths["train"]])
+    sha256 = hashlib.sha256()
+    val_docs: dict[bytes, list[int]] = {}
+    examples: list[OverlapExample] = []
+    matched: set[bytes] = set()
+    with _bar(progress, total=total, unit="tok", unit_scale=True, desc="verify") as bar:
+        lengths = set()
+        for digest, length, index, _, _ in _documents(paths["val"], bos_id, val, bar, sha256=sha256):
+            val_docs.setdefault(digest, []).append(index)
+            lengths.add(length)
+        keep = np.fromiter(lengths, dtype=np.int64, count=len(lengths))
+        for digest, length, _, shard, offset in _documents(paths["train"], bos_id, train, bar, keep_lengths=keep):
+            if digest in val_docs:
+                if len(examples) < max_examples and digest not in matched:
+                    examples.append(OverlapExample(val_docs[digest][0], shard, offset, length))
+                matched.add(digest)
+    overlap = sum(len(val_docs[d]) for d in matched)
+
+    problems = []
+    if not val.shards:
+        problems.append(f"no val shards (fineweb_val_*.bin) in {directory}")
+    elif not val.docs:
+        problems.append(f"val stream has no BOS token {bos_id} (wrong --bos-id?)")
+    elif val.tokens_before_first_bos:
+        problems.append(f"val stream starts with {val.tokens_before_first_bos} tokens before the first BOS "
+                        f"{bos_id}: its first document is cut (missing shard or wrong --bos-id?)")
+    if overlap > max_overlap_docs:
+        problems.append(f"{overlap} of {val.docs} val documents also appear verbatim in train (allowed "
+                        f"{max_overlap_docs}): a train/val leak; rebuild with a document-level split")
+    return DatasetReport(directory=str(directory), bos_id=bos_id, val=val, train=train,
+                         val_fingerprint=sha256.hexdigest() if val.shards else None, overlap_docs=overlap,
+                         overlap_examples=examples, problems=problems)
+
+
+# ---------------------------------------------------------------------------------------------------- download
+
+# The challenge's published data; sp8192 lives in a second repo (CHALLENGE.md, "Data format and download").
+DEFAULT_REPOS = {"sp1024": "willdepueoai/parameter-golf", "sp8192": "kevclark/parameter-golf"}
+REMOTE_ROOT = "datasets"  # every file of the export sits under this folder of the dataset repo
+
+
+@dataclass
+class DownloadReport:
+    """What `download` left on disk: the shard folder, the tokenizer files, the cached manifest (None if the repo
+    has none), files fetched and files already valid locally, validated shard and token counts, and notes
+    on anything taken from the naming pattern instead of the manifest."""
+    repo_id: str
+    variant: str
+    shard_dir: str
+    tokenizer_files: list[str]
+    manifest: str | None
+    fetched: list[str]
+    skipped: list[str]
+    val_shards: int
+    train_shards: int
+    val_tokens: int
+    train_tokens: int
+    notes: list[str]
+
+
+def _check_json(path: Path) -> None:
+    try:
+        if not isinstance(json.loads(path.read_text(encoding="utf-8")), dict):
+            raise ValueError(f"{path}: manifest is not a JSON object")
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: manifest is not valid JSON ({err})") from None
+
+
+def _check_tokenizer_file(path: Path) -> None:
+    if path.suffix == ".model":
+        _load_tokenizer(path)
+    elif path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file")
+
+
+class _HubFetcher:
+    """Makes local files valid copies of repo files: keeps a valid local file, else downloads into a staging
+    folder (huggingface_hub resumes partial downloads there), validates, and renames into place."""
+
+    def __init__(self, repo_id: str, staging: Path):
+        self.repo_id, self.staging = repo_id, staging
+        self.fetched: list[str] = []
+        self.skipped: list[str] = []
+        self.notes: list[str] = []
+
+    def get(self, remote: str, local: Path, check: Callable[[Path], object]) -> bool:
+        """True once local is valid; False if the repo has no such file."""
+        if local.exists():
+            try:
+                check(local)
+                self.skipped.append(str(local))
+                return True
+            except ValueError as err:
+                self.notes.append(f"re-fetching {local}: {err}")
+        try:
+            staged = Path(hf_hub_download(repo_id=self.repo_id, filename=remote, repo_type="dataset",
+                                          local_dir=self.staging))
+        except LocalEntryNotFoundError as err:
+            raise RuntimeError(f"cannot reach the Hugging Face hub for {self.repo_id}/{remote} ({err}); check the "
+                               "network, or copy the files into place and run again") from None
+        except EntryNotFoundError:
+            return False
+        except HfHubHTTPError as err:
+            raise RuntimeError(f"Hugging Face hub error for dataset {self.repo_id}, file {remote}: {err} "
+                               "(check --repo-id and, for a private repo, HF_TOKEN)") from None
+        try:
+            check(staged)
+        except ValueError as err:
+            staged.unlink(missing_ok=True)
+            invalid = ShardError if remote.endswith(".bin") else ValueError
+            raise invalid(f"downloaded {self.repo_id}/{remote} is invalid: {err}") from None
+        local.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged, local)
+        self.fetched.append(str(local))
+        return True
+
+
+def _manifest_plan(manifest: dict | None, dataset: str, variant: str, notes: list[str]
+                   ) -> tuple[int | None, int | None, list[str]]:
+    """(val shard count, train shard count, tokenizer paths in the repo) from the manifest; a count is None and
+    the tokenizer paths follow the naming pattern where the manifest has no usable entry (noted)."""
+    pattern_tokenizer = [f"tokenizers/fineweb_{variant[2:]}_bpe.model", f"tokenizers/fineweb_{variant[2:]}_bpe.vocab"]
+    if manifest is None:
+        notes.append("repo has no manifest.json: using the naming pattern for shards and tokenizer")
+        return None, None, pattern_tokenizer
+    entries = manifest.get("datasets")
+    entry = next((e for e in entries if isinstance(e, dict) and e.get("name") == dataset), None) \
+        if isinstance(entries, list) else None
+    if entry is None:
+        notes.append(f"manifest.json has no datasets entry named {dataset}: using the naming pattern")
+        return None, None, pattern_tokenizer
+    stats = entry.get("stats") if isinstance(entry.get("stats"), dict) else {}
+    counts = []
+    for key in ("files_val", "files_train"):
+        value = stats.get(key)
+        if isinstance(value, int) and value >= 0:
+            counts.append(value)
+        else:
+            counts.append(None)
+            notes.append(f"manifest.json entry {dataset} has no stats.{key}: using the naming pattern")
+    tokenizers = manifest.get("tokenizers")
+    name = entry.get("tokenizer_name")
+    tok = next((t for t in tokenizers if isinstance(t, dict) and t.get("name") == name), None) \
+        if isinstance(tokenizers, list) and name else None
+    paths = [str(tok[k]) for k in ("model_path", "vocab_path", "path") if tok and tok.get(k)]
+    if not paths:
+        notes.append(f"manifest.json has no tokenizer files for {dataset} (tokenizer_name {name!r}): "
+                     "using the naming pattern")
+        paths = pattern_tokenizer
+    return counts[0], counts[1], paths
+
+
+def download(variant: str = "sp1024", train_shards: int = 1, out: str | os.PathLike = "data",
+             repo_id: str | None = None, progress: bool = True) -> DownloadReport:
+    """Fetch the challenge's published data for a variant into `<out>/datasets/fineweb10B_<variant>/` (val shards
+    and the first train_shards train shards) and `<out>/tokenizers/`.
+
+    Manifest-driven (shard counts and tokenizer files from the repo's datasets/manifest.json, cached in
+    `<out>/datasets/manifest--<owner>--<name>.json`), falling back to the naming pattern with a note where the
+    manifest has no entry. Resumable: files already present and valid are kept; a truncated one is fetched
+    again. Every shard header is validated at the end.
+    """
+    if variant not in DEFAULT_REPOS:
+        raise ValueError(f"variant {variant!r} must be one of {sorted(DEFAULT_REPOS)}")
+    if train_shards < 0:
+        raise ValueError(f"train_shards {train_shards} must be >= 0")
+    repo_id = repo_id or DEFAULT_REPOS[variant]
+    dataset = f"fineweb10B_{variant}"
+    out = Path(out)
+    shard_dir, tokenizer_dir = out / "datasets" / dataset, out / "tokenizers"
+    staging = out / "datasets" / ".download"
+    fetcher = _HubFetcher(repo_id, staging)
+
+    manifest_path = out / "datasets" / f"manifest--{repo_id.replace('/', '--')}.json"
+    found = fetcher.get(f"{REMOTE_ROOT}/manifest.json", manifest_path, _check_json)
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if found else None
+    val_count, train_available, tokenizer_paths = _manifest_plan(manifest, dataset, variant, fetcher.notes)
+    if train_available is not None and train_shards > train_available:
+        raise ValueError(f"{repo_id} has {train_available} {variant} train shards, asked for {train_shards}")
+
+    def shard(split: str, index: int) -> bool:
+        name = _shard_name(split, index)
+        return fetcher.get(f"{REMOTE_ROOT}/datasets/{dataset}/{name}", shard_dir / name, read_header)
+
+    val_shards = 0
+    files = (1 if val_count is None else val_count) + train_shards + len(tokenizer_paths)
+    with _bar(progress, total=files, unit="file", desc="download") as bar:
+        # Without a manifest count, val shards are fetched in order until the next index is missing.
+        while val_count is None or val_shards < val_count:
+            if not shard("val", val_shards):
+                if val_count is None and val_shards:
+                    break
+                raise FileNotFoundError(f"{repo_id} has no {REMOTE_ROOT}/datasets/{dataset}/"
+                                        f"{_shard_name('val', val_shards)} (wrong --variant or --repo-id?)")
+            val_shards += 1
+            bar.update()
+        for index in range(train_shards):
+            if not shard("train", index):
+                raise FileNotFoundError(f"{repo_id} has no {REMOTE_ROOT}/datasets/{dataset}/"
+                                        f"{_shard_name('train', index)}: it holds {index} train shards")
+            bar.update()
+        tokenizer_files = []
+        for remote in tokenizer_paths:
+            local = tokenizer_dir / PurePosixPath(remote).name
+            if not fetcher.get(f"{REMOTE_ROOT}/{remote}", local, _check_tokenizer_file):
+                raise FileNotFoundError(f"{repo_id} has no {REMOTE_ROOT}/{remote}")
+            tokenizer_files.append(str(local))
+            bar.update()
+    shutil.rmtree(staging, ignore_errors=True)
+
+    val_tokens = sum(read_header(shard_dir / _shard_name("val", i)) for i in range(val_shards))
+    train_tokens = sum(read_header(shard_dir / _shard_name("train", i)) for i in range(train_shards))
+    return DownloadReport(repo_id=repo_id, variant=variant, shard_dir=str(shard_dir), tokenizer_files=tokenizer_files,
+                          manifest=str(manifest_path) if found else None, fetched=fetcher.fetched,
+                          skipped=fetcher.skipped, val_shards=val_shards, train_shards=train_shards,
+                          val_tokens=val_tokens, train_tokens=train_tokens, notes=fetcher.notes)
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+def _print_json(report) -> None:
+    print(json.dumps(asdict(report), indent=2))
+
+
+def _cmd_download(args: argparse.Namespace) -> int:
+    report = download(args.variant, args.train_shards, args.out, args.repo_id, progress=not args.quiet)
+    if args.json:
+        _print_json(report)
+        return 0
+    for note in report.notes:
+        print(f"note:{note}")
+    print(f"repo:{report.repo_id}\nshard_dir:{report.shard_dir}\nmanifest:{report.manifest}")
+    for path in report.tokenizer_files:
+        print(f"tokenizer_file:{path}")
+    print(f"val_shards:{report.val_shards}\nval_tokens:{report.val_tokens}\ntrain_shards:{report.train_shards}\n"
+          f"train_tokens:{report.train_tokens}")
+    print(f"download:ok fetched:{len(report.fetched)} already_present:{len(report.skipped)} "
+          f"next:pgolf data verify {report.shard_dir}")
+    return 0
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    report = build_shards(args.docs, args.tokenizer, args.out, split=args.split, val_docs=args.val_docs,
+                          val_fraction=args.val_fraction, workers=args.workers, shard_tokens=args.shard_tokens,
+                          overwrite=args.overwrite, progress=not args.quiet)
+    if args.json:
+        _print_json(report)
+        return 0
+    for split in report.docs:
+        print(f"{split}_docs:{report.docs[split]}\n{split}_tokens:{report.tokens[split]}\n"
+              f"{split}_shards:{len(report.shards[split])}")
+    if report.val_fingerprint:
+        print(f"val_fingerprint:{report.val_fingerprint}")
+    print(f"build:ok out:{report.out}")
+    return 0
+
+
+def _cmd_tokenizer(args: argparse.Namespace) -> int:
+    spec = TokenizerSpec(vocab_size=args.vocab_size, input_sentence_size=args.input_sentence_size,
+                         max_sentence_length=args.max_sentence_length)
+    report = train_tokenizer(args.docs, args.out, spec, threads=args.threads, progress=not args.quiet)
+    if args.json:
+        _print_json(report)
+        return 0
+    print(f"docs:{report.docs}\ndocs_over_max_length:{report.docs_over_max_length}")
+    if report.docs_over_max_length:
+        print(f"note:SentencePiece skipped {report.docs_over_max_length} documents longer than "
+              f"{spec.max_sentence_length} bytes (--max-sentence-length)")
+    print(f"vocab_size:{report.vocab_size}\nvocab:{report.vocab}\ntokenizer:ok model:{report.model}")
+    return 0
+
+
+def _print_dataset(report: DatasetReport) -> None:
+    print(f"dir:{report.directory}\nbos_id:{report.bos_id}")
+    for split in SPLITS:
+        stats: SplitStats = getattr(report, split)
+        print(f"{split}_shards:{len(stats.shards)}\n{split}_tokens:{stats.tokens}\n{split}_docs:{stats.docs}\n"
+              f"{split}_max_token_id:{stats.max_token_id}")
+        if stats.tokens_before_first_bos:
+            print(f"{split}_tokens_before_first_bos:{stats.tokens_before_first_bos}")
+    print(f"val_fingerprint:{report.val_fingerprint or 'none'}\noverlap_docs:{report.overlap_docs}")
+    for ex in report.overlap_examples:
+        print(f"overlap_example:val_doc={ex.val_doc} train_shard={ex.train_shard} train_offset={ex.train_offset} "
+              f"tokens={ex.tokens}")
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    report = verify_dataset(args.dir, bos_id=args.bos_id, max_overlap_docs=args.max_overlap_docs,
+                            max_examples=args.examples, progress=not args.quiet)
+    strict = args.data_command == "verify"
+    if args.json:
+        print(json.dumps({**asdict(report), "ok": report.ok}, indent=2))
+    else:
+        _print_dataset(report)
+        for problem in report.problems:
+            print(f"problem:{problem}", file=sys.stderr if strict else sys.stdout)
+        if strict:
+            print(f"verify:{'ok' if report.ok else 'fail'} val_fingerprint:{report.val_fingerprint or 'none'}")
+    return 1 if strict and not report.ok else 0
+
+
+def add_commands(sub) -> None:
+    data = sub.add_parser("data", help="get, build, tokenize and verify challenge datasets",
+                          description="Challenge data: download the published shards, build shards from your own "
+                                      "documents, train a tokenizer, verify shards and the train/val split.")
+    cmds = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--json", action="store_true", help="print the report as JSON instead of key:value lines")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = cmds.add_parser("download", help="fetch the challenge's FineWeb shards and tokenizer from Hugging Face",
+                        description="Fetch val shards, the first N train shards and the tokenizer of a variant into "
+                                    "<out>/datasets/fineweb10B_<variant>/ and <out>/tokenizers/. Resumable: valid "
+                                    "files are kept, truncated ones fetched again.")
+    p.add_argument("--variant", choices=sorted(DEFAULT_REPOS), default="sp1024", help="tokenizer family (sp1024)")
+    p.add_argument("--train-shards", type=int, required=True,
+                   help="train shards to fetch (100M tokens, 200 MB each); val is always fetched whole")
+    p.add_argument("--repo-id", default=None, help="Hugging Face dataset repo (default: " +
+                   ", ".join(f"{v}: {r}" for v, r in DEFAULT_REPOS.items()) + ")")
+    p.add_argument("--out", default="data", help="local data root (default: data)")
+    common(p)
+    p.set_defaults(func=_cmd_download)
+
+    p = cmds.add_parser("build", help="tokenize jsonl documents into challenge shards",
+                        description="Documents (jsonl, .jsonl.xz or .jsonl.gz, one {\"text\": ...} per line) -> "
+                                    "fineweb_<split>_%06d.bin shards: BOS + ids per document, no EOS, uint16. "
+                                    "Byte-identical to the reference prep_shards.py.")
+    p.add_argument("docs", nargs="+", help="document files, read in the order given")
+    p.add_argument("--tokenizer", required=True, help="SentencePiece .model file")
+    p.add_argument("--out", required=True, help="output folder for the shards")
+    split = p.add_mutually_exclusive_group(required=True)
+    split.add_argument("--split", choices=SPLITS, help="write every document to this split")
+    split.add_argument("--val-docs", type=int, help="first N documents to val, the rest to train")
+    split.add_argument("--val-fraction", type=float, help="first round(F * documents) to val, the rest to train")
+    p.add_argument("--workers", type=int, default=None, help="encoding processes (default: all cores)")
+    p.add_argument("--shard-tokens", type=int, default=TOKENS_PER_SHARD,
+                   help=f"tokens per shard (default: the challenge's {TOKENS_PER_SHARD:,})")
+    p.add_argument("--overwrite", action="store_true", help="replace existing shards of the splits written")
+    common(p)
+    p.set_defaults(func=_cmd_build)
+
+    p = cmds.add_parser("tokenizer", help="train a SentencePiece BPE tokenizer with the challenge's settings",
+                        description="Train SentencePiece BPE (character_coverage 0.999, byte_fallback, split_digits, "
+                                    "nmt_nfkc, no dummy prefix, pad 0 / bos 1 / eos 2 / unk 3); each document is "
+                                    "one training sentence. Writes PREFIX.model and PREFIX.vocab.")
+    p.add_argument("docs", nargs="+", help="document files (jsonl, .jsonl.xz or .jsonl.gz)")
+    p.add_argument("--vocab-size", type=int, required=True, help="pieces, including 4 specials and 256 bytes")
+    p.add_argument("--out", required=True, help="output prefix, e.g. data/tokenizers/fineweb_1024_bpe")
+    p.add_argument("--input-sentence-size", type=int, default=0,
+                   help="train on a random sample of N documents (default 0: all)")
+    p.add_argument("--max-sentence-length", type=int, default=TokenizerSpec.max_sentence_length,
+                   help="documents longer than this many bytes are skipped by SentencePiece (default %(default)s, "
+                        "as in the challenge)")
+    p.add_argument("--threads", type=int, default=None, help="trainer threads (default: all cores)")
+    common(p)
+    p.set_defaults(func=_cmd_tokenizer)
+
+    for name, summary in (("verify", "check shards and the train/val split; exit 1 on a problem"),
+                          ("info", "report shard statistics, val fingerprint and train/val overlap")):
+        p = cmds.add_parser(name, help=summary,
+                            description=summary[0].upper() + summary[1:] + ". Checks every shard's header and "
+                            "size, counts tokens and documents (BOS), prints val_fingerprint (sha256 of the val "
+                            "tokens, uint16 little-endian, shards in order) and val documents found in train.")
+        p.add_argument("dir", help="folder with fineweb_{val,train}_*.bin shards")
+        p.add_argument("--bos-id", type=int, default=1, help="BOS token id that starts each document (default 1)")
+        p.add_argument("--max-overlap-docs", type=int, default=0,
+                       help="val documents allowed to appear in train before verify fails (default 0)")
+        p.add_argument("--examples", type=int, default=5, help="overlapping documents to list (default 5)")
+        common(p)
+        p.set_defaults(func=_cmd_inspect)
