@@ -56,6 +56,16 @@ def code_hash() -> str:
     return h.hexdigest()[:16]
 
 
+def configure_cuda() -> None:
+    """TF32 matmuls and SDPA's cuDNN backend: measured 405 TF/s vs 267 TF/s for the flash backend at
+    48 x 2048, head dim 64 (H100)."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    torch.backends.cuda.enable_flash_sdp(False)
+    torch.backends.cuda.enable_mem_efficient_sdp(False)
+
+
 def setup_distributed() -> tuple[int, int, torch.device]:
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is one process on cuda:0 or the CPU."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -169,12 +179,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, overrides: list[str] | None 
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     if is_cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        # cuDNN attention measured 405 TF/s vs 267 TF/s for SDPA's flash backend at 48 x 2048, head dim 64 (H100)
-        torch.backends.cuda.enable_cudnn_sdp(True)
-        torch.backends.cuda.enable_flash_sdp(False)
-        torch.backends.cuda.enable_mem_efficient_sdp(False)
+        configure_cuda()
     model = GPT(model_cfg, qat_bits=cfg.qat_bits).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     flops_per_token = matmul_flops_per_token(model, cfg.seq_len)

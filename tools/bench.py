@@ -11,16 +11,15 @@ from submission.config import ModelConfig, TrainConfig, resolve
 from submission.data import TokenLoader
 from submission.model import GPT
 from submission.optim import build_optimizers
-from submission.train import H100_BF16_PEAK_FLOPS, matmul_flops_per_token, setup_distributed, train_step
+from submission.train import (H100_BF16_PEAK_FLOPS, configure_cuda, matmul_flops_per_token, setup_distributed,
+                              train_step)
 
 
 def run_bench(model_cfg: ModelConfig, cfg: TrainConfig, steps: int, warmup: int, profile_steps: int) -> dict:
     rank, world_size, device = setup_distributed()
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
-        torch.backends.cuda.enable_cudnn_sdp(True)
-        torch.backends.cuda.enable_flash_sdp(False)
-        torch.backends.cuda.enable_mem_efficient_sdp(False)
+        configure_cuda()
     model = GPT(model_cfg, cfg.qat_bits).to(device)
     step_model = torch.compile(model, dynamic=False) if device.type == "cuda" and cfg.compile else model
     optimizers = build_optimizers(model, cfg)
