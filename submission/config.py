@@ -79,11 +79,17 @@ def _parse(value: str, kind, name: str):
         if low in ("0", "false", "no", "off"):
             return False
         raise ValueError(f"{name}={value!r}: expected a boolean (1/0, true/false)")
-    if kind == tuple[float, float]:
+    if typing.get_origin(kind) is tuple:  # tuple[float, float] (fixed length) or tuple[float, ...] (any length)
+        args = typing.get_args(kind)
         parts = value.replace(",", " ").split()
-        if len(parts) != 2:
-            raise ValueError(f"{name}={value!r}: expected two numbers, e.g. '0.9,0.95'")
-        return tuple(float(p) for p in parts)
+        fixed = Ellipsis not in args
+        if fixed and len(parts) != len(args) or not parts:
+            raise ValueError(f"{name}={value!r}: expected {len(args) if fixed else 'one or more'} comma-separated "
+                             f"numbers, e.g. '0.9,0.95'")
+        try:
+            return tuple(args[0](p) for p in parts)
+        except ValueError:
+            raise ValueError(f"{name}={value!r}: expected numbers of type {args[0].__name__}") from None
     try:
         return kind(value)
     except ValueError:

@@ -48,10 +48,14 @@ def _fmt(v) -> str:
 
 
 def code_hash() -> str:
-    """sha256 over the kit sources that define training (submission/ and eval/), sorted by path."""
+    """sha256 of the code that runs: the kit's submission/, eval/ and tools/ sources sorted by path, or, inside the
+    packed single file (no kit beside it), the script's own bytes."""
     root = Path(__file__).resolve().parents[1]
+    paths = sorted(p for d in ("submission", "eval", "tools") for p in root.glob(f"{d}/*.py"))
     h = hashlib.sha256()
-    for path in sorted([*root.glob("submission/*.py"), *root.glob("eval/*.py")]):
+    if not paths:
+        return "packed:" + hashlib.sha256(Path(sys.argv[0]).read_bytes()).hexdigest()[:16]
+    for path in paths:
         h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:16]
 
@@ -167,6 +171,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, overrides: list[str] | None 
     if cfg.train_batch_tokens % (world_size * grad_accum * cfg.seq_len):
         raise ValueError(f"train_batch_tokens={cfg.train_batch_tokens} is not a multiple of world_size*grad_accum*"
                          f"seq_len = {world_size}*{grad_accum}*{cfg.seq_len}")
+    log(f"seed:{cfg.seed}")  # on its own line, as the challenge's logs have it (tools/results.py reads it)
     log("run", run_dir=str(run_dir), world_size=world_size, device=str(device), grad_accum=grad_accum,
         python=platform.python_version(), torch=torch.__version__, numpy=np.__version__, code_hash=code_hash())
     for line in overrides or []:

@@ -1,0 +1,41 @@
+"""Tests for submission/config.py: one override path (environment, then KEY=VALUE) with typed, named errors."""
+from __future__ import annotations
+
+import pytest
+
+from submission.config import ModelConfig, TrainConfig, from_dict, resolve, to_dict
+
+
+def test_defaults_are_the_recipe():
+    m, t = ModelConfig(), TrainConfig()
+    assert (m.num_layers, m.model_dim, m.num_heads, m.num_kv_heads, m.head_dim) == (11, 512, 8, 4, 64)
+    assert (m.bigram_buckets, m.bigram_dim, m.rope_dims, m.xsa_last_n) == (3072, 112, 16, 11)
+    assert t.max_wallclock_seconds == 600.0 and t.train_batch_tokens == 786_432
+
+
+def test_env_then_cli_precedence_and_log_lines():
+    m, t = ModelConfig(), TrainConfig()
+    changed = resolve(m, t, env={"NUM_LAYERS": "9", "SEED": "7", "PATH": "/bin", "lower": "x"},
+                      cli={"SEED": "42", "adam_betas": "0.8,0.9", "compile": "off"})
+    assert m.num_layers == 9 and t.seed == 42 and t.adam_betas == (0.8, 0.9) and t.compile is False
+    assert "seed: 1337 -> 7 (env)" in changed and "seed: 7 -> 42 (cli)" in changed
+
+
+@pytest.mark.parametrize("cli, message", [
+    ({"NUM_LAYRES": "9"}, "unknown setting 'NUM_LAYRES'"),
+    ({"NUM_LAYERS": "nine"}, "NUM_LAYERS='nine': expected int"),
+    ({"COMPILE": "maybe"}, "expected a boolean"),
+    ({"ADAM_BETAS": "0.9"}, "expected 2 comma-separated numbers"),
+])
+def test_bad_overrides_name_the_setting(cli, message):
+    with pytest.raises(ValueError, match=message):
+        resolve(ModelConfig(), TrainConfig(), env={}, cli=cli)
+
+
+def test_stored_config_round_trip_and_mismatch():
+    t = TrainConfig(seed=3, adam_betas=(0.5, 0.6))
+    assert from_dict(TrainConfig, to_dict(t)) == t
+    data = to_dict(ModelConfig())
+    data["new_feature"] = 1
+    with pytest.raises(ValueError, match=r"unknown fields \['new_feature'\]"):
+        from_dict(ModelConfig, data)
