@@ -133,6 +133,14 @@ def resolve(*configs, env: dict[str, str] | None = None, cli: dict[str, str] | N
     return changed
 
 
+def parse_overrides(argv: list[str]) -> dict[str, str]:
+    """KEY=VALUE command-line items as a dict; anything else is an error (a silently ignored typo costs a run)."""
+    bad = [a for a in argv if "=" not in a or a.startswith("=")]
+    if bad:
+        raise ValueError(f"expected KEY=VALUE settings, got {bad} (e.g. SEED=42; `pgolf train --help` lists the keys)")
+    return dict(a.split("=", 1) for a in argv)
+
+
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 

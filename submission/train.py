@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from eval.bpb import build_byte_luts
 from eval.flat import evaluate_flat
-from submission.config import ModelConfig, TrainConfig, resolve, to_dict
+from submission.config import ModelConfig, TrainConfig, parse_overrides, resolve, to_dict
 from submission.data import TokenLoader, load_tokens
 from submission.model import GPT
 from submission.optim import build_optimizers
@@ -321,7 +321,7 @@ def _validate(model, val_tokens, luts, cfg: TrainConfig, rank: int, world_size: 
 def main(argv: list[str] | None = None) -> Path:
     """Entry: configs from defaults, then environment variables (upper-case field names), then KEY=VALUE args."""
     argv = sys.argv[1:] if argv is None else argv
-    cli = dict(a.split("=", 1) for a in argv if "=" in a)
+    cli = parse_overrides(argv)
     model_cfg, train_cfg = ModelConfig(), TrainConfig()
     changed = resolve(model_cfg, train_cfg, cli=cli)
     return train(model_cfg, train_cfg, changed)

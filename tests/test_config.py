@@ -39,3 +39,10 @@ def test_stored_config_round_trip_and_mismatch():
     data["new_feature"] = 1
     with pytest.raises(ValueError, match=r"unknown fields \['new_feature'\]"):
         from_dict(ModelConfig, data)
+
+
+def test_command_line_items_must_be_key_value():
+    from submission.config import parse_overrides
+    assert parse_overrides(["SEED=1", "RUN_DIR=a=b"]) == {"SEED": "1", "RUN_DIR": "a=b"}
+    with pytest.raises(ValueError, match=r"expected KEY=VALUE settings, got \['SEED'\]"):
+        parse_overrides(["SEED"])

@@ -1,8 +1,12 @@
 """Behaviour of the model's features on a tiny config."""
+import math
+
+import pytest
 import torch
+import torch.nn.functional as F
 
 from submission.config import ModelConfig
-from submission.model import GPT, bigram_bucket, remove_self_value
+from submission.model import GPT, apply_partial_rope, bigram_bucket, causal_attention, remove_self_value, rope_tables
 
 TINY = dict(vocab_size=64, num_layers=4, model_dim=32, num_heads=4, num_kv_heads=2, xsa_last_n=4, rope_dims=4,
             bigram_buckets=32, bigram_dim=8, value_embed_last_n=1, value_embed_dim=8)
@@ -67,3 +71,173 @@ def test_qat_changes_compiled_forward():
         model.set_qat(False)
         back = compiled(x, x)
     assert not torch.equal(base, on) and torch.equal(base, back)
+
+
+# ------------------------------------------------------------------------------------------------ GQA attention
+
+def _attention_reference(q, k, v):
+    """Causal softmax attention written out, query head h reading KV head h // (H / Hkv)."""
+    group = q.size(2) // k.size(2)
+    k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    scores = torch.einsum("bthd,bshd->bhts", q, k) / q.size(-1) ** 0.5
+    T = q.size(1)
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 4)])
+def test_causal_attention_gqa_matches_repeated_kv(heads, kv_heads):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 9, h, 16, generator=g, requires_grad=True) for h in (heads, kv_heads, kv_heads))
+    dy = torch.randn(2, 9, heads, 16, generator=g)
+    y = causal_attention(q, k, v)
+    grads = torch.autograd.grad(y, (q, k, v), dy)
+    y_ref = _attention_reference(q, k, v)
+    grads_ref = torch.autograd.grad(y_ref, (q, k, v), dy)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------- partial RoPE
+
+def _rotate_reference(x, positions, rope_dims, base):
+    """Pairs (x_i, x_{i + rope_dims/2}) as complex numbers times exp(1j * pos * base^(-2i/rope_dims))."""
+    half = rope_dims // 2
+    freq = base ** (-torch.arange(half, dtype=torch.float64) * 2 / rope_dims)
+    turn = torch.polar(torch.ones(len(positions), half, dtype=torch.float64),
+                       torch.outer(positions.double(), freq))[None, :, None, :]
+    z = torch.complex(x[..., :half].double(), x[..., half:rope_dims].double()) * turn
+    return torch.cat((z.real, z.imag, x[..., rope_dims:].double()), dim=-1).to(x.dtype)
+
+
+def test_partial_rope_matches_complex_rotation():
+    x = torch.randn(2, 7, 3, 16, generator=torch.Generator().manual_seed(0))
+    cos, sin = rope_tables(7, 6, 10000.0)
+    torch.testing.assert_close(apply_partial_rope(x, cos, sin, 6), _rotate_reference(x, torch.arange(7), 6, 10000.0))
+
+
+def test_partial_rope_is_relative_and_leaves_the_tail_alone():
+    """The same q and k vector at every position: after RoPE the last head_dim - rope_dims dims are identical at
+    all positions (their scores carry no position), the rotated dims keep their norm and q_m . k_n depends only
+    on m - n."""
+    T, D, R = 12, 16, 8
+    torch.manual_seed(0)
+    q, k = torch.randn(D).expand(1, T, 1, D), torch.randn(D).expand(1, T, 1, D)
+    cos, sin = rope_tables(T, R, 10000.0)
+    qr, kr = (apply_partial_rope(t, cos, sin, R)[0, :, 0] for t in (q, k))
+    assert torch.equal(qr[:, R:], q[0, :, 0, R:]) and torch.equal(kr[:, R:], k[0, :, 0, R:])
+    torch.testing.assert_close(qr[:, :R].norm(dim=-1), q[0, :, 0, :R].norm(dim=-1))
+    assert not torch.allclose(qr[1, :R], qr[0, :R], atol=1e-3)  # the head really rotates with position
+    scores = qr[:, :R] @ kr[:, :R].T  # [m, n]
+    torch.testing.assert_close(scores[1:, 1:], scores[:-1, :-1], rtol=1e-5, atol=1e-5)
+    assert (scores[0, 0] - scores[3, 0]).abs() > 1e-2  # ... and on the offset: position is really encoded
+
+
+def _attention_module_reference(attn, x):
+    """Attention.forward written out: RMS-normed q/k, only the first rope_dims rotated, per-head gain, GQA softmax
+    attention, XSA as a projection, output projection."""
+    cfg = attn.cfg
+    B, T, _ = x.shape
+    q = F.rms_norm((x @ attn.c_q.weight.T).view(B, T, cfg.num_heads, cfg.head_dim), (cfg.head_dim,))
+    k = F.rms_norm((x @ attn.c_k.weight.T).view(B, T, cfg.num_kv_heads, cfg.head_dim), (cfg.head_dim,))
+    v = (x @ attn.c_v.weight.T).view(B, T, cfg.num_kv_heads, cfg.head_dim)
+    q = _rotate_reference(q, torch.arange(T), cfg.rope_dims, cfg.rope_base) * attn.q_gain[:, None]
+    k = _rotate_reference(k, torch.arange(T), cfg.rope_dims, cfg.rope_base)
+    y = _attention_reference(q, k, v)
+    vn = F.normalize(v, dim=-1).repeat_interleave(cfg.num_heads // cfg.num_kv_heads, dim=2)
+    y = y - (y * vn).sum(-1, keepdim=True) * vn
+    return y.reshape(B, T, -1) @ attn.c_proj.weight.T
+
+
+def test_attention_module_matches_written_out_reference():
+    model = _model(rope_dims=4)
+    attn = model.blocks[0].attn
+    x = torch.randn(2, 10, 32, generator=torch.Generator().manual_seed(1))
+    cfg = model.cfg
+    rope = rope_tables(10, cfg.rope_dims, cfg.rope_base)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, rope, None), _attention_module_reference(attn, x), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------- U-Net skips, LN scale, resid mix
+
+def _same_weights(model, **kw):
+    """A model of another config that takes `model`'s weights for every parameter both have."""
+    other = GPT(ModelConfig(**{**TINY, **kw}))
+    missing, unexpected = other.load_state_dict(model.state_dict(), strict=False)
+    assert not missing, missing
+    return other, unexpected
+
+
+def test_unet_with_zero_skip_weights_is_the_plain_stack():
+    model = _model()
+    plain, unexpected = _same_weights(model, unet_skips=False)
+    assert unexpected == ["skip_weights"]
+    x = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        assert not torch.allclose(model.logits(x), plain.logits(x), atol=1e-4)  # the skips do matter
+        model.skip_weights.zero_()
+        assert torch.equal(model.logits(x), plain.logits(x))
+
+
+def test_unet_feeds_encoder_outputs_to_the_decoder_in_mirrored_order():
+    """Five layers: encoder blocks 0, 1; decoder block 2 adds w[0] * out(1), block 3 adds w[1] * out(0), block 4
+    (no partner) adds nothing. Distinct weight rows make any other pairing give other logits."""
+    model = _model(num_layers=5, xsa_last_n=0, value_embed_last_n=0)
+    assert model.skip_weights.shape == (2, 32)
+    x = torch.randint(0, 64, (2, 12))
+    cfg = model.cfg
+    with torch.no_grad():
+        h = h0 = F.rms_norm(model.embed(x), (32,))
+        rope = rope_tables(12, cfg.rope_dims, cfg.rope_base)
+        out = []
+        for i in range(5):
+            if i == 2:
+                h = h + model.skip_weights[0] * out[1]
+            if i == 3:
+                h = h + model.skip_weights[1] * out[0]
+            h = model.blocks[i](h, h0, rope, None)
+            out.append(h)
+        torch.testing.assert_close(model.hidden(x), F.rms_norm(h, (32,)), rtol=0, atol=1e-6)
+
+
+def test_skip_weights_and_resid_mix_get_gradients():
+    model = _model()
+    x = torch.randint(0, 64, (2, 16))
+    model(x, torch.randint(0, 64, (2, 16))).backward()
+    assert (model.skip_weights.grad.abs().sum(-1) > 0).all()
+    for block in model.blocks:
+        assert (block.resid_mix.grad.abs().sum(-1) > 0).all()  # both rows: the residual and the x0 weights
+
+
+def test_ln_scale_equals_input_weights_scaled_by_one_over_sqrt_layer():
+    """Block i feeds rms_norm(x) / sqrt(i + 1) to attention and MLP; those start with linear maps, so the same
+    model without ln_scale but with c_q, c_k, c_v and c_fc scaled by 1/sqrt(i + 1) gives the same logits."""
+    model = _model(qk_norm=False)
+    plain, _ = _same_weights(model, qk_norm=False, ln_scale=False)
+    with torch.no_grad():
+        for i, block in enumerate(plain.blocks):
+            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                linear.weight.mul_(1 / math.sqrt(i + 1))
+        x = torch.randint(0, 64, (2, 12))
+        torch.testing.assert_close(model.logits(x), plain.logits(x), rtol=1e-5, atol=1e-5)
+        assert [b.norm_scale for b in model.blocks] == [1 / math.sqrt(i + 1) for i in range(4)]
+
+
+def test_resid_mix_blends_residual_and_initial_embedding():
+    """A block with resid_mix (a, b) is the block without it applied to a * x + b * x0; the init (1, 0) leaves
+    the model as the plain residual stack."""
+    model = _model()
+    plain, unexpected = _same_weights(model, resid_mix=False)
+    assert sorted(unexpected) == [f"blocks.{i}.resid_mix" for i in range(4)]
+    g = torch.Generator().manual_seed(2)
+    x, x0 = torch.randn(2, 9, 32, generator=g), torch.randn(2, 9, 32, generator=g)
+    rope = rope_tables(9, 4, 10000.0)
+    with torch.no_grad():
+        a, b = model.blocks[1].resid_mix
+        torch.testing.assert_close(model.blocks[1](x, x0, rope, None), plain.blocks[1](a * x + b * x0, x0, rope, None))
+        for block in model.blocks:
+            block.resid_mix.copy_(torch.stack((torch.ones(32), torch.zeros(32))))
+        idx = torch.randint(0, 64, (2, 12))
+        torch.testing.assert_close(model.logits(idx), plain.logits(idx), rtol=0, atol=1e-6)

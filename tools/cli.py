@@ -13,6 +13,7 @@ COMMAND_MODULES = [
     "tools.check",
     "tools.artifact",
     "tools.bundle",
+    "tools.train_cmd",
 ]
 
 
