@@ -438,31 +438,73 @@ def fit_mixing_weights(features: torch.Tensor, logp: torch.Tensor, logq: torch.T
     return w
 
 
-class NgramBlender:
-    """The n-gram adapter of the scoring stream: logprobs() before a chunk is scored, update() after."""
+def tilt_nll_change(log_p_hint: torch.Tensor, hit: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """Mean of -log p'(y) + log p(y) under tilt by beta: log Z - beta [y = h], Z = (1 - p(h)) + p(h) exp(beta)."""
+    return (torch.logaddexp(_log1mexp(log_p_hint), log_p_hint + beta) - beta * hit).mean()
 
-    def __init__(self, vocab_size: int, cfg: NgramConfig | None = None, device="cpu"):
+
+def fit_tilt_beta(log_p_hint: torch.Tensor, hit: torch.Tensor, start: torch.Tensor, iters: int) -> torch.Tensor:
+    """Minimize tilt_nll_change over the scalar beta by Newton's method (convex: log Z is convex in beta; the
+    gradient is p'(h) - [y = h]) with the mixer's step cap and halving line search; float64 throughout."""
+    lp, hit = log_p_hint.double(), hit.double()
+    beta = start.double().clone()
+    loss = tilt_nll_change(lp, hit, beta)
+    for _ in range(iters):
+        tilted_hint = torch.exp(lp + beta - torch.logaddexp(_log1mexp(lp), lp + beta))
+        curvature = (tilted_hint * (1 - tilted_hint)).mean().clamp_min(1e-12)
+        step = ((tilted_hint - hit).mean() / curvature).clamp(-MAX_LOGIT_STEP, MAX_LOGIT_STEP)
+        for halving in range(30):
+            candidate = beta - step / 2 ** halving
+            candidate_loss = tilt_nll_change(lp, hit, candidate)
+            if candidate_loss < loss:
+                break
+        else:
+            break
+        converged = loss - candidate_loss < FIT_TOLERANCE
+        beta, loss = candidate, candidate_loss
+        if converged:
+            break
+    return beta
+
+
+class NgramBlender:
+    """The n-gram adapter of the scoring stream: views() before a chunk is scored, update() after.
+
+    Views of the model's distribution p: "blend" = (1 - a_t) p + a_t q_t; with tilt=True also "tilt": p tilted
+    toward the n-gram's most likely token h_t = argmax q_t by a weight beta fitted, like a_t's weights, by
+    maximum likelihood on scored tokens only (0 before the first update). Rows where the n-gram has counted
+    nothing yet (q uniform, h_t an arbitrary tie) are left untilted and kept out of the fit. Both views come from
+    one prediction of q."""
+
+    def __init__(self, vocab_size: int, cfg: NgramConfig | None = None, device="cpu", tilt: bool = False):
         self.cfg = cfg or NgramConfig()
         self.model = NgramModel(vocab_size, self.cfg, device)
         self.mixer = OnlineMixer(self.cfg, device)
-        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.tilt = tilt
+        self.beta = torch.zeros((), dtype=torch.float64, device=self.model.device)
+        self.tilt_history = torch.zeros(0, 2, dtype=torch.float32, device=self.model.device)
+        self._pending: list[tuple[torch.Tensor, ...]] = []
 
     @torch.no_grad()
-    def logprobs(self, model_logprobs: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Blended log-probabilities [N, V] for positions from the model's [N, V] log-probabilities and the
-        prefix. Calls for one chunk may be split; update() must then receive exactly those positions. Until then
-        the blender keeps references to model_logprobs and q (2 x N x V floats) to read them at the scored tokens."""
+    def views(self, model_logprobs: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor) -> dict:
+        """Blended (and tilted) log-probabilities [N, V] for positions from the model's [N, V] log-probabilities
+        and the prefix. Calls for one chunk may be split; update() must then receive exactly those positions. Until
+        then the blender keeps references to model_logprobs and q (2 x N x V floats) to read them at the targets."""
         prediction = self.model.predict(tokens, positions)
-        features = mixing_features(model_entropy(model_logprobs.float()), prediction.context_count,
-                                   prediction.context_order, self.cfg.order)
-        alpha = self.mixer.alpha(features)
-        self._pending.append((positions, features, model_logprobs, prediction.q))
-        return blend(model_logprobs.float(), prediction.q, alpha)
+        logp = model_logprobs.float()
+        features = mixing_features(model_entropy(logp), prediction.context_count, prediction.context_order,
+                                   self.cfg.order)
+        hint, informed = ngram_hint(prediction.q), prediction.context_order > 0
+        self._pending.append((positions, features, model_logprobs, prediction.q, hint, informed))
+        out = {"blend": blend(logp, prediction.q, self.mixer.alpha(features))}
+        if self.tilt:
+            out["tilt"] = tilt(logp, hint, torch.where(informed, self.beta.to(logp.dtype), 0.0))
+        return out
 
     @torch.no_grad()
     def update(self, tokens: torch.Tensor, positions: torch.Tensor) -> None:
         """Learn from scored positions (ascending and contiguous, exactly those predicted since the last update):
-        counts for the n-gram, then a refit of the mixing weights on p and q at the scored tokens."""
+        counts for the n-gram, then refits of the mixing weights and the tilt on p and q at the scored tokens."""
         predicted = torch.cat([p.to(positions.device) for p, *_ in self._pending]) if self._pending else None
         if predicted is None or not torch.equal(predicted, positions):
             raise RuntimeError(f"NgramBlender.update: positions {positions.tolist()[:4]}... are not the ones "
@@ -472,12 +514,20 @@ class NgramBlender:
             raise RuntimeError(f"NgramBlender.update: positions starting at {start} are not contiguous "
                                "(update with the chunk's positions in stream order)")
         targets = tokens[positions.to(tokens.device)].to(self.model.device).long()
-        features, logp, logq = [], [], []
-        for (_, piece_features, piece_logp, piece_q), piece_targets in zip(
+        features, logp, logq, tilt_rows = [], [], [], []
+        for (_, piece_features, piece_logp, piece_q, piece_hint, informed), piece_targets in zip(
                 self._pending, targets.split([p.numel() for p, *_ in self._pending])):
             features.append(piece_features)
-            logp.append(piece_logp.float().gather(1, piece_targets[:, None]).squeeze(1))
+            piece_logp = piece_logp.float()
+            logp.append(piece_logp.gather(1, piece_targets[:, None]).squeeze(1))
             logq.append(torch.log(piece_q.gather(1, piece_targets[:, None]).squeeze(1)))
+            tilt_rows.append(torch.stack([piece_logp.gather(1, piece_hint[:, None]).squeeze(1),
+                                          (piece_hint == piece_targets).float()], 1)[informed])
         self._pending = []
         self.model.update(targets, tokens[max(0, start - self.cfg.order + 1):start])
         self.mixer.update(torch.cat(features), torch.cat(logp), torch.cat(logq))
+        if self.tilt:
+            self.tilt_history = torch.cat([self.tilt_history, *tilt_rows])[-self.cfg.mix_fit_window:]
+            if self.tilt_history.numel():
+                self.beta = fit_tilt_beta(self.tilt_history[:, 0], self.tilt_history[:, 1], self.beta,
+                                          self.cfg.mix_fit_iters)

@@ -13,13 +13,22 @@ import pytest
 import torch
 
 from eval.ngram import (SMOOTHINGS, NgramBlender, NgramConfig, NgramModel, OnlineMixer, PairCounts, blend,
-                        context_windows, fit_mixing_weights, mixing_features, mixture_nll, model_entropy, ngram_hint,
-                        tilt)
+                        context_windows, fit_mixing_weights, fit_tilt_beta, mixing_features, mixture_nll,
+                        model_entropy, ngram_hint, tilt, tilt_nll_change)
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DOCS = REPO / "data" / "sample" / "sample_wiki.jsonl.xz"
 TOKENIZER = REPO / "data" / "sample" / "fineweb_1024_bpe.model"
 BOS = 1
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """On a shared 2-core machine OpenMP spin-waits made this file 5x slower (52 s vs 9 s with one thread)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------- independent reference (pure Python, no torch)
@@ -317,6 +326,43 @@ def test_mixing_fit_reaches_the_scipy_optimum():
     assert w[3] > 0  # longer matches get more n-gram weight
 
 
+def test_tilt_fit_reaches_the_scipy_optimum_and_matches_the_tilted_scores():
+    """Newton on the scalar tilt vs scipy's bounded scalar minimizer; the objective equals the mean change of
+    -log p'(y) computed from tilt() itself."""
+    optimize = pytest.importorskip("scipy.optimize")
+    generator = torch.Generator().manual_seed(4)
+    logp = torch.log_softmax(3 * torch.randn(3000, 40, generator=generator, dtype=torch.float64), -1)
+    hint = torch.randint(0, 40, (3000,), generator=generator)
+    # targets equal the hint 30% of the time, more often than p(hint) predicts: the fit must learn beta > 0
+    targets = torch.where(torch.rand(3000, generator=generator) < 0.3, hint,
+                          torch.randint(0, 40, (3000,), generator=generator))
+    log_p_hint, hit = logp.gather(1, hint[:, None]).squeeze(1), (hint == targets).double()
+    beta = fit_tilt_beta(log_p_hint, hit, torch.zeros((), dtype=torch.float64), iters=50)
+    result = optimize.minimize_scalar(lambda b: tilt_nll_change(log_p_hint, hit, torch.tensor(b)).item(),
+                                      bounds=(-20, 20), method="bounded", options={"xatol": 1e-10})
+    assert abs(beta.item() - result.x) < 1e-4 and beta.item() > 0
+    tilted = tilt(logp, hint, beta)
+    change = (logp - tilted).gather(1, targets[:, None]).mean()
+    assert math.isclose(change.item(), tilt_nll_change(log_p_hint, hit, beta).item(), rel_tol=1e-9)
+    assert change < 0  # the fitted tilt lowers the NLL of these targets
+
+
+def test_blender_tilt_view_starts_untilted_and_learns_from_scored_hints(real_tokens):
+    vocab = 1024
+    blender = NgramBlender(vocab, NgramConfig(order=4), tilt=True)
+    logp = torch.log_softmax(torch.zeros(2000, vocab), -1)
+    first = blender.views(logp, real_tokens, torch.arange(1, 2001))
+    assert set(first) == {"blend", "tilt"} and torch.equal(first["tilt"], logp)  # beta = 0 before any update
+    blender.update(real_tokens, torch.arange(1, 2001))
+    assert blender.beta == 0  # nothing was counted while the first chunk was predicted: its hints were ties
+    blender.views(logp[:1000], real_tokens, torch.arange(2001, 3001))
+    blender.update(real_tokens, torch.arange(2001, 3001))
+    assert blender.beta > 0  # a uniform model under-predicts the n-gram's most likely token
+    later = blender.views(logp[:500], real_tokens, torch.arange(3001, 3501))
+    assert (torch.logsumexp(later["tilt"].double(), -1) - 0).abs().max() < 1e-5
+    assert not torch.equal(later["tilt"], logp[:500])
+
+
 def test_online_mixer_starts_at_zero_and_fixed_weights_stay_fixed():
     features = mixing_features(torch.tensor([1.0, 2.0]), torch.tensor([0, 5]), torch.tensor([0, 3]), 6)
     assert torch.equal(OnlineMixer(NgramConfig()).alpha(features), torch.zeros(2))
@@ -335,7 +381,7 @@ def test_blender_refuses_updates_for_positions_it_did_not_predict():
     logp = torch.log_softmax(torch.zeros(8, 20), -1)
     with pytest.raises(RuntimeError, match="not the ones predicted"):
         blender.update(tokens, torch.arange(1, 9))
-    blender.logprobs(logp, tokens, torch.arange(1, 9))
+    blender.views(logp, tokens, torch.arange(1, 9))
     with pytest.raises(RuntimeError, match="not the ones predicted"):
         blender.update(tokens, torch.arange(1, 10))
     blender.update(tokens, torch.arange(1, 9))
@@ -353,7 +399,7 @@ def test_blending_lowers_nll_of_a_weak_model_on_later_text(real_tokens):
     for start, end in stream_chunks(50_000, (4096,)):
         positions = torch.arange(10_000 + start, 10_000 + end)
         logp = unigram.expand(positions.numel(), vocab)
-        out = blender.logprobs(logp, real_tokens, positions)
+        out = blender.views(logp, real_tokens, positions)["blend"]
         assert (torch.logsumexp(out.double(), -1)).abs().max() < 1e-5
         targets = real_tokens[positions][:, None]
         if start >= 25_000:

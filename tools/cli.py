@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "tools.artifact",
     "tools.bundle",
     "tools.train_cmd",
+    "tools.evaluate",
 ]
 
 

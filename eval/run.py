@@ -1,0 +1,311 @@
+"""Legal evaluation: EvalConfig (the recipe) and evaluate(), one causal stream with ablation, compliance, projection."""
+from __future__ import annotations
+
+import dataclasses
+import time
+import typing
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from eval.bpb import BPBAccumulator, ByteLUTs, token_bytes_torch
+from eval.compliance import check_causality, check_coverage, check_events, check_normalization, coverage_summary
+from eval.ngram import NgramBlender, NgramConfig
+from eval.stream import StageTimer, rope_scaled, score_stream, shard_targets, window_scores
+from eval.ttt import HashEmbedding, ScoreFirstTTT
+from submission.config import apply_overrides
+
+# Full FineWeb validation set per vocabulary (CHALLENGE.md) and the evaluation budget it is projected onto.
+FULL_VAL_TOKENS = {1024: 62_021_632, 8192: 40_540_160}
+EVAL_GPUS = 8
+EVAL_LIMIT_S = 600.0
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation settings; the defaults are the recommended recipe (figures from CHALLENGE.md's records)."""
+    context_len: int = 2048          # tokens per window and per TTT sequence: the record's training length
+    stride: int = 64                 # new targets per window: ~1,984 tokens of context each, -0.024 BPB vs flat
+    rope_scale: float = 1.0          # context_len / training length when evaluating longer (NTK RoPE scaling)
+    batch_windows: int = 64          # windows per forward (one static shape when compiled)
+    # torch.compile the scoring forward (CUDA only). H100, record model, 1.57M tokens, stride 64: 14.1 s compiled
+    # + 41.6 s to compile once, vs 40.0 s eager; a rank of an 8-GPU eval scores ~7.75M tokens, so it pays.
+    compile: bool = True
+    chunk_tokens: int = 32_768       # score-first chunk: adapters learn from a chunk once it is scored
+    ttt: bool = True                 # score-first TTT: -0.0025 BPB in the record
+    ttt_epochs: int = 3
+    ttt_lr: float = 0.002            # SGD; cosine over the chunks
+    ttt_momentum: float = 0.9
+    ttt_grad_clip: float = 1.0       # global grad-norm clip per step; 0 disables
+    ttt_batch_seqs: int = 32         # sequences per step: a 32,768-token chunk is one step per epoch
+    ttt_params: str = "all"          # "all" or comma-separated parameter name prefixes
+    hash_embed: bool = True          # eval-time (prev, cur) hash embedding trained by TTT: -0.0004 BPB
+    hash_buckets: int = 16_384
+    hash_lr_mult: float = 10.0       # the hash table's LR relative to ttt_lr
+    ngram: bool = True               # blend a full-vocabulary n-gram of scored tokens into p
+    ngram_score: str = "blend"       # the view that is the score, fixed before evaluating (C4): "blend" or "tilt"
+    ngram_config: NgramConfig = field(default_factory=NgramConfig)
+    compliance: bool = True          # check C1-C4 on this run; C1 re-runs the stream on a short prefix
+    compliance_chunks: int = 2       # C1 prefix: this many chunks of compliance_chunk_tokens, one cut in each
+    compliance_chunk_tokens: int = 4096  # C1 runs the full stream 4x on the prefix: 6.5 s on an H100
+    ablation: bool = False           # also score flat, sliding and +ttt passes (3 extra passes over the data)
+
+    def __post_init__(self):
+        if isinstance(self.ngram_config, dict):  # EvalConfig(**asdict(cfg)), or eval.json's "config"
+            self.ngram_config = NgramConfig(**self.ngram_config)
+        self.validate()
+
+    def validate(self) -> None:
+        """Reject settings that cannot run (called again after overrides, which bypass __init__)."""
+        positive = ("context_len", "stride", "batch_windows", "chunk_tokens", "ttt_epochs", "ttt_batch_seqs",
+                    "hash_buckets", "compliance_chunks", "compliance_chunk_tokens")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"EvalConfig.{name}={getattr(self, name)}: must be >= 1")
+        if self.stride > self.context_len:
+            raise ValueError(f"EvalConfig.stride={self.stride} > context_len={self.context_len}: a window cannot "
+                             "score more targets than it holds (stride = context_len is flat scoring)")
+        if self.rope_scale <= 0:
+            raise ValueError(f"EvalConfig.rope_scale={self.rope_scale}: must be > 0 (1 = as trained)")
+        if self.hash_embed and not self.ttt:
+            raise ValueError("EvalConfig.hash_embed=True needs ttt=True: the table is trained only by TTT "
+                             "(set HASH_EMBED=0 as well)")
+        if self.ngram_score not in ("blend", "tilt"):
+            raise ValueError(f"EvalConfig.ngram_score={self.ngram_score!r}: choose 'blend' or 'tilt'")
+        self.ngram_config.__post_init__()
+
+
+def apply_eval_overrides(cfg: EvalConfig, overrides: dict[str, str], source: str = "cli") -> list[str]:
+    """Set EvalConfig fields, and NgramConfig fields as NGRAM_<FIELD> (e.g. NGRAM_ORDER=8), from strings; return
+    'name: old -> new (source)' lines. Unknown keys are errors unless source == "env"."""
+    own = {f.name for f in dataclasses.fields(cfg)} - {"ngram_config"}
+    hints = typing.get_type_hints(NgramConfig)
+    nested_names = {name for name, kind in hints.items() if kind in (int, float, str, bool)}
+    top, nested = {}, {}
+    for key, value in overrides.items():
+        name = key.lower()
+        if name in own:
+            top[key] = value
+        elif name.startswith("ngram_") and name[6:] in nested_names:
+            nested[name[6:]] = value
+        elif source != "env":
+            raise ValueError(f"unknown eval setting {key!r} (EvalConfig: {', '.join(sorted(own))}; n-gram: "
+                             f"{', '.join('ngram_' + n for n in sorted(nested_names))})")
+    changed = apply_overrides(cfg, top, source)
+    changed += ["ngram_" + line for line in apply_overrides(cfg.ngram_config, nested, source)]
+    cfg.validate()
+    return changed
+
+
+@contextmanager
+def _deterministic(device: torch.device):
+    """Reproducible kernels on CUDA for the causality check, which compares runs bit for bit. Measured on an H100:
+    two identical runs differed at 4,060 of 8,192 scores after one TTT step, because cuDNN attention's backward
+    is non-deterministic (warn-only deterministic mode keeps it so). SDPA's math backend is deterministic, and
+    the check's short prefix runs eager, so no compiled graph sees the changed global state."""
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _stream_pass(model, tokens, first, end, cfg: EvalConfig, *, ttt: bool, table: HashEmbedding | None,
+                 ngram: bool, tilt: bool, stride: int, chunk: int, compiled, timer, progress: bool, desc: str,
+                 score_tokens=None):
+    """One stream over [first, end) with fresh adapters (the caller restores the model weights first). The hash
+    table is one module for the whole evaluation, zeroed here: a new module per pass could make a compiled scorer
+    recompile, the compliance check alone runs four passes."""
+    device = tokens.device
+    tuner = None
+    if ttt:
+        if table is not None:
+            torch.nn.init.zeros_(table.table.weight)
+        tuner = ScoreFirstTTT(model, lr=cfg.ttt_lr, momentum=cfg.ttt_momentum, epochs=cfg.ttt_epochs,
+                              grad_clip=cfg.ttt_grad_clip, batch_seqs=cfg.ttt_batch_seqs, seq_len=cfg.context_len,
+                              params=cfg.ttt_params, hash_embed=table, hash_lr_mult=cfg.hash_lr_mult)
+    adapters = {"ngram": NgramBlender(model.cfg.vocab_size, cfg.ngram_config, device, tilt=tilt)} if ngram else {}
+    try:
+        return score_stream(model, tokens, first, end, context=cfg.context_len, stride=stride, chunk=chunk,
+                            batch_windows=cfg.batch_windows, ttt=tuner, adapters=adapters,
+                            score_tokens=score_tokens, compiled=compiled, timer=timer, progress=progress, desc=desc)
+    finally:
+        if tuner is not None:
+            tuner.close()
+
+
+def _scores(result, tokens, lut) -> dict[str, BPBAccumulator]:
+    """Per view: NLL, targets and bytes summed in float64 and all-reduced over ranks."""
+    device = tokens.device
+    num_bytes = token_bytes_torch(lut, tokens[result.first - 1:result.end - 1], tokens[result.first:result.end])
+    out = {}
+    for view, nll in result.nll.items():
+        acc = BPBAccumulator(device)
+        acc.add(nll, num_bytes)
+        acc.all_reduce()
+        out[view] = acc
+    return out
+
+
+def _compliance(result, c1: dict, num_targets: int, device) -> dict:
+    """C2-C4 of the main stream, reduced over ranks; C1 from the perturbation runs."""
+    norm = {view: stats.clone() for view, stats in result.norm.items()}
+    c3 = check_events(result.events, result.first)
+    summary = torch.tensor(coverage_summary(result.first, result.end, result.coverage), device=device)
+    if _distributed():
+        for stats in norm.values():  # max error, max of -min p, max non-finite count: one MAX reduction
+            stats[1].neg_()
+            torch.distributed.all_reduce(stats, op=torch.distributed.ReduceOp.MAX)
+            stats[1].neg_()
+        flags = torch.tensor([float(c3["passed"])], device=device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
+        if c3["passed"] and not flags.item():
+            c3 = {"passed": False, "detail": "another rank's stream updated before scoring (see its log)"}
+        gathered = [torch.empty_like(summary) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(gathered, summary)
+        summaries = [g.tolist() for g in gathered]
+    else:
+        summaries = [summary.tolist()]
+    return {"C1": c1, "C2": check_normalization(norm), "C3": c3, "C4": check_coverage(summaries, num_targets)}
+
+
+def _causality(model, tokens, initial: dict, cfg: EvalConfig, features: dict, tilt: bool) -> dict:
+    """C1 on a prefix of compliance_chunks chunks of compliance_chunk_tokens, one random cut inside each chunk;
+    every run is the whole configured stream, eager, from the initial weights."""
+    prefix_end = min(tokens.numel(), 1 + cfg.compliance_chunks * cfg.compliance_chunk_tokens)
+    generator = torch.Generator().manual_seed(0)
+    cuts = [lo + int(torch.randint(0, min(cfg.compliance_chunk_tokens, prefix_end - lo), (1,), generator=generator))
+            for lo in range(1, prefix_end, cfg.compliance_chunk_tokens)]
+
+    def run_prefix(context_tokens, score_tokens):
+        model.load_state_dict(initial)
+        return _stream_pass(model, context_tokens, 1, prefix_end, cfg, **features, tilt=tilt, stride=cfg.stride,
+                            chunk=cfg.compliance_chunk_tokens, compiled=None, timer=StageTimer(tokens.device),
+                            progress=False, desc="C1", score_tokens=score_tokens).nll
+
+    return check_causality(run_prefix, tokens[:prefix_end], 1, prefix_end, cuts, model.cfg.vocab_size)
+
+
+def _ablation_passes(model, tokens, first, end, initial: dict, cfg: EvalConfig, compiled, lut, timer,
+                     progress: bool, exact) -> list[dict]:
+    """The passes the main one cannot provide as views: flat, sliding (when TTT is on) and +ttt (when the hash
+    embedding is on), each from the initial weights and timed as stage ablation_<name>."""
+    passes = [("flat", False, cfg.context_len, None)]
+    if cfg.ttt:
+        passes.append(("sliding", False, cfg.stride, compiled))
+    if cfg.ttt and cfg.hash_embed:
+        passes.append(("+ttt", True, cfg.stride, compiled))
+    out = []
+    for name, ttt, stride, fn in passes:
+        model.load_state_dict(initial)
+        pass_timer = StageTimer(tokens.device)
+        result = _stream_pass(model, tokens, first, end, cfg, ttt=ttt, table=None, ngram=False, tilt=False,
+                              stride=stride, chunk=cfg.chunk_tokens, compiled=fn, timer=pass_timer,
+                              progress=progress, desc=name)
+        seconds = sum(pass_timer.seconds.values())
+        timer.seconds[f"ablation_{name.lstrip('+')}"] = seconds
+        out.append({**exact(name, _scores(result, tokens, lut)["model"]), "seconds": seconds})
+    return out
+
+
+def evaluate(model, val_tokens, luts: ByteLUTs, cfg: EvalConfig, rank: int = 0, world_size: int = 1,
+             progress: bool = True, log=None) -> dict:
+    """Score the validation tokens with the configured recipe; return the eval-JSON body: val_loss (nats/token),
+    val_bpb, tokens, bytes, stages (seconds), ablation (if cfg.ablation), compliance (if cfg.compliance),
+    projection, config. Ranks take contiguous shares of the targets, each with its own adapters (so adapted
+    scores depend on the number of ranks); sums are all-reduced in float64. The model's weights are restored
+    before returning. `log(*fields, **kv)` gets stage lines and, last, `final_eval_exact val_loss:<.8f>
+    val_bpb:<.8f>`."""
+    cfg.validate()
+    log = log or (lambda *fields, **kv: None)
+    progress = progress and rank == 0
+    device = next(model.parameters()).device
+    if isinstance(val_tokens, torch.Tensor):
+        tokens = val_tokens.to(device, torch.long)
+    else:
+        tokens = torch.from_numpy(np.asarray(val_tokens, dtype=np.int64)).to(device)
+    vocab = model.cfg.vocab_size
+    num_targets = tokens.numel() - 1
+    if num_targets < 1 or int(tokens.max()) >= vocab:
+        raise ValueError(f"validation tokens: {tokens.numel()} tokens with max id {int(tokens.max())}; need >= 2 "
+                         f"tokens with ids < the model's vocab_size {vocab} (wrong tokenizer or shards?)")
+    first, end = shard_targets(num_targets, rank, world_size, cfg.stride)
+    lut = luts.to_torch(device)
+    compiled = torch.compile(window_scores, dynamic=False) if cfg.compile and device.type == "cuda" else None
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    timer = StageTimer(device)
+    table = HashEmbedding(cfg.hash_buckets, model.cfg.model_dim, model.cfg.bos_id).to(device) \
+        if cfg.hash_embed else None
+    features = dict(ttt=cfg.ttt, table=table, ngram=cfg.ngram)
+    tilt = cfg.ngram and (cfg.ablation or cfg.ngram_score == "tilt")
+    log("eval_start", targets=num_targets, shard=f"[{first},{end})", world_size=world_size,
+        context_len=cfg.context_len, stride=cfg.stride, chunk_tokens=cfg.chunk_tokens, ttt=cfg.ttt,
+        hash_embed=cfg.hash_embed, ngram=cfg.ngram, compile=compiled is not None)
+
+    def exact(name: str, acc: BPBAccumulator) -> dict:
+        log(f"eval_{name.lstrip('+')}_exact", val_loss=f"{acc.val_loss:.8f}", val_bpb=f"{acc.val_bpb:.8f}")
+        return {"name": name, "val_loss": acc.val_loss, "val_bpb": acc.val_bpb}
+
+    ablation, c1 = [], None
+    with rope_scaled(model, cfg.rope_scale):
+        try:
+            if cfg.compliance:
+                with timer("compliance"), _deterministic(device):
+                    c1 = _causality(model, tokens, initial, cfg, features, tilt)
+            if cfg.ablation:
+                ablation = _ablation_passes(model, tokens, first, end, initial, cfg, compiled, lut, timer,
+                                            progress, exact)
+            model.load_state_dict(initial)
+            main_timer = StageTimer(device)
+            result = _stream_pass(model, tokens, first, end, cfg, **features, tilt=tilt, stride=cfg.stride,
+                                  chunk=cfg.chunk_tokens, compiled=compiled, timer=main_timer, progress=progress,
+                                  desc="eval")
+        finally:
+            model.load_state_dict(initial)
+    scores = _scores(result, tokens, lut)
+    main_seconds = sum(s for name, s in main_timer.seconds.items() if name != "compile")
+    timer.seconds.update({name: timer.seconds.get(name, 0.0) + s for name, s in main_timer.seconds.items()})
+    model_view = "+hash_embed" if cfg.hash_embed else "+ttt" if cfg.ttt else "sliding"
+    names = {"model": model_view, "blend": "+ngram", "tilt": "tilt"}
+    for view, acc in scores.items():
+        entry = exact(names[view], acc)
+        if cfg.ablation:  # views of one pass share its time
+            ablation.append({**entry, "seconds": main_seconds})
+    final = scores["tilt" if cfg.ngram and cfg.ngram_score == "tilt" else "blend" if cfg.ngram else "model"]
+
+    if _distributed():  # the slowest rank sets the time
+        slowest = torch.tensor([main_seconds], device=device)
+        torch.distributed.all_reduce(slowest, op=torch.distributed.ReduceOp.MAX)
+        main_seconds = slowest.item()
+    full = FULL_VAL_TOKENS.get(vocab, FULL_VAL_TOKENS[1024])
+    fixed = timer.seconds.get("compile", 0.0) + timer.seconds.get("compliance", 0.0)
+    projected = fixed + main_seconds * (full / EVAL_GPUS) / (final.tokens / world_size)
+    projection = {"full_val_tokens": full, "gpus": EVAL_GPUS, "seconds": round(projected, 1),
+                  "over_limit": projected > EVAL_LIMIT_S}
+    body = {"val_loss": final.val_loss, "val_bpb": final.val_bpb, "tokens": final.tokens, "bytes": final.bytes,
+            "stages": {name: round(s, 3) for name, s in timer.seconds.items()}}
+    if cfg.ablation:
+        body["ablation"] = ablation
+    if cfg.compliance:
+        body["compliance"] = _compliance(result, c1, num_targets, device)
+        log("eval_compliance", **{k: "pass" if v["passed"] else "FAIL" for k, v in body["compliance"].items()})
+    body["projection"] = projection
+    body["config"] = dataclasses.asdict(cfg)
+    for name, seconds in body["stages"].items():
+        log("eval_stage", stage=name, seconds=seconds)
+    log("eval_projection", full_val_tokens=full, gpus=EVAL_GPUS, seconds=projection["seconds"],
+        over_limit=str(projection["over_limit"]).lower())
+    log("final_eval_exact", val_loss=f"{final.val_loss:.8f}", val_bpb=f"{final.val_bpb:.8f}")
+    return body

@@ -1,0 +1,134 @@
+"""`pgolf eval`: score a run's model artifact (model.pgz) with the legal evaluation recipe and write eval.json."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import sentencepiece as spm
+
+from eval.bpb import build_byte_luts
+from eval.run import EvalConfig, apply_eval_overrides, evaluate
+from submission.config import ModelConfig, TrainConfig, from_dict
+from submission.data import load_tokens
+from submission.model import GPT
+from submission.train import Logger, configure_cuda, setup_distributed
+from tools.artifact import CODE_FILENAME, MODEL_FILENAME, read_artifact, to_state_dict
+
+
+def run_facts(root: Path) -> dict:
+    """What the run directory says about the run: its train config (config.json) and, from train.log, the seed
+    and the `training_done` steps and step_avg_ms."""
+    facts: dict = {"train": {}}
+    config = root / "config.json"
+    if config.is_file():
+        facts["train"] = json.loads(config.read_text()).get("train", {})
+        if "seed" in facts["train"]:
+            facts["seed"] = int(facts["train"]["seed"])
+    log = root / "train.log"
+    if log.is_file():
+        text = log.read_text(errors="replace")
+        if "seed" not in facts and (m := re.search(r"^seed:(\d+)\s*$", text, re.M)):
+            facts["seed"] = int(m.group(1))
+        if m := re.search(r"^training_done .*?steps:(\d+).*?step_avg_ms:([\d.]+)", text, re.M):
+            facts["steps"], facts["step_avg_ms"] = int(m.group(1)), float(m.group(2))
+    return facts
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON through a temp file and a rename: a crash never leaves a half-written eval.json."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """`pgolf eval`: load the artifact into a GPT built from its stored config, evaluate, write eval.json."""
+    root = Path(args.run_dir)
+    artifact = root / MODEL_FILENAME
+    if not artifact.is_file():
+        raise FileNotFoundError(f"{artifact} not found: pass a run or artifact directory holding {MODEL_FILENAME} "
+                                "(the quantize step writes it)")
+    facts = run_facts(root)
+    seed = args.seed if args.seed is not None else facts.get("seed")
+    if seed is None:
+        raise ValueError(f"{root}: no seed in config.json or train.log; pass --seed N (eval.json records it)")
+    cli = {}
+    for item in args.overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r}: expected KEY=VALUE, e.g. STRIDE=128 or NGRAM_ORDER=8")
+        key, value = item.split("=", 1)
+        cli[key] = value
+    if args.no_ttt:
+        cli.update(ttt="0", hash_embed="0")
+    if args.ablation:
+        cli["ablation"] = "1"
+    cfg = EvalConfig()
+    changed = apply_eval_overrides(cfg, cli, "cli")
+
+    rank, world_size, device = setup_distributed()
+    log = Logger(None, rank)
+    for line in changed:
+        log("override", setting=line.replace(" ", ""))
+    if device.type == "cuda":
+        configure_cuda()
+    defaults = TrainConfig()
+    tokenizer = args.tokenizer or facts["train"].get("tokenizer_path", defaults.tokenizer_path)
+    data_dir = args.data_dir or facts["train"].get("data_dir", defaults.data_dir)
+    tensors, model_config, _ = read_artifact(artifact)
+    model = GPT(from_dict(ModelConfig, model_config)).to(device)
+    model.load_state_dict(to_state_dict(tensors, model.state_dict(), str(artifact)))
+    if not Path(tokenizer).is_file():
+        raise FileNotFoundError(f"tokenizer {tokenizer} not found (pass --tokenizer PATH)")
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    if sp.get_piece_size() > model.cfg.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer} has {sp.get_piece_size()} pieces but the artifact's model has "
+                         f"vocab_size {model.cfg.vocab_size} (wrong tokenizer? pass --tokenizer)")
+    luts = build_byte_luts(sp, model.cfg.vocab_size)
+    val_tokens = load_tokens(f"{data_dir}/fineweb_val_*.bin")
+    log("eval_artifact", artifact=str(artifact), model_bytes=artifact.stat().st_size, val_tokens=len(val_tokens),
+        tokenizer=tokenizer)
+
+    body = evaluate(model, val_tokens, luts, cfg, rank, world_size, progress=True, log=log)
+    out = {"seed": seed, **body, "bytes_model": artifact.stat().st_size}
+    for key in ("steps", "step_avg_ms"):
+        if key in facts:
+            out[key] = facts[key]
+    code = root / CODE_FILENAME
+    if code.is_file():
+        out["bytes_code"] = code.stat().st_size
+        out["bytes_total"] = out["bytes_code"] + out["bytes_model"]
+    if rank == 0:
+        path = Path(args.out) if args.out else root / "eval.json"
+        write_json_atomic(path, out)
+        log("eval_written", path=str(path))
+    failed = {k: v["detail"] for k, v in body.get("compliance", {}).items() if not v["passed"]}
+    if rank == 0:
+        for check, detail in failed.items():
+            print(f"pgolf eval: compliance {check} FAILED: {detail}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval", help="score model.pgz with the legal eval recipe (sliding, TTT, hash embed, n-gram) -> eval.json",
+        description="Evaluate a run's artifact. Multi-GPU: torchrun --nproc_per_node=N -m tools.cli eval RUN_DIR. "
+                    "Eval settings: KEY=VALUE for any EvalConfig field (STRIDE=128, CHUNK_TOKENS=8192, ...) or "
+                    "n-gram field as NGRAM_<FIELD> (NGRAM_ORDER=8). Exit status 1 if a compliance check fails.")
+    p.add_argument("run_dir", help=f"run or artifact directory holding {MODEL_FILENAME} (and optionally "
+                                   f"config.json, train.log, {CODE_FILENAME})")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="eval config overrides, right after RUN_DIR (argparse takes no positionals after options)")
+    p.add_argument("--tokenizer", help="SentencePiece model (default: the run's config.json, else the recipe's)")
+    p.add_argument("--data-dir", help="directory of fineweb_val_*.bin shards (default: as for --tokenizer)")
+    p.add_argument("--no-ttt", action="store_true", help="no test-time training (and so no hash embedding)")
+    p.add_argument("--ablation", action="store_true", help="also score flat, sliding, +ttt, ... (3 extra passes)")
+    p.add_argument("--seed", type=int, help="seed to record when the directory has no config.json/train.log")
+    p.add_argument("--out", help="output path (default: RUN_DIR/eval.json)")
+    p.set_defaults(func=run_eval)
