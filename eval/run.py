@@ -33,7 +33,7 @@ class EvalConfig:
     batch_windows: int = 64          # windows per forward (one static shape when compiled)
     # torch.compile the scoring forward (CUDA only). H100, record model, 1.57M tokens, stride 64: 14.1 s compiled
     # + 41.6 s to compile once, vs 40.0 s eager; a rank of an 8-GPU eval scores ~7.75M tokens, so it pays.
-    compile: bool = True
+    eval_compile: bool = True
     chunk_tokens: int = 32_768       # score-first chunk: adapters learn from a chunk once it is scored
     ttt: bool = True                 # score-first TTT: -0.0025 BPB in the record
     ttt_epochs: int = 3
@@ -243,7 +243,7 @@ def evaluate(model, val_tokens, luts: ByteLUTs, cfg: EvalConfig, rank: int = 0, 
                          f"tokens with ids < the model's vocab_size {vocab} (wrong tokenizer or shards?)")
     first, end = shard_targets(num_targets, rank, world_size, cfg.stride)
     lut = luts.to_torch(device)
-    compiled = torch.compile(window_scores, dynamic=False) if cfg.compile and device.type == "cuda" else None
+    compiled = torch.compile(window_scores, dynamic=False) if cfg.eval_compile and device.type == "cuda" else None
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     timer = StageTimer(device)
     table = HashEmbedding(cfg.hash_buckets, model.cfg.model_dim, model.cfg.bos_id).to(device) \

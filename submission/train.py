@@ -50,11 +50,11 @@ def _fmt(v) -> str:
 def code_hash() -> str:
     """sha256 of the code that runs: the kit's submission/, eval/ and tools/ sources sorted by path, or, inside the
     packed single file (no kit beside it), the script's own bytes."""
+    if code_hash.__code__.co_filename == "<train_gpt>":  # tools/bundle.py compiles the packed program under it
+        return "packed:" + hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
     root = Path(__file__).resolve().parents[1]
     paths = sorted(p for d in ("submission", "eval", "tools") for p in root.glob(f"{d}/*.py"))
     h = hashlib.sha256()
-    if not paths:
-        return "packed:" + hashlib.sha256(Path(sys.argv[0]).read_bytes()).hexdigest()[:16]
     for path in paths:
         h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:16]
@@ -282,14 +282,14 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, overrides: list[str] | None 
     acc = _validate(model, val_tokens, luts, cfg, rank, world_size)
     log("final_raw", val_loss=round(acc.val_loss, 6), val_bpb=round(acc.val_bpb, 6))
     checkpoint = {"model_config": to_dict(model_cfg), "train_config": to_dict(cfg), "steps": step,
-                  "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "ema_state_dict": None}
+                  "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, "ema_state_dict": None}
     if ema is not None:
         raw = copy.deepcopy(model.state_dict())
         model.load_state_dict(ema.state_dict_like(model))
         acc_ema = _validate(model, val_tokens, luts, cfg, rank, world_size)
         log("final_ema", val_loss=round(acc_ema.val_loss, 6), val_bpb=round(acc_ema.val_bpb, 6),
             ema_gain_bpb=round(acc.val_bpb - acc_ema.val_bpb, 6))
-        checkpoint["ema_state_dict"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        checkpoint["ema_state_dict"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         model.load_state_dict(raw)
         acc = acc_ema
     if rank == 0:

@@ -1,5 +1,83 @@
-"""Challenge entry point: `torchrun --nproc_per_node=N submission/train_gpt.py [KEY=VALUE ...]` trains the recipe."""
-from submission.train import main
+"""Challenge entry point: train -> quantize (self-calibrated GPTQ, model.pgz) -> reload from the bytes -> evaluate.
+
+`torchrun --nproc_per_node=N submission/train_gpt.py [KEY=VALUE ...]`; KEY is any ModelConfig, TrainConfig,
+QuantConfig, CalibConfig or EvalConfig field, or NGRAM_<field> of the n-gram (upper case also read from the
+environment). tools/bundle.py packs this file and
+everything it imports into the single train_gpt.py a record ships.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+
+from eval.run import EvalConfig, apply_eval_overrides, evaluate
+from submission.config import ModelConfig, TrainConfig, parse_overrides, resolve
+from submission.data import load_tokens
+from submission.train import Logger, _byte_luts, setup_distributed, train
+from tools.artifact import MODEL_FILENAME
+from tools.calibrate import CalibConfig
+from tools.gptq import QuantConfig
+from tools.quantize import quantize_run, read_training_done
+
+# The filename tools/bundle.py compiles the unpacked program under (its VIRTUAL_FILENAME; test_pack checks they
+# agree): code compiled under it was unpacked from the script being run, which is then all the code there is.
+PACKED_CODE_FILENAME = "<train_gpt>"
+
+
+def counted_code_bytes() -> int:
+    """Counted code bytes. Packed: this script's own size, exactly what is submitted. In the kit: the size the packed
+    bundle of this entry would have, by running the bundler (imported lazily, so it is never packed itself)."""
+    here = Path(__file__).resolve()
+    if counted_code_bytes.__code__.co_filename == PACKED_CODE_FILENAME:
+        return here.stat().st_size
+    return importlib.import_module("tools.bundle").bundle(here, here.parents[1]).sizes.packed
+
+
+def evaluate_final(model, run_dir: Path, train_cfg: TrainConfig, eval_cfg: EvalConfig, log, rank: int,
+                   world_size: int, stages: dict[str, float], sizes: dict[str, int]) -> None:
+    """The score: the legal evaluation (eval/run.py) of the model reloaded from the artifact's bytes; eval.json."""
+    val_tokens = load_tokens(f"{train_cfg.data_dir}/fineweb_val_*.bin")
+    body = evaluate(model, val_tokens, _byte_luts(train_cfg, model.cfg.vocab_size), eval_cfg, rank, world_size, log=log)
+    if rank:
+        return
+    done = read_training_done(run_dir)
+    result = {"seed": train_cfg.seed, **body, "steps": int(done["steps"]), "step_avg_ms": float(done["step_avg_ms"]),
+              **sizes, "stages": {**{k: round(v, 3) for k, v in stages.items()}, **body["stages"]}}
+    tmp = run_dir / "eval.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, run_dir / "eval.json")
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Configs from defaults, then environment variables (upper-case field names), then KEY=VALUE arguments."""
+    argv = sys.argv[1:] if argv is None else argv
+    cli = parse_overrides(argv)
+    model_cfg, train_cfg, quant_cfg, calib_cfg, eval_cfg = ModelConfig(), TrainConfig(), QuantConfig(), CalibConfig(), \
+        EvalConfig()
+    eval_keys = {k for k in cli if k.lower() in {f.name for f in fields(EvalConfig)} or k.lower().startswith("ngram_")}
+    changed = apply_eval_overrides(eval_cfg, {k: v for k, v in os.environ.items() if k.isupper()}, "env")
+    changed += apply_eval_overrides(eval_cfg, {k: cli.pop(k) for k in eval_keys})
+    changed = resolve(model_cfg, train_cfg, quant_cfg, calib_cfg, cli=cli) + changed
+    quant_cfg, calib_cfg = QuantConfig(**asdict(quant_cfg)), CalibConfig(**asdict(calib_cfg))  # re-validate
+    t0 = time.perf_counter()
+    run_dir = train(model_cfg, train_cfg, changed)
+    stages = {"train": time.perf_counter() - t0}
+    rank, world_size, device = setup_distributed()
+    log = Logger(run_dir / "train.log", rank)
+    counted = counted_code_bytes() if rank == 0 else 0
+    t0 = time.perf_counter()
+    model, _ = quantize_run(run_dir, counted, quant_cfg, calib_cfg, log, train_cfg, device)
+    stages["quantize"] = time.perf_counter() - t0
+    model_bytes = (run_dir / MODEL_FILENAME).stat().st_size
+    sizes = {"bytes_total": counted + model_bytes, "bytes_code": counted, "bytes_model": model_bytes}
+    evaluate_final(model, run_dir, train_cfg, eval_cfg, log, rank, world_size, stages, sizes)
+    return run_dir
+
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,222 @@
+"""tools.quantize: the quantize stage on a run directory, the reload in a fresh process, and bad input."""
+from __future__ import annotations
+
+import argparse
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from submission.config import ModelConfig, TrainConfig, to_dict
+from submission.data import write_shard
+from submission.model import GPT
+from tools.artifact import MODEL_FILENAME, ArtifactError, pack_artifact, read_artifact, to_state_dict
+from tools.calibrate import CalibConfig
+from tools.gptq import QuantConfig, QuantTensor
+from tools.pack import add_commands
+from tools.quantize import load_quantized, quantize_checkpoint, quantize_run
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER = REPO / "data/sample/fineweb_1024_bpe.model"
+MODEL = ModelConfig(vocab_size=1024, num_layers=2, model_dim=64, num_heads=2, num_kv_heads=1, xsa_last_n=2,
+                    rope_dims=8, bigram_buckets=64, bigram_dim=16, value_embed_dim=16)
+# Matrices of a 64-wide model are under the record's passthrough size; a lower one puts them through GPTQ.
+QUANT = QuantConfig(passthrough_max_numel=1024)
+# 2 x 16 generated tokens: far fewer than the 64 and 192 input dims, so every Hessian is rank-deficient.
+TINY_CALIB = CalibConfig(calib_seqs=2, calib_seq_len=16)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One intra-op thread: the test machines share 2 cores between workers, and torch's pool oversubscribed them
+    (test_quantize.py took 60 s with 2 threads, 9 s with 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Lines:
+    """A log function in the trainer Logger's shape that keeps the lines."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def __call__(self, *fields, file_only: bool = False, **kv):
+        self.lines.append(" ".join([*fields, *(f"{k}:{v}" for k, v in kv.items())]))
+
+    def starting(self, prefix: str) -> list[str]:
+        return [line for line in self.lines if line.startswith(prefix)]
+
+
+def trained_like(cfg: ModelConfig, seed: int) -> GPT:
+    """Weights at trained scales (the init leaves projections and the bigram table at zero)."""
+    torch.manual_seed(seed)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and "resid_mix" not in name and "skip" not in name:
+                p.copy_(torch.randn_like(p) / p.size(1) ** 0.5)
+    return model
+
+
+def make_run(root: Path, train_time_s: float = 1.0, ema: bool = True) -> tuple[Path, TrainConfig]:
+    """A run directory as the trainer leaves it, with a random val shard (23 windows of 128 targets) and a tiny train
+    shard beside it."""
+    run = root / "run"
+    data = root / "data"
+    run.mkdir(parents=True)
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    write_shard(data / "fineweb_val_000000.bin", rng.integers(2, 1024, 23 * 128 + 1).astype(np.uint16))
+    write_shard(data / "fineweb_train_000000.bin", rng.integers(2, 1024, 500).astype(np.uint16))
+    train_cfg = TrainConfig(data_dir=str(data), tokenizer_path=str(TOKENIZER), run_dir=str(run), seq_len=128,
+                            val_batch_seqs=4)
+    raw, averaged = trained_like(MODEL, 0), trained_like(MODEL, 1)
+    torch.save({"model_config": to_dict(MODEL), "train_config": to_dict(train_cfg), "steps": 7,
+                "state_dict": raw.state_dict(), "ema_state_dict": averaged.state_dict() if ema else None},
+               run / "checkpoint.pt")
+    (run / "train.log").write_text(f"seed:1337\ntraining_done steps:7 train_time_s:{train_time_s} step_avg_ms:3.5\n")
+    return run, train_cfg
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    """One quantize_run on a tiny run: (run dir, train config, log lines, reloaded model)."""
+    run, train_cfg = make_run(tmp_path_factory.mktemp("q"))
+    log = Lines()
+    model, acc = quantize_run(run, 1234, QUANT, TINY_CALIB, log, progress=False)
+    return run, train_cfg, log, model, acc
+
+
+def reference_loss(model: GPT, tokens: np.ndarray, seq_len: int) -> float:
+    """Mean next-token NLL over non-overlapping windows, written out directly."""
+    t = torch.from_numpy(tokens.astype(np.int64))
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(t) - 1, seq_len):
+            x = t[s:s + seq_len + 1]
+            if len(x) < seq_len + 1:
+                break
+            z = model.logits(x[None, :-1])[0]
+            total += float(F.cross_entropy(z, x[1:], reduction="sum"))
+            count += seq_len
+    return total / count
+
+
+def test_quantize_run_writes_the_artifact_and_logs_the_stage(quantized):
+    run, train_cfg, log, model, acc = quantized
+    path = run / MODEL_FILENAME
+    assert path.is_file() and not [p for p in run.iterdir() if ".tmp" in p.name]
+    assert log.starting("quantize ")[0].startswith(f"quantize run_dir:{run} weights:ema steps:7 code_bytes:1234")
+    assert "calibration source:generated seqs:2 tokens:32 temperature:0.8" in log.lines[1]
+    gptq = log.starting("gptq ")[0]
+    assert "gptq:13 rtn:3" in gptq and "min_calibration_tokens:32" in gptq  # 12 block matrices + bigram proj; tables
+    assert log.starting("gptq_rank_deficient hessians:12 min_tokens:32 max_input_dims:192 damp:0.01")
+    assert log.starting("budget: target:16000000 code_bytes:1234")
+    assert log.starting("artifact_vs_torch_save ")
+    model_bytes = path.stat().st_size
+    assert log.lines[-2:] == ["Code size: 1234 bytes", f"Total submission size: {1234 + model_bytes} bytes"]
+    (line,) = log.starting("quantized_roundtrip_exact ")
+    logged = float(line.split("val_loss:")[1].split()[0])
+    val = np.fromfile(Path(train_cfg.data_dir) / "fineweb_val_000000.bin", dtype="<u2", offset=1024)
+    assert logged == pytest.approx(reference_loss(model, val, 128), abs=2e-6)  # 23 windows of 128 targets
+    assert line == f"quantized_roundtrip_exact val_loss:{acc.val_loss:.8f} val_bpb:{acc.val_bpb:.8f}"
+    # The reloaded artifact is the EMA checkpoint, quantized: close to it in loss, not equal.
+    averaged = trained_like(MODEL, 1).eval()
+    before = reference_loss(averaged, val, 128)
+    assert logged != before and abs(logged - before) < 0.05 * before
+    assert read_artifact(path)[2]["calib_seqs"] == 2  # the calibration settings travel with the artifact
+
+
+def test_reload_in_a_fresh_process_gives_identical_logits(tmp_path):
+    run, _ = make_run(tmp_path)
+    path, packed, thread = quantize_checkpoint(run, 0, QUANT, TINY_CALIB, Lines(), torch.device("cpu"),
+                                               progress=False)
+    thread.join()
+    assert sum(isinstance(v, QuantTensor) for v in packed.values()) == 16
+    in_memory = GPT(MODEL)
+    in_memory.load_state_dict(to_state_dict(packed, in_memory.state_dict()))
+    batch = torch.randint(0, 1024, (2, 40), generator=torch.Generator().manual_seed(3))
+    torch.save(batch, tmp_path / "batch.pt")
+    script = textwrap.dedent(f"""
+        import torch
+        from tools.quantize import load_quantized
+        model = load_quantized({str(path)!r})
+        with torch.no_grad():
+            torch.save(model.logits(torch.load({str(tmp_path / 'batch.pt')!r})), {str(tmp_path / 'fresh.pt')!r})
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    with torch.no_grad():
+        expected = in_memory.eval().logits(batch)
+    assert torch.equal(torch.load(tmp_path / "fresh.pt"), expected)
+
+
+def test_bad_artifacts_name_the_file(tmp_path, quantized):
+    run = quantized[0]
+    blob = (run / MODEL_FILENAME).read_bytes()
+    truncated = tmp_path / "truncated.pgz"
+    truncated.write_bytes(blob[:-100])
+    with pytest.raises(ArtifactError, match=rf"{truncated}: prefix says .* \(truncated"):
+        load_quantized(truncated)
+    tensors, model_config, quant_config = read_artifact(run / MODEL_FILENAME)
+    foreign = tmp_path / "foreign.pgz"
+    foreign.write_bytes(pack_artifact(tensors, {**model_config, "num_experts": 8}, quant_config))
+    with pytest.raises(ArtifactError, match=rf"{foreign}: model config does not fit .*num_experts"):
+        load_quantized(foreign)
+    wider = tmp_path / "wider.pgz"
+    wider.write_bytes(pack_artifact(tensors, {**model_config, "mlp_mult": 4.0}, quant_config))
+    with pytest.raises(ArtifactError, match=rf"{wider}: tensor blocks.0.mlp.c_fc.weight is \[192, 64\] in the "
+                                            r"artifact but \[256, 64\] in the model"):
+        load_quantized(wider)
+
+
+def test_over_the_cap_or_missing_checkpoint_writes_nothing(tmp_path):
+    run, _ = make_run(tmp_path)
+    with pytest.raises(ValueError, match=r"code 15,990,000 \+ model .* is still above the target 16,000,000"):
+        quantize_checkpoint(run, 15_990_000, QUANT, TINY_CALIB, Lines(), torch.device("cpu"), progress=False)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "train.log"]
+    with pytest.raises(FileNotFoundError, match=r"nowhere/checkpoint.pt not found \(train first"):
+        quantize_run(tmp_path / "nowhere", 0, QUANT, TINY_CALIB, Lines(), progress=False)
+
+
+def test_train_data_calibration_must_fit_the_training_cap(tmp_path):
+    calib = CalibConfig(calib_source="train", calib_seqs=2, calib_seq_len=100)
+    late, _ = make_run(tmp_path / "late", train_time_s=599.999)
+    log = Lines()
+    with pytest.raises(RuntimeError, match=r"training 600.0 s \+ calibration on train data .* exceeds the 600 s "
+                                           r"training cap .*lower MAX_WALLCLOCK_SECONDS"):
+        quantize_checkpoint(late, 0, QUANT, calib, log, torch.device("cpu"), progress=False)
+    assert "within_cap:false" in log.starting("calibration_budget ")[0]
+    assert not (late / MODEL_FILENAME).exists()
+    early, _ = make_run(tmp_path / "early", train_time_s=500)
+    log = Lines()
+    _, _, thread = quantize_checkpoint(early, 0, QUANT, calib, log, torch.device("cpu"), progress=False)
+    thread.join()
+    assert "calibration source:train seqs:2 tokens:200 temperature:-" in log.starting("calibration ")[0]
+    assert log.starting("calibration_budget train_time_s:500.0")[0].endswith("within_cap:true")
+
+
+def test_cli_quantize_logs_to_quantize_log(tmp_path):
+    run, _ = make_run(tmp_path, ema=False)
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers())
+    args = parser.parse_args(["quantize", str(run), "CALIB_SEQS=2", "CALIB_SEQ_LEN=16", "PASSTHROUGH_MAX_NUMEL=1024",
+                              "--code-bytes", "999", "--quiet"])
+    assert args.func(args) == 0
+    lines = (run / "quantize.log").read_text().splitlines()
+    assert lines[0] == "override setting:calib_seqs:64->2(cli)"
+    assert any(line.startswith(f"quantize run_dir:{run} weights:raw steps:7 code_bytes:999") for line in lines)
+    assert lines[-1] == f"Total submission size: {999 + (run / MODEL_FILENAME).stat().st_size} bytes"
+    assert math.isfinite(float(next(l for l in lines if l.startswith("quantized_roundtrip_exact")).split(":")[1]
+                               .split()[0]))
+    with pytest.raises(ValueError, match=r"unknown setting 'NUM_LAYERS'"):  # the model is fixed by the checkpoint
+        args = parser.parse_args(["quantize", str(run), "NUM_LAYERS=3"])
+        args.func(args)

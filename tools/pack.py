@@ -1,0 +1,104 @@
+"""`pgolf quantize RUN_DIR` (the quantize stage alone) and `pgolf pack RUN_DIR --out DIR` (the shippable folder)."""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+from submission.config import resolve
+from submission.train import Logger
+from tools.artifact import CODE_FILENAME, DECIMAL_CAP, MODEL_FILENAME, read_contents
+from tools.bundle import BundleResult, bundle, write_bundle
+from tools.calibrate import CalibConfig
+from tools.gptq import QuantConfig
+from tools.quantize import load_checkpoint, quantize_run
+from tools.size import SizeReport, size_report
+
+KIT_ROOT = Path(__file__).resolve().parents[1]
+ENTRY = KIT_ROOT / "submission" / "train_gpt.py"
+
+
+def bundle_entry() -> BundleResult:
+    """The packed single-file program of the pipeline entry (its size is the code bytes the challenge counts)."""
+    return bundle(ENTRY, KIT_ROOT)
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    bad = [item for item in items if "=" not in item]
+    if bad:
+        raise ValueError(f"settings must be KEY=VALUE (e.g. CALIB_SEQS=32 MATRIX_BITS=6), got {bad}")
+    return dict(item.split("=", 1) for item in items)
+
+
+def pack(run_dir: str | os.PathLike, out: str | os.PathLike, progress: bool = True) -> tuple[BundleResult, SizeReport]:
+    """Write OUT/train_gpt.py (+ .sha256) and OUT/model.pgz, after checking code + model bytes fit the decimal cap.
+
+    Nothing is written when the run has no valid artifact or the total is over the cap.
+    """
+    run_dir, out = Path(run_dir), Path(out)
+    model_path = run_dir / MODEL_FILENAME
+    if not model_path.is_file():
+        raise FileNotFoundError(f"{model_path} not found (run `pgolf quantize {run_dir}` first)")
+    blob = model_path.read_bytes()
+    read_contents(blob, str(model_path))  # a truncated or corrupted artifact stops here
+    result = bundle_entry()
+    code = result.sizes.packed
+    total = code + len(blob)
+    if total > DECIMAL_CAP:
+        raise ValueError(f"{model_path}: code {code:,} (packed {ENTRY.name}) + model {len(blob):,} = {total:,} bytes "
+                         f"exceeds the cap {DECIMAL_CAP:,} (decimal bytes) by {total - DECIMAL_CAP:,}: re-fit the "
+                         f"model to this code with `pgolf quantize {run_dir} --code-bytes {code}`")
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{MODEL_FILENAME}.tmp{os.getpid()}"
+    try:
+        shutil.copyfile(model_path, tmp)
+        write_bundle(result, out)
+        os.replace(tmp, out / MODEL_FILENAME)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return result, size_report(out / MODEL_FILENAME, out / CODE_FILENAME, progress=progress)
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    train_cfg = load_checkpoint(run_dir).train_config
+    quant_cfg, calib_cfg = QuantConfig(), CalibConfig()
+    changed = resolve(quant_cfg, calib_cfg, train_cfg, cli=parse_overrides(args.settings))
+    quant_cfg, calib_cfg = QuantConfig(**asdict(quant_cfg)), CalibConfig(**asdict(calib_cfg))  # re-validate
+    code = args.code_bytes if args.code_bytes is not None else bundle_entry().sizes.packed
+    log = Logger(run_dir / "quantize.log", 0)
+    for line in changed:
+        log("override", setting=line.replace(" ", ""))
+    quantize_run(run_dir, code, quant_cfg, calib_cfg, log, train_cfg, args.device, progress=not args.quiet)
+    return 0
+
+
+def _cmd_pack(args: argparse.Namespace) -> int:
+    result, report = pack(args.run_dir, args.out, progress=not args.quiet)
+    print(f"pack: out:{args.out} source_sha256:{result.sha256[:16]} modules:{len(result.modules)} "
+          f"readable_bytes:{result.sizes.readable} packed_bytes:{result.sizes.packed}")
+    print("\n".join(report.lines()))
+    return 0
+
+
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser(
+        "quantize", help="calibrate + GPTQ a run's checkpoint into RUN_DIR/model.pgz and score the reloaded artifact",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run_dir", help="run directory holding checkpoint.pt (log: RUN_DIR/quantize.log)")
+    p.add_argument("settings", nargs="*", metavar="KEY=VALUE",
+                   help="QuantConfig, CalibConfig or TrainConfig fields, e.g. CALIB_SEQS=32 DATA_DIR=data/x")
+    p.add_argument("--code-bytes", type=int, default=None,
+                   help="code bytes to fit the model under (default: the packed size of submission/train_gpt.py)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_quantize)
+
+    p = subparsers.add_parser("pack", help="write the shippable folder: packed train_gpt.py (+ .sha256) and model.pgz,"
+                                           " checked against 16,000,000 bytes")
+    p.add_argument("run_dir", help=f"run directory holding {MODEL_FILENAME}")
+    p.add_argument("--out", type=Path, required=True, help="folder to write (created if missing)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_pack)

@@ -1,0 +1,204 @@
+"""The quantize stage: checkpoint -> calibration -> GPTQ -> budget-fitted RUN_DIR/model.pgz -> reload and score it."""
+from __future__ import annotations
+
+import io
+import lzma
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from eval.bpb import BPBAccumulator
+from eval.flat import evaluate_flat
+from submission.config import ModelConfig, TrainConfig, from_dict, to_dict
+from submission.data import load_tokens
+from submission.model import GPT
+from submission.train import _byte_luts
+from tools.artifact import (MODEL_FILENAME, ArtifactError, fit_to_budget, read_artifact, to_state_dict,
+                            write_artifact)
+from tools.calibrate import CalibConfig, calibrate
+from tools.gptq import QuantConfig, QuantTensor, quantize_state_dict
+
+# The challenge's training cap. Calibrating on train data is legal only inside it, whatever MAX_WALLCLOCK_SECONDS says.
+TRAIN_CAP_SECONDS = 600.0
+# Tables looked up by token id: int8 round-to-nearest per row (CHALLENGE.md's record recipe), never int6 GPTQ.
+EMBEDDING_NAMES = ("tok_emb.weight", "bigram.table.weight", "value_embed.weight")
+
+
+@dataclass
+class Checkpoint:
+    """What quantization needs from RUN_DIR/checkpoint.pt."""
+    model_config: ModelConfig
+    train_config: TrainConfig
+    state_dict: dict[str, torch.Tensor]
+    weights: str   # "ema" or "raw"
+    steps: int
+
+
+def load_checkpoint(run_dir: str | os.PathLike) -> Checkpoint:
+    """RUN_DIR/checkpoint.pt with the EMA weights when the run kept them (they are what the trainer scored last)."""
+    path = Path(run_dir) / "checkpoint.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (train first: python -m submission.train_gpt RUN_DIR={run_dir})")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        model_cfg = from_dict(ModelConfig, ckpt["model_config"])
+        train_cfg = from_dict(TrainConfig, ckpt["train_config"])
+    except (KeyError, ValueError, RuntimeError, EOFError) as err:
+        raise ValueError(f"{path}: not a readable kit checkpoint ({type(err).__name__}: {err}); train again") from None
+    ema = ckpt.get("ema_state_dict")
+    return Checkpoint(model_cfg, train_cfg, ema if ema is not None else ckpt["state_dict"],
+                      "ema" if ema is not None else "raw", int(ckpt["steps"]))
+
+
+def read_training_done(run_dir: str | os.PathLike) -> dict[str, str]:
+    """key:value fields of the last `training_done` line of RUN_DIR/train.log."""
+    path = Path(run_dir) / "train.log"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (the run's log: train first)")
+    lines = [line for line in path.read_text().splitlines() if line.startswith("training_done ")]
+    if not lines:
+        raise ValueError(f"{path}: no `training_done` line (training did not finish; train again)")
+    return dict(field.split(":", 1) for field in lines[-1].split()[1:] if ":" in field)
+
+
+def load_quantized(path: str | os.PathLike, device: torch.device | str = "cpu") -> GPT:
+    """A fresh GPT built from the artifact's own model config, holding its dequantized weights."""
+    tensors, model_config, _ = read_artifact(path)
+    try:
+        cfg = from_dict(ModelConfig, model_config)
+    except (TypeError, ValueError) as err:
+        raise ArtifactError(f"{path}: model config does not fit this kit's ModelConfig ({err})") from None
+    model = GPT(cfg).to(device)
+    model.load_state_dict(to_state_dict(tensors, model.state_dict(), str(path)))
+    return model.eval()
+
+
+def torch_save_lzma_bytes(tensors: dict[str, QuantTensor | torch.Tensor]) -> int:
+    """lzma-9 of torch.save of the same tensors: the usual way records store them, our format's baseline."""
+    flat = {}
+    for name, value in tensors.items():
+        if isinstance(value, QuantTensor):
+            flat[name + ".q"], flat[name + ".scale"] = value.codes, value.scales
+        else:
+            flat[name] = value
+    buf = io.BytesIO()
+    torch.save(flat, buf)
+    return len(lzma.compress(buf.getvalue(), preset=9))
+
+
+def quantize_checkpoint(run_dir: str | os.PathLike, code_bytes: int, quant_cfg: QuantConfig, calib_cfg: CalibConfig,
+                        log, device: torch.device, data_dir: str | None = None, progress: bool = True
+                        ) -> tuple[Path, dict[str, QuantTensor | torch.Tensor], threading.Thread]:
+    """Calibrate, GPTQ and budget-fit the run's checkpoint; write RUN_DIR/model.pgz atomically.
+
+    Returns the artifact's path, the tensors as packed, and a started thread that logs the torch.save + lzma-9
+    baseline (a full-size lzma pass takes ~40 s of CPU that the caller can overlap with GPU work; join it).
+    """
+    run_dir = Path(run_dir)
+    ckpt = load_checkpoint(run_dir)
+    log("quantize", run_dir=str(run_dir), weights=ckpt.weights, steps=ckpt.steps, code_bytes=code_bytes,
+        device=str(device))
+    model = GPT(ckpt.model_config).to(device)
+    model.load_state_dict(ckpt.state_dict)
+
+    cal = calibrate(model, calib_cfg, data_dir or ckpt.train_config.data_dir, progress)
+    total_s = cal.data_seconds + cal.hessian_seconds
+    log("calibration", source=cal.source, seqs=cal.sequences, tokens=cal.tokens,
+        temperature=calib_cfg.calib_temperature if cal.source == "generated" else "-", seed=calib_cfg.calib_seed,
+        data_s=round(cal.data_seconds, 2), hessian_s=round(cal.hessian_seconds, 2), calibration_s=round(total_s, 2),
+        hessians=len(cal.stats.hessians))
+    if cal.source == "train":
+        train_s = float(read_training_done(run_dir).get("train_time_s", "nan"))
+        within = train_s + total_s <= TRAIN_CAP_SECONDS
+        log("calibration_budget", train_time_s=round(train_s, 2), calibration_s=round(total_s, 2),
+            total_s=round(train_s + total_s, 2), cap_s=TRAIN_CAP_SECONDS, within_cap=str(within).lower())
+        if not within:
+            raise RuntimeError(f"{run_dir / 'train.log'}: training {train_s:.1f} s + calibration on train data "
+                               f"{total_s:.1f} s = {train_s + total_s:.1f} s exceeds the {TRAIN_CAP_SECONDS:.0f} s "
+                               "training cap (train data may only be read inside it): lower MAX_WALLCLOCK_SECONDS "
+                               f"by at least {train_s + total_s - TRAIN_CAP_SECONDS:.0f} s, or CALIB_SOURCE=generated")
+
+    t0 = time.perf_counter()
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    names = [n for n in EMBEDDING_NAMES if n in state]
+    tensors, report = quantize_state_dict(state, cal.stats.hessians, names, quant_cfg, progress)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    gptq_s = time.perf_counter() - t0
+    for line in report.lines():
+        log(line, file_only=True)
+    gptq = {n: i for n, i in report.infos.items() if i["method"] == "gptq"}
+    retried = {n: i["damp"] for n, i in gptq.items() if i["damp_retries"]}
+    methods = [m.split()[0] for m in report.methods.values()]
+    log("gptq", seconds=round(gptq_s, 2), gptq=methods.count("gptq"), rtn=methods.count("rtn"),
+        fp16=methods.count("fp16"), damp_grown=len(retried),
+        max_damp=max(retried.values(), default=quant_cfg.damp), min_calibration_tokens=min(cal.stats.tokens.values()))
+    short = {n: h.size(0) for n, h in cal.stats.hessians.items() if cal.stats.tokens[n] < h.size(0)}
+    if short:  # H = X^T X has rank <= tokens: the damping (QuantConfig.damp x mean diag) is what makes it invertible
+        log("gptq_rank_deficient", hessians=len(short), min_tokens=min(cal.stats.tokens[n] for n in short),
+            max_input_dims=max(short.values()), damp=quant_cfg.damp)
+    for name, damp in retried.items():  # damping had to grow for Cholesky to succeed: say where
+        log("gptq_damping", tensor=name, damp=damp, tokens=cal.stats.tokens[name],
+            input_dims=cal.stats.hessians[name].size(0))
+
+    t0 = time.perf_counter()
+    hessian_diag = {n: h.diagonal() for n, h in cal.stats.hessians.items()}
+    quant_record = {**asdict(quant_cfg), **asdict(calib_cfg)}
+    blob, packed, budget = fit_to_budget(tensors, hessian_diag, code_bytes, to_dict(ckpt.model_config), quant_record,
+                                         progress=progress)
+    pack_s = time.perf_counter() - t0
+    for line in budget.lines():
+        log(line)
+    path = run_dir / MODEL_FILENAME
+    write_artifact(path, blob, code_bytes)
+    log("artifact", path=str(path), compressor=budget.compressor, model_bytes=len(blob), pack_s=round(pack_s, 2))
+
+    def baseline() -> None:
+        size = torch_save_lzma_bytes(packed)
+        log("artifact_vs_torch_save", model_bytes=len(blob), torch_save_lzma9_bytes=size,
+            smaller_by=f"{1 - len(blob) / size:.2%}")
+    thread = threading.Thread(target=baseline, daemon=True)
+    thread.start()
+    return path, packed, thread
+
+
+def quantize_run(run_dir: str | os.PathLike, code_bytes: int, quant_cfg: QuantConfig | None = None,
+                 calib_cfg: CalibConfig | None = None, log=print, train_cfg: TrainConfig | None = None,
+                 device: torch.device | str | None = None, progress: bool = True) -> tuple[GPT, BPBAccumulator]:
+    """The pipeline's quantize stage on every rank: rank 0 writes RUN_DIR/model.pgz, then every rank reloads it from
+    disk into a fresh GPT and scores it flat (`quantized_roundtrip_exact`). Returns (reloaded model, its score).
+
+    train_cfg supplies data_dir, tokenizer_path, seq_len and val_batch_seqs (default: the checkpoint's).
+    """
+    run_dir = Path(run_dir)
+    quant_cfg, calib_cfg = quant_cfg or QuantConfig(), calib_cfg or CalibConfig()
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    train_cfg = train_cfg or load_checkpoint(run_dir).train_config
+    thread = None
+    if rank == 0:
+        _, _, thread = quantize_checkpoint(run_dir, code_bytes, quant_cfg, calib_cfg, log, device, train_cfg.data_dir,
+                                           progress)
+    if distributed:
+        dist.barrier()
+    path = run_dir / MODEL_FILENAME
+    model = load_quantized(path, device)
+    val_tokens = load_tokens(f"{train_cfg.data_dir}/fineweb_val_*.bin")
+    luts = _byte_luts(train_cfg, model.cfg.vocab_size)
+    t0 = time.perf_counter()
+    acc = evaluate_flat(model, val_tokens, luts, train_cfg.seq_len, train_cfg.val_batch_seqs, rank, world_size)
+    if thread is not None:
+        thread.join()
+    model_bytes = path.stat().st_size
+    log("roundtrip_eval", artifact=str(path), tokens=acc.tokens, bytes=acc.bytes,
+        seconds=round(time.perf_counter() - t0, 2))
+    log(f"quantized_roundtrip_exact val_loss:{acc.val_loss:.8f} val_bpb:{acc.val_bpb:.8f}")
+    log(f"Code size: {code_bytes} bytes")
+    log(f"Total submission size: {code_bytes + model_bytes} bytes")
+    return model, acc

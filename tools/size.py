@@ -1,0 +1,98 @@
+"""`pgolf size`: the counted bytes of an artifact directory (code + model vs the cap) and each tensor's share."""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from tools.artifact import CODE_FILENAME, DECIMAL_CAP, MODEL_FILENAME, compress, read_contents
+from tools.gptq import QuantTensor
+
+
+@dataclass
+class TensorShare:
+    name: str
+    params: int
+    bits: int
+    bytes: float   # estimated compressed bytes: the tensor compressed alone, normalized so shares sum to the model
+
+
+@dataclass
+class SizeReport:
+    """Counted bytes of an artifact directory: code + model vs the decimal cap, with a per-tensor estimate."""
+    code_bytes: int
+    model_bytes: int
+    compressor: str
+    tensors: list[TensorShare]
+    cap: int = DECIMAL_CAP
+
+    @property
+    def total_bytes(self) -> int:
+        return self.code_bytes + self.model_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.cap
+
+    def lines(self) -> list[str]:
+        width = max([len(t.name) for t in self.tensors] + [6])
+        out = [f"{'tensor':<{width}} {'params':>11} {'bits':>4} {'bytes':>11} {'share':>6} {'bits/param':>10}"]
+        for t in sorted(self.tensors, key=lambda t: -t.bytes):
+            share = t.bytes / self.model_bytes if self.model_bytes else 0.0
+            out.append(f"{t.name:<{width}} {t.params:>11,} {t.bits:>4} {t.bytes:>11,.0f} {share:>6.1%} "
+                       f"{8 * t.bytes / max(t.params, 1):>10.3f}")
+        params = sum(t.params for t in self.tensors)
+        out.append(f"{'total':<{width}} {params:>11,} {'':>4} {self.model_bytes:>11,} {'':>6} "
+                   f"{8 * self.model_bytes / max(params, 1):>10.3f}")
+        out.append(f"size: code_bytes:{self.code_bytes} model_bytes:{self.model_bytes} total_bytes:"
+                   f"{self.total_bytes} cap:{self.cap} headroom:{self.cap - self.total_bytes} compressor:"
+                   f"{self.compressor} fits:{str(self.fits).lower()}")
+        return out
+
+
+def size_report(artifact_path: str | os.PathLike, code_path: str | os.PathLike, progress: bool = True) -> SizeReport:
+    """Code bytes (the file as shipped), model bytes, and each tensor's estimated share of the model bytes."""
+    artifact_path, code_path = Path(artifact_path), Path(code_path)
+    for path, what in ((artifact_path, "model artifact"), (code_path, "code file")):
+        if not path.is_file():
+            raise FileNotFoundError(f"{what} {path} not found (an artifact dir holds {MODEL_FILENAME} and "
+                                    f"{CODE_FILENAME})")
+    blob = artifact_path.read_bytes()
+    contents = read_contents(blob, str(artifact_path))
+    alone = {}
+    for name, entry in tqdm(contents.header["tensors"].items(), desc="size shares", unit="tensor",
+                            disable=not progress):
+        data = b"".join(contents.payload[o:o + n] for o, n in entry["segments"])
+        alone[name] = len(compress(data, contents.compressor))
+    norm = len(blob) / max(sum(alone.values()), 1)
+    shares = []
+    for name, entry in contents.header["tensors"].items():
+        value = contents.tensors[name]
+        if isinstance(value, QuantTensor):
+            params, bits = value.codes.numel(), value.bits
+        else:
+            params, bits = value.numel(), 8 * value.element_size()
+        shares.append(TensorShare(name, params, bits, alone[name] * norm))
+    return SizeReport(code_path.stat().st_size, len(blob), contents.compressor, shares)
+
+
+def _cmd_size(args) -> int:
+    root = Path(args.artifact_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"artifact dir {root} not found (expected {MODEL_FILENAME} and {CODE_FILENAME} in it)")
+    report = size_report(root / args.model, root / args.code, progress=not args.quiet)
+    print("\n".join(report.lines()))
+    return 0 if report.fits else 1
+
+
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser("size", help="counted bytes of an artifact dir (code + model vs 16,000,000)",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("artifact_dir", help=f"directory holding {MODEL_FILENAME} and {CODE_FILENAME}")
+    p.add_argument("--model", default=MODEL_FILENAME, help="model file name inside the dir")
+    p.add_argument("--code", default=CODE_FILENAME, help="code file name inside the dir (counted as shipped)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_size)
