@@ -12,7 +12,7 @@ REC_0323 = RECORDS / "2026-03-23_LeakyReLU_LegalTTT_ParallelMuon"
 REC_0325 = RECORDS / "2026-03-25_ValCalib_GPTQ_XSA_BigramHash3072"
 REC_0405 = RECORDS / "2026-04-05_SP8192_GPTQ-Embeddings_SDClip_Loop45x2"
 ALL_RECORDS = [REC_0323, REC_0325, REC_0405]
-pytestmark = pytest.mark.skipif(not RECORDS.is_dir(), reason=f"fixture records not found at {RECORDS}")
+needs_records = pytest.mark.skipif(not RECORDS.is_dir(), reason=f"fixture records not found at {RECORDS}")
 
 
 def copy_record(src: Path, tmp_path: Path) -> Path:
@@ -41,6 +41,7 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str]:
     return args.func(args), capsys.readouterr().out
 
 
+@needs_records
 @pytest.mark.parametrize("folder", ALL_RECORDS, ids=lambda p: p.name[:10])
 def test_fixtures_pass_results_only_and_miss_only_readme_and_script(folder):
     report = check.check_record(folder, results_only=True)
@@ -50,6 +51,7 @@ def test_fixtures_pass_results_only_and_miss_only_readme_and_script(folder):
     assert errors(full) == [("README.md", "missing"), ("train_gpt.py", "missing")]
 
 
+@needs_records
 def test_cli_exit_codes_and_output(capsys):
     code, out = run_cli(["check", str(REC_0323)], capsys)
     assert code == 1 and "error: README.md: missing" in out and "check:failed mode:full errors:2" in out
@@ -58,6 +60,7 @@ def test_cli_exit_codes_and_output(capsys):
     assert code == 0 and "add val_loss: 1.89002068" in out and "check:ok mode:results-only errors:0" in out
 
 
+@needs_records
 def test_removed_log_fails(tmp_path):
     folder = copy_record(REC_0325, tmp_path)
     (folder / "train_seed42.log").unlink()
@@ -72,6 +75,7 @@ def test_removed_log_fails(tmp_path):
                                          f"{(1.12002032 + 1.11922988) / 2:.8f}")]
 
 
+@needs_records
 @pytest.mark.parametrize("total, mib_hint", [(16_000_001, True), (16_777_216, True), (16_777_217, False)])
 def test_bytes_total_over_the_decimal_cap(tmp_path, total, mib_hint):
     folder = copy_record(REC_0325, tmp_path)
@@ -84,12 +88,14 @@ def test_bytes_total_over_the_decimal_cap(tmp_path, total, mib_hint):
     assert f"by at least {total - 16_000_000:,} bytes" in problem.fix
 
 
+@needs_records
 def test_bytes_total_at_the_cap_passes(tmp_path):
     folder = copy_record(REC_0325, tmp_path)
     edit_submission(folder, bytes_total=16_000_000)
     assert check.check_record(folder, results_only=True).errors == []
 
 
+@needs_records
 def test_malformed_log_fails(tmp_path):
     folder = copy_record(REC_0325, tmp_path)
     log = folder / "train_seed999.log"
@@ -103,6 +109,7 @@ def test_malformed_log_fails(tmp_path):
     assert ("train_seed999.log", "no final metric line") in found
 
 
+@needs_records
 def test_seed_results_must_match_the_logs(tmp_path):
     folder = copy_record(REC_0325, tmp_path)
     seed_results = json.loads((folder / "submission.json").read_text())["seed_results"]
@@ -114,6 +121,7 @@ def test_seed_results_must_match_the_logs(tmp_path):
         ("submission.json", "seed_results['999'].artifact_bytes is 15876000 but train_seed999.log says 15876310")]
 
 
+@needs_records
 def test_field_types(tmp_path):
     folder = copy_record(REC_0405, tmp_path)
     data = json.loads((folder / "submission.json").read_text())
@@ -127,6 +135,7 @@ def test_field_types(tmp_path):
         ("submission.json", "val_bpb is '1.08563'")]
 
 
+@needs_records
 def test_full_check_with_readme_and_script(tmp_path):
     folder = copy_record(REC_0405, tmp_path)  # states bytes_code 15516, and its logs say Code size: 15516 bytes
     (folder / "README.md").write_text("# SP8192 record\n")
@@ -142,3 +151,65 @@ def test_full_check_with_readme_and_script(tmp_path):
     (folder / "train_gpt.py").write_bytes(b"#" * 100)
     (problem,) = check.check_record(folder).errors
     assert problem.message == "bytes_code is missing" and "bytes_code: 100" in problem.fix
+
+
+def kit_folder(tmp_path: Path, model_bytes: int = 50_000) -> Path:
+    """A record folder in the layout `pgolf record` writes, from kit train logs (key:value lines, final_eval_exact
+    last), written by hand so the check is tested independently of the writer."""
+    folder = tmp_path / "2026-05-01_Kit"
+    folder.mkdir()
+    code = "print('the packed pipeline')\n"
+    (folder / "train_gpt.py").write_text(code)
+    (folder / "README.md").write_text("# Kit\n")
+    seeds = {1337: (2.40112233, 1.38912345), 42: (2.40223344, 1.38977777), 2025: (2.40001122, 1.38848484)}
+    for seed, (loss, bpb) in seeds.items():
+        (folder / f"train_seed{seed}.log").write_text("\n".join([
+            f"seed:{seed}", "run run_dir:runs/x world_size:1 device:cpu torch:2.13.0",
+            "step:1 train_loss:6.93", "step:2 train_loss:6.5",
+            "training_done steps:2 train_time_s:1.0 step_avg_ms:500.0 data_reads_after_cap:0",
+            f"final_prequant val_loss:{loss - 0.01:.6f} val_bpb:{bpb - 0.005:.6f}",
+            f"quantized_roundtrip_exact val_loss:{loss + 0.01:.8f} val_bpb:{bpb + 0.005:.8f}",
+            f"Code size: {len(code)} bytes", f"Total submission size: {len(code) + model_bytes} bytes",
+            f"final_eval_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}"]) + "\n")
+    (folder / "submission.json").write_text(json.dumps({
+        "author": "A", "github_id": "a", "name": "Kit", "blurb": "b", "date": "2026-05-01",
+        "val_loss": sum(v[0] for v in seeds.values()) / 3, "val_bpb": sum(v[1] for v in seeds.values()) / 3,
+        "seeds": list(seeds), "bytes_total": len(code) + model_bytes, "bytes_code": len(code),
+        "seed_results": {str(s): {"val_loss": v[0], "val_bpb": v[1], "artifact_bytes": len(code) + model_bytes,
+                                  "steps": 2, "step_avg_ms": 500.0} for s, v in seeds.items()},
+        "compliance": {"C1": True, "C2": True, "C3": True, "C4": True}}))
+    return folder
+
+
+def test_kit_folder_passes_and_is_scored_by_final_eval_exact(tmp_path):
+    report = check.check_record(kit_folder(tmp_path))
+    assert report.problems == [], [str(p) for p in report.problems]
+    assert {r.metric_key for r in report.results} == {"final_eval_exact"}
+    assert [r.val_bpb for r in report.results] == [1.38977777, 1.38912345, 1.38848484]
+
+
+def test_kit_folder_with_a_missing_log_fails(tmp_path):
+    folder = kit_folder(tmp_path)
+    (folder / "train_seed42.log").unlink()
+    found = errors(check.check_record(folder))
+    assert ("submission.json", "seed 42 is listed in seeds but has no train log") in found
+    assert ("submission.json", "seed_results['42'] has no train log") in found
+
+
+def test_kit_folder_over_the_cap_fails(tmp_path):
+    folder = kit_folder(tmp_path, model_bytes=16_000_000 - 29 + 1)  # code is 29 bytes: one byte over
+    found = errors(check.check_record(folder))
+    assert ("submission.json", "bytes_total 16,000,001 bytes is over the cap of 16,000,000 decimal bytes (it fits "
+            "16 MiB = 16,777,216: the cap is 16,000,000, not 16*1024*1024 - a size check computed in MiB passes "
+            "it)") in found
+    assert len([f for f in found if f[0].startswith("train_seed")]) == 3  # each log's Total submission size too
+
+
+def test_a_stated_compliance_failure_fails(tmp_path):
+    folder = kit_folder(tmp_path)
+    edit_submission(folder, compliance={"C1": True, "C2": True, "C3": False, "C4": True})
+    (problem,) = check.check_record(folder).errors
+    assert problem.message.startswith("compliance C3 is false")
+    # free-text notes (as hand-written records have) are not judged
+    edit_submission(folder, compliance="score-first TTT; n-gram normalized over the vocabulary")
+    assert check.check_record(folder).errors == []

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from tools.results import (FINAL_METRIC_KEYS, ResultFormatError, load_record, load_results, parse_eval_json,
-                           parse_log)
+                           parse_log, run_dirs, train_loss_curve)
 
 RECORDS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "records"
 REC_0323 = RECORDS / "2026-03-23_LeakyReLU_LegalTTT_ParallelMuon"
@@ -144,7 +144,66 @@ def test_eval_json_and_run_directory(tmp_path):
 
 
 def test_missing_paths_are_clear(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no eval.json and no train logs"):
+    with pytest.raises(FileNotFoundError, match="no eval.json, no run directories with one, and no train logs"):
         load_results(tmp_path)
     with pytest.raises(FileNotFoundError, match="no train logs"):
         load_record(tmp_path)
+
+
+def kit_log(seed: int, loss: float, bpb: float) -> list[str]:
+    """Lines as submission/train.py's Logger and the pipeline write them."""
+    return [f"seed:{seed}", "run run_dir:runs/x world_size:1 device:cpu torch:2.13.0",
+            "step:1 train_loss:6.93", "step:2 train_loss:6.41", "step:2 train_time_s:1.2 step_avg_ms:600.0",
+            "training_done steps:2 train_time_s:1.2 step_avg_ms:600.0 data_reads_after_cap:0",
+            f"final_prequant val_loss:{loss - 0.1:.6f} val_bpb:{bpb - 0.05:.6f} steps:2",
+            f"quantized_roundtrip_exact val_loss:{loss + 0.02:.8f} val_bpb:{bpb + 0.01:.8f}",
+            "Code size: 29000 bytes", "Total submission size: 1529000 bytes",
+            f"eval_sliding_exact val_loss:{loss + 0.01:.8f} val_bpb:{bpb + 0.005:.8f}",
+            f"final_eval_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}"]
+
+
+def test_kit_log_is_scored_by_final_eval_exact_then_the_round_trip(tmp_path):
+    r = parse_log(write_log(tmp_path / "train_seed3.log", kit_log(3, 2.4, 1.39)))
+    assert (r.metric_key, r.val_loss, r.val_bpb, r.seed) == ("final_eval_exact", 2.4, 1.39, 3)
+    assert (r.steps, r.step_avg_ms, r.bytes_code, r.bytes_total) == (2, 600.0, 29000, 1529000)
+    assert FINAL_METRIC_KEYS[0] == "final_eval_exact"
+    # a run that stopped after quantizing: its exact round-trip line, not the pre-quantization one
+    lines = [line for line in kit_log(3, 2.4, 1.39) if not line.startswith(("final_eval", "eval_"))]
+    r = parse_log(write_log(tmp_path / "train_seed4.log", ["seed:4", *lines[1:]]))
+    assert (r.metric_key, r.val_loss, r.val_bpb) == ("quantized_roundtrip_exact", 2.42, 1.4)
+    # a TTT line of a challenge script does not outrank the kit's final line
+    r = parse_log(write_log(tmp_path / "train_seed5.log",
+                            ["legal_ttt_exact val_loss:1.0 val_bpb:0.6", *kit_log(5, 2.4, 1.39)]))
+    assert r.metric_key == "final_eval_exact"
+
+
+def test_a_folder_of_run_directories(tmp_path):
+    for seed in (7, 8):
+        run = tmp_path / f"seed{seed}"
+        run.mkdir()
+        write_log(run / "train.log", kit_log(seed, 2.4, 1.39))
+        (run / "eval.json").write_text(json.dumps(dict(seed=seed, val_loss=round(2.4 + seed / 100, 2),
+                                                       val_bpb=1.39 + seed / 100)))
+    (tmp_path / "seed9").mkdir()  # a seed that failed: no eval.json
+    write_log(tmp_path / "seed9" / "train.log", kit_log(9, 2.4, 1.39)[:3])
+    assert [p.name for p in run_dirs(tmp_path)] == ["seed7", "seed8"]
+    assert run_dirs(tmp_path / "seed7") == [tmp_path / "seed7"] and run_dirs(tmp_path / "nothing") == []
+    results = load_results(tmp_path)
+    assert [(r.seed, r.val_loss, r.steps, r.step_avg_ms, r.bytes_total) for r in results] == [
+        (7, 2.47, 2, 600.0, 1529000), (8, 2.48, 2, 600.0, 1529000)]
+
+
+@needs_records
+@pytest.mark.parametrize("log, first, count", [
+    (REC_0323 / "train_seed42.log", (1, 6.9308), 24),
+    (REC_0405 / "train_seed42.log", (1, 9.0111), 14),
+])
+def test_train_loss_curve_of_the_records(log, first, count):
+    curve = train_loss_curve(log.read_text().splitlines())
+    # counted by hand: grep -c train_loss
+    assert curve[0] == first and len(curve) == count
+    assert [s for s, _ in curve] == sorted(s for s, _ in curve)
+
+
+def test_train_loss_curve_of_kit_lines():
+    assert train_loss_curve(kit_log(1, 2.4, 1.39)) == [(1, 6.93), (2, 6.41)]

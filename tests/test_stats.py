@@ -125,3 +125,25 @@ def test_cli_table_summary_and_json(capsys):
     assert data["rule_test"]["df"] == 2 and data["rule_test"]["significant"] is True
     assert [r["seed"] for r in data["results"]] == [42, 314, 999]
     assert data["results"][0]["source"].endswith("train_seed42.log")
+
+
+def test_cli_reads_a_folder_of_kit_run_directories_and_kit_logs(tmp_path, capsys):
+    """`pgolf seeds --out` folders (seed<N>/eval.json + train.log) and kit train logs as a reference."""
+    ratio = 0.41
+    record_dir = tmp_path / "record"
+    record_dir.mkdir()
+    for seed, loss in {1: 2.50, 2: 2.51, 3: 2.49}.items():
+        run = tmp_path / "runs" / f"seed{seed}"
+        run.mkdir(parents=True)
+        (run / "eval.json").write_text(json.dumps(dict(seed=seed, val_loss=loss - 0.03, tokens=41_000,
+                                                       bytes=100_000, val_bpb=(loss - 0.03) / math.log(2) * ratio)))
+        (run / "train.log").write_text("seed:%d\ntraining_done steps:120 step_avg_ms:87.5\n" % seed)
+        (record_dir / f"train_seed{seed}.log").write_text(
+            f"seed:{seed}\nfinal_eval_exact val_loss:{loss:.8f} val_bpb:{loss / math.log(2) * ratio:.8f}\n")
+    out = run_cli(["stats", str(tmp_path / "runs"), "--record", str(record_dir)], capsys)
+    assert "seed2/eval.json" in out and "120    87.5" in out
+    lines = dict(line.split(":", 1) for line in out.splitlines() if ":" in line and " " not in line.split(":")[0])
+    assert lines["seeds"] == "3" and lines["same_tokenizer"] == "true"
+    assert float(lines["delta_val_loss"]) == pytest.approx(-0.03)
+    expected = scipy_stats.ttest_1samp([2.47, 2.48, 2.46], 2.50 - 0.005, alternative="less")
+    assert float(lines["rule_test_t"]) == pytest.approx(expected.statistic, abs=1e-4)

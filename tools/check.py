@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
+from tools.artifact import DECIMAL_CAP
 from tools.results import ResultFormatError, SeedResult, check_consistent, parse_log, read_submission, record_logs
 
-BYTES_CAP = 16_000_000             # decimal bytes: code + compressed model
 MIB_CAP = 16 * 1024 * 1024         # what a cap computed as 16 MiB lets through (a known bug class)
 # submission.json values are usually rounded to 4-5 decimals, sometimes after rounding the per-seed values
 # (2026-04-05: mean of logs 1.0856248, stated 1.08563); 1e-4 admits that and is 1/30 of the 0.005-nat bar in BPB.
@@ -82,13 +82,13 @@ def _kind_name(kind) -> str:
 
 
 def _over_cap(report: CheckReport, file: str, what: str, value: int) -> None:
-    if value <= BYTES_CAP:
+    if value <= DECIMAL_CAP:
         return
-    message = f"{what} {value:,} bytes is over the cap of {BYTES_CAP:,} decimal bytes"
+    message = f"{what} {value:,} bytes is over the cap of {DECIMAL_CAP:,} decimal bytes"
     if value <= MIB_CAP:
         message += (f" (it fits 16 MiB = {MIB_CAP:,}: the cap is 16,000,000, not 16*1024*1024 - "
                     "a size check computed in MiB passes it)")
-    report.error(file, message, f"shrink the artifact by at least {value - BYTES_CAP:,} bytes and recount")
+    report.error(file, message, f"shrink the artifact by at least {value - DECIMAL_CAP:,} bytes and recount")
 
 
 def _check_files(folder: Path, report: CheckReport) -> None:
@@ -120,6 +120,19 @@ def _check_fields(folder: Path, submission: dict, report: CheckReport) -> None:
     seeds = submission.get("seeds")
     if isinstance(seeds, list) and not all(_type_ok(s, int) for s in seeds):
         report.error("submission.json", f"seeds {seeds!r} are not all integers", "list the seeds as integers")
+    _check_compliance(submission.get("compliance"), report)
+
+
+def _check_compliance(compliance, report: CheckReport) -> None:
+    """`pgolf record` states {"C1": true, ...}: whether every seed's evaluation passed each condition of issue
+    #1017. Records written by hand often hold free-text notes there instead; only a stated failure is an error."""
+    if not isinstance(compliance, dict):
+        return
+    for condition, passed in compliance.items():
+        if passed is False:
+            report.error("submission.json", f"compliance {condition} is false: the evaluation broke condition "
+                         f"{condition} on at least one seed (README.md says which check failed)",
+                         "fix the eval-time adaptation and re-run the seeds; an illegal evaluation is not a record")
 
 
 def _load_logs(folder: Path, report: CheckReport) -> None:
@@ -288,7 +301,7 @@ def add_commands(subparsers) -> None:
         "check", help="validate a record folder before the pull request",
         description="Check a record folder: README.md, submission.json (fields, types, values against the logs), "
                     "train_gpt.py (bytes_code), one train log per seed with a final metric line, and the "
-                    f"{BYTES_CAP:,}-byte cap. Exits 1 when an error is found.")
+                    f"{DECIMAL_CAP:,}-byte cap. Exits 1 when an error is found.")
     parser.add_argument("folder", type=Path, metavar="DIR", help="record folder (records/<track>/<date>_<name>)")
     parser.add_argument("--results-only", action="store_true",
                         help="check submission.json and the logs only (skip README.md, train_gpt.py, bytes_code)")

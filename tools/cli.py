@@ -16,6 +16,8 @@ COMMAND_MODULES = [
     "tools.bundle",
     "tools.train_cmd",
     "tools.evaluate",
+    "tools.seeds",
+    "tools.record",
 ]
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 # contains. Records print several evaluations (pre-quant, round-trip, sliding window, TTT); the score is the last
 # stage of the pipeline, and an `_exact` line (8 decimals) beats its rounded twin.
 FINAL_METRIC_KEYS: tuple[str, ...] = (
+    # the kit pipeline's score: eval/run.py prints it last, whatever stages (sliding, TTT, n-gram) were on
+    "final_eval_exact",
     # score-first TTT on the quantized model
     "legal_ttt_exact",                   # 2026-03-23 record
     "quantized_ttt",                     # sp8192 scripts after the 2026-04-05 record
@@ -21,7 +23,8 @@ FINAL_METRIC_KEYS: tuple[str, ...] = (
     "quantized_sliding_window",          # 2026-04-05 record
     "final_int6_sliding_window",
     "final_sliding_window",
-    # flat eval of the round-tripped quantized model (the naive baseline's final line)
+    # flat eval of the round-tripped quantized model (the naive baseline's final line; the kit's quantize stage)
+    "quantized_roundtrip_exact",
     "final_int8_zlib_roundtrip_exact",
     "final_int6_roundtrip_exact",
     "quantized",
@@ -36,6 +39,9 @@ METRIC_LINE = re.compile(r"^(?P<key>\S+)\s+val_loss:\s*(?P<loss>\S+)\s+val_bpb:\
 # `stopping_early: wallclock_cap train_time:600128ms step:7182/9000` (with or without spaces after the colons)
 STOP_LINE = re.compile(r"^stopping_early:.*?train_time:\s*(\d+(?:\.\d+)?)ms\s+step:\s*(\d+)/\d+")
 STEP_LINE = re.compile(r"^step:(\d+)/\d+\s")
+# per-step training loss: `step:12/20000 train_loss:4.1 ...` (2026-03 records), `12/20000 train_loss: 4.1 ...`
+# (2026-04-05 record) or `step:12 train_loss:4.1` (kit)
+TRAIN_LOSS_LINE = re.compile(r"^(?:step:(\d+)(?:/\d+)?|(\d+)/\d+)\s+train_loss:\s*(\S+)")
 STEP_AVG = re.compile(r"\sstep_avg:\s*(\d+(?:\.\d+)?)ms")
 TOTAL_SIZE_LINE = re.compile(r"^Total submission size[^:]*:\s*(\d+) bytes")
 CODE_SIZE_LINE = re.compile(r"^Code size:\s*(\d+) bytes")
@@ -129,6 +135,18 @@ def training_stats(lines: list[str]) -> TrainingStats:
         # the 2026-04-05 record prints no step_avg; it is the timer's train_time over the steps taken
         step_avg = round(stop_train_ms / stop_steps, 2)
     return TrainingStats(steps, kit_step_avg or step_avg, bytes_total, bytes_code)
+
+
+def train_loss_curve(lines: list[str]) -> list[tuple[int, float]]:
+    """(step, train loss) for every `step:<n> train_loss:<x>` line, in log order; unparsable values skipped."""
+    curve = []
+    for line in lines:
+        if match := TRAIN_LOSS_LINE.match(line):
+            try:
+                curve.append((int(match.group(1) or match.group(2)), float(match.group(3))))
+            except ValueError:
+                continue
+    return curve
 
 
 def parse_log(path: str | Path, final_keys: tuple[str, ...] = FINAL_METRIC_KEYS) -> SeedResult:
@@ -256,8 +274,32 @@ def load_record(folder: str | Path) -> RecordResults:
     return RecordResults(folder, results, submission)
 
 
+def run_dirs(path: str | Path) -> list[Path]:
+    """Kit run directories at `path`: the folder itself when it holds an eval.json, else its subfolders that do
+    (the output folder of `pgolf seeds`: one seed<N>/ per seed; seeds that failed have no eval.json)."""
+    path = Path(path)
+    if (path / "eval.json").is_file():
+        return [path]
+    return sorted(p for p in path.iterdir() if (p / "eval.json").is_file()) if path.is_dir() else []
+
+
+def load_run(run_dir: str | Path) -> SeedResult:
+    """A kit run directory: eval.json for the score, train.log for steps, step time and sizes it does not state."""
+    run_dir = Path(run_dir)
+    result = parse_eval_json(run_dir / "eval.json")
+    train_log = run_dir / "train.log"
+    if train_log.is_file():
+        stats = training_stats(train_log.read_text(encoding="utf-8", errors="replace").splitlines())
+        result = replace(result, steps=result.steps or stats.steps,
+                         step_avg_ms=result.step_avg_ms or stats.step_avg_ms,
+                         bytes_total=result.bytes_total or stats.bytes_total,
+                         bytes_code=result.bytes_code or stats.bytes_code)
+    return result
+
+
 def load_results(path: str | Path) -> list[SeedResult]:
-    """Results from a run directory (eval.json, + train.log for steps), a record folder, a log or an eval.json."""
+    """Results from a run directory (eval.json + train.log), a folder of run directories (`pgolf seeds` output),
+    a record folder, a train log or an eval.json."""
     path = Path(path)
     if path.is_file():
         if path.suffix == ".json":
@@ -267,15 +309,9 @@ def load_results(path: str | Path) -> list[SeedResult]:
         raise ValueError(f"{path}: not a results file (pass a train log *.log, an eval.json, or their folder)")
     if not path.is_dir():
         raise FileNotFoundError(f"{path} does not exist (pass a run directory, a record folder or a results file)")
-    if (path / "eval.json").is_file():
-        result = parse_eval_json(path / "eval.json")
-        train_log = path / "train.log"
-        if train_log.is_file() and result.steps is None:
-            stats = training_stats(train_log.read_text(encoding="utf-8", errors="replace").splitlines())
-            result = replace(result, steps=stats.steps, step_avg_ms=stats.step_avg_ms,
-                             bytes_total=result.bytes_total or stats.bytes_total,
-                             bytes_code=result.bytes_code or stats.bytes_code)
-        return [result]
+    if runs := run_dirs(path):
+        return [load_run(run) for run in runs]
     if record_logs(path):
         return load_record(path).results
-    raise FileNotFoundError(f"{path}: no eval.json and no train logs (run `pgolf eval` on the run, or pass a record)")
+    raise FileNotFoundError(f"{path}: no eval.json, no run directories with one, and no train logs (did the "
+                            "pipeline finish? run `pgolf eval` on the run, or pass a record folder)")

@@ -213,11 +213,16 @@ def summary_lines(report: StatsReport) -> list[str]:
     return [f"{key}:{_fmt(value)}" for key, value in items]
 
 
+def _source_name(path: Path) -> str:
+    """A log's file name; for eval.json also its run directory's (every seed's file has that name)."""
+    return f"{path.parent.name}/{path.name}" if path.name == "eval.json" else path.name
+
+
 def format_report(report: StatsReport) -> str:
     """A per-seed table with mean/std rows, then the summary lines."""
     header = ("seed", "val_loss", "val_bpb", "steps", "step_avg_ms", "bytes_total", "metric", "source")
     rows = [header] + [(str(r.seed), f"{r.val_loss:.8f}", f"{r.val_bpb:.8f}", _fmt(r.steps), _fmt(r.step_avg_ms),
-                        _fmt(r.bytes_total), r.metric_key, r.source.name) for r in report.results]
+                        _fmt(r.bytes_total), r.metric_key, _source_name(r.source)) for r in report.results]
     rows.append(("mean", f"{report.val_loss.mean:.8f}", f"{report.val_bpb.mean:.8f}", "", "", "", "", ""))
     std_cells = [f"{m.std:.8f}" if m.std is not None else "-" for m in (report.val_loss, report.val_bpb)]
     rows.append(("std", *std_cells, "", "", "", "", ""))
