@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import ast
 import base64
+import hashlib
 import lzma
 import os
 import re
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.bundle import BundleError, add_commands, bundle, find_kit_root, write_bundle
+from tools.bundle import BundleError, _str_literal, add_commands, bundle, find_kit_root, unpack, pack, write_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -191,10 +192,10 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
 
-def run_packed(packed: str, folder: Path, *args: str) -> subprocess.CompletedProcess:
+def run_packed(packed: bytes, folder: Path, *args: str) -> subprocess.CompletedProcess:
     """Run the packed file from a folder holding nothing else, with no kit on the path."""
     folder.mkdir()
-    (folder / "train_gpt.py").write_text(packed, encoding="utf-8")
+    (folder / "train_gpt.py").write_bytes(packed)
     return subprocess.run([PY, "train_gpt.py", *args], cwd=folder, env=clean_env(), capture_output=True,
                           text=True, timeout=60)
 
@@ -233,14 +234,53 @@ def test_stripped_minified_and_packed(fake_kit):
     assert all(b <= a + 1 for a, b in zip(indents, indents[1:])) and max(indents) >= 2  # one space per level
     assert "width: int = 4" in src  # dataclass field annotations are kept
     assert "-> int" not in src and "x: int" not in src  # function annotations are dropped
-    # The packed text is ASCII Python whose payload decompresses to exactly the readable source.
-    assert result.packed.isascii()
-    payload = re.search(r'b85decode\("([^"]+)"\)', result.packed).group(1)
-    assert lzma.decompress(base64.b85decode(payload)).decode() == src
+    # The default packed file is ASCII (valid UTF-8, as the rules count code) whose base85 literal decompresses to
+    # exactly the readable source (Python's own parser reads the literal).
+    result.packed.decode("ascii")
+    (payload,) = [n.value for n in ast.walk(ast.parse(result.packed)) if isinstance(n, ast.Constant)
+                  and isinstance(n.value, str) and len(n.value) > 100]
+    assert lzma.decompress(base64.b85decode(payload)).decode() == src == unpack(result.packed, "train_gpt.py")
+    # The opt-in latin-1 packing holds the raw lzma bytes: smaller, same program.
+    raw, _ = pack(src, "latin-1")
+    assert raw.startswith(b"# coding: latin-1\n") and unpack(raw, "train_gpt.py") == src
+    assert len(raw) < 0.85 * len(result.packed)
     files = [fake_kit / m for m in result.modules]
     assert result.sizes.readable == sum(f.stat().st_size for f in files)
-    assert result.sizes.minified == len(src.encode()) and result.sizes.packed == len(result.packed.encode())
+    assert result.sizes.minified == len(src.encode()) and result.sizes.packed == len(result.packed)
     assert result.sizes.packed < result.sizes.readable / 2
+
+
+def expected_escapes(data: bytes, quote: int) -> int:
+    """Extra bytes the literal needs, counted byte by byte: one per backslash, CR and NUL (three more for a NUL before
+    an octal digit, written \\000) and one per quote followed by another or ending the data."""
+    extra = 0
+    for i, b in enumerate(data):
+        after = data[i + 1] if i + 1 < len(data) else None
+        if b == 0:
+            extra += 3 if after is not None and ord("0") <= after <= ord("7") else 1
+        elif b in b"\\\r" or (b == quote and after in (quote, None)):
+            extra += 1
+    return extra
+
+
+def test_latin1_literal_round_trips_every_byte_pair(tmp_path):
+    pairs = bytes(byte for a in range(256) for b in range(256) for byte in (a, b))  # every ordered pair of values
+    cases = [pairs, b"", b'"' * 7, b"'" * 7, b'x""', b"x''", b"\\", b'\\"""', b"\0" + b"0123456789\0", b"\r\n\r",
+             b"\\N{DASH}\\u2028\\x85", b"\\\n", b"\x85\x0b\x0c\x1a\xa0\xff", b'"\'"\'"""\'\'\'',
+             b"''''x\"", b'""""x\'']
+    literals = [_str_literal(data) for data in cases]
+    for data, literal in zip(cases, literals):
+        assert len(literal) == len(data) + 6 + min(expected_escapes(data, q) for q in b"\"'"), data[:20]
+    assert literals[2].startswith(b"'''") and literals[3].startswith(b'"""')  # the quote needing fewer escapes
+    # Independent reference: the Python interpreter reading a latin-1 source, through compile() and as a script file.
+    source = b"# coding: latin-1\npayloads = [" + b",\n".join(literals) + b"]\n"
+    namespace = {}
+    exec(compile(source, "literals.py", "exec"), namespace)
+    assert [s.encode("latin-1") for s in namespace["payloads"]] == cases
+    (tmp_path / "literals.py").write_bytes(source + b"print([s.encode('latin-1') for s in payloads])\n")
+    proc = subprocess.run([PY, "literals.py"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert ast.literal_eval(proc.stdout) == cases
 
 
 def test_tracebacks_and_getsource_see_the_unpacked_source(tmp_path):
@@ -269,9 +309,11 @@ def test_write_bundle_hash_follows_the_sources_not_the_comments(fake_kit, tmp_pa
     entry = fake_kit / "fk_core/entry.py"
     first = bundle(entry, fake_kit, ("fk_core", "fk_eval"))
     script = write_bundle(first, tmp_path / "out")
-    assert script.read_text() == first.packed
+    assert script.read_bytes() == first.packed
     lines = (tmp_path / "out/train_gpt.py.sha256").read_text().splitlines()
     assert f"source_sha256:{first.sha256}" in lines
+    assert f"packed_sha256:{hashlib.sha256(script.read_bytes()).hexdigest()}" in lines
+    assert f"packed_bytes:{script.stat().st_size}" in lines
     assert [line.split(":", 1)[1] for line in lines if line.startswith("module:")] == first.modules
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["train_gpt.py", "train_gpt.py.sha256"]
     config = fake_kit / "fk_core/config.py"
@@ -329,6 +371,78 @@ def test_module_alias_used_as_a_value_is_an_error(tmp_path):
         bundle(kit / "fk_a/entry.py", kit, ("fk_a",))
 
 
+def test_unused_library_definitions_are_pruned(tmp_path):
+    kit = write_kit(tmp_path / "kit", {
+        "fk_a/__init__.py": "",
+        "fk_a/lib.py": '''
+            import struct
+
+            TABLE = {"a": 1}                     # used through a kept function
+            UNUSED_TABLE = {"b": 2}              # pruned: nothing reads it
+            LAYOUT = struct.Struct("<I")         # kept although unused: its value calls something
+            _count = 0
+
+
+            def helper(x):
+                return x + TABLE["a"]
+
+
+            def used(x):
+                global _count
+                _count += 1
+                return helper(x) * 10 + _count
+
+
+            def only_for_dead(x):                # pruned: only a pruned function calls it
+                return x
+
+
+            def dead(x):
+                return only_for_dead(x) + UNUSED_TABLE["b"]
+
+
+            class Unused:
+                pass
+
+
+            def main():                          # both library modules have a main: no clash once pruned
+                return "lib"
+            ''',
+        "fk_a/other.py": '''
+            import fk_a.lib as L
+
+
+            def through_alias():
+                return L.used(1)
+
+
+            def main():
+                return "other"
+            ''',
+        "fk_a/entry.py": '''
+            from fk_a.lib import used
+            from fk_a.other import through_alias
+
+
+            def main():
+                print(used(2), through_alias(), used(3))
+
+
+            if __name__ == "__main__":
+                main()
+            ''',
+    })
+    result = bundle(kit / "fk_a/entry.py", kit, ("fk_a",))
+    assert sorted(result.pruned) == ["fk_a/lib.py: UNUSED_TABLE", "fk_a/lib.py: Unused", "fk_a/lib.py: dead",
+                                     "fk_a/lib.py: main", "fk_a/lib.py: only_for_dead", "fk_a/other.py: main"]
+    assert "LAYOUT" in result.readable_source and "UNUSED_TABLE" not in result.readable_source
+    reference = subprocess.run([PY, "-m", "fk_a.entry"], cwd=kit, env=clean_env(), capture_output=True, text=True,
+                               timeout=60)
+    packed = run_packed(result.packed, tmp_path / "empty")
+    assert packed.returncode == 0, packed.stderr
+    assert packed.stdout == reference.stdout == "31 22 43\n"
+
+
 def test_cli_bundle_writes_the_files(fake_kit, tmp_path, capsys):
     assert find_kit_root(fake_kit / "fk_core/entry.py") == fake_kit.resolve()
     parser = argparse.ArgumentParser()
@@ -364,7 +478,7 @@ def test_real_kit_entry_bundles_and_runs_without_the_kit(tmp_path):
         torch.save(model.logits(idx).detach(), {str(tmp_path / "bundled.pt")!r})
         print(" ".join(sorted(k for k in g if not k.startswith("__"))))
     """))
-    (tmp_path / "train_gpt.py").write_text(result.packed)
+    (tmp_path / "train_gpt.py").write_bytes(result.packed)
     proc = subprocess.run([PY, str(check)], cwd=tmp_path, env=clean_env(), capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -373,11 +487,13 @@ def test_real_kit_entry_bundles_and_runs_without_the_kit(tmp_path):
     import torch
     from submission import model as readable_model
     from submission.config import ModelConfig
+    pruned = set(result.pruned)
     for rel in result.modules:
         module = __import__(rel[:-3].replace("/", "."), fromlist=["_"])
         public = {k for k, v in vars(module).items() if not k.startswith("_") and getattr(v, "__module__", None)
-                  == module.__name__}
+                  == module.__name__ and f"{rel}: {k}" not in pruned}
         assert public <= bundled_names, (rel, public - bundled_names)
+    assert "submission/train.py: main" in pruned  # the trainer's own entry; train_gpt.py's main replaces it
     cfg = ModelConfig(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, bigram_buckets=16,
                       bigram_dim=8, value_embed_dim=8, rope_dims=8)
     torch.manual_seed(0)

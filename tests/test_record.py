@@ -29,12 +29,12 @@ print(np.zeros(3), torch.__version__, SentencePieceProcessor, json, os, flash_at
 """
 
 
-def packed_code(tmp_path: Path) -> tuple[Path, str]:
+def packed_code(tmp_path: Path) -> tuple[Path, bytes]:
     """A `pgolf pack` output folder: a real self-extracting train_gpt.py and its sha256 listing."""
     pack_dir = tmp_path / "pack"
     pack_dir.mkdir(exist_ok=True)
     text, _ = pack(PROGRAM)
-    (pack_dir / "train_gpt.py").write_text(text)
+    (pack_dir / "train_gpt.py").write_bytes(text)
     (pack_dir / "train_gpt.py.sha256").write_text("source_sha256:" + "ab" * 32 + "\nmodule:submission/train_gpt.py\n")
     return pack_dir, text
 
@@ -111,7 +111,7 @@ def test_record_folder_has_every_file_and_passes_the_check(tmp_path, three_seeds
         "train_seed42.log", "train_seed1337.log", "train_seed2025.log", "loss_curves.png", "val_bpb_by_seed.png"])
     assert report.problems == [] and check_record(folder).problems == []
     assert not list(folder.parent.glob(".record-*"))  # the staging folder is gone
-    assert (folder / "train_gpt.py").read_text() == code
+    assert (folder / "train_gpt.py").read_bytes() == code
     assert (folder / "train_seed42.log").read_bytes() == (runs[1] / "train.log").read_bytes()
 
     data = json.loads((folder / "submission.json").read_text())
@@ -121,7 +121,7 @@ def test_record_folder_has_every_file_and_passes_the_check(tmp_path, three_seeds
     assert data["val_loss"] == pytest.approx(losses.mean(), abs=1e-8)
     assert data["val_bpb"] == pytest.approx(bpbs.mean(), abs=1e-8)
     assert data["val_bpb_std"] == pytest.approx(bpbs.std(ddof=1), abs=1e-8)
-    assert data["bytes_code"] == len(code.encode()) and data["bytes_total"] == len(code.encode()) + 40_000
+    assert data["bytes_code"] == len(code) and data["bytes_total"] == len(code) + 40_000
     assert data["seed_results"]["2025"] == {"val_loss": 3.49, "val_bpb": pytest.approx(bpbs[2], abs=1e-8),
                                             "artifact_bytes": len(code) + 40_000, "steps": 60, "step_avg_ms": 500.0}
     assert data["compliance"] == {"C1": True, "C2": True, "C3": True, "C4": True}

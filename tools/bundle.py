@@ -1,12 +1,14 @@
-"""Code bundler: inline the kit modules an entry script imports into one minified, lzma+base85 self-extracting file."""
+"""Code bundler: inline the kit modules an entry script imports into one minified, lzma-packed self-extracting file."""
 from __future__ import annotations
 
 import argparse
 import ast
 import base64
 import hashlib
+import itertools
 import lzma
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,19 +35,20 @@ class BundleSizes:
     """Decimal byte counts at each stage."""
     readable: int   # the kit source files that went in, as written (docstrings, comments, blank lines)
     minified: int   # readable_source: inlined, stripped, one-space indents
-    packed: int     # the file as shipped (UTF-8), the number the challenge counts as code bytes
+    packed: int     # the file as shipped (its length in bytes), the number the challenge counts as code bytes
 
 
 @dataclass
 class BundleResult:
-    """One bundled program: its readable and packed text, what went into it, and its sizes."""
+    """One bundled program: its readable text and packed file, what went into it, and its sizes."""
     readable_source: str      # the inlined, stripped, minified program (what the packed file executes)
-    packed: str               # the shipped train_gpt.py text: lzma + base85 + a one-line self-extractor
+    packed: bytes             # the shipped train_gpt.py: latin-1 source, raw lzma bytes in a str literal (see pack)
     sha256: str               # over sorted (relative path, bytes) of every kit module inlined
     modules: list[str]        # kit-root-relative paths of the inlined modules, in emission order
     sizes: BundleSizes
-    packing: str              # the lzma container/settings that gave the smallest file
+    packing: str              # the lzma settings that gave the smallest file
     renamed: list[str]        # "path: old -> new" for private names renamed to resolve clashes
+    pruned: list[str]         # "path: name" for library definitions dropped because nothing kept uses them
     warnings: list[str]       # constructs whose meaning differs once inlined (e.g. __file__ in a library module)
 
 
@@ -234,6 +237,7 @@ class _Module:
     alias_refs: dict[int, tuple[str, _Scope]]   # id(Name node) -> (kit module, scope) for refs to module aliases
     global_sites: dict[str, list[_Site]]      # module-level binding sites per name
     builtin_refs: dict[str, ast.AST]          # names read as globals that this module never binds -> first use
+    package: str                              # the package relative imports resolve against
 
     @property
     def empty(self) -> bool:
@@ -294,14 +298,21 @@ class _Bundler:
         tree.body = [s for s in tree.body if not (isinstance(s, ast.ImportFrom) and s.module == "__future__")]
         tree = _Strip().visit(tree)
         _ensure_bodies(tree)
-        analysis = _Analysis(tree)
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        mod = _Module(name, rel, source, tree, is_entry, analysis, future, {}, {}, [], [], {}, {}, {}, {})
+        mod = _Module(name, rel, source, tree, is_entry, _Analysis(ast.Module([], [])), future, {}, {}, [], [], {}, {},
+                      {}, {}, package)
         self.modules[name] = mod
-        for stmt, scope, hard in analysis.imports:
-            self._classify_import(mod, stmt, scope, hard, package)
-        self._collect_names(mod)
+        self._analyze(mod)
         return mod
+
+    def _analyze(self, mod: _Module) -> None:
+        """Scopes, imports and module-level names of mod.tree (again after pruning changed the tree)."""
+        mod.analysis = _Analysis(mod.tree)
+        mod.kit_imports, mod.ext_imports, mod.module_aliases, mod.alias_refs = {}, {}, {}, {}
+        mod.hard_deps, mod.soft_deps, mod.global_sites, mod.builtin_refs = [], [], {}, {}
+        for stmt, scope, hard in mod.analysis.imports:
+            self._classify_import(mod, stmt, scope, hard, mod.package)
+        self._collect_names(mod)
 
     def _classify_import(self, mod: _Module, stmt, scope: _Scope, hard: bool, package: str) -> None:
         def depend(target: str) -> None:
@@ -419,6 +430,82 @@ class _Bundler:
                     visit(dep, [])
                     queue.append(dep)
         return [self.modules[n] for n in [*done, entry] if not self.modules[n].empty]
+
+    # ---- pruning -------------------------------------------------------------------------------------------------
+
+    def _references(self, mod: _Module, stmt: ast.stmt) -> set[tuple]:
+        """Meanings of the module-level names a statement uses: globals, `alias.attr` of kit modules, kit imports."""
+        an, out = mod.analysis, set()
+        sites = {id(site.node): site for site in an.sites if not isinstance(site.node, ast.Global)}
+
+        def visit(node: ast.AST) -> None:
+            if isinstance(node, ast.Attribute):
+                chain, base = [], node
+                while isinstance(base, ast.Attribute):
+                    chain.append(base.attr)
+                    base = base.value
+                if isinstance(base, ast.Name) and id(base) in mod.alias_refs:
+                    module = mod.alias_refs[id(base)][0]
+                    for attr in reversed(chain):
+                        if self.find(f"{module}.{attr}") is None:
+                            out.add(self.meaning(module, attr, mod.where(node)))
+                            break
+                        module = f"{module}.{attr}"
+                    return
+            names = node.names if isinstance(node, ast.Global) else []
+            if isinstance(node, ast.Name) and id(node) in sites:
+                site = sites[id(node)]
+                if an.resolve(site.scope, site.name) is an.module:
+                    names = [node.id]
+            out.update(self.meaning(mod.name, n, mod.where(node)) for n in names if n in mod.global_sites)
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                for alias in node.names:
+                    imp = mod.kit_imports.get(id(alias))
+                    if imp is not None and imp.kind == "name":
+                        out.add(self.meaning(imp.module, imp.name, mod.where(node)))
+            for child in ast.iter_child_nodes(node):
+                visit(child)
+        visit(stmt)
+        return out
+
+    def prune(self, modules: list[_Module]) -> list[str]:
+        """Drop the library modules' top-level definitions that nothing kept uses; return "path: name" for each.
+
+        The bundler inlines whole modules, so CLI helpers and test utilities would ship as code bytes (and two
+        modules' unused `main`s would clash). Prunable: def, class, and assignments to plain names whose value calls
+        nothing (no side effect is lost). Roots: the entry, and every other top-level statement.
+        """
+        binders: dict[tuple, list[tuple[_Module, ast.stmt]]] = {}
+        prunable: dict[int, list[str]] = {}
+        roots: list[tuple[_Module, ast.stmt]] = []
+        for mod in modules:
+            for stmt in mod.tree.body:
+                names = None if mod.is_entry else _definition_names(stmt)
+                if names is None:
+                    roots.append((mod, stmt))
+                    continue
+                prunable[id(stmt)] = names
+                for name in names:
+                    binders.setdefault(self.meaning(mod.name, name, mod.where(stmt)), []).append((mod, stmt))
+        kept: set[int] = set()
+        queue = list(roots)
+        while queue:
+            mod, stmt = queue.pop()
+            for meaning in self._references(mod, stmt):
+                for owner, definition in binders.get(meaning, []):
+                    if id(definition) not in kept:
+                        kept.add(id(definition))
+                        queue.append((owner, definition))
+        dropped = []
+        for mod in modules:
+            body = [stmt for stmt in mod.tree.body if id(stmt) not in prunable or id(stmt) in kept]
+            if len(body) < len(mod.tree.body):
+                dropped += [f"{mod.rel}: {name}" for stmt in mod.tree.body if id(stmt) not in kept
+                            for name in prunable.get(id(stmt), [])]
+                mod.tree.body = body
+                self._analyze(mod)
+        self._meanings.clear()
+        return dropped
 
     # ---- one namespace -----------------------------------------------------------------------------------------
 
@@ -546,6 +633,20 @@ class _Bundler:
                 out.append(ast.copy_location(ast.Assign([ast.Name(target, ast.Store())], ast.Name(source, ast.Load())),
                                              stmt))
         return out
+
+
+def _definition_names(stmt: ast.stmt) -> list[str] | None:
+    """Names a prunable top-level statement binds, or None when it must stay (it may act on being run)."""
+    if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return [stmt.name]
+    targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target] if isinstance(stmt, ast.AnnAssign) \
+        else None
+    if not targets or not all(isinstance(t, ast.Name) for t in targets):
+        return None
+    if stmt.value is not None and any(isinstance(n, (ast.Call, ast.Await, ast.Yield, ast.YieldFrom, ast.NamedExpr))
+                                      for n in ast.walk(stmt.value)):
+        return None
+    return [t.id for t in targets]
 
 
 def _describe(meaning: tuple) -> str:
@@ -697,30 +798,97 @@ def _minify(tree: ast.Module) -> str:
     return out
 
 
-def _stub(encoded: str) -> str:
-    # The interpreter's own uncaught-exception printer reads source lines from disk, not linecache; the traceback
-    # module's printer reads linecache, so it is installed as the hook (about 50 bytes for readable crash logs).
-    return ("import lzma,base64,linecache as L,sys,traceback as T\n"
-            f's=lzma.decompress(base64.b85decode("{encoded}")).decode();f="{VIRTUAL_FILENAME}"\n'
-            "L.cache[f]=len(s),None,s.splitlines(1),f;sys.excepthook=T.print_exception;exec(compile(s,f,'exec'))\n")
+def _str_literal(data: bytes) -> bytes:
+    """A triple-quoted str literal that Python, reading the file as latin-1, decodes to one char per byte of `data`.
+
+    Every byte but four is written as itself: Python accepts all of 0x01-0xff raw inside a latin-1 string literal
+    (tests/test_bundle.py checks every pair of byte values), and a triple-quoted one holds raw newlines too. Escaped:
+    the backslash; \\r, which the reader's newline translation would turn into \\n; NUL, which no source may contain
+    (as \\000 before an octal digit, which \\0 would swallow); and a quote that would end the literal early (one
+    followed by another quote, or the last byte). Of ' and ", the one needing fewer escapes is used.
+    """
+    def escape(match: re.Match) -> bytes:
+        text = match.group()
+        if text[0] == 0:
+            return b"\\000" + text[1:] if len(text) == 2 else b"\\0"
+        return b"\\r" if text == b"\r" else b"\\" + text
+
+    literals = []
+    for quote in (b'"', b"'"):
+        pattern = re.compile(rb"[\\\r]|\x00[0-7]?|" + quote + rb"(?=" + quote + rb"|\Z)")
+        literals.append(quote * 3 + pattern.sub(escape, data) + quote * 3)
+    return min(literals, key=len)
 
 
-def pack(source: str) -> tuple[str, str]:
-    """Self-extracting text for `source` and a description of the lzma settings that made it smallest."""
+def _stub_base85(blob: bytes) -> bytes:
+    """The default packing: pure ASCII, so the file is valid UTF-8 as CHALLENGE.md counts code ("UTF-8 bytes of the
+    submitted train_gpt.py") and as the challenge's own scripts measure it (read as UTF-8 text, len of its encoding).
+    base85 costs 25% over the raw lzma bytes (40.2 KB vs 32.7 KB for the kit's pipeline)."""
+    return (b"import lzma,base64,linecache as L,sys,traceback as T\n"
+            b's=lzma.decompress(base64.b85decode("' + base64.b85encode(blob) + b'")).decode();f="'
+            + VIRTUAL_FILENAME.encode() + b'"\n'
+            b"L.cache[f]=len(s),None,s.splitlines(1),f;sys.excepthook=T.print_exception;exec(compile(s,f,'exec'))\n")
+
+
+def _stub(literal: bytes) -> bytes:
+    # The coding declaration comes first: without it Python reads the file as UTF-8, which the raw lzma bytes are not.
+    # The literal's chars are its bytes again through latin-1. The interpreter's own uncaught-exception printer reads
+    # source lines from disk, not linecache; the traceback module's printer reads linecache, so it is installed as the
+    # hook (about 50 bytes for readable crash logs).
+    return (b"# coding: latin-1\nimport lzma,linecache as L,sys,traceback as T\n"
+            b"s=lzma.decompress(" + literal + b".encode('latin-1')).decode();f='" + VIRTUAL_FILENAME.encode() + b"'\n"
+            b"L.cache[f]=len(s),None,s.splitlines(1),f;sys.excepthook=T.print_exception;exec(compile(s,f,'exec'))\n")
+
+
+def unpack(packed: bytes, name: str) -> str | None:
+    """The program a file written by `pack` runs, its payload read back through Python's own parser; None when
+    `packed` holds no `lzma.decompress("...".encode(...))` call (a plain program). `name` is the file, for errors."""
+    try:
+        tree = ast.parse(packed)
+    except (SyntaxError, ValueError) as err:
+        raise BundleError(f"{name}: not Python source ({err}); re-run `pgolf pack`") from None
+    for node in ast.walk(tree):
+        match node:
+            case ast.Call(func=ast.Attribute(attr="decompress"),
+                          args=[ast.Call(func=ast.Attribute(value=ast.Constant(value=str(payload)), attr="encode"))]
+                          | [ast.Call(func=ast.Attribute(attr="b85decode"), args=[ast.Constant(value=str(payload))])]
+                          as args):
+                try:
+                    blob = base64.b85decode(payload) if args[0].func.attr == "b85decode" else payload.encode("latin-1")
+                    return lzma.decompress(blob).decode("utf-8")
+                except (UnicodeError, lzma.LZMAError, ValueError) as err:
+                    raise BundleError(f"{name}: the packed payload does not decode ({err}); re-run `pgolf pack`") \
+                        from None
+    return None
+
+
+PACKINGS = ("base85", "latin-1")
+
+
+def pack(source: str, encoding: str = "base85") -> tuple[bytes, str]:
+    """Self-extracting file bytes for `source` and a description of the settings that made it smallest.
+
+    encoding "base85" (default): ASCII, valid UTF-8 as the rules count code. "latin-1": the raw lzma bytes in a str
+    literal of a latin-1 source file, 23% smaller, but not UTF-8 text: only for counters that take the file's size.
+    """
+    if encoding not in PACKINGS:
+        raise BundleError(f"unknown packing {encoding!r}: use one of {', '.join(PACKINGS)}")
     data = source.encode("utf-8")
-    # lzma.decompress auto-detects .xz and the legacy .lzma ("alone") container, so every candidate uses the same
-    # stub; .lzma has a 13-byte header against ~60 for .xz. lc/pb tuned for text are tried and measured, not assumed.
-    candidates = [("xz", lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_NONE, preset=_LZMA_PRESET))]
-    for lc in range(5):
-        for pb in (0, 2):
-            filters = [{"id": lzma.FILTER_LZMA1, "preset": _LZMA_PRESET, "lc": lc, "lp": 0, "pb": pb}]
-            candidates.append((f"lzma-alone lc={lc} pb={pb}",
-                               lzma.compress(data, format=lzma.FORMAT_ALONE, filters=filters)))
-    name, blob = min(candidates, key=lambda c: len(c[1]))
-    encoded = base64.b85encode(blob).decode("ascii")
-    if lzma.decompress(base64.b85decode(encoded)) != data:
+    # The legacy .lzma ("alone") container, which lzma.decompress auto-detects: on the kit's 116 KB program it made a
+    # 39 bytes smaller file than FORMAT_RAW (13 header bytes saved, ~55 of filter spec added to the stub) and 51 than
+    # .xz. pb=0 (byte-aligned text) beat lzma's default pb=2 there by 70+ bytes. The settings change the compressed
+    # bytes and so which need escaping, so the smallest whole file among these is measured, not assumed.
+    candidates = []
+    for lc, mf, nice_len in itertools.product((2, 3, 4), (lzma.MF_BT3, lzma.MF_BT4), (128, 273)):
+        filters = [{"id": lzma.FILTER_LZMA1, "preset": _LZMA_PRESET, "lc": lc, "lp": 0, "pb": 0, "mf": mf,
+                    "nice_len": nice_len}]
+        blob = lzma.compress(data, format=lzma.FORMAT_ALONE, filters=filters)
+        name = f"lzma-alone lc={lc} pb=0 mf=bt{3 if mf == lzma.MF_BT3 else 4} nice_len={nice_len} preset=9e"
+        candidates.append((_stub_base85(blob) if encoding == "base85" else _stub(_str_literal(blob)), name))
+    packed, name = min(candidates, key=lambda c: len(c[0]))
+    if unpack(packed, "the packed file") != source:
         raise BundleError(f"packing with {name} did not round-trip; report this source")
-    return _stub(encoded), f"{name} preset=9e base85"
+    return packed, f"{name} {encoding}"
 
 
 def source_sha256(files: list[tuple[str, bytes]]) -> str:
@@ -740,7 +908,8 @@ def find_kit_root(entry: Path) -> Path:
 
 
 def bundle(entry: Path, kit_root: Path, kit_packages: tuple[str, ...] = KIT_PACKAGES) -> BundleResult:
-    """Inline every kit module `entry` imports (transitively) into one program, strip and minify it, and pack it."""
+    """Inline every kit module `entry` imports (transitively) into one program, drop the library definitions it never
+    uses (prune), strip and minify it, and pack it."""
     entry, kit_root = Path(entry), Path(kit_root)
     if not entry.is_file():
         raise FileNotFoundError(f"bundle entry {entry}: no such file")
@@ -748,6 +917,8 @@ def bundle(entry: Path, kit_root: Path, kit_packages: tuple[str, ...] = KIT_PACK
         raise FileNotFoundError(f"kit root {kit_root}: no such folder (the folder holding {', '.join(kit_packages)})")
     bundler = _Bundler(entry, kit_root, kit_packages)
     modules = bundler.order()
+    pruned = bundler.prune(modules)
+    modules = [m for m in modules if not m.empty]
     renamed = bundler.plan_names(modules)
     readable = _minify(_assemble(bundler, modules))
     compile(readable, VIRTUAL_FILENAME, "exec")
@@ -758,15 +929,15 @@ def bundle(entry: Path, kit_root: Path, kit_packages: tuple[str, ...] = KIT_PACK
         sha256=source_sha256([(m.rel, m.source) for m in modules]),
         modules=[m.rel for m in modules],
         sizes=BundleSizes(readable=sum(len(m.source) for m in modules), minified=len(readable.encode("utf-8")),
-                          packed=len(packed.encode("utf-8"))),
-        packing=packing, renamed=renamed, warnings=bundler.warnings)
+                          packed=len(packed)),
+        packing=packing, renamed=renamed, pruned=pruned, warnings=list(dict.fromkeys(bundler.warnings)))
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def _write_atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -778,12 +949,13 @@ def write_bundle(result: BundleResult, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     script = out_dir / "train_gpt.py"
     lines = [f"source_sha256:{result.sha256}",
-             f"packed_sha256:{hashlib.sha256(result.packed.encode('utf-8')).hexdigest()}",
+             f"packed_sha256:{hashlib.sha256(result.packed).hexdigest()}",
              f"readable_bytes:{result.sizes.readable}", f"minified_bytes:{result.sizes.minified}",
              f"packed_bytes:{result.sizes.packed}", f"packing:{result.packing}",
-             *(f"module:{m}" for m in result.modules), *(f"renamed:{r}" for r in result.renamed)]
+             *(f"module:{m}" for m in result.modules), *(f"renamed:{r}" for r in result.renamed),
+             *(f"pruned:{p}" for p in result.pruned)]
     _write_atomic(script, result.packed)
-    _write_atomic(out_dir / "train_gpt.py.sha256", "\n".join(lines) + "\n")
+    _write_atomic(out_dir / "train_gpt.py.sha256", ("\n".join(lines) + "\n").encode("utf-8"))
     return script
 
 
@@ -795,6 +967,8 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
         print(f"module:{module}")
     for line in result.renamed:
         print(f"renamed:{line}")
+    for line in result.pruned:
+        print(f"pruned:{line}")
     for line in result.warnings:
         print(f"warning:{line}")
     print(f"bundle:{script} source_sha256:{result.sha256[:16]} readable_bytes:{result.sizes.readable} "

@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import argparse
 import ast
-import base64
 import datetime
 import importlib.metadata
 import json
-import lzma
 import re
 import shlex
 import shutil
@@ -19,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from tools.artifact import CODE_FILENAME, DECIMAL_CAP, MODEL_FILENAME
-from tools.bundle import bundle, write_bundle
+from tools.bundle import BundleError, bundle, unpack, write_bundle
 from tools.check import CheckReport, check_record, format_check
 from tools.plots import plot_loss_curves, plot_seed_bpb
 from tools.results import KEY_VALUE, SeedResult, check_consistent, load_record, load_run, run_dirs, \
@@ -35,9 +33,6 @@ LOSS_PLOT, BPB_PLOT = "loss_curves.png", "val_bpb_by_seed.png"
 # `override setting:num_layers:11->4(cli)`: submission/train.py logs each changed config field this way
 OVERRIDE_LINE = re.compile(r"^override setting:(?P<name>\w+):(?P<old>.*)->(?P<new>.*)\((?:env|cli)\)$")
 PER_SEED_SETTINGS = ("seed", "run_dir")
-PACKED_BLOB = re.compile(r'b85decode\("([^"]+)"\)')
-
-
 @dataclass
 class RecordConfig:
     """What `pgolf record` writes and from which runs."""
@@ -138,15 +133,12 @@ def find_code(pack_dir: Path | None, runs: list[SeedRun]) -> tuple[bytes, str, s
 
 
 def unpacked_source(packed: bytes, source: str) -> str:
-    """The program a self-extracting train_gpt.py runs (its lzma+base85 payload), or the text itself if plain."""
-    text = packed.decode("utf-8", errors="replace")
-    match = PACKED_BLOB.search(text)
-    if match is None:
-        return text
+    """The program a self-extracting train_gpt.py runs (its lzma payload), or the text itself if plain."""
     try:
-        return lzma.decompress(base64.b85decode(match.group(1))).decode("utf-8")
-    except (ValueError, lzma.LZMAError) as err:
-        raise ValueError(f"{source}: the packed payload does not decode ({err}); re-run `pgolf pack`") from err
+        program = unpack(packed, source)
+    except BundleError as err:
+        raise ValueError(str(err)) from None
+    return packed.decode("utf-8", errors="replace") if program is None else program
 
 
 IMPORT_ERRORS = {"ImportError", "ModuleNotFoundError", "Exception", "BaseException"}

@@ -1,0 +1,134 @@
+"""tools.pack and submission/train_gpt.py: the packed single file runs the whole pipeline alone and matches the kit."""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from submission import train_gpt
+from tools.artifact import MODEL_FILENAME, ArtifactError, pack_artifact
+from tools.bundle import VIRTUAL_FILENAME
+from tools.gptq import QuantTensor, rtn_quantize
+from tools.pack import add_commands, pack
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER = REPO / "data/sample/fineweb_1024_bpe.model"
+SAMPLE = REPO / "data/sample/sample_wiki.jsonl.xz"
+# 2 layers x 64, seq 128, 20 steps; 4 x 64 calibration tokens; matrices this small go through GPTQ only with a
+# lower passthrough size. EMA off: the trainer's CPU checkpoint aliases its EMA copy to the live weights.
+TINY = ["NUM_LAYERS=2", "MODEL_DIM=64", "NUM_HEADS=2", "NUM_KV_HEADS=1", "XSA_LAST_N=2", "ROPE_DIMS=8",
+        "BIGRAM_BUCKETS=64", "BIGRAM_DIM=16", "VALUE_EMBED_DIM=16", "SEQ_LEN=128", "TRAIN_BATCH_TOKENS=2048",
+        "MICRO_BATCH_TOKENS=2048", "MAX_STEPS=20", "WARMUP_STEPS=0", "LOG_EVERY=10", "VAL_BATCH_SEQS=16",
+        "CALIB_SEQS=4", "CALIB_SEQ_LEN=64", "PASSTHROUGH_MAX_NUMEL=1024", "SEED=7"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One intra-op thread: the test machines share 2 cores between workers, and torch's pool oversubscribed them
+    (test_quantize.py took 60 s with 2 threads, 9 s with 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def pipeline_env() -> dict[str, str]:
+    """No inherited config variables (SEED=... in a CI environment would change the run); one thread per process,
+    since the test machines are shared and torch's thread pool oversubscribed them 30x in the decode loop."""
+    return {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"), "OMP_NUM_THREADS": "1"}
+
+
+def run_pipeline(cmd: list[str], cwd: Path, data: Path, run_dir: Path) -> list[str]:
+    args = [*cmd, f"DATA_DIR={data}", f"TOKENIZER_PATH={TOKENIZER}", f"RUN_DIR={run_dir}", *TINY]
+    proc = subprocess.run(args, cwd=cwd, env=pipeline_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout.splitlines()
+
+
+def value(lines: list[str], key: str) -> float:
+    (line,) = [line for line in lines if line.startswith(key + " ")]
+    return float(re.search(r"val_loss:(\S+)", line).group(1))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    from tools.data import build_shards
+    out = tmp_path_factory.mktemp("data")
+    build_shards([SAMPLE], TOKENIZER, out, val_docs=2, workers=1, progress=False)
+    return out
+
+
+def test_packed_file_runs_the_pipeline_alone_and_matches_the_kit(data, tmp_path):
+    kit_run = tmp_path / "kit_run"
+    kit_lines = run_pipeline([sys.executable, "-m", "submission.train_gpt"], REPO, data, kit_run)
+    out = tmp_path / "packed"
+    result, report = pack(kit_run, out, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == [MODEL_FILENAME, "train_gpt.py", "train_gpt.py.sha256"]
+    assert f"source_sha256:{result.sha256}" in (out / "train_gpt.py.sha256").read_text().splitlines()
+    code_bytes = (out / "train_gpt.py").stat().st_size
+    assert report.code_bytes == code_bytes == result.sizes.packed and report.fits
+    assert report.total_bytes == code_bytes + (kit_run / MODEL_FILENAME).stat().st_size <= 16_000_000
+    (out / "train_gpt.py").read_bytes().decode("utf-8")  # the rules count UTF-8 bytes: the default packing is ASCII
+    # The kit counted the code as the bundle it would ship: the same bytes.
+    assert f"Code size: {code_bytes} bytes" in kit_lines
+
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(out / "train_gpt.py", alone / "train_gpt.py")
+    packed_run = tmp_path / "packed_run"
+    packed_lines = run_pipeline([sys.executable, "train_gpt.py"], alone, data, packed_run)
+    assert sorted(p.name for p in alone.iterdir()) == ["train_gpt.py"]  # the run wrote only into RUN_DIR
+    assert f"Code size: {code_bytes} bytes" in packed_lines  # packed: the running file's own size
+    assert packed_lines[-1].startswith("final_eval_exact val_loss:")
+    assert any(line.startswith("gptq ") and "gptq:13" in line for line in packed_lines)
+    for key in ("quantized_roundtrip_exact", "final_eval_exact"):
+        assert value(packed_lines, key) == pytest.approx(value(kit_lines, key), abs=1e-6)
+    assert (packed_run / "eval.json").is_file() and (packed_run / MODEL_FILENAME).is_file()
+
+
+def test_packed_code_filename_is_the_bundlers():
+    assert train_gpt.PACKED_CODE_FILENAME == VIRTUAL_FILENAME
+
+
+def small_run(root: Path) -> Path:
+    run = root / "run"
+    run.mkdir(parents=True)
+    codes, scales, _ = rtn_quantize(torch.randn(64, 64), 6)
+    (run / MODEL_FILENAME).write_bytes(pack_artifact({"w": QuantTensor(codes, scales, 6)}, {}, {}))
+    return run
+
+
+def test_pack_enforces_the_cap_and_writes_nothing_on_bad_input(tmp_path, monkeypatch):
+    run = small_run(tmp_path)
+    model_bytes = (run / MODEL_FILENAME).stat().st_size
+    out = tmp_path / "out"
+    monkeypatch.setattr("tools.pack.DECIMAL_CAP", model_bytes + 1000)  # a cap the code alone overflows
+    with pytest.raises(ValueError, match=rf"code [\d,]+ \(packed train_gpt.py\) \+ model {model_bytes:,} = [\d,]+ "
+                                         rf"bytes exceeds the cap {model_bytes + 1000:,} .*pgolf quantize"):
+        pack(run, out, progress=False)
+    assert not out.exists()
+    monkeypatch.undo()
+    (run / MODEL_FILENAME).write_bytes((run / MODEL_FILENAME).read_bytes()[:-5])
+    with pytest.raises(ArtifactError, match="truncated"):
+        pack(run, out, progress=False)
+    with pytest.raises(FileNotFoundError, match=r"model.pgz not found \(run `pgolf quantize"):
+        pack(tmp_path / "empty", out, progress=False)
+    assert not out.exists()
+
+
+def test_cli_pack_prints_the_size_report(tmp_path, capsys):
+    run = small_run(tmp_path)
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers())
+    args = parser.parse_args(["pack", str(run), "--out", str(tmp_path / "out"), "--quiet"])
+    assert args.func(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"pack: out:{tmp_path / 'out'} source_sha256:")
+    assert lines[-1].startswith("size: code_bytes:") and lines[-1].endswith("fits:true")
