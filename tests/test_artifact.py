@@ -23,16 +23,6 @@ MODEL_CONFIG = {"num_layers": 2, "model_dim": 64, "mlp_mult": 3.0, "adam_betas":
 QUANT_CONFIG = {"matrix_bits": 6, "embed_bits": 8, "clip_sigmas": [3.0, 12.85]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: the test machines share 2 cores between workers, and torch's pool oversubscribed them
-    (test_quantize.py took 60 s with 2 threads, 9 s with 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def gptq_like(rows: int, cols: int, seed: int, bits: int = 6) -> QuantTensor:
     """Codes from GPTQ on heavy-tailed weights with correlated inputs: the statistics real artifacts hold."""
     g = torch.Generator().manual_seed(seed)

@@ -21,16 +21,6 @@ ALL_OFF = ModelConfig(vocab_size=48, num_layers=2, model_dim=32, num_heads=2, nu
                       tie_embeddings=False, logit_softcap=0.0, qk_norm=False, ln_scale=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: the test machines share 2 cores between workers, and torch's pool oversubscribed them
-    (test_quantize.py took 60 s with 2 threads, 9 s with 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_model(cfg: ModelConfig, seed: int = 0) -> GPT:
     """A GPT with every parameter perturbed: the zero-initialized projections, bigram table and head would otherwise
     hide whole code paths (a block that starts as the identity cannot show a wrong attention)."""

@@ -30,16 +30,6 @@ VOCAB = 1024
 CHUNK = 96
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads; on a shared 2-core machine OpenMP spin-waits made the
-    stream ~15x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def sp():
     return spm.SentencePieceProcessor(model_file=str(TOKENIZER))

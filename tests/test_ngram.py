@@ -22,15 +22,6 @@ TOKENIZER = REPO / "data" / "sample" / "fineweb_1024_bpe.model"
 BOS = 1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """On a shared 2-core machine OpenMP spin-waits made this file 5x slower (52 s vs 9 s with one thread)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------- independent reference (pure Python, no torch)
 
 def usable_length(stream, t, width):

@@ -29,16 +29,6 @@ TINY = ["NUM_LAYERS=2", "MODEL_DIM=64", "NUM_HEADS=2", "NUM_KV_HEADS=1", "XSA_LA
         "CALIB_SEQS=4", "CALIB_SEQ_LEN=64", "PASSTHROUGH_MAX_NUMEL=1024", "SEED=7"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: the test machines share 2 cores between workers, and torch's pool oversubscribed them
-    (test_quantize.py took 60 s with 2 threads, 9 s with 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def pipeline_env() -> dict[str, str]:
     """No inherited config variables (SEED=... in a CI environment would change the run); one thread per process,
     since the test machines are shared and torch's thread pool oversubscribed them 30x in the decode loop."""

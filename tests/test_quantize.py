@@ -32,16 +32,6 @@ QUANT = QuantConfig(passthrough_max_numel=1024)
 TINY_CALIB = CalibConfig(calib_seqs=2, calib_seq_len=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: the test machines share 2 cores between workers, and torch's pool oversubscribed them
-    (test_quantize.py took 60 s with 2 threads, 9 s with 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Lines:
     """A log function in the trainer Logger's shape that keeps the lines."""
 

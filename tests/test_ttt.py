@@ -16,16 +16,6 @@ TINY = dict(num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, xsa_last_n=
             bigram_buckets=64, bigram_dim=16, value_embed_dim=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads; on a shared 2-core machine OpenMP spin-waits made TTT
-    steps here ~15x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_model(seed: int = 0) -> GPT:
     torch.manual_seed(seed)
     model = GPT(ModelConfig(**TINY))
