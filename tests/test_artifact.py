@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from tools.artifact import (CODE_FILENAME, COMPRESSORS, DECIMAL_CAP, MODEL_FILENAME, PREFIX, ArtifactError,
-                            check_budget, compress, decompress, fit_to_budget, pack_artifact, read_artifact,
-                            read_contents, to_state_dict, unpack_artifact, write_artifact)
+import tools.artifact as artifact
+from tools.artifact import (CHUNK_ENTRY, CODE_FILENAME, COMPRESSOR_IDS, DECIMAL_CAP, MODEL_FILENAME, PREFIX,
+                            ArtifactError, check_budget, compress, compress_chunks, decompress_chunks, fit_to_budget,
+                            pack_artifact, read_artifact, read_contents, to_state_dict, unpack_artifact,
+                            write_artifact)
 from tools.gptq import QuantConfig, QuantTensor, gptq_quantize, rtn_quantize
 from tools.size import add_commands, size_report
 
@@ -68,17 +70,20 @@ def bit_pattern(t: torch.Tensor) -> bytes:
     return (t.to(torch.uint8) if t.dtype == torch.bool else t.view(torch.uint8)).numpy().tobytes()
 
 
+def frame(magic: bytes, version: int, names: list[str], chunks: list[bytes]) -> bytes:
+    body = b"".join(CHUNK_ENTRY.pack(COMPRESSOR_IDS[n], len(c)) for n, c in zip(names, chunks)) + b"".join(chunks)
+    return PREFIX.pack(magic, version, len(chunks), len(body), zlib.crc32(body)) + body
+
+
 def rewrite_body(blob: bytes, edit) -> bytes:
     """Decompress, let `edit(header, payload)` change things, re-compress with a valid crc (what the crc misses)."""
-    magic, version, cid, _, _ = PREFIX.unpack_from(blob)
-    name = COMPRESSORS[cid]
-    raw = decompress(blob[PREFIX.size:], name)
+    magic, version, count, _, _ = PREFIX.unpack_from(blob)
+    raw, _ = decompress_chunks(blob[PREFIX.size:], count)
     (hlen,) = struct.unpack_from("<I", raw)
     header, payload = json.loads(raw[4:4 + hlen]), raw[4 + hlen:]
     header, payload = edit(header, payload)
     hb = json.dumps(header).encode()
-    body = compress(struct.pack("<I", len(hb)) + hb + payload, name)
-    return PREFIX.pack(magic, version, cid, len(body), zlib.crc32(body)) + body
+    return frame(magic, version, *compress_chunks(struct.pack("<I", len(hb)) + hb + payload, ("lzma",)))
 
 
 def test_round_trip_is_bit_exact(tensors):
@@ -93,6 +98,62 @@ def test_round_trip_is_bit_exact(tensors):
     # the smaller of the two is kept
     sizes = [len(pack_artifact(tensors, MODEL_CONFIG, QUANT_CONFIG, compressors=(c,))) for c in ("brotli", "lzma")]
     assert len(blob) == min(sizes)
+
+
+def test_chunks_are_compressed_independently_each_with_its_best_compressor(monkeypatch):
+    monkeypatch.setattr(artifact, "CHUNK_BYTES", 4096)
+    rng = np.random.default_rng(0)
+    # brotli wins on text-like bytes, lzma on a long-period pattern: each chunk must keep its own winner
+    text = (b"the quick brown fox jumps over the lazy dog; " * 200)[:8192]
+    pattern = np.tile(rng.integers(0, 256, 3000, dtype=np.uint8), 3).tobytes()[:8192]
+    raw = text + pattern + rng.integers(0, 256, 1000, dtype=np.uint8).tobytes()
+    names, chunks = compress_chunks(raw)
+    assert len(chunks) == 5 and len(raw) == 4 * 4096 + 1000
+    for i, (name, chunk) in enumerate(zip(names, chunks)):
+        piece = raw[i * 4096:(i + 1) * 4096]
+        assert chunk == min((compress(piece, c) for c in ("brotli", "lzma")), key=len)
+        assert compress(piece, name) == chunk
+    body = frame(b"PGLF", 2, names, chunks)[PREFIX.size:]
+    assert decompress_chunks(body, len(chunks)) == (raw, names)
+    # fixed chunk size: the bytes do not depend on the number of cores
+    monkeypatch.setattr(artifact.os, "cpu_count", lambda: 1)
+    assert compress_chunks(raw) == (names, chunks)
+
+
+def test_chunk_table_errors_name_the_chunk(tensors, monkeypatch):
+    monkeypatch.setattr(artifact, "CHUNK_BYTES", 256)
+    blob = pack_artifact(tensors, MODEL_CONFIG, QUANT_CONFIG, compressors=("lzma",))
+    count = PREFIX.unpack_from(blob)[2]
+    assert count > 3 and read_contents(blob).compressor == "lzma"
+    body = blob[PREFIX.size:]
+    lengths = [CHUNK_ENTRY.unpack_from(body, i * CHUNK_ENTRY.size)[1] for i in range(count)]
+    start = count * CHUNK_ENTRY.size
+    parts = [body[start + sum(lengths[:i]):start + sum(lengths[:i + 1])] for i in range(count)]
+    assert frame(b"PGLF", 2, ["lzma"] * count, parts) == blob
+
+    def reframe(table_edit) -> bytes:  # a body with an edited table and a valid crc
+        new = bytearray(body)
+        table_edit(new)
+        return PREFIX.pack(b"PGLF", 2, count, len(new), zlib.crc32(bytes(new))) + bytes(new)
+
+    def unknown_id(b):
+        b[2 * CHUNK_ENTRY.size] = 7
+    with pytest.raises(ArtifactError, match="chunk 2 has unknown compressor id 7"):
+        read_contents(reframe(unknown_id))
+
+    def claims_brotli(b):
+        b[0] = COMPRESSOR_IDS["brotli"]
+    with pytest.raises(ArtifactError, match="a chunk does not decompress"):
+        read_contents(reframe(claims_brotli))
+
+    def too_long(b):
+        CHUNK_ENTRY.pack_into(b, CHUNK_ENTRY.size, COMPRESSOR_IDS["lzma"], len(body))
+    with pytest.raises(ArtifactError, match=rf"chunk 1 ends at byte \d+ of a {len(body)}-byte body"):
+        read_contents(reframe(too_long))
+    with pytest.raises(ArtifactError, match=rf"the chunk table covers {len(body)} of the {len(body) + 5} body bytes"):
+        decompress_chunks(body + b"extra", count)
+    with pytest.raises(ArtifactError, match=r"\d+ chunks need a \d+-byte table, the body has 3 bytes"):
+        decompress_chunks(body[:3], count)
 
 
 def test_truncated_corrupted_and_foreign_bytes(tensors, tmp_path):

@@ -26,13 +26,19 @@ DECIMAL_CAP = 16_000_000
 MODEL_FILENAME = "model.pgz"
 CODE_FILENAME = "train_gpt.py"
 
-# Layout: MAGIC, version u8, compressor u8, body length u32, crc32 of the body u32, then the compressed body.
-# The body decompresses to: header length u32, JSON header, payload. The header is compressed with the payload
-# (it is ~10 KB of JSON for the record model and shrinks ~4x); the compressor id sits in the fixed prefix because
-# it is needed before anything can be decompressed.
+# Layout: MAGIC, version u8, chunk count u16, body length u32, crc32 of the body u32, then the body: a table of
+# (compressor id u8, compressed length u32) per chunk and the compressed chunks. The chunks decompress, concatenated,
+# to: header length u32, JSON header, payload. The header is compressed with the payload (~10 KB of JSON for the
+# record model shrinks ~4x). The raw stream is cut into fixed 1 MiB chunks compressed independently in parallel,
+# each with whichever compressor makes it smallest: brotli-11 of the whole 16 MB model took 80 s on one core of the
+# H100 host. Measured on 29.7 MB of record-shaped int6 codes: one stream 18,118,813 bytes, 2 MiB chunks 18,119,188
+# (+0.002%; GPTQ codes hold no long-range repeats for a 16 MB window to find). Fixed sizes keep the bytes
+# independent of the machine's core count.
 MAGIC = b"PGLF"
-VERSION = 1
-PREFIX = struct.Struct("<4sBBII")
+VERSION = 2
+PREFIX = struct.Struct("<4sBHII")
+CHUNK_ENTRY = struct.Struct("<BI")
+CHUNK_BYTES = 1 << 20
 COMPRESSORS = {1: "brotli", 2: "lzma"}
 COMPRESSOR_IDS = {name: cid for cid, name in COMPRESSORS.items()}
 
@@ -144,8 +150,8 @@ def _layout(tensors: Mapping[str, QuantTensor | Tensor]) -> tuple[dict, bytes]:
 
 def pack_artifact(tensors: Mapping[str, QuantTensor | Tensor], model_config: dict, quant_config: dict,
                   compressors: tuple[str, ...] = ("brotli", "lzma")) -> bytes:
-    """Serialize tensors and configs, compress with each compressor (in parallel), keep the smallest (the first on a
-    tie). Configs must be JSON-able."""
+    """Serialize tensors and configs; compress in CHUNK_BYTES chunks, each with the smallest of `compressors` (all
+    in parallel). Configs must be JSON-able."""
     entries, payload = _layout(tensors)
     header = {"model_config": model_config, "quant_config": quant_config, "tensors": entries,
               "payload_bytes": len(payload)}
@@ -153,13 +159,61 @@ def pack_artifact(tensors: Mapping[str, QuantTensor | Tensor], model_config: dic
         header_bytes = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
     except (TypeError, ValueError) as err:
         raise ValueError(f"artifact configs must be plain JSON (dicts, lists, str, finite numbers): {err}") from None
-    body = struct.pack("<I", len(header_bytes)) + header_bytes + payload
-    # One thread per compressor: brotli and lzma release the GIL, so the pair costs the slower one, not the sum
-    # (record-sized model on the H100 host: brotli 80 s and lzma 38 s took 80 s together).
-    with ThreadPoolExecutor(len(compressors)) as pool:
-        results = list(pool.map(lambda name: compress(body, name), compressors))
-    name, packed = min(zip(compressors, results), key=lambda item: len(item[1]))
-    return PREFIX.pack(MAGIC, VERSION, COMPRESSOR_IDS[name], len(packed), zlib.crc32(packed)) + packed
+    raw = struct.pack("<I", len(header_bytes)) + header_bytes + payload
+    names, chunks = compress_chunks(raw, compressors)
+    table = b"".join(CHUNK_ENTRY.pack(COMPRESSOR_IDS[n], len(c)) for n, c in zip(names, chunks))
+    body = table + b"".join(chunks)
+    return PREFIX.pack(MAGIC, VERSION, len(chunks), len(body), zlib.crc32(body)) + body
+
+
+def compress_chunks(raw: bytes, compressors: tuple[str, ...] = ("brotli", "lzma")) -> tuple[list[str], list[bytes]]:
+    """Each CHUNK_BYTES piece of `raw` compressed by every compressor, all in parallel (brotli and lzma release the
+    GIL); per chunk the smallest result is kept (the first on a tie). Returns (compressor names, chunks)."""
+    pieces = [raw[i:i + CHUNK_BYTES] for i in range(0, len(raw), CHUNK_BYTES)] or [b""]
+    jobs = [(piece, name) for piece in pieces for name in compressors]
+    with ThreadPoolExecutor(min(len(jobs), os.cpu_count() or 1)) as pool:
+        results = list(pool.map(lambda job: compress(*job), jobs))
+    best = [min(zip(compressors, results[i:i + len(compressors)]), key=lambda item: len(item[1]))
+            for i in range(0, len(results), len(compressors))]
+    return [name for name, _ in best], [data for _, data in best]
+
+
+def decompress_chunks(body: bytes, count: int, source: str = "artifact") -> tuple[bytes, list[str]]:
+    """The raw stream of a chunked body (its crc already checked) and each chunk's compressor."""
+    if len(body) < count * CHUNK_ENTRY.size:
+        raise ArtifactError(f"{source}: {count} chunks need a {count * CHUNK_ENTRY.size}-byte table, the body has "
+                            f"{len(body)} bytes")
+    table = [CHUNK_ENTRY.unpack_from(body, i * CHUNK_ENTRY.size) for i in range(count)]
+    offset, names, pieces = count * CHUNK_ENTRY.size, [], []
+    for i, (cid, length) in enumerate(table):
+        if cid not in COMPRESSORS:
+            raise ArtifactError(f"{source}: chunk {i} has unknown compressor id {cid} (known: {COMPRESSORS})")
+        if offset + length > len(body):
+            raise ArtifactError(f"{source}: chunk {i} ends at byte {offset + length} of a {len(body)}-byte body")
+        names.append(COMPRESSORS[cid])
+        pieces.append(body[offset:offset + length])
+        offset += length
+    if offset != len(body):
+        raise ArtifactError(f"{source}: the chunk table covers {offset} of the {len(body)} body bytes")
+    try:
+        with ThreadPoolExecutor(min(count, os.cpu_count() or 1) or 1) as pool:
+            raw = b"".join(pool.map(decompress, pieces, names))
+    except Exception as err:  # brotli.error / lzma.LZMAError: the crc matched, so the writer itself was broken
+        raise ArtifactError(f"{source}: a chunk does not decompress ({type(err).__name__}: {err})") from None
+    return raw, names
+
+
+def blob_compressor(blob: bytes) -> str:
+    """compressor_summary of a packed artifact, read from its chunk table (nothing decompressed)."""
+    count = PREFIX.unpack_from(blob)[2]
+    return compressor_summary([COMPRESSORS[CHUNK_ENTRY.unpack_from(blob, PREFIX.size + i * CHUNK_ENTRY.size)[0]]
+                               for i in range(count)])
+
+
+def compressor_summary(names: list[str]) -> str:
+    """'brotli' when every chunk used it, else e.g. 'brotli:15,lzma:1'."""
+    counts = {name: names.count(name) for name in dict.fromkeys(sorted(names))}
+    return next(iter(counts)) if len(counts) == 1 else ",".join(f"{n}:{c}" for n, c in counts.items())
 
 
 @dataclass
@@ -168,34 +222,29 @@ class ArtifactContents:
     tensors: dict[str, QuantTensor | Tensor]
     model_config: dict
     quant_config: dict
-    compressor: str
+    compressor: str          # compressor_summary of the chunks: "brotli", or e.g. "brotli:15,lzma:1"
     header: dict
     payload: bytes
+    chunk_compressors: list[str] = field(default_factory=list)
 
 
 def read_contents(blob: bytes, source: str = "artifact") -> ArtifactContents:
     """Validate and decode a blob; every failure is an ArtifactError naming `source` and the numbers involved."""
     if len(blob) < PREFIX.size:
         raise ArtifactError(f"{source}: {len(blob)} bytes, shorter than the {PREFIX.size}-byte prefix (truncated)")
-    magic, version, cid, body_len, crc = PREFIX.unpack_from(blob)
+    magic, version, count, body_len, crc = PREFIX.unpack_from(blob)
     if magic != MAGIC:
         raise ArtifactError(f"{source}: magic {magic!r} != {MAGIC!r} (not a pgolf model artifact)")
     if version != VERSION:
         raise ArtifactError(f"{source}: format version {version}, this kit reads version {VERSION} (made by another "
                             "version of the kit: re-pack it)")
-    if cid not in COMPRESSORS:
-        raise ArtifactError(f"{source}: unknown compressor id {cid} (known: {COMPRESSORS})")
     body = blob[PREFIX.size:]
     if len(body) != body_len:
         raise ArtifactError(f"{source}: prefix says {body_len} compressed bytes but {len(body)} follow "
                             f"({'truncated' if len(body) < body_len else 'trailing data'}: copy the file again)")
     if zlib.crc32(body) != crc:
         raise ArtifactError(f"{source}: crc32 {zlib.crc32(body):#010x} != {crc:#010x} stored (corrupted bytes)")
-    compressor = COMPRESSORS[cid]
-    try:
-        raw = decompress(body, compressor)
-    except Exception as err:  # brotli.error / lzma.LZMAError: the crc matched, so the writer itself was broken
-        raise ArtifactError(f"{source}: {compressor} cannot decompress the body ({err})") from None
+    raw, names = decompress_chunks(body, count, source)
     if len(raw) < 4:
         raise ArtifactError(f"{source}: decompressed body is {len(raw)} bytes, no room for the header length")
     (header_len,) = struct.unpack_from("<I", raw)
@@ -211,7 +260,8 @@ def read_contents(blob: bytes, source: str = "artifact") -> ArtifactContents:
             raise ArtifactError(f"{source}: header says {header['payload_bytes']} payload bytes, found "
                                 f"{len(payload)}")
         tensors = {name: _decode_tensor(name, entry, payload, source) for name, entry in header["tensors"].items()}
-        return ArtifactContents(tensors, header["model_config"], header["quant_config"], compressor, header, payload)
+        return ArtifactContents(tensors, header["model_config"], header["quant_config"], compressor_summary(names),
+                                header, payload, names)
     except ArtifactError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as err:
@@ -423,16 +473,14 @@ def fit_to_budget(tensors: Mapping[str, QuantTensor | Tensor], hessian_diag: Map
 
     Cost of zeroing a +-1 code at (row, col): scale[row]^2 * (H diag[col] / mean H diag, or 1 without H). Each
     round zeroes enough codes for a per-row order-0 estimate of the bits saved, scaled by the measured efficiency,
-    to cover the excess with a margin; rounds re-compress with the first pack's winner only. On the record-shaped
-    model one round fitted (107,751 bytes over: 115,132 saved), i.e. 80 s for both compressors in parallel + 80 s
-    of brotli-11. Returns (blob, tensors as packed, report); raises ValueError if zeroing every +-1 code is not
+    to cover the excess with a margin; each round re-packs (chunks in parallel). On the record-shaped model one
+    round fitted (107,751 bytes over: 115,132 saved). Returns (blob, tensors as packed, report); raises ValueError if zeroing every +-1 code is not
     enough. The caller's tensors are not modified.
     """
     if target > DECIMAL_CAP:
         raise ValueError(f"fit_to_budget: target {target:,} is above the cap {DECIMAL_CAP:,} (decimal bytes)")
     blob = pack_artifact(tensors, model_config, quant_config)
-    compressor = COMPRESSORS[blob[len(MAGIC) + 1]]
-    report = BudgetReport(target, code_bytes, len(blob), len(blob), compressor)
+    report = BudgetReport(target, code_bytes, len(blob), len(blob), blob_compressor(blob))
     if code_bytes + len(blob) <= target:
         return blob, dict(tensors), report
 
@@ -451,7 +499,7 @@ def fit_to_budget(tensors: Mapping[str, QuantTensor | Tensor], hessian_diag: Map
                 f"still above the target {target:,} after zeroing {done:,} of {len(candidates):,} +-1 codes in "
                 f"{report.rounds} rounds: lower matrix_bits or the clip, or shrink the model")
         excess_bits = 8 * (code_bytes + len(blob) - target)
-        # Aim past the estimate: undershooting costs a whole level-11 re-compression (70 s at full size), overshooting
+        # Aim past the estimate: undershooting costs a whole re-compression (70 s of CPU at full size), overshooting
         # a few hundred codes. The slack covers the coder's noise on small excesses (+-100 bytes measured on a 650 KB
         # stream), capped at 0.1% of the model for small ones.
         slack_bits = 8 * min(FIT_SLACK_BYTES, len(blob) // 1000)
@@ -465,13 +513,13 @@ def fit_to_budget(tensors: Mapping[str, QuantTensor | Tensor], hessian_diag: Map
                 report.zeroed[name] = report.zeroed.get(name, 0) + int(pick.sum())
         done = n
         packed = {name: quant.get(name, value) for name, value in tensors.items()}
-        new_blob = pack_artifact(packed, model_config, quant_config, compressors=(compressor,))
+        new_blob = pack_artifact(packed, model_config, quant_config)
         saved_bits = 8 * (len(blob) - len(new_blob))
         efficiency = min(max(saved_bits / predicted, 0.05), 20.0) if predicted > 0 else efficiency
         bar.update(max(len(blob) - len(new_blob), 0))
         blob = new_blob
         report.rounds += 1
     bar.close()
-    report.model_bytes = len(blob)
+    report.model_bytes, report.compressor = len(blob), blob_compressor(blob)
     return blob, {name: quant.get(name, value) for name, value in tensors.items()}, report
 

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One seed of proxy track P1 (../shared/docs/BENCHMARK.md) run with the PACKED submission, on the GPU machine:
+#   source .bench/prep.sh && scripts/p1_seed.sh SEED [KEY=VALUE ...]
+# Bundles submission/train_gpt.py into /tmp/p1/pack, runs that single file from its folder (train 240 s at
+# 98,304 tokens/step -> self-calibrated GPTQ -> model.pgz -> reload -> legal eval), then copies the run's
+# train.log, eval.json, config.json, model.pgz and the packed train_gpt.py to $OUT/seed<SEED> (default ./p1_out).
+set -euo pipefail
+seed=${1:?usage: scripts/p1_seed.sh SEED [KEY=VALUE ...]}
+shift
+kit=$(pwd)
+out=${OUT:-$kit/p1_out}/seed$seed
+pack=/tmp/p1/pack run=/tmp/p1/seed$seed
+rm -rf "$run" && mkdir -p "$pack" "$out"
+python3 -c "import sys; from pathlib import Path; from tools.bundle import bundle, write_bundle
+r = bundle(Path('submission/train_gpt.py'), Path('.')); write_bundle(r, Path(sys.argv[1]))
+print(f'packed train_gpt.py: {r.sizes.packed} bytes, source sha256 {r.sha256[:16]}')" "$pack"
+cd "$pack"
+rc=0
+timeout "${P1_TIMEOUT:-570}" python3 train_gpt.py DATA_DIR="$BENCH_DATA" TOKENIZER_PATH="$BENCH_TOKENIZER" \
+  TRAIN_BATCH_TOKENS=98304 MAX_WALLCLOCK_SECONDS=240 SEED="$seed" RUN_DIR="$run" "$@" > "$out/stdout.txt" 2>&1 || rc=$?
+cp train_gpt.py train_gpt.py.sha256 "$out/"
+for f in train.log eval.json config.json model.pgz; do
+  if [ -f "$run/$f" ]; then cp "$run/$f" "$out/"; fi
+done
+grep -v "override setting\|^step:" "$out/stdout.txt" | tr '\r' '\n' | grep -v "it/s\]$\|s/it\]$" | tail -70
+echo "exit status $rc"
+exit $rc
