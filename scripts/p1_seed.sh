@@ -22,6 +22,6 @@ cp train_gpt.py train_gpt.py.sha256 "$out/"
 for f in train.log eval.json config.json model.pgz; do
   if [ -f "$run/$f" ]; then cp "$run/$f" "$out/"; fi
 done
-grep -v "override setting\|^step:" "$out/stdout.txt" | tr '\r' '\n' | grep -v "it/s\]$\|s/it\]$" | tail -70
+grep -v "override setting\|^step:" "$out/stdout.txt" | tr '\r' '\n' | grep -v "%|" | tail -70
 echo "exit status $rc"
 exit $rc
