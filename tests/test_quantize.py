@@ -6,6 +6,7 @@ import math
 import subprocess
 import sys
 import textwrap
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +17,11 @@ import torch.nn.functional as F
 from submission.config import ModelConfig, TrainConfig, to_dict
 from submission.data import write_shard
 from submission.model import GPT
-from tools.artifact import MODEL_FILENAME, ArtifactError, pack_artifact, read_artifact, to_state_dict
+from tools.artifact import DECIMAL_CAP, MODEL_FILENAME, ArtifactError, pack_artifact, read_artifact, to_state_dict
 from tools.calibrate import CalibConfig
 from tools.gptq import QuantConfig, QuantTensor
 from tools.pack import add_commands
+import tools.quantize
 from tools.quantize import load_quantized, quantize_checkpoint, quantize_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -210,3 +212,23 @@ def test_cli_quantize_logs_to_quantize_log(tmp_path):
     with pytest.raises(ValueError, match=r"unknown setting 'NUM_LAYERS'"):  # the model is fixed by the checkpoint
         args = parser.parse_args(["quantize", str(run), "NUM_LAYERS=3"])
         args.func(args)
+
+
+def test_clip_floor_rises_until_pruning_can_close_the_gap(tmp_path, monkeypatch):
+    """Too far over the cap, the smallest clip candidates are dropped (coarser codes, fewer bits) before +-1 codes
+    are zeroed; each drop is logged and the artifact that lands fits."""
+    run, _ = make_run(tmp_path)
+    coarsest = QuantConfig(**{**asdict(QUANT), "clip_sigmas": (20.0,)})
+    quantize_run(run, 0, coarsest, TINY_CALIB, Lines(), progress=False)
+    smallest = (run / MODEL_FILENAME).stat().st_size
+    monkeypatch.setattr(tools.quantize, "PRUNE_REACH", 0.0)  # this tiny model has too few codes to prune
+    code_bytes = DECIMAL_CAP - smallest - 50
+    quant = QuantConfig(**{**asdict(QUANT), "clip_sigmas": (2.0, 3.0, 20.0)})
+    log = Lines()
+    quantize_run(run, code_bytes, quant, TINY_CALIB, log, progress=False)
+    floors = log.starting("clip_floor ")
+    assert [f.split("dropped_clip_sigma:")[1].split()[0] for f in floors] == ["2.0", "3.0"]
+    assert [line.split("clip_sigmas:")[1].split()[0] for line in log.starting("gptq ")] == ["2,3,20", "3,20", "20"]
+    over = [int(f.split("over_by:")[1].split()[0]) for f in floors]
+    assert over[0] > over[1] > 0
+    assert code_bytes + (run / MODEL_FILENAME).stat().st_size <= DECIMAL_CAP

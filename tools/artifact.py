@@ -467,7 +467,7 @@ class _PruneCandidates:
 
 def fit_to_budget(tensors: Mapping[str, QuantTensor | Tensor], hessian_diag: Mapping[str, Tensor] | None,
                   code_bytes: int, model_config: dict, quant_config: dict, target: int = DECIMAL_CAP,
-                  max_rounds: int = 12, progress: bool = True
+                  max_rounds: int = 12, progress: bool = True, blob: bytes | None = None
                   ) -> tuple[bytes, dict[str, QuantTensor | Tensor], BudgetReport]:
     """Pack; if code + model bytes exceed `target`, zero the least harmful +-1 codes until the total fits.
 
@@ -475,11 +475,12 @@ def fit_to_budget(tensors: Mapping[str, QuantTensor | Tensor], hessian_diag: Map
     round zeroes enough codes for a per-row order-0 estimate of the bits saved, scaled by the measured efficiency,
     to cover the excess with a margin; each round re-packs (chunks in parallel). On the record-shaped model one
     round fitted (107,751 bytes over: 115,132 saved). Returns (blob, tensors as packed, report); raises ValueError if zeroing every +-1 code is not
-    enough. The caller's tensors are not modified.
+    enough. The caller's tensors are not modified. `blob`: pack_artifact's output for these tensors, if the caller
+    has it already.
     """
     if target > DECIMAL_CAP:
         raise ValueError(f"fit_to_budget: target {target:,} is above the cap {DECIMAL_CAP:,} (decimal bytes)")
-    blob = pack_artifact(tensors, model_config, quant_config)
+    blob = blob or pack_artifact(tensors, model_config, quant_config)
     report = BudgetReport(target, code_bytes, len(blob), len(blob), blob_compressor(blob))
     if code_bytes + len(blob) <= target:
         return blob, dict(tensors), report

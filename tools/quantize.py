@@ -6,7 +6,7 @@ import lzma
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -18,8 +18,8 @@ from submission.config import ModelConfig, TrainConfig, from_dict, to_dict
 from submission.data import load_tokens
 from submission.model import GPT
 from submission.train import _byte_luts
-from tools.artifact import (MODEL_FILENAME, ArtifactError, fit_to_budget, read_artifact, to_state_dict,
-                            write_artifact)
+from tools.artifact import (DECIMAL_CAP, MODEL_FILENAME, ArtifactError, fit_to_budget, pack_artifact,
+                            read_artifact, to_state_dict, write_artifact)
 from tools.calibrate import CalibConfig, calibrate
 from tools.gptq import QuantConfig, QuantTensor, quantize_state_dict
 
@@ -27,6 +27,10 @@ from tools.gptq import QuantConfig, QuantTensor, quantize_state_dict
 TRAIN_CAP_SECONDS = 600.0
 # Tables looked up by token id: int8 round-to-nearest per row (CHALLENGE.md's record recipe), never int6 GPTQ.
 EMBEDDING_NAMES = ("tok_emb.weight", "bigram.table.weight", "value_embed.weight")
+# How far over the cap (as a share of the model bytes) zeroing +-1 codes is asked to close; beyond it the smallest clip
+# candidate is dropped and GPTQ re-run. A P1 model (H100, 240 s) packed to 17,277,442 bytes with clips from 3 sigma:
+# zeroing all 2,491,438 of its +-1 codes did not reach 16,000,000 (int6 codes of real weights are wide: ~10% are +-1).
+PRUNE_REACH = 0.02
 
 
 @dataclass
@@ -91,6 +95,25 @@ def torch_save_lzma_bytes(tensors: dict[str, QuantTensor | torch.Tensor]) -> int
     return len(lzma.compress(buf.getvalue(), preset=9))
 
 
+def _log_gptq(log, report, quant_cfg: QuantConfig, cal, gptq_s: float) -> None:
+    for line in report.lines():
+        log(line, file_only=True)
+    gptq = {n: i for n, i in report.infos.items() if i["method"] == "gptq"}
+    retried = {n: i["damp"] for n, i in gptq.items() if i["damp_retries"]}
+    methods = [m.split()[0] for m in report.methods.values()]
+    log("gptq", seconds=round(gptq_s, 2), gptq=methods.count("gptq"), rtn=methods.count("rtn"),
+        fp16=methods.count("fp16"), damp_grown=len(retried),
+        max_damp=max(retried.values(), default=quant_cfg.damp), min_calibration_tokens=min(cal.stats.tokens.values()),
+        clip_sigmas=",".join(f"{k:g}" for k in quant_cfg.clip_sigmas))
+    short = {n: h.size(0) for n, h in cal.stats.hessians.items() if cal.stats.tokens[n] < h.size(0)}
+    if short:  # H = X^T X has rank <= tokens: the damping (QuantConfig.damp x mean diag) is what makes it invertible
+        log("gptq_rank_deficient", hessians=len(short), min_tokens=min(cal.stats.tokens[n] for n in short),
+            max_input_dims=max(short.values()), damp=quant_cfg.damp)
+    for name, damp in retried.items():  # damping had to grow for Cholesky to succeed: say where
+        log("gptq_damping", tensor=name, damp=damp, tokens=cal.stats.tokens[name],
+            input_dims=cal.stats.hessians[name].size(0))
+
+
 def quantize_checkpoint(run_dir: str | os.PathLike, code_bytes: int, quant_cfg: QuantConfig, calib_cfg: CalibConfig,
                         log, device: torch.device, data_dir: str | None = None, progress: bool = True
                         ) -> tuple[Path, dict[str, QuantTensor | torch.Tensor], threading.Thread]:
@@ -123,35 +146,36 @@ def quantize_checkpoint(run_dir: str | os.PathLike, code_bytes: int, quant_cfg: 
                                "training cap (train data may only be read inside it): lower MAX_WALLCLOCK_SECONDS "
                                f"by at least {train_s + total_s - TRAIN_CAP_SECONDS:.0f} s, or CALIB_SOURCE=generated")
 
-    t0 = time.perf_counter()
     state = {k: v.detach() for k, v in model.state_dict().items()}
     names = [n for n in EMBEDDING_NAMES if n in state]
-    tensors, report = quantize_state_dict(state, cal.stats.hessians, names, quant_cfg, progress)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    gptq_s = time.perf_counter() - t0
-    for line in report.lines():
-        log(line, file_only=True)
-    gptq = {n: i for n, i in report.infos.items() if i["method"] == "gptq"}
-    retried = {n: i["damp"] for n, i in gptq.items() if i["damp_retries"]}
-    methods = [m.split()[0] for m in report.methods.values()]
-    log("gptq", seconds=round(gptq_s, 2), gptq=methods.count("gptq"), rtn=methods.count("rtn"),
-        fp16=methods.count("fp16"), damp_grown=len(retried),
-        max_damp=max(retried.values(), default=quant_cfg.damp), min_calibration_tokens=min(cal.stats.tokens.values()))
-    short = {n: h.size(0) for n, h in cal.stats.hessians.items() if cal.stats.tokens[n] < h.size(0)}
-    if short:  # H = X^T X has rank <= tokens: the damping (QuantConfig.damp x mean diag) is what makes it invertible
-        log("gptq_rank_deficient", hessians=len(short), min_tokens=min(cal.stats.tokens[n] for n in short),
-            max_input_dims=max(short.values()), damp=quant_cfg.damp)
-    for name, damp in retried.items():  # damping had to grow for Cholesky to succeed: say where
-        log("gptq_damping", tensor=name, damp=damp, tokens=cal.stats.tokens[name],
-            input_dims=cal.stats.hessians[name].size(0))
+    quant_record = {**asdict(quant_cfg), **asdict(calib_cfg)}
+    model_config = to_dict(ckpt.model_config)
+    pack_s = 0.0
+    while True:
+        t0 = time.perf_counter()
+        tensors, report = quantize_state_dict(state, cal.stats.hessians, names, quant_cfg, progress)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        gptq_s = time.perf_counter() - t0
+        _log_gptq(log, report, quant_cfg, cal, gptq_s)
+        t0 = time.perf_counter()
+        blob = pack_artifact(tensors, model_config, quant_record)
+        pack_s += time.perf_counter() - t0
+        over = code_bytes + len(blob) - DECIMAL_CAP
+        if over <= PRUNE_REACH * len(blob) or len(quant_cfg.clip_sigmas) == 1:
+            break
+        # Too far over for zeroing +-1 codes: the smallest clips buy accuracy with bits. Drop the smallest candidate
+        # (coarser steps on the rows that chose it) and quantize again.
+        log("clip_floor", model_bytes=len(blob), over_by=over, dropped_clip_sigma=min(quant_cfg.clip_sigmas),
+            clip_sigmas=",".join(f"{k:g}" for k in sorted(quant_cfg.clip_sigmas)[1:]))
+        quant_cfg = replace(quant_cfg, clip_sigmas=tuple(sorted(quant_cfg.clip_sigmas))[1:])
+        quant_record = {**asdict(quant_cfg), **asdict(calib_cfg)}
 
     t0 = time.perf_counter()
     hessian_diag = {n: h.diagonal() for n, h in cal.stats.hessians.items()}
-    quant_record = {**asdict(quant_cfg), **asdict(calib_cfg)}
-    blob, packed, budget = fit_to_budget(tensors, hessian_diag, code_bytes, to_dict(ckpt.model_config), quant_record,
-                                         progress=progress)
-    pack_s = time.perf_counter() - t0
+    blob, packed, budget = fit_to_budget(tensors, hessian_diag, code_bytes, model_config, quant_record,
+                                         progress=progress, blob=blob)
+    pack_s += time.perf_counter() - t0
     for line in budget.lines():
         log(line)
     path = run_dir / MODEL_FILENAME
@@ -162,18 +186,22 @@ def quantize_checkpoint(run_dir: str | os.PathLike, code_bytes: int, quant_cfg: 
         size = torch_save_lzma_bytes(packed)
         log("artifact_vs_torch_save", model_bytes=len(blob), torch_save_lzma9_bytes=size,
             smaller_by=f"{1 - len(blob) / size:.2%}")
-    thread = threading.Thread(target=baseline, daemon=True)
+    # Not a daemon: a process that does not wait for it still logs the line before it exits.
+    thread = threading.Thread(target=baseline)
     thread.start()
     return path, packed, thread
 
 
 def quantize_run(run_dir: str | os.PathLike, code_bytes: int, quant_cfg: QuantConfig | None = None,
                  calib_cfg: CalibConfig | None = None, log=print, train_cfg: TrainConfig | None = None,
-                 device: torch.device | str | None = None, progress: bool = True) -> tuple[GPT, BPBAccumulator]:
+                 device: torch.device | str | None = None, progress: bool = True, wait_baseline: bool = True
+                 ) -> tuple[GPT, BPBAccumulator]:
     """The pipeline's quantize stage on every rank: rank 0 writes RUN_DIR/model.pgz, then every rank reloads it from
     disk into a fresh GPT and scores it flat (`quantized_roundtrip_exact`). Returns (reloaded model, its score).
 
     train_cfg supplies data_dir, tokenizer_path, seq_len and val_batch_seqs (default: the checkpoint's).
+    wait_baseline=False returns without waiting for the torch.save + lzma-9 baseline (~40 s of one CPU core on the
+    record model); its line is then logged while the caller goes on (the pipeline's evaluation overlaps it).
     """
     run_dir = Path(run_dir)
     quant_cfg, calib_cfg = quant_cfg or QuantConfig(), calib_cfg or CalibConfig()
@@ -193,7 +221,7 @@ def quantize_run(run_dir: str | os.PathLike, code_bytes: int, quant_cfg: QuantCo
     luts = _byte_luts(train_cfg, model.cfg.vocab_size)
     t0 = time.perf_counter()
     acc = evaluate_flat(model, val_tokens, luts, train_cfg.seq_len, train_cfg.val_batch_seqs, rank, world_size)
-    if thread is not None:
+    if thread is not None and wait_baseline:
         thread.join()
     model_bytes = path.stat().st_size
     log("roundtrip_eval", artifact=str(path), tokens=acc.tokens, bytes=acc.bytes,
