@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from tools.gptq import (QuantConfig, QuantTensor, collect_hessians, dequantize, gptq_quantize, h_weighted_error,
+from tools.gptq import (QuantConfig, candidate_scales, QuantTensor, collect_hessians, dequantize, gptq_quantize, h_weighted_error,
                         inverse_hessian_factor, quantize_state_dict, rtn_quantize)
 
 
@@ -180,3 +180,15 @@ def test_quant_config_validation():
         QuantConfig(matrix_bits=9)
     with pytest.raises(ValueError, match="clip_sigmas"):
         QuantConfig(clip_sigmas=(0.0,))
+
+
+def test_min_clip_sigma_floors_every_candidate():
+    W = heavy_tailed_weights(8, 64, seed=21)
+    W[0] = torch.linspace(-1, 1, 64)  # absmax 1.0 ~ 1.7 std: its absmax is far below a 6-sigma floor
+    free = candidate_scales(W, 6, (3.0, 12.85))
+    floored = candidate_scales(W, 6, (3.0, 12.85), min_clip_sigma=6.0)
+    floor = (6.0 * W.std(dim=1) / 31).half().float()
+    assert torch.equal(floored, torch.maximum(free, floor.expand_as(free)))
+    assert torch.all(floored[:, 0] == floor[0]) and torch.all(free[:, 0] < floor[0])
+    with pytest.raises(ValueError, match="min_clip_sigma=-1"):
+        QuantConfig(min_clip_sigma=-1)

@@ -215,20 +215,21 @@ def test_cli_quantize_logs_to_quantize_log(tmp_path):
 
 
 def test_clip_floor_rises_until_pruning_can_close_the_gap(tmp_path, monkeypatch):
-    """Too far over the cap, the smallest clip candidates are dropped (coarser codes, fewer bits) before +-1 codes
-    are zeroed; each drop is logged and the artifact that lands fits."""
+    """Too far over the cap for zeroing +-1 codes, the stage raises QuantConfig.min_clip_sigma (coarser steps, fewer
+    bits) and re-quantizes; each rise is logged and the artifact that lands fits."""
     run, _ = make_run(tmp_path)
-    coarsest = QuantConfig(**{**asdict(QUANT), "clip_sigmas": (20.0,)})
-    quantize_run(run, 0, coarsest, TINY_CALIB, Lines(), progress=False)
-    smallest = (run / MODEL_FILENAME).stat().st_size
-    monkeypatch.setattr(tools.quantize, "PRUNE_REACH", 0.0)  # this tiny model has too few codes to prune
-    code_bytes = DECIMAL_CAP - smallest - 50
-    quant = QuantConfig(**{**asdict(QUANT), "clip_sigmas": (2.0, 3.0, 20.0)})
+    quantize_run(run, 0, QUANT, TINY_CALIB, Lines(), progress=False)
+    free = (run / MODEL_FILENAME).stat().st_size
+    coarse = QuantConfig(**{**asdict(QUANT), "min_clip_sigma": 12.0})
+    quantize_run(run, 0, coarse, TINY_CALIB, Lines(), progress=False)
+    small = (run / MODEL_FILENAME).stat().st_size
+    assert small < free - 2000  # the floor does shrink the codes
+    monkeypatch.setattr(tools.quantize, "PRUNE_REACH", 0.0)  # this tiny model has too few +-1 codes to prune
+    code_bytes = DECIMAL_CAP - (free + small) // 2
     log = Lines()
-    quantize_run(run, code_bytes, quant, TINY_CALIB, log, progress=False)
-    floors = log.starting("clip_floor ")
-    assert [f.split("dropped_clip_sigma:")[1].split()[0] for f in floors] == ["2.0", "3.0"]
-    assert [line.split("clip_sigmas:")[1].split()[0] for line in log.starting("gptq ")] == ["2,3,20", "3,20", "20"]
-    over = [int(f.split("over_by:")[1].split()[0]) for f in floors]
-    assert over[0] > over[1] > 0
+    quantize_run(run, code_bytes, QUANT, TINY_CALIB, log, progress=False)
+    floors = [float(f.split("min_clip_sigma:")[1]) for f in log.starting("clip_floor ")]
+    assert floors and floors == sorted(floors) and floors[0] > 0
+    logged = [float(line.split("min_clip_sigma:")[1].split()[0]) for line in log.starting("gptq ")]
+    assert logged == [0.0, *floors]
     assert code_bytes + (run / MODEL_FILENAME).stat().st_size <= DECIMAL_CAP

@@ -31,6 +31,11 @@ EMBEDDING_NAMES = ("tok_emb.weight", "bigram.table.weight", "value_embed.weight"
 # candidate is dropped and GPTQ re-run. A P1 model (H100, 240 s) packed to 17,277,442 bytes with clips from 3 sigma:
 # zeroing all 2,491,438 of its +-1 codes did not reach 16,000,000 (int6 codes of real weights are wide: ~10% are +-1).
 PRUNE_REACH = 0.02
+FLOOR_OVERSHOOT = 1.15   # aim a little under the cap: a round costs GPTQ + a pack (~20 s on the H100 host)
+MAX_FLOOR_ROUNDS = 6
+# Beyond this the int6 step exceeds half a std (16 sigma / 31): a model that needs more is too big for the cap, and
+# the budget fit's error says so instead of shipping noise.
+MAX_CLIP_FLOOR = 16.0
 
 
 @dataclass
@@ -95,6 +100,15 @@ def torch_save_lzma_bytes(tensors: dict[str, QuantTensor | torch.Tensor]) -> int
     return len(lzma.compress(buf.getvalue(), preset=9))
 
 
+def _typical_absmax_sigmas(state: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor]) -> float:
+    """Median over the GPTQ matrices' rows of absmax/std: the clip, in stds, that the codes use when no clip wins."""
+    ratios = []
+    for name in hessians:
+        W = state[name].float()
+        ratios.append(W.abs().amax(dim=1) / W.std(dim=1).clamp_min(1e-12))
+    return float(torch.cat(ratios).median())
+
+
 def _log_gptq(log, report, quant_cfg: QuantConfig, cal, gptq_s: float) -> None:
     for line in report.lines():
         log(line, file_only=True)
@@ -104,7 +118,7 @@ def _log_gptq(log, report, quant_cfg: QuantConfig, cal, gptq_s: float) -> None:
     log("gptq", seconds=round(gptq_s, 2), gptq=methods.count("gptq"), rtn=methods.count("rtn"),
         fp16=methods.count("fp16"), damp_grown=len(retried),
         max_damp=max(retried.values(), default=quant_cfg.damp), min_calibration_tokens=min(cal.stats.tokens.values()),
-        clip_sigmas=",".join(f"{k:g}" for k in quant_cfg.clip_sigmas))
+        clip_sigmas=",".join(f"{k:g}" for k in quant_cfg.clip_sigmas), min_clip_sigma=round(quant_cfg.min_clip_sigma, 3))
     short = {n: h.size(0) for n, h in cal.stats.hessians.items() if cal.stats.tokens[n] < h.size(0)}
     if short:  # H = X^T X has rank <= tokens: the damping (QuantConfig.damp x mean diag) is what makes it invertible
         log("gptq_rank_deficient", hessians=len(short), min_tokens=min(cal.stats.tokens[n] for n in short),
@@ -150,7 +164,7 @@ def quantize_checkpoint(run_dir: str | os.PathLike, code_bytes: int, quant_cfg: 
     names = [n for n in EMBEDDING_NAMES if n in state]
     quant_record = {**asdict(quant_cfg), **asdict(calib_cfg)}
     model_config = to_dict(ckpt.model_config)
-    pack_s = 0.0
+    pack_s, rounds = 0.0, 0
     while True:
         t0 = time.perf_counter()
         tensors, report = quantize_state_dict(state, cal.stats.hessians, names, quant_cfg, progress)
@@ -162,14 +176,19 @@ def quantize_checkpoint(run_dir: str | os.PathLike, code_bytes: int, quant_cfg: 
         blob = pack_artifact(tensors, model_config, quant_record)
         pack_s += time.perf_counter() - t0
         over = code_bytes + len(blob) - DECIMAL_CAP
-        if over <= PRUNE_REACH * len(blob) or len(quant_cfg.clip_sigmas) == 1:
+        if over <= PRUNE_REACH * len(blob) or rounds == MAX_FLOOR_ROUNDS:
             break
-        # Too far over for zeroing +-1 codes: the smallest clips buy accuracy with bits. Drop the smallest candidate
-        # (coarser steps on the rows that chose it) and quantize again.
-        log("clip_floor", model_bytes=len(blob), over_by=over, dropped_clip_sigma=min(quant_cfg.clip_sigmas),
-            clip_sigmas=",".join(f"{k:g}" for k in sorted(quant_cfg.clip_sigmas)[1:]))
-        quant_cfg = replace(quant_cfg, clip_sigmas=tuple(sorted(quant_cfg.clip_sigmas))[1:])
+        # Too far over for zeroing +-1 codes: coarser steps on every row. Each doubling of a step saves ~1 bit per
+        # code, so the floor grows by 2^(bits to save per code), from the rows' typical absmax/std at first.
+        codes = sum(v.codes.numel() for v in tensors.values() if isinstance(v, QuantTensor))
+        base = quant_cfg.min_clip_sigma or _typical_absmax_sigmas(state, cal.stats.hessians)
+        floor = min(base * 2 ** (FLOOR_OVERSHOOT * 8 * over / codes), MAX_CLIP_FLOOR)
+        if floor <= quant_cfg.min_clip_sigma:
+            break
+        log("clip_floor", model_bytes=len(blob), over_by=over, min_clip_sigma=round(floor, 3))
+        quant_cfg = replace(quant_cfg, min_clip_sigma=floor)
         quant_record = {**asdict(quant_cfg), **asdict(calib_cfg)}
+        rounds += 1
 
     t0 = time.perf_counter()
     hessian_diag = {n: h.diagonal() for n, h in cal.stats.hessians.items()}
