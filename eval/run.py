@@ -1,18 +1,14 @@
-"""Legal evaluation: EvalConfig (the recipe) and evaluate(), one causal stream with ablation, compliance, projection."""
+"""Legal evaluation: EvalConfig (the recipe) and evaluate(), one causal scoring stream and its 8-GPU projection."""
 from __future__ import annotations
 
 import dataclasses
-import time
 import typing
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from eval.bpb import BPBAccumulator, ByteLUTs, token_bytes_torch
-from eval.compliance import check_causality, check_coverage, check_events, check_normalization, coverage_summary
 from eval.ngram import NgramBlender, NgramConfig
 from eval.stream import StageTimer, rope_scaled, score_stream, shard_targets, window_scores
 from eval.ttt import HashEmbedding, ScoreFirstTTT
@@ -48,6 +44,8 @@ class EvalConfig:
     ngram: bool = True               # blend a full-vocabulary n-gram of scored tokens into p
     ngram_score: str = "blend"       # the view that is the score, fixed before evaluating (C4): "blend" or "tilt"
     ngram_config: NgramConfig = field(default_factory=NgramConfig)
+    # Verification (eval/verify.py), run by the kit (`pgolf eval`, `python -m submission.train_gpt`); the packed
+    # program never runs it and logs that it did not.
     compliance: bool = True          # check C1-C4 on this run; C1 re-runs the stream on a short prefix
     compliance_chunks: int = 2       # C1 prefix: this many chunks of compliance_chunk_tokens, one cut in each
     compliance_chunk_tokens: int = 4096  # C1 runs the full stream 4x on the prefix: 6.5 s on an H100
@@ -100,34 +98,16 @@ def apply_eval_overrides(cfg: EvalConfig, overrides: dict[str, str], source: str
     return changed
 
 
-@contextmanager
-def _deterministic(device: torch.device):
-    """Reproducible kernels on CUDA for the causality check, which compares runs bit for bit. Measured on an H100:
-    two identical runs differed at 4,060 of 8,192 scores after one TTT step, because cuDNN attention's backward
-    is non-deterministic (warn-only deterministic mode keeps it so). SDPA's math backend is deterministic, and
-    the check's short prefix runs eager, so no compiled graph sees the changed global state."""
-    if device.type != "cuda":
-        yield
-        return
-    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
-    finally:
-        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
-
-
-def _distributed() -> bool:
+def distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def _stream_pass(model, tokens, first, end, cfg: EvalConfig, *, ttt: bool, table: HashEmbedding | None,
-                 ngram: bool, tilt: bool, stride: int, chunk: int, compiled, timer, progress: bool, desc: str,
-                 score_tokens=None):
+def stream_pass(model, tokens, first, end, cfg: EvalConfig, *, ttt: bool, table: HashEmbedding | None,
+                ngram: bool, tilt: bool, stride: int, chunk: int, compiled, timer, progress: bool, desc: str,
+                score_tokens=None):
     """One stream over [first, end) with fresh adapters (the caller restores the model weights first). The hash
     table is one module for the whole evaluation, zeroed here: a new module per pass could make a compiled scorer
-    recompile, the compliance check alone runs four passes."""
+    recompile."""
     device = tokens.device
     tuner = None
     if ttt:
@@ -146,7 +126,7 @@ def _stream_pass(model, tokens, first, end, cfg: EvalConfig, *, ttt: bool, table
             tuner.close()
 
 
-def _scores(result, tokens, lut) -> dict[str, BPBAccumulator]:
+def view_scores(result, tokens, lut) -> dict[str, BPBAccumulator]:
     """Per view: NLL, targets and bytes summed in float64 and all-reduced over ranks."""
     device = tokens.device
     num_bytes = token_bytes_torch(lut, tokens[result.first - 1:result.end - 1], tokens[result.first:result.end])
@@ -159,75 +139,22 @@ def _scores(result, tokens, lut) -> dict[str, BPBAccumulator]:
     return out
 
 
-def _compliance(result, c1: dict, num_targets: int, device) -> dict:
-    """C2-C4 of the main stream, reduced over ranks; C1 from the perturbation runs."""
-    norm = {view: stats.clone() for view, stats in result.norm.items()}
-    c3 = check_events(result.events, result.first)
-    summary = torch.tensor(coverage_summary(result.first, result.end, result.coverage), device=device)
-    if _distributed():
-        for stats in norm.values():  # max error, max of -min p, max non-finite count: one MAX reduction
-            stats[1].neg_()
-            torch.distributed.all_reduce(stats, op=torch.distributed.ReduceOp.MAX)
-            stats[1].neg_()
-        flags = torch.tensor([float(c3["passed"])], device=device)
-        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
-        if c3["passed"] and not flags.item():
-            c3 = {"passed": False, "detail": "another rank's stream updated before scoring (see its log)"}
-        gathered = [torch.empty_like(summary) for _ in range(torch.distributed.get_world_size())]
-        torch.distributed.all_gather(gathered, summary)
-        summaries = [g.tolist() for g in gathered]
-    else:
-        summaries = [summary.tolist()]
-    return {"C1": c1, "C2": check_normalization(norm), "C3": c3, "C4": check_coverage(summaries, num_targets)}
-
-
-def _causality(model, tokens, initial: dict, cfg: EvalConfig, features: dict, tilt: bool) -> dict:
-    """C1 on a prefix of compliance_chunks chunks of compliance_chunk_tokens, one random cut inside each chunk;
-    every run is the whole configured stream, eager, from the initial weights."""
-    prefix_end = min(tokens.numel(), 1 + cfg.compliance_chunks * cfg.compliance_chunk_tokens)
-    generator = torch.Generator().manual_seed(0)
-    cuts = [lo + int(torch.randint(0, min(cfg.compliance_chunk_tokens, prefix_end - lo), (1,), generator=generator))
-            for lo in range(1, prefix_end, cfg.compliance_chunk_tokens)]
-
-    def run_prefix(context_tokens, score_tokens):
-        model.load_state_dict(initial)
-        return _stream_pass(model, context_tokens, 1, prefix_end, cfg, **features, tilt=tilt, stride=cfg.stride,
-                            chunk=cfg.compliance_chunk_tokens, compiled=None, timer=StageTimer(tokens.device),
-                            progress=False, desc="C1", score_tokens=score_tokens).nll
-
-    return check_causality(run_prefix, tokens[:prefix_end], 1, prefix_end, cuts, model.cfg.vocab_size)
-
-
-def _ablation_passes(model, tokens, first, end, initial: dict, cfg: EvalConfig, compiled, lut, timer,
-                     progress: bool, exact) -> list[dict]:
-    """The passes the main one cannot provide as views: flat, sliding (when TTT is on) and +ttt (when the hash
-    embedding is on), each from the initial weights and timed as stage ablation_<name>."""
-    passes = [("flat", False, cfg.context_len, None)]
-    if cfg.ttt:
-        passes.append(("sliding", False, cfg.stride, compiled))
-    if cfg.ttt and cfg.hash_embed:
-        passes.append(("+ttt", True, cfg.stride, compiled))
-    out = []
-    for name, ttt, stride, fn in passes:
-        model.load_state_dict(initial)
-        pass_timer = StageTimer(tokens.device)
-        result = _stream_pass(model, tokens, first, end, cfg, ttt=ttt, table=None, ngram=False, tilt=False,
-                              stride=stride, chunk=cfg.chunk_tokens, compiled=fn, timer=pass_timer,
-                              progress=progress, desc=name)
-        seconds = sum(pass_timer.seconds.values())
-        timer.seconds[f"ablation_{name.lstrip('+')}"] = seconds
-        out.append({**exact(name, _scores(result, tokens, lut)["model"]), "seconds": seconds})
-    return out
+def view_names(cfg: EvalConfig) -> dict[str, str]:
+    """Each view's name in the log and the ablation: the model view is named after the last feature it has."""
+    return {"model": "+hash_embed" if cfg.hash_embed else "+ttt" if cfg.ttt else "sliding", "blend": "+ngram",
+            "tilt": "tilt"}
 
 
 def evaluate(model, val_tokens, luts: ByteLUTs, cfg: EvalConfig, rank: int = 0, world_size: int = 1,
-             progress: bool = True, log=None) -> dict:
+             progress: bool = True, log=None, verify=None) -> dict:
     """Score the validation tokens with the configured recipe; return the eval-JSON body: val_loss (nats/token),
-    val_bpb, tokens, bytes, stages (seconds), ablation (if cfg.ablation), compliance (if cfg.compliance),
-    projection, config. Ranks take contiguous shares of the targets, each with its own adapters (so adapted
-    scores depend on the number of ranks); sums are all-reduced in float64. The model's weights are restored
-    before returning. `log(*fields, **kv)` gets stage lines and, last, `final_eval_exact val_loss:<.8f>
-    val_bpb:<.8f>`."""
+    val_bpb, tokens, bytes, stages (seconds), what `verify` adds, projection, config. Ranks take contiguous shares
+    of the targets, each with its own adapters (so adapted scores depend on the number of ranks); sums are
+    all-reduced in float64. The model's weights are restored before returning. `log(*fields, **kv)` gets stage
+    lines and, last, `final_eval_exact val_loss:<.8f> val_bpb:<.8f>`.
+    verify(tokens, initial, compiled, result, scores, seconds, timer) -> dict (eval/verify.py, kit only) runs after
+    the main pass, under its RoPE scaling, and returns eval-JSON keys to add; the main pass then also records the
+    tilt view when cfg.ablation is set."""
     cfg.validate()
     log = log or (lambda *fields, **kv: None)
     progress = progress and rank == 0
@@ -248,61 +175,38 @@ def evaluate(model, val_tokens, luts: ByteLUTs, cfg: EvalConfig, rank: int = 0, 
     timer = StageTimer(device)
     table = HashEmbedding(cfg.hash_buckets, model.cfg.model_dim, model.cfg.bos_id).to(device) \
         if cfg.hash_embed else None
-    features = dict(ttt=cfg.ttt, table=table, ngram=cfg.ngram)
-    tilt = cfg.ngram and (cfg.ablation or cfg.ngram_score == "tilt")
+    tilt = cfg.ngram and (cfg.ngram_score == "tilt" or verify is not None and cfg.ablation)
     log("eval_start", targets=num_targets, shard=f"[{first},{end})", world_size=world_size,
         context_len=cfg.context_len, stride=cfg.stride, chunk_tokens=cfg.chunk_tokens, ttt=cfg.ttt,
         hash_embed=cfg.hash_embed, ngram=cfg.ngram, compile=compiled is not None)
-
-    def exact(name: str, acc: BPBAccumulator) -> dict:
-        log(f"eval_{name.lstrip('+')}_exact", val_loss=f"{acc.val_loss:.8f}", val_bpb=f"{acc.val_bpb:.8f}")
-        return {"name": name, "val_loss": acc.val_loss, "val_bpb": acc.val_bpb}
-
-    ablation, c1 = [], None
     with rope_scaled(model, cfg.rope_scale):
         try:
-            if cfg.compliance:
-                with timer("compliance"), _deterministic(device):
-                    c1 = _causality(model, tokens, initial, cfg, features, tilt)
-            if cfg.ablation:
-                ablation = _ablation_passes(model, tokens, first, end, initial, cfg, compiled, lut, timer,
-                                            progress, exact)
-            model.load_state_dict(initial)
-            main_timer = StageTimer(device)
-            result = _stream_pass(model, tokens, first, end, cfg, **features, tilt=tilt, stride=cfg.stride,
-                                  chunk=cfg.chunk_tokens, compiled=compiled, timer=main_timer, progress=progress,
-                                  desc="eval")
+            result = stream_pass(model, tokens, first, end, cfg, ttt=cfg.ttt, table=table, ngram=cfg.ngram,
+                                 tilt=tilt, stride=cfg.stride, chunk=cfg.chunk_tokens, compiled=compiled,
+                                 timer=timer, progress=progress, desc="eval")
+            scores = view_scores(result, tokens, lut)
+            main_seconds = sum(s for name, s in timer.seconds.items() if name != "compile")
+            names = view_names(cfg)
+            for view, acc in scores.items():
+                log(f"eval_{names[view].lstrip('+')}_exact", val_loss=f"{acc.val_loss:.8f}",
+                    val_bpb=f"{acc.val_bpb:.8f}")
+            verified = verify(tokens, initial, compiled, result, scores, main_seconds, timer) if verify else {}
         finally:
             model.load_state_dict(initial)
-    scores = _scores(result, tokens, lut)
-    main_seconds = sum(s for name, s in main_timer.seconds.items() if name != "compile")
-    timer.seconds.update({name: timer.seconds.get(name, 0.0) + s for name, s in main_timer.seconds.items()})
-    model_view = "+hash_embed" if cfg.hash_embed else "+ttt" if cfg.ttt else "sliding"
-    names = {"model": model_view, "blend": "+ngram", "tilt": "tilt"}
-    for view, acc in scores.items():
-        entry = exact(names[view], acc)
-        if cfg.ablation:  # views of one pass share its time
-            ablation.append({**entry, "seconds": main_seconds})
     final = scores["tilt" if cfg.ngram and cfg.ngram_score == "tilt" else "blend" if cfg.ngram else "model"]
 
-    if _distributed():  # the slowest rank sets the time
+    if distributed():  # the slowest rank sets the time
         slowest = torch.tensor([main_seconds], device=device)
         torch.distributed.all_reduce(slowest, op=torch.distributed.ReduceOp.MAX)
         main_seconds = slowest.item()
     full = FULL_VAL_TOKENS.get(vocab, FULL_VAL_TOKENS[1024])
-    fixed = timer.seconds.get("compile", 0.0) + timer.seconds.get("compliance", 0.0)
-    projected = fixed + main_seconds * (full / EVAL_GPUS) / (final.tokens / world_size)
+    # What the submission runs: compile once, then the main pass at 8 GPUs' share (verification is the kit's).
+    projected = timer.seconds.get("compile", 0.0) + main_seconds * (full / EVAL_GPUS) / (final.tokens / world_size)
     projection = {"full_val_tokens": full, "gpus": EVAL_GPUS, "seconds": round(projected, 1),
                   "over_limit": projected > EVAL_LIMIT_S}
     body = {"val_loss": final.val_loss, "val_bpb": final.val_bpb, "tokens": final.tokens, "bytes": final.bytes,
-            "stages": {name: round(s, 3) for name, s in timer.seconds.items()}}
-    if cfg.ablation:
-        body["ablation"] = ablation
-    if cfg.compliance:
-        body["compliance"] = _compliance(result, c1, num_targets, device)
-        log("eval_compliance", **{k: "pass" if v["passed"] else "FAIL" for k, v in body["compliance"].items()})
-    body["projection"] = projection
-    body["config"] = dataclasses.asdict(cfg)
+            "stages": {name: round(s, 3) for name, s in timer.seconds.items()}, **verified,
+            "projection": projection, "config": dataclasses.asdict(cfg)}
     for name, seconds in body["stages"].items():
         log("eval_stage", stage=name, seconds=seconds)
     log("eval_projection", full_val_tokens=full, gpus=EVAL_GPUS, seconds=projection["seconds"],

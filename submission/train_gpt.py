@@ -29,25 +29,42 @@ from tools.quantize import quantize_run, read_training_done
 PACKED_CODE_FILENAME = "<train_gpt>"
 
 
+def packed() -> bool:
+    """Whether this is the packed single file. Not "can the kit be imported": PYTHONPATH may point at a kit checkout
+    while the packed file runs."""
+    return packed.__code__.co_filename == PACKED_CODE_FILENAME
+
+
 def counted_code_bytes() -> int:
     """Counted code bytes. Packed: this script's own size, exactly what is submitted. In the kit: the size the packed
     bundle of this entry would have, by running the bundler (imported lazily, so it is never packed itself)."""
     here = Path(__file__).resolve()
-    if counted_code_bytes.__code__.co_filename == PACKED_CODE_FILENAME:
+    if packed():
         return here.stat().st_size
     return importlib.import_module("tools.bundle").bundle(here, here.parents[1]).sizes.packed
 
 
 def evaluate_final(model, run_dir: Path, train_cfg: TrainConfig, eval_cfg: EvalConfig, log, rank: int,
                    world_size: int, stages: dict[str, float], sizes: dict[str, int]) -> None:
-    """The score: the legal evaluation (eval/run.py) of the model reloaded from the artifact's bytes; eval.json."""
+    """The score: the legal evaluation (eval/run.py) of the model reloaded from the artifact's bytes; eval.json.
+    In the kit it is verified as well (eval/verify.py: compliance C1-C4, ablation; imported lazily, so it is never
+    packed); the packed program says where to verify it instead, whatever COMPLIANCE and ABLATION are."""
     val_tokens = load_tokens(f"{train_cfg.data_dir}/fineweb_val_*.bin")
-    body = evaluate(model, val_tokens, _byte_luts(train_cfg, model.cfg.vocab_size), eval_cfg, rank, world_size, log=log)
+    luts = _byte_luts(train_cfg, model.cfg.vocab_size)
+    unverified = {}
+    if packed():
+        unverified["compliance_not_run"] = f"packed program: verify in the kit with `pgolf eval {run_dir}`"
+        log("eval_compliance", status="not_run_in_process", verify=f"`pgolf eval {run_dir}`")
+        run = evaluate
+    else:
+        run = importlib.import_module("eval.verify").evaluate_verified
+    body = run(model, val_tokens, luts, eval_cfg, rank, world_size, log=log)
     if rank:
         return
     done = read_training_done(run_dir)
-    result = {"seed": train_cfg.seed, **body, "steps": int(done["steps"]), "step_avg_ms": float(done["step_avg_ms"]),
-              **sizes, "stages": {**{k: round(v, 3) for k, v in stages.items()}, **body["stages"]}}
+    result = {"seed": train_cfg.seed, **body, **unverified, "steps": int(done["steps"]),
+              "step_avg_ms": float(done["step_avg_ms"]), **sizes,
+              "stages": {**{k: round(v, 3) for k, v in stages.items()}, **body["stages"]}}
     tmp = run_dir / "eval.json.tmp"
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, run_dir / "eval.json")

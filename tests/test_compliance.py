@@ -15,9 +15,10 @@ from eval.bpb import build_byte_luts
 from eval.compliance import (check_causality, check_coverage, check_events, check_normalization,
                              coverage_summary)
 from eval.ngram import NgramBlender, NgramConfig, blend
-from eval.run import EvalConfig, evaluate
+from eval.run import EvalConfig
 from eval.stream import score_stream
 from eval.ttt import HashEmbedding, ScoreFirstTTT
+from eval.verify import evaluate_verified
 from submission.config import ModelConfig
 from submission.model import GPT
 
@@ -134,8 +135,8 @@ def audit(model, tokens, make_adapter, ttt: bool = False) -> dict:
 def test_the_real_pipeline_passes_every_check(real_tokens, sp):
     cfg = EvalConfig(context_len=32, stride=8, batch_windows=8, chunk_tokens=128, ttt_batch_seqs=8,
                      hash_buckets=128, compliance_chunk_tokens=64, compliance_chunks=2, ngram_score="tilt")
-    body = evaluate(tiny_model(), real_tokens[:400].numpy().astype(np.uint16), build_byte_luts(sp, VOCAB), cfg,
-                    progress=False)
+    body = evaluate_verified(tiny_model(), real_tokens[:400].numpy().astype(np.uint16), build_byte_luts(sp, VOCAB),
+                             cfg, progress=False)
     assert all(check["passed"] for check in body["compliance"].values()), body["compliance"]
     assert "views model, blend, tilt" in body["compliance"]["C1"]["detail"]
     assert "each of the 399 targets scored exactly once" in body["compliance"]["C4"]["detail"]

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from submission import train_gpt
 from tools.artifact import MODEL_FILENAME, ArtifactError, pack_artifact
 from tools.bundle import VIRTUAL_FILENAME
 from tools.gptq import QuantTensor, rtn_quantize
-from tools.pack import add_commands, pack
+from tools.pack import add_commands, bundle_entry, pack
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "data/sample/fineweb_1024_bpe.model"
@@ -81,10 +83,28 @@ def test_packed_file_runs_the_pipeline_alone_and_matches_the_kit(data, tmp_path)
     for key in ("quantized_roundtrip_exact", "final_eval_exact"):
         assert value(packed_lines, key) == pytest.approx(value(kit_lines, key), abs=1e-6)
     assert (packed_run / "eval.json").is_file() and (packed_run / MODEL_FILENAME).is_file()
+    # Verification is the kit's: it ran in the kit's process, and the packed one says where to run it.
+    kit_eval, packed_eval = (json.loads((run / "eval.json").read_text()) for run in (kit_run, packed_run))
+    assert all(check["passed"] for check in kit_eval["compliance"].values()) and "compliance" in kit_eval["stages"]
+    assert "compliance" not in packed_eval and "compliance" not in packed_eval["stages"]
+    assert f"`pgolf eval {packed_run}`" in packed_eval["compliance_not_run"]
+    assert [line for line in packed_lines if line.startswith("eval_compliance ")] == [
+        f"eval_compliance status:not_run_in_process verify:`pgolf eval {packed_run}`"]
+    assert any(line.startswith("eval_compliance C1:pass C2:pass C3:pass C4:pass") for line in kit_lines)
 
 
 def test_packed_code_filename_is_the_bundlers():
     assert train_gpt.PACKED_CODE_FILENAME == VIRTUAL_FILENAME
+
+
+def test_the_packed_program_knows_it_is_packed_while_the_kit_is_importable(monkeypatch):
+    """PYTHONPATH may point at a kit checkout while the packed file runs: the packed program must still skip the
+    kit's verification and count its own bytes. Here the kit is importable (this process imports it)."""
+    program = types.ModuleType("packed_under_test")  # not __main__: defines everything, runs nothing
+    program.__file__ = str(REPO / "train_gpt.py")
+    monkeypatch.setitem(sys.modules, program.__name__, program)  # dataclasses look their module up there
+    exec(compile(bundle_entry().readable_source, VIRTUAL_FILENAME, "exec"), program.__dict__)
+    assert program.packed() and not train_gpt.packed()
 
 
 def small_run(root: Path) -> Path:

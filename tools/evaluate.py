@@ -1,4 +1,4 @@
-"""`pgolf eval`: score a run's model artifact (model.pgz) with the legal evaluation recipe and write eval.json."""
+"""`pgolf eval`: score a run's model.pgz with the legal recipe, verify it (C1-C4, ablation), write eval.json."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +11,8 @@ from pathlib import Path
 import sentencepiece as spm
 
 from eval.bpb import build_byte_luts
-from eval.run import EvalConfig, apply_eval_overrides, evaluate
+from eval.run import EvalConfig, apply_eval_overrides
+from eval.verify import evaluate_verified
 from submission.config import ModelConfig, TrainConfig, from_dict
 from submission.data import load_tokens
 from submission.model import GPT
@@ -95,7 +96,7 @@ def run_eval(args: argparse.Namespace) -> int:
     log("eval_artifact", artifact=str(artifact), model_bytes=artifact.stat().st_size, val_tokens=len(val_tokens),
         tokenizer=tokenizer)
 
-    body = evaluate(model, val_tokens, luts, cfg, rank, world_size, progress=True, log=log)
+    body = evaluate_verified(model, val_tokens, luts, cfg, rank, world_size, progress=True, log=log)
     out = {"seed": seed, **body, "bytes_model": artifact.stat().st_size}
     for key in ("steps", "step_avg_ms"):
         if key in facts:
