@@ -1285,7 +1285,8 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
     for line in result.warnings:
         print(f"warning:{line}")
     short = result.short_names
-    renames = (f"short_names:{len(short.private_globals)}globals+{short.locals}locals+{short.parameters}params "
+    renames = (f"short_names:{len(short.private_globals) + short.locals + short.parameters} short_globals:"
+               f"{len(short.private_globals)} short_locals:{short.locals} short_params:{short.parameters} "
                if short else "short_names:off ")
     print(f"bundle:{script} source_sha256:{result.sha256[:16]} readable_bytes:{result.sizes.readable} "
           f"long_names_bytes:{result.sizes.long_names} minified_bytes:{result.sizes.minified} {renames}"
