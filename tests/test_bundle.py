@@ -4,18 +4,22 @@ from __future__ import annotations
 import argparse
 import ast
 import base64
+import contextlib
 import hashlib
+import io
 import lzma
 import os
 import re
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
 
-from tools.bundle import BundleError, _str_literal, add_commands, bundle, find_kit_root, unpack, pack, write_bundle
+from tools.bundle import (BundleError, _Shortener, _str_literal, add_commands, bundle, find_kit_root, pack, unpack,
+                          write_bundle)
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -500,3 +504,321 @@ def test_real_kit_entry_bundles_and_runs_without_the_kit(tmp_path):
     model = readable_model.GPT(cfg)
     idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(torch.load(tmp_path / "bundled.pt"), model.logits(idx).detach(), rtol=0, atol=0)
+
+
+# ---- short names: each program runs the same before and after renaming; the listed names are gone or kept ----------
+
+SHORT_NAME_CASES = {
+    "closure_and_nonlocal": ('''
+        def counter(start_value):
+            running_total = start_value
+            def bump(step_size):
+                nonlocal running_total
+                running_total += step_size
+                return running_total
+            return bump
+
+
+        def outer_fn(seed_value):
+            base_total = seed_value + 1
+            def inner_fn(offset_value):
+                inner_sum = base_total + offset_value  # must not take base_total's short name
+                return inner_sum
+            other_local = inner_fn(2)
+            return other_local, [inner_fn(k) for k in range(2)], (lambda lam_arg: lam_arg + base_total)(1)
+
+
+        def level_one():
+            top_value = 1
+            def level_two():
+                middle_value = 2  # must not take the short name of top_value, which level_three reads through here
+                def level_three():
+                    return top_value * 10
+                return middle_value + level_three()
+            return level_two()
+
+
+        bumper = counter(10)
+        print(bumper(2), bumper(3), outer_fn(5), level_one())
+        ''', ["start_value", "running_total", "seed_value", "base_total", "offset_value", "inner_sum", "other_local",
+              "top_value", "middle_value"],
+        ["bump", "step_size", "inner_fn", "lam_arg"]),  # bump is returned (a value); lambdas go anywhere
+    "comprehensions_and_walrus": ('''
+        def stats(values):
+            squares = [(last_square := value * value) for value in values if value]
+            table = {key_name: len(key_name) for key_name in ("a", "bb")}
+            nested = [[inner * outer for inner in range(outer)] for outer in range(3)]
+            return squares, last_square, table, nested, sum(item for item in values), {el % 2 for el in values}
+
+
+        print(stats([1, 2, 3]), [value for value in range(3)], sorted({pair_key for pair_key in "ba"}))
+        ''', ["values", "squares", "last_square", "value", "key_name", "nested", "inner", "outer", "item", "pair_key"],
+        []),
+    "global_and_private_names": ('''
+        _hits = 0
+        _LIMIT = 5
+
+
+        def _add(amount):
+            global _hits
+            _hits += amount
+            return min(_hits, _LIMIT)
+
+
+        def helper_named_in_string():
+            return "kept"
+
+
+        def _spelt():
+            return "kept: named in a string"
+
+
+        import sys
+        print(_add(1), _add(2), _hits, getattr(sys.modules[__name__], "_spelt")())
+        ''', ["_hits", "_LIMIT", "_add", "amount"], ["_spelt", "helper_named_in_string"]),
+    "keyword_calls": ('''
+        def scale(value_in, factor=2, *, offset=0):
+            return value_in * factor + offset
+
+
+        def collect(first_value, *more_values, **rest_values):  # renamed first_value must avoid keyword names a, b
+            return first_value, more_values, rest_values
+
+
+        def pair(left_side, right_side):
+            return left_side - right_side
+
+
+        def as_value(never_keyword):
+            return never_keyword
+
+
+        handler = as_value  # a value: any caller may pass never_keyword by keyword
+        print(scale(3), scale(3, factor=5), scale(3, offset=1), collect(1, 2, a=2, b=3), pair(**{"left_side": 5,
+              "right_side": 2}), handler(never_keyword=4))
+        ''', ["value_in", "first_value", "more_values", "rest_values"],
+        ["factor", "offset", "left_side", "right_side", "never_keyword"]),
+    "class_bodies_and_dataclasses": ('''
+        from __future__ import annotations
+
+        import typing
+        from dataclasses import dataclass, field, fields
+
+        _Number = int  # named in an annotation: typing.get_type_hints evaluates it
+
+
+        @dataclass
+        class Cfg:
+            width: _Number = 4
+            depth: int = 2
+            tags: list = field(default_factory=list)
+
+            def total(self, extra_amount):
+                product_value = self.width * self.depth
+                return product_value + extra_amount
+
+            @staticmethod
+            def twice(static_arg):
+                return 2 * static_arg
+
+
+        def make(width_arg):
+            shared_total = width_arg * 2
+            class Box:
+                size = shared_total  # a class body reads the enclosing function's variable
+                doubled = [size_item * 2 for size_item in range(3)]
+                def area(self):
+                    return self.size * shared_total
+            return Box
+
+
+        box_class = make(3)
+        print([f.name for f in fields(Cfg)], Cfg(depth=3).total(extra_amount=1), Cfg(), Cfg.twice(4),
+              typing.get_type_hints(Cfg)["width"], box_class.size, box_class.doubled, box_class().area(),
+              sorted(k for k in box_class.__dict__ if not k.startswith("__")))
+        ''', ["width_arg", "shared_total", "size_item", "product_value", "self"],
+        ["_Number", "width", "depth", "tags", "total", "extra_amount", "static_arg", "size", "doubled", "area"]),
+    "fstrings_del_and_except": ('''
+        def show(amount_value):
+            label_text = "n"
+            return f"{label_text}={amount_value!r:>5} {amount_value=} {label_text.upper()!s}"
+
+
+        def risky(raw_text):
+            try:
+                parsed_value = int(raw_text)
+            except ValueError as parse_error:
+                message_text = str(parse_error)
+                return message_text
+            temp_holder = parsed_value
+            del parsed_value
+            try:
+                return parsed_value
+            except UnboundLocalError as unbound_error:
+                return f"{temp_holder} then {type(unbound_error).__name__}"
+
+
+        print(show(7), risky("x"), risky("5"))
+        ''', ["label_text", "parsed_value", "parse_error", "message_text", "temp_holder", "unbound_error"],
+        ["amount_value="]),  # the self-documenting f-string prints the name as written
+    "match_statement": ('''
+        class Point:
+            def __init__(self, x, y):
+                self.x, self.y = x, y
+
+
+        def classify(shape_value):
+            match shape_value:
+                case {"kind": "circle", **rest_items}:
+                    return ("circle", rest_items)
+                case [first_item, *other_items]:
+                    return (first_item, other_items)
+                case int(number_value) | float(number_value) if number_value > 0:
+                    return ("positive", number_value)
+                case Point(x=coord_x, y=0):
+                    return ("on axis", coord_x)
+                case {"kind": _} as whole_map:
+                    return ("some kind", whole_map)
+                case captured_value:
+                    return ("other", captured_value)
+
+
+        print([classify(v) for v in [{"kind": "circle", "r": 1}, [1, 2, 3], 2.5, Point(4, 0), {"kind": 1}, -1]])
+        ''', ["rest_items", "first_item", "other_items", "number_value", "coord_x", "whole_map", "captured_value"],
+        ["Point", "x", "y"]),
+    "locals_and_eval_keep_names": ('''
+        _private_global = 2
+
+
+        def uses_locals(alpha_value):
+            beta_value = alpha_value + 1
+            def nested_reader():
+                return beta_value
+            return sorted(locals()), nested_reader()
+
+
+        def uses_eval():
+            gamma_value = 3
+            return eval("gamma_value * _private_global")
+
+
+        def plain():
+            delta_value = 1
+            return delta_value
+
+
+        print(uses_locals(1), uses_eval(), plain())
+        ''', ["delta_value"], ["alpha_value", "beta_value", "gamma_value", "_private_global"]),
+}
+
+
+def short_names_source(source: str) -> tuple[str, object]:
+    tree = ast.parse(source)
+    names = _Shortener(tree).run()
+    return ast.unparse(tree), names
+
+
+def exec_printing(source: str) -> str:
+    """What `source` prints when run as its own module (registered in sys.modules, as a script's is)."""
+    module = types.ModuleType("fk_short_names_case")
+    sys.modules[module.__name__] = module
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            exec(compile(source, "<short-names-case>", "exec"), module.__dict__)
+    finally:
+        del sys.modules[module.__name__]
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("case", sorted(SHORT_NAME_CASES))
+def test_short_names_keep_behaviour(case):
+    source, renamed, kept = SHORT_NAME_CASES[case]
+    source = textwrap.dedent(source).lstrip("\n")
+    reference = exec_printing(source)
+    assert reference.strip()
+    short, _ = short_names_source(source)
+    assert exec_printing(short) == reference, short
+    for name in renamed:
+        assert not re.search(rf"\b{name}\b", short), (name, short)
+    for name in kept:
+        assert re.search(rf"\b{re.escape(name)}", short), (name, short)
+
+
+def test_short_names_reuse_the_same_letters_in_every_function():
+    short, names = short_names_source(textwrap.dedent('''
+        def first(one_arg):
+            first_local = one_arg + 1
+            return first_local
+
+
+        def second(other_arg):
+            second_local = [other_arg]
+            return second_local
+        print(first(1), second(2))
+        '''))
+    assert "def first(a):\n    b = a + 1" in short and "def second(a):\n    b = [a]" in short
+    assert (names.locals, names.parameters, names.private_globals) == (2, 2, [])
+
+
+def test_frame_access_keeps_every_local_name():
+    source = textwrap.dedent('''
+        import sys
+
+
+        def peek():
+            return sorted(sys._getframe(1).f_locals)
+
+
+        def caller():
+            watched_value = 1
+            return peek(), watched_value
+        print(caller())
+        ''')
+    short, names = short_names_source(source)
+    assert "watched_value" in short and names.locals == 0
+    assert exec_printing(short) == exec_printing(source) == "(['watched_value'], 1)\n"
+
+
+def test_renaming_that_changes_a_reference_is_refused(monkeypatch):
+    """The re-resolution check, not the choice of names, is what guarantees the meaning: give the chooser a wrong
+    picture (no variable is looked up outside its own scope) and the check must refuse the result."""
+    tree = ast.parse("def outer():\n    x_outer = 1\n    def inner():\n        y_inner = 2\n        return x_outer + "
+                     "y_inner\n    return inner()\n")
+    shortener = _Shortener(tree)
+    for symbol in shortener.symbols.values():
+        symbol.span = {id(symbol.owner)}
+    with pytest.raises(BundleError, match=r"renaming 'x_outer' to 'a' changed what it refers to"):
+        shortener.run()
+
+
+def test_bundle_reports_short_names_and_can_keep_long_ones(fake_kit, tmp_path):
+    entry = fake_kit / "fk_core/entry.py"
+    short = bundle(entry, fake_kit, ("fk_core", "fk_eval"))
+    long = bundle(entry, fake_kit, ("fk_core", "fk_eval"), short_names=False)
+    assert long.short_names is None and long.sizes.minified == long.sizes.long_names == short.sizes.long_names
+    assert short.sizes.minified < short.sizes.long_names and short.sizes.packed < long.sizes.packed
+    assert short.short_names.locals > 0 and short.short_names.parameters > 0
+    assert any(line.startswith("_fmt -> ") for line in short.short_names.private_globals)
+    # cfg is a parameter of as_dict (called directly): renamed; Cfg's fields and methods keep their names.
+    assert "def as_dict(cfg)" in long.readable_source and "def as_dict(a)" in short.readable_source
+    assert "width: int = 4" in short.readable_source and "def area(a):" in short.readable_source
+    outputs = [run_packed(r.packed, tmp_path / name, "x").stdout for r, name in [(short, "short"), (long, "long")]]
+    assert outputs[0] == outputs[1] and '"area": 27' in outputs[0]
+
+
+
+def test_cli_bundle_long_names_flag(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="command"))
+    sizes = {}
+    for flags in ([], ["--long-names"]):
+        args = parser.parse_args(["bundle", str(REPO / "eval/bpb.py"), "--out", str(tmp_path / "out"), *flags])
+        assert args.func(args) == 0
+        last = capsys.readouterr().out.splitlines()[-1]
+        fields = dict(item.split(":", 1) for item in last.split() if ":" in item)
+        sizes[bool(flags)] = (int(fields["long_names_bytes"]), int(fields["minified_bytes"]))
+        assert (fields["short_names"] == "off") == bool(flags), last
+        sidecar = (tmp_path / "out/train_gpt.py.sha256").read_text().splitlines()
+        assert f"minified_bytes:{sizes[bool(flags)][1]}" in sidecar
+    assert sizes[True][0] == sizes[True][1] == sizes[False][0] > sizes[False][1]
