@@ -1,9 +1,11 @@
 """`pgolf record` (tools/record.py) and its plots (tools/plots.py) on synthetic run directories of the contract."""
 import argparse
+import ast
 import importlib.metadata
 import json
 import math
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -254,3 +256,24 @@ def test_cli(tmp_path, three_seeds, capsys):
     out = capsys.readouterr().out
     assert "check:ok mode:full errors:0 warnings:0" in out
     assert f"record:{tmp_path / 'out' / 'track_10min_16mb' / '2026-05-02_Tiny'}" in out
+
+
+def test_import_scan_for_unparsable_programs_agrees_with_the_parser():
+    """A program packed by Python 3.12 (same-quote nested f-strings) does not parse on 3.11: the line scan must give
+    the same (required, optional) split as the AST walk does on programs that parse."""
+    from tools.pack import bundle_entry
+    from tools.record import _scan_imports, imported_modules
+    small = ("import os, sys as S\nfrom torch import nn\nimport numpy.linalg\ndef f():\n try:\n"
+             "  from flash_attn_interface import flash_attn_func\n except ImportError:\n  flash_attn_func = None\n"
+             " try:\n  import brotli\n except OSError:\n  pass\ntry:\n import zstd\nexcept (ImportError, OSError):\n"
+             " zstd = None\nimport lzma\n")
+    assert imported_modules(small) == ({"os", "sys", "torch", "numpy", "brotli", "lzma"},
+                                       {"flash_attn_interface", "zstd"})
+    assert _scan_imports(small) == imported_modules(small)
+    program = bundle_entry().readable_source
+    assert _scan_imports(program) == imported_modules(program)
+    newer = small + "x = f'{', '.join(a)}' if 0 else 1\n"  # 3.12 syntax
+    if sys.version_info < (3, 12):
+        with pytest.raises(SyntaxError):
+            ast.parse(newer)
+    assert imported_modules(newer) == imported_modules(small)

@@ -174,7 +174,43 @@ def imported_modules(source: str) -> tuple[set[str], set[str]]:
         for child in ast.iter_child_nodes(node):
             visit(child, guarded)
 
-    visit(ast.parse(source), False)
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:  # e.g. a program packed by Python 3.12, whose ast.unparse nests same-quote f-strings
+        return _scan_imports(source)
+    visit(tree, False)
+    return required, optional - required
+
+
+_IMPORT_LINE = re.compile(r"^(?:import\s+(?P<names>[\w.]+(?:\s+as\s+\w+)?(?:\s*,\s*[\w.]+(?:\s+as\s+\w+)?)*)"
+                          r"|from\s+(?P<module>\w[\w.]*)\s+import\b)")
+_GUARD_EXCEPT = re.compile(rf"^except\s*(?::|\(?.*\b(?:{'|'.join(sorted(IMPORT_ERRORS))})\b)")
+
+
+def _scan_imports(source: str) -> tuple[set[str], set[str]]:
+    """imported_modules for a program this Python cannot parse: a line scan of the bundler's one-statement-per-line
+    output, where an import is optional when it sits in a try block whose first except at the try's indent catches
+    ImportError (or a base of it)."""
+    lines = source.splitlines()
+    required, optional = set(), set()
+    tries: list[tuple[int, bool]] = []  # (indent of an open try block's `try:`, whether its except guards imports)
+    for i, line in enumerate(lines):
+        stripped = line.lstrip()
+        if not stripped:
+            continue
+        indent = len(line) - len(stripped)
+        while tries and indent <= tries[-1][0]:
+            tries.pop()
+        if stripped.startswith("try:"):
+            handler = next((ln.lstrip() for ln in lines[i + 1:]
+                            if len(ln) - len(ln.lstrip()) == indent and ln.lstrip().startswith("except")), "")
+            tries.append((indent, bool(_GUARD_EXCEPT.match(handler))))
+            continue
+        match = _IMPORT_LINE.match(stripped)
+        if match:
+            names = [n.split()[0] for n in match["names"].split(",")] if match["names"] else [match["module"]]
+            guarded = any(g for _, g in tries)
+            (optional if guarded else required).update(n.strip().split(".")[0] for n in names)
     return required, optional - required
 
 
