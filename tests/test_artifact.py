@@ -272,7 +272,9 @@ def test_fit_to_budget_zeroes_cheapest_pm1_codes_until_it_fits():
         costs_zeroed.append(cost[changed])
         costs_kept.append(cost[(new.abs() == 1)])
     assert sum(report.zeroed.values()) > 0
-    assert float(torch.cat(costs_zeroed).max()) <= float(torch.cat(costs_kept).min())
+    # the same cost computed here in torch and there in numpy (means summed in another order) can differ in the last
+    # bits, which reorders exact ties: compare with a relative tolerance far below any real cost gap
+    assert float(torch.cat(costs_zeroed).max()) <= float(torch.cat(costs_kept).min()) * (1 + 1e-9)
     assert torch.equal(fitted["gain"], tensors["gain"])
     assert report.lines()[0].startswith(f"budget: target:{target} code_bytes:1000")
 
