@@ -306,7 +306,9 @@ def test_tracebacks_and_getsource_see_the_unpacked_source(tmp_path):
     result = bundle(kit / "fk_core/entry.py", kit, ("fk_core",))
     proc = run_packed(result.packed, tmp_path / "empty")
     assert proc.stdout == "def explode(n):\n"
-    assert "raise ValueError(f'boom {n}')" in proc.stderr and "ValueError: boom 7" in proc.stderr
+    # The message is shortened to the kit file and line plus its values (test_raise_messages_... covers the rules).
+    assert "raise ValueError(f'fk_core/util.py:2 {n}')" in proc.stderr
+    assert "ValueError: fk_core/util.py:2 7" in proc.stderr
 
 
 def test_write_bundle_hash_follows_the_sources_not_the_comments(fake_kit, tmp_path):
@@ -822,3 +824,118 @@ def test_cli_bundle_long_names_flag(tmp_path, capsys):
         sidecar = (tmp_path / "out/train_gpt.py.sha256").read_text().splitlines()
         assert f"minified_bytes:{sizes[bool(flags)][1]}" in sidecar
     assert sizes[True][0] == sizes[True][1] == sizes[False][0] > sizes[False][1]
+
+
+# ---- short raise messages --------------------------------------------------------------------------------------------
+
+MESSAGE_KIT = {
+    "fk_m/__init__.py": "",
+    "fk_m/lib.py": '''
+        class ShardError(ValueError):
+            """A kit-defined exception type."""
+
+
+        def too_big(code_bytes, model_bytes, cap):
+            raise ValueError(
+                f"fit: code {code_bytes:,} + model {model_bytes:,} = {code_bytes + model_bytes:,} bytes exceeds "
+                f"the cap {cap:,}; re-fit with --code-bytes {code_bytes}")
+
+
+        def bad_magic(name, magic):
+            raise ShardError(f"shard {name!r}: header magic {magic:#x} != 20240520 (not a challenge shard?)")
+
+
+        def constant():
+            raise RuntimeError("MESSAGE_PROSE no values here, " "only prose that names the fix")
+
+
+        def chained(text):
+            try:
+                return int(text)
+            except ValueError as err:
+                raise KeyError(f"setting {text}: not an integer ({err.__class__.__name__})") from err
+
+
+        def untouched(path):
+            message = f"kept as built {path}"
+            try:
+                raise FileNotFoundError(message)
+            except FileNotFoundError as err:
+                print("variable:", err)
+            try:
+                raise OSError(2, "KEPT_SECOND_ARGUMENT")
+            except OSError as err:
+                print("oserror:", err.args)
+            try:
+                assert path == "x", f"KEPT_ASSERT {path}"
+            except AssertionError as err:
+                print("assert:", err)
+            print(f"final_eval_exact path:{path} val_bpb:{1.25:.4f}")
+        ''',
+    "fk_m/entry.py": '''
+        from fk_m.lib import bad_magic, chained, constant, too_big, untouched
+
+        if __name__ == "__main__":
+            for call in (lambda: too_big(41437, 17182085, 16000000), lambda: bad_magic("val_0.bin", 255),
+                         constant, lambda: chained("x7")):
+                try:
+                    call()
+                except Exception as err:
+                    print(f"{type(err).__name__}|{err}|{type(err.__cause__).__name__}")
+            untouched("y")
+        ''',
+}
+
+
+def raise_line(kit: Path, rel: str, marker: str) -> int:
+    """Line of the `raise` statement at or above the first line holding `marker`, read as plain text."""
+    lines = (kit / rel).read_text().splitlines()
+    i = next(i for i, line in enumerate(lines) if marker in line)
+    while not lines[i].lstrip().startswith("raise "):
+        i -= 1
+    return i + 1
+
+
+def test_raise_messages_become_path_line_and_values(tmp_path):
+    kit = write_kit(tmp_path / "kit", MESSAGE_KIT)
+    reference = subprocess.run([PY, "-m", "fk_m.entry"], cwd=kit, env=clean_env(), capture_output=True, text=True,
+                               timeout=60)
+    assert reference.returncode == 0, reference.stderr
+    short = bundle(kit / "fk_m/entry.py", kit, ("fk_m",))
+    full = bundle(kit / "fk_m/entry.py", kit, ("fk_m",), short_messages=False)
+    assert (short.short_messages, full.short_messages) == (4, None)
+    assert short.sizes.minified < full.sizes.minified
+    # Full messages: the packed program prints exactly what the readable kit prints.
+    assert run_packed(full.packed, tmp_path / "full").stdout == reference.stdout
+    lib = "fk_m/lib.py"
+    at = {marker: f"{lib}:{raise_line(kit, lib, marker)}" for marker in ("fit: code", "shard {name", "MESSAGE_PROSE",
+                                                                         "setting {text}")}
+    assert [int(v.rpartition(":")[2]) for v in at.values()] == [6, 12, 16, 23]
+    proc = run_packed(short.packed, tmp_path / "short")
+    assert proc.returncode == 0, proc.stderr
+    # Same exception types and causes, the values without their format specs, the rest of the output unchanged.
+    expected = [f"ValueError|{at['fit: code']} 41437 17182085 17223522 16000000 41437|NoneType",
+                f"ShardError|{at['shard {name']} 'val_0.bin' 255|NoneType",
+                f"RuntimeError|{at['MESSAGE_PROSE']}|NoneType",
+                f"KeyError|'{at['setting {text}']} x7 ValueError'|ValueError"]
+    assert proc.stdout.splitlines() == expected + reference.stdout.splitlines()[4:]
+    assert reference.stdout.splitlines()[4:] == ["variable: kept as built y", "oserror: (2, 'KEPT_SECOND_ARGUMENT')",
+                                                 "assert: KEPT_ASSERT y", "final_eval_exact path:y val_bpb:1.2500"]
+    assert "MESSAGE_PROSE" not in short.readable_source and "re-fit" not in short.readable_source
+    assert "MESSAGE_PROSE" in full.readable_source
+
+
+def test_cli_bundle_full_messages_flag(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="command"))
+    minified = {}
+    for flags in ([], ["--full-messages"]):
+        args = parser.parse_args(["bundle", str(REPO / "eval/ngram.py"), "--out", str(tmp_path / "out"), *flags])
+        assert args.func(args) == 0
+        last = capsys.readouterr().out.splitlines()[-1]
+        fields = dict(item.split(":", 1) for item in last.split() if ":" in item)
+        assert (fields["short_messages"] == "off") == bool(flags) and fields["short_messages"] != "0", last
+        minified[bool(flags)] = int(fields["minified_bytes"])
+        sidecar = (tmp_path / "out/train_gpt.py.sha256").read_text().splitlines()
+        assert f"short_messages:{fields['short_messages']}" in sidecar
+    assert minified[True] > minified[False]
