@@ -1469,6 +1469,7 @@ def add_commands(subparsers) -> None:
                    help="keep raise messages as written (default: each becomes 'kit/path.py:LINE values', the kit file "
                         "and line holding the full text; about 3 KB smaller packed)")
     p.add_argument("--base85", action="store_true",
-                   help="encode the lzma payload as base85 (default: the smaller of base85 and base93, 1.2234 ASCII "
-                        "chars per byte against 1.25 but a longer stub; base93 is ~600 bytes smaller on the pipeline)")
+                   help="encode the compressed payload (brotli or lzma) as base85 (default: the smaller of base85 and "
+                        "base93, 1.2234 ASCII chars per byte against 1.25 but a longer stub; base93 is ~600 bytes "
+                        "smaller on the pipeline)")
     p.set_defaults(func=_cmd_bundle)
