@@ -474,9 +474,9 @@ def fit_to_budget(tensors: Mapping[str, QuantTensor | Tensor], hessian_diag: Map
     Cost of zeroing a +-1 code at (row, col): scale[row]^2 * (H diag[col] / mean H diag, or 1 without H). Each
     round zeroes enough codes for a per-row order-0 estimate of the bits saved, scaled by the measured efficiency,
     to cover the excess with a margin; each round re-packs (chunks in parallel). On the record-shaped model one
-    round fitted (107,751 bytes over: 115,132 saved). Returns (blob, tensors as packed, report); raises ValueError if zeroing every +-1 code is not
-    enough. The caller's tensors are not modified. `blob`: pack_artifact's output for these tensors, if the caller
-    has it already.
+    round fitted (107,751 bytes over: 115,132 saved). Returns (blob, tensors as packed, report); raises ValueError
+    if zeroing every +-1 code is not enough. The caller's tensors are not modified. `blob`: pack_artifact's output
+    for these tensors, if the caller has it already.
     """
     if target > DECIMAL_CAP:
         raise ValueError(f"fit_to_budget: target {target:,} is above the cap {DECIMAL_CAP:,} (decimal bytes)")

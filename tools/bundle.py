@@ -42,7 +42,7 @@ class BundleSizes:
     readable: int   # the kit source files that went in, as written (docstrings, comments, blank lines)
     long_names: int  # the minified program with every name as written (equals `minified` with short_names=False)
     minified: int   # readable_source: inlined, stripped, short names, one-space indents
-    compressed: int  # the compressed program inside the packed file (lzma or brotli; packed - compressed: stub + encoding)
+    compressed: int  # the compressed program in the packed file (lzma or brotli); the rest is stub + encoding
     packed: int     # the file as shipped (its length in bytes), the number the challenge counts as code bytes
 
 

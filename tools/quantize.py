@@ -27,9 +27,9 @@ from tools.gptq import QuantConfig, QuantTensor, quantize_state_dict
 TRAIN_CAP_SECONDS = 600.0
 # Tables looked up by token id: int8 round-to-nearest per row (CHALLENGE.md's record recipe), never int6 GPTQ.
 EMBEDDING_NAMES = ("tok_emb.weight", "bigram.table.weight", "value_embed.weight")
-# How far over the cap (as a share of the model bytes) zeroing +-1 codes is asked to close; beyond it the smallest clip
-# candidate is dropped and GPTQ re-run. A P1 model (H100, 240 s) packed to 17,277,442 bytes with clips from 3 sigma:
-# zeroing all 2,491,438 of its +-1 codes did not reach 16,000,000 (int6 codes of real weights are wide: ~10% are +-1).
+# How far over the cap (as a share of the model bytes) zeroing +-1 codes is asked to close; beyond it the clip floor
+# (QuantConfig.min_clip_sigma) rises and GPTQ re-runs. A P1 model (H100, 240 s) packed to 17,277,442 bytes with
+# clips from 3 sigma: zeroing all 2,491,438 of its +-1 codes did not reach 16,000,000 (its int6 codes are wide).
 PRUNE_REACH = 0.02
 FLOOR_OVERSHOOT = 1.15   # aim a little under the cap: a round costs GPTQ + a pack (~20 s on the H100 host)
 MAX_FLOOR_ROUNDS = 6
@@ -118,7 +118,8 @@ def _log_gptq(log, report, quant_cfg: QuantConfig, cal, gptq_s: float) -> None:
     log("gptq", seconds=round(gptq_s, 2), gptq=methods.count("gptq"), rtn=methods.count("rtn"),
         fp16=methods.count("fp16"), damp_grown=len(retried),
         max_damp=max(retried.values(), default=quant_cfg.damp), min_calibration_tokens=min(cal.stats.tokens.values()),
-        clip_sigmas=",".join(f"{k:g}" for k in quant_cfg.clip_sigmas), min_clip_sigma=round(quant_cfg.min_clip_sigma, 3))
+        clip_sigmas=",".join(f"{k:g}" for k in quant_cfg.clip_sigmas),
+        min_clip_sigma=round(quant_cfg.min_clip_sigma, 3))
     short = {n: h.size(0) for n, h in cal.stats.hessians.items() if cal.stats.tokens[n] < h.size(0)}
     if short:  # H = X^T X has rank <= tokens: the damping (QuantConfig.damp x mean diag) is what makes it invertible
         log("gptq_rank_deficient", hessians=len(short), min_tokens=min(cal.stats.tokens[n] for n in short),
