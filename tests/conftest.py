@@ -7,3 +7,33 @@ Results do not depend on it (the golden curve is bitwise the same with 1 or 2 th
 import torch
 
 torch.set_num_threads(1)
+
+
+import json  # noqa: E402
+import lzma  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import sentencepiece as spm  # noqa: E402
+
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
+
+
+@pytest.fixture(scope="session")
+def sp():
+    """The official sp1024 tokenizer shipped with the sample."""
+    return spm.SentencePieceProcessor(model_file=str(SAMPLE / "fineweb_1024_bpe.model"))
+
+
+@pytest.fixture(scope="session")
+def sample_ids(sp):
+    """sample_ids(n): the first n ids of the shipped Wikipedia sample as the shards hold them (BOS + ids per doc)."""
+    def first(n: int) -> list[int]:
+        out = []
+        with lzma.open(SAMPLE / "sample_wiki.jsonl.xz", "rt", encoding="utf-8") as f:
+            for line in f:
+                out += [1] + sp.encode(json.loads(line)["text"])
+                if len(out) > n:
+                    break
+        return out[:n]
+    return first

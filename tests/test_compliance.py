@@ -2,13 +2,10 @@
 (one reads its target, one learns from a chunk before scoring it, one is the ruled-illegal hashed gold-token cache)."""
 from __future__ import annotations
 
-import json
-import lzma
 from pathlib import Path
 
 import numpy as np
 import pytest
-import sentencepiece as spm
 import torch
 
 from eval.bpb import build_byte_luts
@@ -23,8 +20,6 @@ from submission.config import ModelConfig
 from submission.model import GPT
 
 REPO = Path(__file__).resolve().parents[1]
-TOKENIZER = REPO / "data" / "sample" / "fineweb_1024_bpe.model"
-SAMPLE_DOCS = REPO / "data" / "sample" / "sample_wiki.jsonl.xz"
 TINY = dict(num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, xsa_last_n=2, vocab_size=1024,
             bigram_buckets=64, bigram_dim=16, value_embed_dim=16)
 VOCAB = 1024
@@ -32,19 +27,8 @@ CHUNK = 96
 
 
 @pytest.fixture(scope="module")
-def sp():
-    return spm.SentencePieceProcessor(model_file=str(TOKENIZER))
-
-
-@pytest.fixture(scope="module")
-def real_tokens(sp):
-    out = []
-    with lzma.open(SAMPLE_DOCS, "rt", encoding="utf-8") as f:
-        for line in f:
-            out += [1] + sp.encode(json.loads(line)["text"])
-            if len(out) > 1000:
-                break
-    return torch.tensor(out[:1000])
+def real_tokens(sample_ids):
+    return torch.tensor(sample_ids(1000))
 
 
 def tiny_model() -> GPT:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import lzma
 import math
 from pathlib import Path
 
@@ -24,7 +23,6 @@ from submission.model import GPT, rope_tables
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "data" / "sample" / "fineweb_1024_bpe.model"
-SAMPLE_DOCS = REPO / "data" / "sample" / "sample_wiki.jsonl.xz"
 TINY = dict(num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, xsa_last_n=2, vocab_size=1024,
             bigram_buckets=64, bigram_dim=16, value_embed_dim=16)
 
@@ -38,20 +36,9 @@ def tiny_model(seed: int = 0) -> GPT:
 
 
 @pytest.fixture(scope="module")
-def sp():
-    return spm.SentencePieceProcessor(model_file=str(TOKENIZER))
-
-
-@pytest.fixture(scope="module")
-def real_tokens(sp):
+def real_tokens(sample_ids):
     """BOS + ids per document of the shipped Wikipedia sample, as the shards hold them."""
-    out = []
-    with lzma.open(SAMPLE_DOCS, "rt", encoding="utf-8") as f:
-        for line in f:
-            out += [1] + sp.encode(json.loads(line)["text"])
-            if len(out) > 4000:
-                break
-    return torch.tensor(out[:4000])
+    return torch.tensor(sample_ids(4000))
 
 
 def per_position_reference(model, tokens, context, stride):

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import ast
 import json
-import lzma
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
-import sentencepiece as spm
 import torch
 
 from eval.bpb import build_byte_luts
@@ -21,8 +19,6 @@ from submission.config import ModelConfig
 from submission.model import GPT
 
 REPO = Path(__file__).resolve().parents[1]
-TOKENIZER = REPO / "data" / "sample" / "fineweb_1024_bpe.model"
-SAMPLE_DOCS = REPO / "data" / "sample" / "sample_wiki.jsonl.xz"
 TINY = dict(num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, xsa_last_n=2, vocab_size=1024,
             bigram_buckets=64, bigram_dim=16, value_embed_dim=16)
 SMALL = dict(context_len=32, stride=8, batch_windows=16, chunk_tokens=128, ttt_batch_seqs=8, hash_buckets=256,
@@ -38,19 +34,8 @@ def tiny_model() -> GPT:
 
 
 @pytest.fixture(scope="module")
-def sp():
-    return spm.SentencePieceProcessor(model_file=str(TOKENIZER))
-
-
-@pytest.fixture(scope="module")
-def tokens(sp) -> np.ndarray:
-    out = []
-    with lzma.open(SAMPLE_DOCS, "rt", encoding="utf-8") as f:
-        for line in f:
-            out += [1] + sp.encode(json.loads(line)["text"])
-            if len(out) > 500:
-                break
-    return np.asarray(out[:500], dtype=np.uint16)
+def tokens(sample_ids) -> np.ndarray:
+    return np.asarray(sample_ids(500), dtype=np.uint16)
 
 
 def logged(lines: list[str]):
