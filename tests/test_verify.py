@@ -91,3 +91,17 @@ def test_the_packed_program_has_no_verification_code():
                    if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
         assert defined and not defined & packed, f"{module} definitions packed: {sorted(defined & packed)}"
     assert "'eval.verify'" in result.readable_source  # the kit's path imports it lazily, by name
+
+
+def test_merging_a_verification_keeps_the_packed_score_and_refuses_another_artifact():
+    from tools.evaluate import merge_verification
+    packed = {"seed": 1, "val_bpb": 1.351, "bytes_model": 100, "compliance_not_run": "verify with pgolf eval"}
+    checks = {"C1": {"passed": True, "detail": "x"}}
+    verified = {"seed": 1, "val_bpb": 1.352, "bytes_model": 100, "compliance": checks, "stages": {"score": 2.0}}
+    merged = merge_verification(packed, verified)
+    assert merged == {"seed": 1, "val_bpb": 1.351, "bytes_model": 100, "compliance": checks,
+                      "verification": {"val_bpb": 1.352, "stages": {"score": 2.0}}}
+    unchecked = merge_verification(packed, {k: v for k, v in verified.items() if k != "compliance"})
+    assert unchecked["compliance_not_run"] and "compliance" not in unchecked  # COMPLIANCE=0 verified nothing
+    with pytest.raises(ValueError, match="101-byte model.*states 100"):
+        merge_verification(packed, {**verified, "bytes_model": 101})
