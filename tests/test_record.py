@@ -277,3 +277,20 @@ def test_import_scan_for_unparsable_programs_agrees_with_the_parser():
         with pytest.raises(SyntaxError):
             ast.parse(newer)
     assert imported_modules(newer) == imported_modules(small)
+
+
+def test_a_packed_run_verified_by_pgolf_eval_says_where_its_checks_ran(tmp_path, three_seeds):
+    from tools.evaluate import merge_verification
+    pack_dir, _, runs = three_seeds
+    for run in runs:  # as the packed program writes eval.json, then `pgolf eval RUN_DIR` merges its verification
+        kit = json.loads((run / "eval.json").read_text())
+        packed = {k: v for k, v in kit.items() if k != "compliance"} | {"compliance_not_run": "pgolf eval"}
+        merged = merge_verification(packed, {**kit, "val_bpb": kit["val_bpb"] + 1e-5})
+        (run / "eval.json").write_text(json.dumps(merged))
+    folder, report = record.write_record(config(tmp_path, [tmp_path / "runs"], pack_dir=pack_dir))
+    assert report.problems == []
+    text = (folder / "README.md").read_text()
+    assert "`pgolf eval RUN_DIR` re-evaluated each seed's model.pgz" in text
+    bpb42 = json.loads((runs[1] / "eval.json").read_text())["val_bpb"]
+    assert f"seed 42 {bpb42 + 1e-5:.8f} vs {bpb42:.8f}" in text
+    assert json.loads((folder / "submission.json").read_text())["compliance"] == {f"C{i}": True for i in range(1, 5)}

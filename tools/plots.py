@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -99,5 +100,5 @@ def plot_seed_bpb(results: list[SeedResult], path: Path, title: str, reference_b
     ax.set_ylabel("val_bpb (lower is better)")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    ax.set_title(title)
+    ax.set_title(textwrap.fill(title, 64))  # record names are long: the figure is 7 inches wide
     return _save(fig, path)
