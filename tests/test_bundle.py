@@ -1022,3 +1022,52 @@ def test_brotli_packs_text_heavy_programs_and_the_file_runs(tmp_path):
     assert compressed_payload(packed, "train_gpt.py")[0] == "brotli " + packing.split()[-1]
     proc = run_packed(packed, tmp_path / "run", "b")
     assert proc.returncode == 0 and proc.stdout == "brotli ok ['b']\n", proc.stderr
+
+
+OPTIONAL_KIT = {
+    "fk_o/__init__.py": "",
+    "fk_o/extra.py": '''
+        """DOCSTRING_MARKER optional module."""
+        import math
+
+
+        def boost(value):
+            if value < 0:
+                raise ValueError(f"boost: negative value {value}, pass a value >= 0")
+            return math.sqrt(value) + 1
+        ''',
+    "fk_o/entry.py": '''
+        import importlib
+        import sys
+
+        if sys.argv[1:] == ["on"]:
+            print(importlib.import_module("fk_o.extra").boost(16.0), __name__)
+        else:
+            print("off", "fk_o.extra" in sys.modules)
+        ''',
+}
+
+
+def test_an_optional_module_is_packed_only_when_asked_and_runs_as_its_own_module(tmp_path):
+    kit = write_kit(tmp_path / "kit", OPTIONAL_KIT)
+    without = bundle(kit / "fk_o/entry.py", kit, ("fk_o",))
+    with_it = bundle(kit / "fk_o/entry.py", kit, ("fk_o",), optional=("fk_o.extra",))
+    assert without.modules == ["fk_o/entry.py"] and with_it.modules == ["fk_o/entry.py", "fk_o/extra.py"]
+    assert "sqrt" not in without.readable_source and "sqrt" in with_it.readable_source
+    assert "DOCSTRING_MARKER" not in with_it.readable_source
+    assert with_it.sizes.packed > without.sizes.packed and with_it.sha256 != without.sha256
+    assert run_packed(with_it.packed, tmp_path / "a", "on").stdout == "5.0 __main__\n"
+    assert run_packed(with_it.packed, tmp_path / "b").stdout == "off True\n"  # registered before the program runs
+    missing = run_packed(without.packed, tmp_path / "c", "on")
+    assert missing.returncode != 0 and "No module named 'fk_o'" in missing.stderr
+    assert run_packed(without.packed, tmp_path / "d").stdout == "off False\n"
+
+
+def test_an_optional_module_may_not_import_the_kit_and_must_exist(tmp_path):
+    kit = write_kit(tmp_path / "kit", {**OPTIONAL_KIT, "fk_o/helper.py": "K = 2\n",
+                                       "fk_o/extra.py": "from fk_o.helper import K\n\n\ndef boost(v):\n    return K\n"})
+    with pytest.raises(BundleError, match=r"fk_o/extra\.py: an optional module may import no kit module, but it "
+                                          r"imports fk_o/helper\.py"):
+        bundle(kit / "fk_o/entry.py", kit, ("fk_o",), optional=("fk_o.extra",))
+    with pytest.raises(BundleError, match=r"optional module 'fk_o.nothing': not found"):
+        bundle(kit / "fk_o/entry.py", kit, ("fk_o",), optional=("fk_o.nothing",))

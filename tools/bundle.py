@@ -1357,12 +1357,29 @@ def find_kit_root(entry: Path) -> Path:
     return folder
 
 
+def _register_optional(program: str, name: str, source: str) -> str:
+    """`program` with, after its __future__ imports, statements that run `source` as module `name` in its own
+    namespace and put it in sys.modules, where the program's importlib.import_module(name) finds it."""
+    lines = program.split("\n")
+    at = next((i for i, line in enumerate(lines) if not line.startswith("from __future__")), len(lines))
+    register = (f"import sys as _s,types as _t\n_m=_t.ModuleType({name!r});exec(compile({source!r},"
+                f"{VIRTUAL_FILENAME[:-1] + ' ' + name + '>'!r},'exec'),_m.__dict__);_s.modules[{name!r}]=_m\n"
+                "del _s,_t,_m")
+    return "\n".join(lines[:at] + [register] + lines[at:])
+
+
 def bundle(entry: Path, kit_root: Path, kit_packages: tuple[str, ...] = KIT_PACKAGES,
-           short_names: bool = True, short_messages: bool = True, encoding: str = "ascii") -> BundleResult:
+           short_names: bool = True, short_messages: bool = True, encoding: str = "ascii",
+           optional: tuple[str, ...] = ()) -> BundleResult:
     """Inline every kit module `entry` imports (transitively) into one program, drop the library definitions it never
     uses (prune), strip it, cut raise messages to "path:line values" (short_messages; see _shorten_messages), rename
     its variables to short names where that provably keeps its meaning (short_names; see _Shortener), minify and pack
-    it (encoding: see pack)."""
+    it (encoding: see pack).
+
+    `optional`: dotted kit modules the program imports lazily (importlib.import_module) only when a setting needs
+    them, e.g. submission.switches for the speedrun switches. Each is bundled on its own and registered in
+    sys.modules before the program runs; without it in `optional` the packed program does not carry it. An optional
+    module may import no kit module: in its own namespace their code would be a second copy."""
     entry, kit_root = Path(entry), Path(kit_root)
     if not entry.is_file():
         raise FileNotFoundError(f"bundle entry {entry}: no such file")
@@ -1378,14 +1395,27 @@ def bundle(entry: Path, kit_root: Path, kit_packages: tuple[str, ...] = KIT_PACK
     long_names = _minify(tree)
     shortened = _Shortener(tree).run() if short_names else None
     readable = _minify(tree) if short_names else long_names
+    extra = []
+    for name in dict.fromkeys(optional):
+        path = bundler.find(name)
+        if path is None:
+            raise BundleError(f"optional module {name!r}: not found under {kit_root} (e.g. submission.switches)")
+        sub = bundle(path, kit_root, kit_packages, short_names, short_messages)
+        if len(sub.modules) > 1:
+            raise BundleError(f"{sub.modules[-1]}: an optional module may import no kit module, but it imports "
+                              f"{', '.join(sub.modules[:-1])} (their code would run as a second copy); pass what it "
+                              "needs as arguments")
+        readable = _register_optional(readable, name, sub.readable_source)
+        extra.append((sub.modules[0], path.read_bytes()))
     compile(readable, VIRTUAL_FILENAME, "exec")
     packed, packing = pack(readable, encoding)
     compile(packed, "train_gpt.py", "exec")
     return BundleResult(
         readable_source=readable, packed=packed,
-        sha256=source_sha256([(m.rel, m.source) for m in modules]),
-        modules=[m.rel for m in modules],
-        sizes=BundleSizes(readable=sum(len(m.source) for m in modules), long_names=len(long_names.encode("utf-8")),
+        sha256=source_sha256([(m.rel, m.source) for m in modules] + extra),
+        modules=[m.rel for m in modules] + [rel for rel, _ in extra],
+        sizes=BundleSizes(readable=sum(len(m.source) for m in modules) + sum(len(data) for _, data in extra),
+                          long_names=len(long_names.encode("utf-8")),
                           minified=len(readable.encode("utf-8")), compressed=len(compressed_payload(packed, "the packed file")[1]),
                           packed=len(packed)),
         packing=packing, renamed=renamed, short_names=shortened, short_messages=messages, pruned=pruned,
@@ -1432,7 +1462,7 @@ def _short_globals(result: BundleResult) -> list[str]:
 def _cmd_bundle(args: argparse.Namespace) -> int:
     kit_root = args.kit_root or find_kit_root(args.entry)
     result = bundle(args.entry, kit_root, short_names=not args.long_names, short_messages=not args.full_messages,
-                    encoding="base85" if args.base85 else "ascii")
+                    encoding="base85" if args.base85 else "ascii", optional=tuple(args.optional))
     script = write_bundle(result, args.out)
     for module in result.modules:
         print(f"module:{module}")
@@ -1472,4 +1502,8 @@ def add_commands(subparsers) -> None:
                    help="encode the compressed payload (brotli or lzma) as base85 (default: the smaller of base85 and "
                         "base93, 1.2234 ASCII chars per byte against 1.25 but a longer stub; base93 is ~600 bytes "
                         "smaller on the pipeline)")
+    p.add_argument("--optional", action="append", default=[], metavar="MODULE",
+                   help="also pack this lazily imported kit module (repeatable): submission.switches when a speedrun "
+                        "switch (KEY_OFFSET_LAST_N, LAYER_BIGRAM_BUCKETS, EMBED2) will be on; `pgolf pack` decides "
+                        "from the run's config")
     p.set_defaults(func=_cmd_bundle)
