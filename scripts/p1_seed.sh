@@ -11,9 +11,13 @@ kit=$(pwd)
 out=${OUT:-$kit/p1_out}/seed$seed
 pack=/tmp/p1/pack run=/tmp/p1/seed$seed
 rm -rf "$run" && mkdir -p "$pack" "$out"
-python3 -c "import sys; from pathlib import Path; from tools.bundle import bundle, write_bundle
-r = bundle(Path('submission/train_gpt.py'), Path('.')); write_bundle(r, Path(sys.argv[1]))
-print(f'packed train_gpt.py: {r.sizes.packed} bytes, source sha256 {r.sha256[:16]}')" "$pack"
+# Bundled for these settings: a speedrun switch turned on packs submission/switches.py as well.
+python3 -c "import sys; from pathlib import Path; from submission.config import ModelConfig, resolve
+from tools.bundle import write_bundle; from tools.pack import bundle_entry
+m = ModelConfig(); resolve(m, cli={k: v for k, v in (a.split('=', 1) for a in sys.argv[2:]) if k.lower() in vars(m)})
+r = bundle_entry(m); write_bundle(r, Path(sys.argv[1]))
+print(f'packed train_gpt.py: {r.sizes.packed} bytes, source sha256 {r.sha256[:16]}, modules {len(r.modules)}')" \
+  "$pack" "$@"
 cd "$pack"
 rc=0
 timeout "${P1_TIMEOUT:-570}" python3 train_gpt.py DATA_DIR="$BENCH_DATA" TOKENIZER_PATH="$BENCH_TOKENIZER" \

@@ -7,6 +7,17 @@ import typing
 from dataclasses import dataclass
 
 
+# The filename tools/bundle.py compiles the unpacked program under (its VIRTUAL_FILENAME; test_pack checks they
+# agree): code compiled under it was unpacked from the script being run, which is then all the code there is.
+PACKED_CODE_FILENAME = "<train_gpt>"
+
+
+def packed() -> bool:
+    """Whether this is the packed single file. Not "can the kit be imported": PYTHONPATH may point at a kit checkout
+    while the packed file runs."""
+    return packed.__code__.co_filename == PACKED_CODE_FILENAME
+
+
 @dataclass
 class ModelConfig:
     """The 11-layer record model (CHALLENGE.md, "Reference figures"); every feature is on by default."""
@@ -32,6 +43,11 @@ class ModelConfig:
     resid_mix: bool = True          # each block mixes the residual with the initial embedding x0
     tie_embeddings: bool = True
     bos_id: int = 1
+    # Speedrun switches (submission/switches.py; packed only when one is on), all off: see the README's "Recipe"
+    key_offset_last_n: int = 0      # partial key offset on the last N layers: unrotated key dims from position t-1
+    key_offset_dims: int = 0        # how many of the unrotated head dims (the last ones) move; 0: all 48
+    layer_bigram_buckets: int = 0   # bigram hash table added before every block (speedrun: 5 x vocab = 5120); 0 off
+    embed2: bool = False            # a second token embedding mixed in before every block
 
     @property
     def head_dim(self) -> int:

@@ -1,13 +1,15 @@
 """The record model: GQA attention with XSA and partial RoPE, BigramHash, SmearGate, value embeddings, U-Net skips."""
 from __future__ import annotations
 
+import importlib
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from submission.config import ModelConfig
+from submission.config import ModelConfig, packed
 
 try:  # FA3 (Hopper) when installed; otherwise torch SDPA
     from flash_attn_interface import flash_attn_func as _fa3
@@ -102,7 +104,7 @@ class Attention(nn.Module):
         self.c_proj = CastedLinear(cfg.num_heads * hd, d)
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.q_gain_init))
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], value_embed: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], value_embed: Tensor | None, key_shift=None) -> Tensor:
         cfg = self.cfg
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, cfg.num_heads, cfg.head_dim)
@@ -117,6 +119,8 @@ class Attention(nn.Module):
             cos, sin = rope[0][:, :T], rope[1][:, :T]
             q = apply_partial_rope(q, cos, sin, cfg.rope_dims)
             k = apply_partial_rope(k, cos, sin, cfg.rope_dims)
+        if key_shift is not None:
+            k = key_shift(k)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
         y = causal_attention(q, k, v)
         if self.xsa:
@@ -147,11 +151,11 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim)))) \
             if cfg.resid_mix else None
 
-    def forward(self, x: Tensor, x0: Tensor, rope, value_embed: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, rope, value_embed: Tensor | None, key_shift=None) -> Tensor:
         if self.resid_mix is not None:
             mix = self.resid_mix.to(x.dtype)
             x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, rope, value_embed)
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, rope, value_embed, key_shift)
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)
 
 
@@ -198,6 +202,24 @@ class SmearGate(nn.Module):
         return x + allowed * g * (prev - x)
 
 
+SWITCHES = "submission.switches"
+
+
+def uses_switches(cfg: ModelConfig) -> bool:
+    """Whether a speedrun switch is on, so the model (and a bundle of it) needs submission/switches.py."""
+    return bool(cfg.key_offset_last_n or cfg.layer_bigram_buckets or cfg.embed2)
+
+
+def switches():
+    """submission/switches.py, imported only when a switch is on. A packed program has it only if it was bundled
+    with one on; never fall back to a kit on the path, whose code would not be counted."""
+    if packed() and SWITCHES not in sys.modules:
+        raise ImportError("this packed train_gpt.py was bundled with the speedrun switches off: bundle it with the "
+                          "switch on (pgolf pack RUN_DIR of a run that used it, or pgolf bundle --optional "
+                          f"{SWITCHES})")
+    return importlib.import_module(SWITCHES)
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig, qat_bits: int = 6):
         super().__init__()
@@ -221,6 +243,7 @@ class GPT(nn.Module):
         if self.num_encoder:
             self.skip_weights = nn.Parameter(torch.ones(self.num_encoder, d))
         self.lm_head = None if cfg.tie_embeddings else CastedLinear(d, cfg.vocab_size)
+        self.speedrun = switches().Speedrun(cfg) if uses_switches(cfg) else None
         for m in self.modules():
             if isinstance(m, CastedLinear):
                 m.qat_bits = qat_bits
@@ -250,12 +273,15 @@ class GPT(nn.Module):
         ve = None
         if cfg.value_embed_last_n:
             ve = self.value_proj(self.value_embed(idx).to(dtype))
-        skips = []
+        skips, shift = [], None
+        extra = self.speedrun and self.speedrun.inputs(idx, bigram_bucket, dtype)
         for i, block in enumerate(self.blocks):
             if i >= self.num_encoder and skips:
                 x = x + self.skip_weights[i - self.num_encoder].to(dtype) * skips.pop()
+            if extra:
+                x, shift = self.speedrun.before_block(i, x, extra)
             j = i - (cfg.num_layers - cfg.value_embed_last_n)
-            x = block(x, x0, rope, ve * self.value_scales[j].to(dtype) if ve is not None and j >= 0 else None)
+            x = block(x, x0, rope, ve * self.value_scales[j].to(dtype) if ve is not None and j >= 0 else None, shift)
             if i < self.num_encoder:
                 skips.append(x)
         return rms_norm(x)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
 import platform
 import sys
@@ -18,7 +17,7 @@ import torch.distributed as dist
 
 from eval.bpb import build_byte_luts
 from eval.flat import evaluate_flat
-from submission.config import ModelConfig, TrainConfig, parse_overrides, resolve, to_dict
+from submission.config import ModelConfig, TrainConfig, packed, parse_overrides, resolve, to_dict
 from submission.data import TokenLoader, load_tokens
 from submission.model import GPT
 from submission.optim import build_optimizers
@@ -50,7 +49,7 @@ def _fmt(v) -> str:
 def code_hash() -> str:
     """sha256 of the code that runs: the kit's submission/, eval/ and tools/ sources sorted by path, or, inside the
     packed single file (no kit beside it), the script's own bytes."""
-    if code_hash.__code__.co_filename == "<train_gpt>":  # tools/bundle.py compiles the packed program under it
+    if packed():
         return "packed:" + hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
     root = Path(__file__).resolve().parents[1]
     paths = sorted(p for d in ("submission", "eval", "tools") for p in root.glob(f"{d}/*.py"))

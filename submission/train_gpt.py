@@ -16,7 +16,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from eval.run import EvalConfig, apply_eval_overrides, evaluate
-from submission.config import ModelConfig, TrainConfig, parse_overrides, resolve
+from submission.config import ModelConfig, TrainConfig, packed, parse_overrides, resolve
 from submission.data import load_tokens
 from submission.train import Logger, _byte_luts, setup_distributed, train
 from tools.artifact import MODEL_FILENAME
@@ -24,24 +24,13 @@ from tools.calibrate import CalibConfig
 from tools.gptq import QuantConfig
 from tools.quantize import quantize_run, read_training_done
 
-# The filename tools/bundle.py compiles the unpacked program under (its VIRTUAL_FILENAME; test_pack checks they
-# agree): code compiled under it was unpacked from the script being run, which is then all the code there is.
-PACKED_CODE_FILENAME = "<train_gpt>"
-
-
-def packed() -> bool:
-    """Whether this is the packed single file. Not "can the kit be imported": PYTHONPATH may point at a kit checkout
-    while the packed file runs."""
-    return packed.__code__.co_filename == PACKED_CODE_FILENAME
-
-
-def counted_code_bytes() -> int:
+def counted_code_bytes(model_cfg: ModelConfig) -> int:
     """Counted code bytes. Packed: this script's own size, exactly what is submitted. In the kit: the size the packed
-    bundle of this entry would have, by running the bundler (imported lazily, so it is never packed itself)."""
+    bundle of this entry would have for this model, by running the kit's packer (imported lazily, never packed)."""
     here = Path(__file__).resolve()
     if packed():
         return here.stat().st_size
-    return importlib.import_module("tools.bundle").bundle(here, here.parents[1]).sizes.packed
+    return importlib.import_module("tools.pack").bundle_entry(model_cfg).sizes.packed
 
 
 def evaluate_final(model, run_dir: Path, train_cfg: TrainConfig, eval_cfg: EvalConfig, log, rank: int,
@@ -86,7 +75,7 @@ def main(argv: list[str] | None = None) -> Path:
     stages = {"train": time.perf_counter() - t0}
     rank, world_size, device = setup_distributed()
     log = Logger(run_dir / "train.log", rank)
-    counted = counted_code_bytes() if rank == 0 else 0
+    counted = counted_code_bytes(model_cfg) if rank == 0 else 0
     t0 = time.perf_counter()
     model, _ = quantize_run(run_dir, counted, quant_cfg, calib_cfg, log, train_cfg, device, wait_baseline=False)
     stages["quantize"] = time.perf_counter() - t0

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from submission import train_gpt
+from submission import config, train_gpt
 from tools.artifact import MODEL_FILENAME, ArtifactError, pack_artifact
 from tools.bundle import VIRTUAL_FILENAME
 from tools.gptq import QuantTensor, rtn_quantize
@@ -102,7 +102,7 @@ def test_packed_file_runs_the_pipeline_alone_and_matches_the_kit(data, tmp_path)
 
 
 def test_packed_code_filename_is_the_bundlers():
-    assert train_gpt.PACKED_CODE_FILENAME == VIRTUAL_FILENAME
+    assert config.PACKED_CODE_FILENAME == VIRTUAL_FILENAME
 
 
 def test_the_packed_program_knows_it_is_packed_while_the_kit_is_importable(monkeypatch):
@@ -150,3 +150,37 @@ def test_cli_pack_prints_the_size_report(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(f"pack: out:{tmp_path / 'out'} source_sha256:")
     assert lines[-1].startswith("size: code_bytes:") and lines[-1].endswith("fits:true")
+
+
+SWITCHES_ON = ["KEY_OFFSET_LAST_N=1", "LAYER_BIGRAM_BUCKETS=128", "EMBED2=1"]
+
+
+def test_the_speedrun_switches_are_packed_only_when_on_and_then_match_the_kit(data, tmp_path):
+    from submission.config import ModelConfig
+    from tools.pack import bundle_entry
+    off, on = bundle_entry(), bundle_entry(ModelConfig(key_offset_last_n=1, embed2=True))
+    assert "submission/switches.py" not in off.modules and on.modules[-1] == "submission/switches.py"
+    assert on.sizes.packed > off.sizes.packed
+
+    # Bundled with the switches off, the program refuses them instead of importing a kit it finds on the path.
+    alone = tmp_path / "off"
+    alone.mkdir()
+    (alone / "train_gpt.py").write_bytes(off.packed)
+    proc = subprocess.run([sys.executable, "train_gpt.py", f"DATA_DIR={data}", f"TOKENIZER_PATH={TOKENIZER}",
+                           f"RUN_DIR={tmp_path / 'off_run'}", *TINY, *SWITCHES_ON], cwd=alone,
+                          env={**pipeline_env(), "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    where = re.search(r"ImportError: submission/model\.py:(\d+)", proc.stderr)
+    assert proc.returncode != 0 and where, proc.stderr[-2000:]  # short message: the kit's line holds the full text
+    lines = (REPO / "submission/model.py").read_text().splitlines()
+    assert "bundled with the speedrun switches off" in "".join(lines[int(where.group(1)) - 1:int(where.group(1)) + 1])
+
+    # Bundled with them on, it runs the pipeline alone and matches the kit's run of the same settings.
+    kit_lines = run_pipeline([sys.executable, "-m", "submission.train_gpt", *SWITCHES_ON], REPO, data,
+                             tmp_path / "kit_run")
+    (tmp_path / "on").mkdir()
+    (tmp_path / "on" / "train_gpt.py").write_bytes(on.packed)
+    packed_lines = run_pipeline([sys.executable, "train_gpt.py", *SWITCHES_ON], tmp_path / "on", data,
+                                tmp_path / "packed_run")
+    assert f"Code size: {on.sizes.packed} bytes" in kit_lines and f"Code size: {on.sizes.packed} bytes" in packed_lines
+    for key in ("final_prequant", "quantized_roundtrip_exact", "final_eval_exact"):
+        assert value(packed_lines, key) == pytest.approx(value(kit_lines, key), abs=1e-6)

@@ -7,7 +7,8 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from submission.config import resolve
+from submission.config import ModelConfig, from_dict, resolve
+from submission.model import SWITCHES, uses_switches
 from submission.train import Logger
 from tools.artifact import CODE_FILENAME, DECIMAL_CAP, MODEL_FILENAME, read_contents
 from tools.bundle import BundleResult, bundle, write_bundle
@@ -20,9 +21,18 @@ KIT_ROOT = Path(__file__).resolve().parents[1]
 ENTRY = KIT_ROOT / "submission" / "train_gpt.py"
 
 
-def bundle_entry() -> BundleResult:
-    """The packed single-file program of the pipeline entry (its size is the code bytes the challenge counts)."""
-    return bundle(ENTRY, KIT_ROOT)
+def optional_modules(model_config: ModelConfig | dict | None) -> tuple[str, ...]:
+    """The lazily imported kit modules a packed program of this model needs: submission/switches.py when a speedrun
+    switch is on."""
+    if isinstance(model_config, dict):
+        model_config = from_dict(ModelConfig, model_config)
+    return (SWITCHES,) if model_config is not None and uses_switches(model_config) else ()
+
+
+def bundle_entry(model_config: ModelConfig | dict | None = None) -> BundleResult:
+    """The packed single-file program of the pipeline entry (its size is the code bytes the challenge counts), with
+    what `model_config` needs."""
+    return bundle(ENTRY, KIT_ROOT, optional=optional_modules(model_config))
 
 
 def parse_overrides(items: list[str]) -> dict[str, str]:
@@ -42,8 +52,8 @@ def pack(run_dir: str | os.PathLike, out: str | os.PathLike, progress: bool = Tr
     if not model_path.is_file():
         raise FileNotFoundError(f"{model_path} not found (run `pgolf quantize {run_dir}` first)")
     blob = model_path.read_bytes()
-    read_contents(blob, str(model_path))  # a truncated or corrupted artifact stops here
-    result = bundle_entry()
+    contents = read_contents(blob, str(model_path))  # a truncated or corrupted artifact stops here
+    result = bundle_entry(contents.model_config)
     code = result.sizes.packed
     total = code + len(blob)
     if total > DECIMAL_CAP:

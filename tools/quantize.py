@@ -25,8 +25,6 @@ from tools.gptq import QuantConfig, QuantTensor, quantize_state_dict
 
 # The challenge's training cap. Calibrating on train data is legal only inside it, whatever MAX_WALLCLOCK_SECONDS says.
 TRAIN_CAP_SECONDS = 600.0
-# Tables looked up by token id: int8 round-to-nearest per row (CHALLENGE.md's record recipe), never int6 GPTQ.
-EMBEDDING_NAMES = ("tok_emb.weight", "bigram.table.weight", "value_embed.weight")
 # How far over the cap (as a share of the model bytes) zeroing +-1 codes is asked to close; beyond it the clip floor
 # (QuantConfig.min_clip_sigma) rises and GPTQ re-runs. A P1 model (H100, 240 s) packed to 17,277,442 bytes with
 # clips from 3 sigma: zeroing all 2,491,438 of its +-1 codes did not reach 16,000,000 (its int6 codes are wide).
@@ -162,7 +160,9 @@ def quantize_checkpoint(run_dir: str | os.PathLike, code_bytes: int, quant_cfg: 
                                f"by at least {train_s + total_s - TRAIN_CAP_SECONDS:.0f} s, or CALIB_SOURCE=generated")
 
     state = {k: v.detach() for k, v in model.state_dict().items()}
-    names = [n for n in EMBEDDING_NAMES if n in state]
+    # Tables looked up by token id (token, bigram, value, speedrun tables): int8 round-to-nearest per row
+    # (CHALLENGE.md's record recipe), never int6 GPTQ.
+    names = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)]
     quant_record = {**asdict(quant_cfg), **asdict(calib_cfg)}
     model_config = to_dict(ckpt.model_config)
     pack_s, rounds = 0.0, 0

@@ -19,6 +19,7 @@ import numpy as np
 from tools.artifact import CODE_FILENAME, DECIMAL_CAP, MODEL_FILENAME
 from tools.bundle import BundleError, bundle, unpack, write_bundle
 from tools.check import CheckReport, check_record, format_check
+from tools.pack import optional_modules
 from tools.plots import plot_loss_curves, plot_seed_bpb
 from tools.results import KEY_VALUE, SeedResult, check_consistent, load_record, load_run, run_dirs, \
     train_loss_curve
@@ -126,8 +127,11 @@ def find_code(pack_dir: Path | None, runs: list[SeedRun]) -> tuple[bytes, str, s
         origin = f"`pgolf pack` output {path.parent.name}/" if pack_dir is not None else \
             f"copied from run directory {path.parent.name}/"
         return texts[path], origin, sha.read_text(encoding="utf-8") if sha.is_file() else None
+    configs = [json.loads(c.read_text(encoding="utf-8")).get("model") for c in (r.run_dir / "config.json" for r in runs)
+               if c.is_file()]
     with tempfile.TemporaryDirectory() as tmp:
-        script = write_bundle(bundle(ENTRY, ROOT), Path(tmp))
+        script = write_bundle(bundle(ENTRY, ROOT, optional=optional_modules(configs[0] if configs else None)),
+                              Path(tmp))
         return (script.read_bytes(), f"bundled by `pgolf record` from {ENTRY.relative_to(ROOT)}",
                 script.with_name(CODE_FILENAME + ".sha256").read_text(encoding="utf-8"))
 

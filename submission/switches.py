@@ -1,0 +1,70 @@
+"""Three NanoGPT-speedrun techniques as model switches, each off by default (ModelConfig: key_offset_last_n,
+layer_bigram_buckets, embed2): partial key offset, a bigram hash embedding injected before every block, a second
+token embedding mixed in before every block.
+
+The model imports this module only when a switch is on (submission/model.py `switches`), and the bundler packs it
+only when the bundled configuration turns one on (tools/bundle.py, optional modules), so a submission with them off
+carries none of this code. It may import no kit module: a packed optional module runs in its own namespace.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def offset_keys(k: Tensor, shift: Tensor, dims: int) -> Tensor:
+    """Partial key offset: k [B, T, H, D]; where shift[b, t] is true, the last `dims` of each head's key at position t
+    become those of position t-1. Those are dims RoPE does not rotate, so a query matching them finds "the token
+    after the previous occurrence of me" (induction in one layer). shift is false at position 0 and at every BOS:
+    a document's first key never carries the previous document's last token.
+    """
+    prev = F.pad(k[:, :-1, :, -dims:], (0, 0, 0, 0, 1, 0))
+    moved = torch.where(shift[:, :, None, None], prev, k[..., -dims:])
+    return torch.cat((k[..., :-dims], moved), dim=-1)
+
+
+class Speedrun(nn.Module):
+    """The switches that are on for one ModelConfig, and what they add before each block."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        L, d = cfg.num_layers, cfg.model_dim
+        self.bos_id, self.buckets = cfg.bos_id, cfg.layer_bigram_buckets
+        free = cfg.head_dim - cfg.rope_dims  # the head dims RoPE leaves alone
+        self.key_dims = cfg.key_offset_dims or free
+        if cfg.key_offset_last_n and not 0 < self.key_dims <= free:
+            raise ValueError(f"key_offset_dims={cfg.key_offset_dims}: must be in 1..{free}, the head dims RoPE does "
+                             f"not rotate (head_dim {cfg.head_dim} - rope_dims {cfg.rope_dims}); 0 means all of them")
+        self.key_offset_from = L - cfg.key_offset_last_n  # layers i >= this offset their keys
+        # Per-layer bigram (the speedrun's form): one zero-initialized table, added before block i x scales[i].
+        self.layer_bigram = nn.Embedding(self.buckets, d) if self.buckets else None
+        if self.layer_bigram is not None:
+            nn.init.zeros_(self.layer_bigram.weight)
+            self.layer_bigram_scales = nn.Parameter(torch.full((L,), 0.1))
+        # Second token embedding: random rows, mixed in through per-layer per-channel weights that start at zero, so
+        # the model starts as if it had none and the weights' gradient is what switches it on.
+        self.embed2 = nn.Embedding(cfg.vocab_size, d) if cfg.embed2 else None
+        if self.embed2 is not None:
+            nn.init.normal_(self.embed2.weight, std=0.005)
+            self.embed2_weights = nn.Parameter(torch.zeros(L, d))
+
+    def inputs(self, idx: Tensor, bucket, dtype) -> tuple:
+        """What every block reads, computed once per forward: (key shift mask, bigram rows, second embedding).
+        `bucket` is the model's bigram hash (idx, buckets, bos_id) -> bucket ids, bucket 0 for position 0 and BOS."""
+        shift = idx != self.bos_id
+        shift[:, 0] = False
+        rows = None if self.layer_bigram is None else self.layer_bigram(bucket(idx, self.buckets, self.bos_id)).to(dtype)
+        e2 = None if self.embed2 is None else F.rms_norm(self.embed2(idx), (self.embed2.embedding_dim,)).to(dtype)
+        return shift, rows, e2
+
+    def before_block(self, i: int, x: Tensor, inputs: tuple):
+        """The residual entering block i, and the key transform its attention applies (None: keys unchanged)."""
+        shift, rows, e2 = inputs
+        if rows is not None:
+            x = x + self.layer_bigram_scales[i].to(x.dtype) * rows
+        if e2 is not None:
+            x = x + self.embed2_weights[i].to(x.dtype) * e2
+        if i < self.key_offset_from:
+            return x, None
+        return x, lambda k: offset_keys(k, shift, self.key_dims)
