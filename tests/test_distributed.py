@@ -1,0 +1,76 @@
+"""Several processes (torchrun, gloo on the CPU): the same code path as a multi-GPU run, without GPUs.
+
+2 processes must train what 1 process with 2x gradient accumulation trains (same global batch, same tokens), and the
+packed single file must run the whole pipeline under torchrun with 2 processes.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tools.pack import bundle_entry
+from tools.results import train_loss_curve
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER = REPO / "data/sample/fineweb_1024_bpe.model"
+SAMPLE = REPO / "data/sample/sample_wiki.jsonl.xz"
+TINY = ["NUM_LAYERS=2", "MODEL_DIM=64", "NUM_HEADS=2", "NUM_KV_HEADS=1", "XSA_LAST_N=2", "ROPE_DIMS=8",
+        "BIGRAM_BUCKETS=64", "BIGRAM_DIM=16", "VALUE_EMBED_DIM=16", "SEQ_LEN=128", "TRAIN_BATCH_TOKENS=4096",
+        "MICRO_BATCH_TOKENS=2048", "WARMUP_STEPS=0", "LOG_EVERY=1", "VAL_BATCH_SEQS=16", "SEED=3"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def env() -> dict[str, str]:
+    import os
+    return {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"), "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(REPO)}
+
+
+def run(cmd: list[str], cwd: Path) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    from tools.data import build_shards
+    out = tmp_path_factory.mktemp("data")
+    build_shards([SAMPLE], TOKENIZER, out, val_docs=2, workers=1, progress=False)
+    return out
+
+
+def test_two_processes_train_what_one_process_with_accumulation_trains(data, tmp_path):
+    settings = [f"DATA_DIR={data}", f"TOKENIZER_PATH={TOKENIZER}", *TINY, "MAX_STEPS=12", "EMA_DECAY=0"]
+    run([sys.executable, "-m", "tools.cli", "train", f"RUN_DIR={tmp_path / 'one'}", *settings], REPO)
+    run([*TORCHRUN, "-m", "tools.cli", "train", f"RUN_DIR={tmp_path / 'two'}", *settings], REPO)
+    logs = {name: (tmp_path / name / "train.log").read_text().splitlines() for name in ("one", "two")}
+    assert any("world_size:1" in line and "grad_accum:2" in line for line in logs["one"])
+    assert any("world_size:2" in line and "grad_accum:1" in line for line in logs["two"])
+    one, two = (dict(train_loss_curve(lines)) for lines in logs.values())
+    assert sorted(one) == sorted(two) == list(range(1, 13))
+    # same tokens, same update; only the order of floating-point reductions differs
+    assert max(abs(one[s] - two[s]) for s in one) < 2e-4, [(s, one[s], two[s]) for s in one]
+    final = {name: [line for line in lines if line.startswith("final_prequant")][0] for name, lines in logs.items()}
+    bpb = {name: float(line.split("val_bpb:")[1].split()[0]) for name, line in final.items()}
+    assert bpb["one"] == pytest.approx(bpb["two"], abs=2e-4)
+
+
+def test_the_packed_file_runs_the_whole_pipeline_under_torchrun(data, tmp_path):
+    folder = tmp_path / "record"
+    folder.mkdir()
+    result = bundle_entry()
+    (folder / "train_gpt.py").write_bytes(result.packed)
+    out = run([*TORCHRUN, "train_gpt.py", f"DATA_DIR={data}", f"TOKENIZER_PATH={TOKENIZER}", *TINY,
+               f"RUN_DIR={tmp_path / 'run'}", "MAX_STEPS=6", "CALIB_SEQS=4", "CALIB_SEQ_LEN=64",
+               "PASSTHROUGH_MAX_NUMEL=1024"], folder)
+    lines = out.splitlines()
+    assert lines[-1].startswith("final_eval_exact val_loss:"), out[-2000:]
+    assert sum(line.startswith("final_eval_exact") for line in lines) == 1  # rank 0 logs, once
+    evaluation = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert evaluation["bytes_code"] == result.sizes.packed and evaluation["tokens"] > 0
+    assert any("world_size:2" in line for line in (tmp_path / "run" / "train.log").read_text().splitlines())
