@@ -158,7 +158,13 @@ SWITCHES_ON = ["KEY_OFFSET_LAST_N=1", "LAYER_BIGRAM_BUCKETS=128", "EMBED2=1"]
 def test_the_speedrun_switches_are_packed_only_when_on_and_then_match_the_kit(data, tmp_path):
     from submission.config import ModelConfig
     from tools.pack import bundle_entry
+    from dataclasses import asdict
+
+    from tools.pack import optional_modules
     off, on = bundle_entry(), bundle_entry(ModelConfig(key_offset_last_n=1, embed2=True))
+    # `pgolf pack` decides from the artifact's stored model config (a dict)
+    assert optional_modules(asdict(ModelConfig(layer_bigram_buckets=8))) == ("submission.switches",)
+    assert optional_modules(asdict(ModelConfig())) == () == optional_modules(None)
     assert "submission/switches.py" not in off.modules and on.modules[-1] == "submission/switches.py"
     assert on.sizes.packed > off.sizes.packed
 
