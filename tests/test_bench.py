@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from submission.config import ModelConfig, TrainConfig
 from tools.bench import run_bench
 
@@ -19,3 +21,43 @@ def test_bench_reports_throughput_phases_and_an_op_table(tmp_path):
     assert set(phases) == {"fwd_bwd", "optim", "ema"} and all(float(v) > 0 for v in phases.values())
     rows = [line for line in result["profile"].splitlines() if re.match(r"\s*aten::|\s*Optimizer", line)]
     assert 1 <= len(rows) <= 4
+
+
+def _variants():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_variants.py"
+    spec = importlib.util.spec_from_file_location("bench_variants", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_speed_variant_computes_what_the_kit_computes():
+    import torch
+
+    from submission import model, optim, train
+    v = _variants()
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 16, 4, 8, generator=g), torch.randn(2, 16, 2, 8, generator=g)
+    vv = torch.randn(2, 16, 2, 8, generator=g)
+    assert torch.allclose(v.gqa_attention(q, k, vv), model.causal_attention(q, k, vv), atol=1e-6)
+    y = torch.randn(2, 16, 4, 8, generator=g)
+    assert torch.allclose(v.xsa_rsqrt(y, vv), model.remove_self_value(y, vv), atol=1e-6)
+    G = torch.randn(3, 12, 20, generator=g)
+    assert torch.allclose(v.newton_schulz_baddbmm(G, 5), optim.newton_schulz(G, 5), atol=1e-5)
+    assert torch.allclose(v.newton_schulz_baddbmm(G.mT, 5), optim.newton_schulz(G.mT, 5), atol=1e-5)
+
+    torch.manual_seed(0)
+    net = model.GPT(model.ModelConfig(num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, xsa_last_n=2,
+                                      rope_dims=4, vocab_size=64, bigram_buckets=16, bigram_dim=8, value_embed_dim=8))
+    kit, lists = train.EMA(net, 0.9), v.ListEMA(net, 0.9)
+    for _ in range(3):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn(p.shape, generator=g))
+        kit.update(net)
+        lists.update(net)
+    assert all(torch.equal(kit.shadow[name], lists.shadow[name]) for name in kit.shadow)
+    with pytest.raises(SystemExit, match="unknown variant 'fast'"):
+        v.apply("fast")
