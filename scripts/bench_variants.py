@@ -89,6 +89,6 @@ def apply(names: str) -> None:
 
 if __name__ == "__main__":
     apply(sys.argv[1])
-    import tools.bench  # after the patches: it binds EMA by name at import
+    import tools.bench  # noqa: F401  (after the patches: it binds EMA by name at import)
     print(f"variant:{sys.argv[1]}", flush=True)
     sys.exit(main(["bench", *sys.argv[2:]]))
