@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "data/sample/fineweb_1024_bpe.model"
 SAMPLE = REPO / "data/sample/sample_wiki.jsonl.xz"
 # 2 layers x 64, seq 128, 20 steps; 4 x 64 calibration tokens; matrices this small go through GPTQ only with a
-# lower passthrough size. EMA off: the trainer's CPU checkpoint aliases its EMA copy to the live weights.
+# lower passthrough size. EMA stays on, as in the recipe.
 TINY = ["NUM_LAYERS=2", "MODEL_DIM=64", "NUM_HEADS=2", "NUM_KV_HEADS=1", "XSA_LAST_N=2", "ROPE_DIMS=8",
         "BIGRAM_BUCKETS=64", "BIGRAM_DIM=16", "VALUE_EMBED_DIM=16", "SEQ_LEN=128", "TRAIN_BATCH_TOKENS=2048",
         "MICRO_BATCH_TOKENS=2048", "MAX_STEPS=20", "WARMUP_STEPS=0", "LOG_EVERY=10", "VAL_BATCH_SEQS=16",
