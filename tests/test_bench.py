@@ -61,3 +61,47 @@ def test_every_speed_variant_computes_what_the_kit_computes():
     assert all(torch.equal(kit.shadow[name], lists.shadow[name]) for name in kit.shadow)
     with pytest.raises(SystemExit, match="unknown variant 'fast'"):
         v.apply("fast")
+
+
+def test_curve_comparison_separates_numerical_noise_from_a_shift():
+    import random
+
+    from tools.bench import compare_curves, window_means
+    rng = random.Random(0)
+    base = [6.0 * 0.995 ** s + 0.05 * rng.gauss(0, 1) for s in range(200)]
+    noisy = [x + 1e-3 * rng.gauss(0, 1) for x in base]
+    shifted = [x + 0.02 for x in noisy]
+    assert [end for end, _ in window_means(base)] == [50, 100, 150, 200]
+    assert window_means(base)[0][1] == pytest.approx(sum(base[:50]) / 50)
+    assert max(abs(r["t"]) for r in compare_curves(noisy, base)) < 4
+    assert min(abs(r["t"]) for r in compare_curves(shifted, base)) > 20
+    assert [r["step"] for r in compare_curves(base[:120], base)] == [50, 100]  # common full windows only
+    assert all(r["t"] == 0 for r in compare_curves(base, base))
+
+
+def test_bench_cli_writes_a_curve_and_checks_another_against_it(tmp_path, capsys):
+    import argparse
+    import json
+
+    from tools.bench import add_commands
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers())
+    tiny = ["NUM_LAYERS=2", "MODEL_DIM=64", "NUM_HEADS=2", "NUM_KV_HEADS=1", "XSA_LAST_N=2", "ROPE_DIMS=8",
+            "BIGRAM_BUCKETS=64", "BIGRAM_DIM=16", "VALUE_EMBED_DIM=16", "SEQ_LEN=64", "TRAIN_BATCH_TOKENS=256",
+            "MICRO_BATCH_TOKENS=128", f"DATA_DIR={tmp_path}"]
+    flags = ["--steps", "45", "--warmup", "5", "--profile-steps", "0"]
+
+    def bench(*extra, overrides=()):
+        args = parser.parse_args(["bench", *tiny, *overrides, *flags, *extra])
+        return args.func(args), capsys.readouterr().out
+
+    curve = tmp_path / "base.json"
+    rc, out = bench("--curve-out", str(curve))
+    assert rc == 0 and "loss_by_window 50:" in out and len(json.loads(curve.read_text())["loss_curve"]) == 50
+    rc, out = bench("--against", str(curve))  # the same run on the CPU: identical
+    assert rc == 0 and "verdict:within_noise" in out and "max_abs_diff:0.00000" in out
+    rc, out = bench("--against", str(curve), overrides=["LOGIT_SOFTCAP=2"])  # a different computation
+    assert rc == 1 and "verdict:shifted" in out
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"bad\.json: not a `pgolf bench --curve-out` file"):
+        bench("--against", str(tmp_path / "bad.json"))

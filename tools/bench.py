@@ -1,8 +1,12 @@
-"""`pgolf bench`: training throughput of the recipe on this GPU (tokens/s, ms/step, MFU) and the per-op top 10."""
+"""`pgolf bench`: training throughput of the recipe on this GPU (tokens/s, ms/step, MFU), the per-op top 10, and the
+loss curve from a fresh model, comparable across code versions (`--curve-out`, `--against`)."""
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -45,14 +49,15 @@ def run_bench(model_cfg: ModelConfig, cfg: TrainConfig, steps: int, warmup: int,
             ema.update(model)
         return loss
 
+    losses = []  # device tensors: no sync per step
     t0 = time.perf_counter()
     for step in range(warmup):
-        full_step(step)
+        losses.append(full_step(step))
     sync()
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for step in range(steps):
-        loss = full_step(warmup + step)
+        losses.append(loss := full_step(warmup + step))
     sync()
     seconds = time.perf_counter() - t0
     tokens_per_s = steps * cfg.train_batch_tokens / seconds
@@ -61,6 +66,7 @@ def run_bench(model_cfg: ModelConfig, cfg: TrainConfig, steps: int, warmup: int,
                   warmup_compile_s=round(compile_s, 1), steps=steps, ms_per_step=round(1000 * seconds / steps, 2),
                   tokens_per_s=round(tokens_per_s), mfu=round(tokens_per_s * flops / world_size / H100_BF16_PEAK_FLOPS, 4),
                   flops_per_token=flops, loss=round(loss.item(), 4))
+    result["loss_curve"] = torch.stack(losses).tolist()  # every step from the fresh model, warmup included
     result["phases_ms"] = _phases(model, step_model, optimizers, ema, batches(), cfg, device, sync,
                                   max(2, min(10, steps)))
     if profile_steps:
@@ -108,20 +114,78 @@ def _phases(model, step_model, optimizers, ema, batch, cfg: TrainConfig, device,
     return ",".join(out)
 
 
+WINDOW = 50
+
+
+def window_means(curve: list[float], window: int = WINDOW) -> list[tuple[int, float]]:
+    """(last step, mean loss) of each full window of `window` steps, steps counted from 1."""
+    return [(end, sum(curve[end - window:end]) / window) for end in range(window, len(curve) + 1, window)]
+
+
+def compare_curves(a: list[float], b: list[float], window: int = WINDOW) -> list[dict]:
+    """Per full window of the steps both curves have: the two mean losses, their difference, and the paired t
+    statistic of the per-step differences. Both runs see the same batches, so the differences are numerical noise
+    that grows as the runs drift apart; a change in what is computed shows up as a systematic shift (|t| large)."""
+    n = min(len(a), len(b))
+    out = []
+    for end in range(window, n + 1, window):
+        d = [x - y for x, y in zip(a[end - window:end], b[end - window:end])]
+        mean = sum(d) / window
+        sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (window - 1))
+        t = 0.0 if mean == 0 else mean / (sd / math.sqrt(window)) if sd > 0 else math.inf
+        out.append(dict(step=end, a=sum(a[end - window:end]) / window, b=sum(b[end - window:end]) / window,
+                        diff=mean, t=t))
+    return out
+
+
+def read_curve(path: Path) -> list[float]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        curve = [float(x) for x in data["loss_curve"]]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such curve file (write one with `pgolf bench --curve-out {path}`)") \
+            from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not a `pgolf bench --curve-out` file ({type(e).__name__}: {e}); re-run the bench "
+                         "that wrote it") from None
+    if len(curve) < WINDOW:
+        raise ValueError(f"{path}: {len(curve)} losses, fewer than one {WINDOW}-step window (bench more steps)")
+    return curve
+
+
 def _cmd(args: argparse.Namespace) -> int:
     model_cfg, cfg = ModelConfig(), TrainConfig()
+    reference = read_curve(args.against) if args.against else None  # a bad file fails before the bench runs
     for line in resolve(model_cfg, cfg, cli=dict(a.split("=", 1) for a in args.overrides)):
         print(f"override {line}")
     result = run_bench(model_cfg, cfg, args.steps, args.warmup, args.profile_steps, args.top)
-    profile = result.pop("profile", None)
+    profile, curve = result.pop("profile", None), result.pop("loss_curve")
     print(" ".join(f"{k}:{v}" for k, v in result.items()))
+    print("loss_by_window " + " ".join(f"{end}:{mean:.4f}" for end, mean in window_means(curve)))
     if profile:
         print(profile)
+    if args.curve_out:
+        tmp = Path(args.curve_out).with_suffix(".tmp")
+        tmp.write_text(json.dumps({**result, "overrides": args.overrides, "loss_curve": curve}))
+        tmp.replace(args.curve_out)
+        print(f"curve_written path:{args.curve_out} steps:{len(curve)}")
+    if reference is not None:
+        rows = compare_curves(curve, reference)
+        if not rows:
+            raise ValueError(f"this bench ran {len(curve)} steps: fewer than one {WINDOW}-step window to compare")
+        for row in rows:
+            print(f"curve_window step:{row['step']} loss:{row['a']:.4f} against:{row['b']:.4f} "
+                  f"diff:{row['diff']:+.5f} t:{row['t']:.2f}")
+        worst = max(abs(r["t"]) for r in rows)
+        verdict = "within_noise" if worst < args.max_t else "shifted"
+        print(f"curve_check against:{args.against} windows:{len(rows)} max_abs_diff:"
+              f"{max(abs(r['diff']) for r in rows):.5f} max_abs_t:{worst:.2f} verdict:{verdict}")
+        return 0 if verdict == "within_noise" else 1
     return 0
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("bench", help="measure training throughput (tokens/s, ms/step, MFU) and profile one step",
+    p = sub.add_parser("bench", help="measure training throughput (tokens/s, ms/step, MFU), profile a step, record the loss curve",
                        description="Times the default recipe's training step (plus KEY=VALUE overrides) on real "
                                    "shards from DATA_DIR when present, random tokens otherwise.")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. TRAIN_BATCH_TOKENS=98304")
@@ -130,4 +194,8 @@ def add_commands(sub) -> None:
     p.add_argument("--profile-steps", type=int, default=3, help="steps under torch.profiler for the op table "
                                                                  "(0: no profile)")
     p.add_argument("--top", type=int, default=10, help="rows of the op table, by self GPU time (default 10)")
+    p.add_argument("--curve-out", metavar="JSON", help="write the figures and the per-step loss curve here")
+    p.add_argument("--against", metavar="JSON", help="compare this run's loss curve, 50-step window by window, with "
+                                                     "one written by --curve-out (exit 1 if shifted)")
+    p.add_argument("--max-t", type=float, default=4.0, help="paired-t bound per window for 'within noise' (default 4)")
     p.set_defaults(func=_cmd)
