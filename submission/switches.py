@@ -54,7 +54,8 @@ class Speedrun(nn.Module):
         `bucket` is the model's bigram hash (idx, buckets, bos_id) -> bucket ids, bucket 0 for position 0 and BOS."""
         shift = idx != self.bos_id
         shift[:, 0] = False
-        rows = None if self.layer_bigram is None else self.layer_bigram(bucket(idx, self.buckets, self.bos_id)).to(dtype)
+        rows = None if self.layer_bigram is None else \
+            self.layer_bigram(bucket(idx, self.buckets, self.bos_id)).to(dtype)
         e2 = None if self.embed2 is None else F.rms_norm(self.embed2(idx), (self.embed2.embedding_dim,)).to(dtype)
         return shift, rows, e2
 

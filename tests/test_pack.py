@@ -93,7 +93,8 @@ def test_packed_file_runs_the_pipeline_alone_and_matches_the_kit(data, tmp_path)
     assert any(line.startswith("eval_compliance C1:pass C2:pass C3:pass C4:pass") for line in kit_lines)
 
     # `pgolf eval` of the packed run verifies it and keeps the packed program's score as the run's score.
-    proc = subprocess.run([sys.executable, "-m", "tools.cli", "eval", str(packed_run)], cwd=REPO, env=pipeline_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "tools.cli", "eval", str(packed_run)], cwd=REPO, env=pipeline_env(),
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     merged = json.loads((packed_run / "eval.json").read_text())
     assert "compliance_not_run" not in merged and all(c["passed"] for c in merged["compliance"].values())

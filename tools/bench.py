@@ -64,7 +64,8 @@ def run_bench(model_cfg: ModelConfig, cfg: TrainConfig, steps: int, warmup: int,
     flops = matmul_flops_per_token(model, cfg.seq_len)
     result = dict(data=source, device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                   warmup_compile_s=round(compile_s, 1), steps=steps, ms_per_step=round(1000 * seconds / steps, 2),
-                  tokens_per_s=round(tokens_per_s), mfu=round(tokens_per_s * flops / world_size / H100_BF16_PEAK_FLOPS, 4),
+                  tokens_per_s=round(tokens_per_s),
+                  mfu=round(tokens_per_s * flops / world_size / H100_BF16_PEAK_FLOPS, 4),
                   flops_per_token=flops, loss=round(loss.item(), 4))
     result["loss_curve"] = torch.stack(losses).tolist()  # every step from the fresh model, warmup included
     result["phases_ms"] = _phases(model, step_model, optimizers, ema, batches(), cfg, device, sync,
@@ -185,7 +186,8 @@ def _cmd(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("bench", help="measure training throughput (tokens/s, ms/step, MFU), profile a step, record the loss curve",
+    p = sub.add_parser("bench", help="measure training throughput (tokens/s, ms/step, MFU), profile a step, record "
+                                     "the loss curve",
                        description="Times the default recipe's training step (plus KEY=VALUE overrides) on real "
                                    "shards from DATA_DIR when present, random tokens otherwise.")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. TRAIN_BATCH_TOKENS=98304")
