@@ -37,3 +37,13 @@ def sample_ids(sp):
                     break
         return out[:n]
     return first
+
+
+@pytest.fixture(scope="session")
+def sample_shards(tmp_path_factory):
+    """Train/val shards of the shipped sample (sp1024, 2 validation documents), built once per session."""
+    from tools.data import build_shards
+    out = tmp_path_factory.mktemp("sample_shards")
+    build_shards([SAMPLE / "sample_wiki.jsonl.xz"], SAMPLE / "fineweb_1024_bpe.model", out, val_docs=2, workers=1,
+                 progress=False)
+    return out

@@ -818,18 +818,23 @@ def test_bundle_reports_short_names_and_can_keep_long_ones(fake_kit, tmp_path):
 
 
 
-def test_cli_bundle_long_names_flag(tmp_path, capsys):
+def cli_bundle(entry: str, out: Path, flags: list[str], capsys) -> tuple[str, dict[str, str], list[str]]:
+    """`pgolf bundle REPO/entry --out OUT FLAGS`: its summary line, that line's key:value fields, the sidecar lines."""
     parser = argparse.ArgumentParser()
     add_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bundle", str(REPO / entry), "--out", str(out), *flags])
+    assert args.func(args) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    fields = dict(item.split(":", 1) for item in last.split() if ":" in item)
+    return last, fields, (out / "train_gpt.py.sha256").read_text().splitlines()
+
+
+def test_cli_bundle_long_names_flag(tmp_path, capsys):
     sizes = {}
     for flags in ([], ["--long-names"]):
-        args = parser.parse_args(["bundle", str(REPO / "eval/bpb.py"), "--out", str(tmp_path / "out"), *flags])
-        assert args.func(args) == 0
-        last = capsys.readouterr().out.splitlines()[-1]
-        fields = dict(item.split(":", 1) for item in last.split() if ":" in item)
+        last, fields, sidecar = cli_bundle("eval/bpb.py", tmp_path / "out", flags, capsys)
         sizes[bool(flags)] = (int(fields["long_names_bytes"]), int(fields["minified_bytes"]))
         assert (fields["short_names"] == "off") == bool(flags), last
-        sidecar = (tmp_path / "out/train_gpt.py.sha256").read_text().splitlines()
         assert f"minified_bytes:{sizes[bool(flags)][1]}" in sidecar
     assert sizes[True][0] == sizes[True][1] == sizes[False][0] > sizes[False][1]
 
@@ -934,17 +939,11 @@ def test_raise_messages_become_path_line_and_values(tmp_path):
 
 
 def test_cli_bundle_full_messages_flag(tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    add_commands(parser.add_subparsers(dest="command"))
     minified = {}
     for flags in ([], ["--full-messages"]):
-        args = parser.parse_args(["bundle", str(REPO / "eval/ngram.py"), "--out", str(tmp_path / "out"), *flags])
-        assert args.func(args) == 0
-        last = capsys.readouterr().out.splitlines()[-1]
-        fields = dict(item.split(":", 1) for item in last.split() if ":" in item)
+        last, fields, sidecar = cli_bundle("eval/ngram.py", tmp_path / "out", flags, capsys)
         assert (fields["short_messages"] == "off") == bool(flags) and fields["short_messages"] != "0", last
         minified[bool(flags)] = int(fields["minified_bytes"])
-        sidecar = (tmp_path / "out/train_gpt.py.sha256").read_text().splitlines()
         assert f"short_messages:{fields['short_messages']}" in sidecar
     assert minified[True] > minified[False]
 
@@ -992,14 +991,9 @@ def test_base93_packed_file_runs_and_old_base85_files_still_unpack(tmp_path):
 
 
 def test_cli_bundle_base85_flag(tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    add_commands(parser.add_subparsers(dest="command"))
     fields = {}
     for flags in ([], ["--base85"]):
-        args = parser.parse_args(["bundle", str(REPO / "eval/ngram.py"), "--out", str(tmp_path / "out"), *flags])
-        assert args.func(args) == 0
-        last = capsys.readouterr().out.splitlines()[-1]
-        fields[bool(flags)] = dict(item.split(":", 1) for item in last.split() if ":" in item and "'" not in item)
+        last, fields[bool(flags)], _ = cli_bundle("eval/ngram.py", tmp_path / "out", flags, capsys)
         assert last.endswith(" base85'") or not flags, last
         assert unpack((tmp_path / "out/train_gpt.py").read_bytes(), "train_gpt.py") is not None
     assert fields[True]["compressed_bytes"] == fields[False]["compressed_bytes"]

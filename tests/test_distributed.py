@@ -17,7 +17,6 @@ from tools.results import train_loss_curve
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "data/sample/fineweb_1024_bpe.model"
-SAMPLE = REPO / "data/sample/sample_wiki.jsonl.xz"
 TINY = ["NUM_LAYERS=2", "MODEL_DIM=64", "NUM_HEADS=2", "NUM_KV_HEADS=1", "XSA_LAST_N=2", "ROPE_DIMS=8",
         "BIGRAM_BUCKETS=64", "BIGRAM_DIM=16", "VALUE_EMBED_DIM=16", "SEQ_LEN=128", "TRAIN_BATCH_TOKENS=4096",
         "MICRO_BATCH_TOKENS=2048", "WARMUP_STEPS=0", "LOG_EVERY=1", "VAL_BATCH_SEQS=16", "SEED=3"]
@@ -37,11 +36,8 @@ def run(cmd: list[str], cwd: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    from tools.data import build_shards
-    out = tmp_path_factory.mktemp("data")
-    build_shards([SAMPLE], TOKENIZER, out, val_docs=2, workers=1, progress=False)
-    return out
+def data(sample_shards) -> Path:
+    return sample_shards
 
 
 def test_two_processes_train_what_one_process_with_accumulation_trains(data, tmp_path):

@@ -22,7 +22,6 @@ from tools.pack import add_commands, bundle_entry, pack
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "data/sample/fineweb_1024_bpe.model"
-SAMPLE = REPO / "data/sample/sample_wiki.jsonl.xz"
 # 2 layers x 64, seq 128, 20 steps; 4 x 64 calibration tokens; matrices this small go through GPTQ only with a
 # lower passthrough size. EMA stays on, as in the recipe.
 TINY = ["NUM_LAYERS=2", "MODEL_DIM=64", "NUM_HEADS=2", "NUM_KV_HEADS=1", "XSA_LAST_N=2", "ROPE_DIMS=8",
@@ -50,11 +49,8 @@ def value(lines: list[str], key: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    from tools.data import build_shards
-    out = tmp_path_factory.mktemp("data")
-    build_shards([SAMPLE], TOKENIZER, out, val_docs=2, workers=1, progress=False)
-    return out
+def data(sample_shards) -> Path:
+    return sample_shards
 
 
 def test_packed_file_runs_the_pipeline_alone_and_matches_the_kit(data, tmp_path):
