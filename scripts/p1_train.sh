@@ -4,6 +4,8 @@
 #   source .bench/prep.sh && scripts/p1_train.sh NAME [KEY=VALUE ...]
 # e.g. scripts/p1_train.sh key_offset KEY_OFFSET_LAST_N=11. Runs the kit's trainer (the same code the packed file
 # runs) and copies train.log and config.json to $OUT/NAME (default ./p1_out/NAME); prints the summary lines.
+# P1_QUANTIZE=1 then runs `pgolf quantize` on the checkpoint (GPTQ fitted under 16,000,000 bytes with the code this
+# model ships with): the clip_floor line's model_bytes is the artifact's size before fitting, what an extra table costs.
 set -euo pipefail
 name=${1:?usage: scripts/p1_train.sh NAME [KEY=VALUE ...]}
 shift
@@ -13,9 +15,13 @@ rm -rf "$run" && mkdir -p "$out"
 rc=0
 timeout "${P1_TIMEOUT:-420}" python3 -m tools.cli train DATA_DIR="$BENCH_DATA" TOKENIZER_PATH="$BENCH_TOKENIZER" \
   TRAIN_BATCH_TOKENS=98304 MAX_WALLCLOCK_SECONDS=240 RUN_DIR="$run" "$@" > "$out/stdout.txt" 2>&1 || rc=$?
-for f in train.log config.json; do
+if [ "$rc" = 0 ] && [ "${P1_QUANTIZE:-0}" = 1 ]; then
+  timeout 300 python3 -m tools.cli quantize "$run" --quiet >> "$out/stdout.txt" 2>&1 || rc=$?
+fi
+for f in train.log config.json quantize.log; do
   if [ -f "$run/$f" ]; then cp "$run/$f" "$out/"; fi
 done
-grep -E "^(model|warmup|training_done|final_raw|final_ema|final_prequant)|Error" "$out/stdout.txt" | tail -12
+grep -E "^(model|warmup|training_done|final_raw|final_ema|final_prequant|clip_floor|budget|quantized_roundtrip)|Error|error:" \
+  "$out/stdout.txt" | tail -14 || true
 echo "$name exit status $rc"
 exit $rc

@@ -187,3 +187,9 @@ def test_the_speedrun_switches_are_packed_only_when_on_and_then_match_the_kit(da
     assert f"Code size: {on.sizes.packed} bytes" in kit_lines and f"Code size: {on.sizes.packed} bytes" in packed_lines
     for key in ("final_prequant", "quantized_roundtrip_exact", "final_eval_exact"):
         assert value(packed_lines, key) == pytest.approx(value(kit_lines, key), abs=1e-6)
+
+    # `pgolf quantize` on its own fits the model under the code this checkpoint ships with (switches included).
+    from tools.cli import main
+    assert main(["quantize", str(tmp_path / "kit_run"), "--quiet", "--device", "cpu"]) == 0
+    log = (tmp_path / "kit_run" / "quantize.log").read_text()
+    assert f"Code size: {on.sizes.packed} bytes" in log, log[-500:]

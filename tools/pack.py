@@ -73,11 +73,13 @@ def pack(run_dir: str | os.PathLike, out: str | os.PathLike, progress: bool = Tr
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
-    train_cfg = load_checkpoint(run_dir).train_config
+    ckpt = load_checkpoint(run_dir)
+    train_cfg = ckpt.train_config
     quant_cfg, calib_cfg = QuantConfig(), CalibConfig()
     changed = resolve(quant_cfg, calib_cfg, train_cfg, cli=parse_overrides(args.settings))
     quant_cfg, calib_cfg = QuantConfig(**asdict(quant_cfg)), CalibConfig(**asdict(calib_cfg))  # re-validate
-    code = args.code_bytes if args.code_bytes is not None else bundle_entry().sizes.packed
+    # the packed program this model ships with: a speedrun switch that is on adds its module's bytes
+    code = args.code_bytes if args.code_bytes is not None else bundle_entry(ckpt.model_config).sizes.packed
     log = Logger(run_dir / "quantize.log", 0)
     for line in changed:
         log("override", setting=line.replace(" ", ""))
@@ -101,7 +103,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("settings", nargs="*", metavar="KEY=VALUE",
                    help="QuantConfig, CalibConfig or TrainConfig fields, e.g. CALIB_SEQS=32 DATA_DIR=data/x")
     p.add_argument("--code-bytes", type=int, default=None,
-                   help="code bytes to fit the model under (default: the packed size of submission/train_gpt.py)")
+                   help="code bytes to fit the model under (default: the packed size of submission/train_gpt.py for the "
+                        "checkpoint's model settings)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_quantize)
