@@ -43,11 +43,14 @@ class ModelConfig:
     resid_mix: bool = True          # each block mixes the residual with the initial embedding x0
     tie_embeddings: bool = True
     bos_id: int = 1
-    # Speedrun switches (submission/switches.py; packed only when one is on), all off: see the README's "Recipe"
+    embed2: bool = True             # a second token embedding mixed in before every block (README "Recipe")
+    # Speedrun switches (submission/switches.py; packed only when one is on), off: see the README's "Recipe"
     key_offset_last_n: int = 0      # partial key offset on the last N layers: unrotated key dims from position t-1
     key_offset_dims: int = 0        # how many of the unrotated head dims (the last ones) move; 0: all 48
     layer_bigram_buckets: int = 0   # bigram hash table added before every block (speedrun: 5 x vocab = 5120); 0 off
-    embed2: bool = False            # a second token embedding mixed in before every block
+
+    # A stored config (artifact, checkpoint) made before a feature existed lacks its field: it was made without it.
+    ABSENT_MEANS: typing.ClassVar[dict] = {"embed2": False}
 
     @property
     def head_dim(self) -> int:
@@ -168,7 +171,7 @@ def from_dict(kind, data: dict):
     if unknown:
         raise ValueError(f"{kind.__name__}: stored config has unknown fields {sorted(unknown)} (made by another "
                          "version of the kit?)")
-    out = kind(**data)
+    out = kind(**{**getattr(kind, "ABSENT_MEANS", {}), **data})
     for f in dataclasses.fields(kind):
         if isinstance(getattr(out, f.name), list):
             setattr(out, f.name, tuple(getattr(out, f.name)))

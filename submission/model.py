@@ -207,7 +207,7 @@ SWITCHES = "submission.switches"
 
 def uses_switches(cfg: ModelConfig) -> bool:
     """Whether a speedrun switch is on, so the model (and a bundle of it) needs submission/switches.py."""
-    return bool(cfg.key_offset_last_n or cfg.layer_bigram_buckets or cfg.embed2)
+    return bool(cfg.key_offset_last_n or cfg.layer_bigram_buckets)
 
 
 def switches():
@@ -243,6 +243,12 @@ class GPT(nn.Module):
         if self.num_encoder:
             self.skip_weights = nn.Parameter(torch.ones(self.num_encoder, d))
         self.lm_head = None if cfg.tie_embeddings else CastedLinear(d, cfg.vocab_size)
+        # Second token embedding (the speedrun's): its rows are mixed in before block i x embed2_weights[i], per
+        # channel; the weights start at zero, so the model starts as if it had none and their gradient switches it on.
+        self.embed2 = nn.Embedding(cfg.vocab_size, d) if cfg.embed2 else None
+        if self.embed2 is not None:
+            nn.init.normal_(self.embed2.weight, std=0.005)
+            self.embed2_weights = nn.Parameter(torch.zeros(cfg.num_layers, d))
         self.speedrun = switches().Speedrun(cfg) if uses_switches(cfg) else None
         for m in self.modules():
             if isinstance(m, CastedLinear):
@@ -274,10 +280,13 @@ class GPT(nn.Module):
         if cfg.value_embed_last_n:
             ve = self.value_proj(self.value_embed(idx).to(dtype))
         skips, shift = [], None
+        e2 = rms_norm(self.embed2(idx)).to(dtype) if self.embed2 is not None else None
         extra = self.speedrun and self.speedrun.inputs(idx, bigram_bucket, dtype)
         for i, block in enumerate(self.blocks):
             if i >= self.num_encoder and skips:
                 x = x + self.skip_weights[i - self.num_encoder].to(dtype) * skips.pop()
+            if e2 is not None:
+                x = x + self.embed2_weights[i].to(dtype) * e2
             if extra:
                 x, shift = self.speedrun.before_block(i, x, extra)
             j = i - (cfg.num_layers - cfg.value_embed_last_n)

@@ -1,6 +1,7 @@
-"""Three NanoGPT-speedrun techniques as model switches, each off by default (ModelConfig: key_offset_last_n,
-layer_bigram_buckets, embed2): partial key offset, a bigram hash embedding injected before every block, a second
-token embedding mixed in before every block.
+"""Two NanoGPT-speedrun techniques as model switches, off by default (ModelConfig: key_offset_last_n,
+layer_bigram_buckets): partial key offset and a bigram hash embedding injected before every block. The third one
+measured, a second token embedding mixed in before every block, won its P1 ablation and is part of the model
+(submission/model.py, ModelConfig.embed2); the README's "Recipe" section has the table.
 
 The model imports this module only when a switch is on (submission/model.py `switches`), and the bundler packs it
 only when the bundled configuration turns one on (tools/bundle.py, optional modules), so a submission with them off
@@ -42,30 +43,31 @@ class Speedrun(nn.Module):
         if self.layer_bigram is not None:
             nn.init.zeros_(self.layer_bigram.weight)
             self.layer_bigram_scales = nn.Parameter(torch.full((L,), 0.1))
-        # Second token embedding: random rows, mixed in through per-layer per-channel weights that start at zero, so
-        # the model starts as if it had none and the weights' gradient is what switches it on.
-        self.embed2 = nn.Embedding(cfg.vocab_size, d) if cfg.embed2 else None
-        if self.embed2 is not None:
-            nn.init.normal_(self.embed2.weight, std=0.005)
-            self.embed2_weights = nn.Parameter(torch.zeros(L, d))
 
     def inputs(self, idx: Tensor, bucket, dtype) -> tuple:
-        """What every block reads, computed once per forward: (key shift mask, bigram rows, second embedding).
+        """What every block reads, computed once per forward: (key shift mask, bigram rows).
         `bucket` is the model's bigram hash (idx, buckets, bos_id) -> bucket ids, bucket 0 for position 0 and BOS."""
         shift = idx != self.bos_id
         shift[:, 0] = False
         rows = None if self.layer_bigram is None else \
             self.layer_bigram(bucket(idx, self.buckets, self.bos_id)).to(dtype)
-        e2 = None if self.embed2 is None else F.rms_norm(self.embed2(idx), (self.embed2.embedding_dim,)).to(dtype)
-        return shift, rows, e2
+        return shift, rows
+
+    def decode_inputs(self, pair: Tensor, first: Tensor, bucket, dtype) -> tuple:
+        """inputs() for one position of a KV-cached decoder (tools/calibrate.py): pair [B, 2] is (previous, current)
+        token, first is true at position 0 (where the previous token means nothing). The key shift covers both, so
+        before_block's transform applied to (previous key, current key) moves the previous one into the current."""
+        shift = (pair != self.bos_id) & ~first
+        shift[:, 0] = False
+        rows = None if self.layer_bigram is None else \
+            self.layer_bigram(bucket(pair, self.buckets, self.bos_id)[:, 1:].masked_fill(first, 0)).to(dtype)
+        return shift, rows
 
     def before_block(self, i: int, x: Tensor, inputs: tuple):
         """The residual entering block i, and the key transform its attention applies (None: keys unchanged)."""
-        shift, rows, e2 = inputs
+        shift, rows = inputs
         if rows is not None:
             x = x + self.layer_bigram_scales[i].to(x.dtype) * rows
-        if e2 is not None:
-            x = x + self.embed2_weights[i].to(x.dtype) * e2
         if i < self.key_offset_from:
             return x, None
         return x, lambda k: offset_keys(k, shift, self.key_dims)

@@ -1,6 +1,8 @@
 """tools.calibrate: KV-cached decode == GPT's full forward, sampling right and seeded, Hessians, train tokens."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -12,13 +14,16 @@ from tools.calibrate import CalibConfig, KVCacheDecoder, calibrate, generate, he
 
 BOS = 1
 # Every feature on: GQA, XSA on some layers, partial RoPE, value embeddings on the last 2 of 5 layers (an odd count:
-# the last decoder block has no U-Net partner), BigramHash, SmearGate, resid_mix, ln_scale, qk_norm, softcap.
+# the last decoder block has no U-Net partner), BigramHash, SmearGate, second embedding, resid_mix, ln_scale,
+# qk_norm, softcap.
 ALL_ON = ModelConfig(vocab_size=48, num_layers=5, model_dim=32, num_heads=4, num_kv_heads=2, xsa_last_n=3, rope_dims=4,
                      bigram_buckets=16, bigram_dim=8, value_embed_last_n=2, value_embed_dim=8)
 # Every optional feature off, an untied head, no RoPE, no softcap, MHA.
 ALL_OFF = ModelConfig(vocab_size=48, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=2, xsa_last_n=0, rope_dims=0,
                       bigram_buckets=0, smear_gate=False, value_embed_last_n=0, unet_skips=False, resid_mix=False,
-                      tie_embeddings=False, logit_softcap=0.0, qk_norm=False, ln_scale=False)
+                      tie_embeddings=False, logit_softcap=0.0, qk_norm=False, ln_scale=False, embed2=False)
+# ...and the speedrun switches on top: key offset on the last 3 layers (2 of the 6 unrotated dims), per-layer bigram.
+SWITCHES = dataclasses.replace(ALL_ON, key_offset_last_n=3, key_offset_dims=2, layer_bigram_buckets=20)
 
 
 def random_model(cfg: ModelConfig, seed: int = 0) -> GPT:
@@ -46,7 +51,7 @@ def tokens_with_bos(batch: int, length: int, vocab: int, seed: int) -> torch.Ten
     return idx
 
 
-@pytest.mark.parametrize("cfg", [ALL_ON, ALL_OFF], ids=["all_on", "all_off"])
+@pytest.mark.parametrize("cfg", [ALL_ON, ALL_OFF, SWITCHES], ids=["all_on", "all_off", "switches"])
 def test_cached_decode_equals_full_forward(cfg):
     model = random_model(cfg)
     idx = tokens_with_bos(3, 20, cfg.vocab_size, seed=1)

@@ -41,6 +41,16 @@ def test_stored_config_round_trip_and_mismatch():
         from_dict(ModelConfig, data)
 
 
+def test_a_stored_config_from_before_a_feature_loads_without_it():
+    """embed2 became the default after artifacts were stored without the field (the P1 record's): such a config
+    must rebuild the model it was made with, not today's default."""
+    old = to_dict(ModelConfig())
+    del old["embed2"]
+    assert ModelConfig().embed2 and not from_dict(ModelConfig, old).embed2
+    assert from_dict(ModelConfig, to_dict(ModelConfig())).embed2  # a config that names it keeps its value
+    assert set(ModelConfig.ABSENT_MEANS) <= set(to_dict(ModelConfig()))  # only real fields
+
+
 def test_command_line_items_must_be_key_value():
     from submission.config import parse_overrides
     assert parse_overrides(["SEED=1", "RUN_DIR=a=b"]) == {"SEED": "1", "RUN_DIR": "a=b"}

@@ -184,7 +184,7 @@ def test_unet_with_zero_skip_weights_is_the_plain_stack():
 def test_unet_feeds_encoder_outputs_to_the_decoder_in_mirrored_order():
     """Five layers: encoder blocks 0, 1; decoder block 2 adds w[0] * out(1), block 3 adds w[1] * out(0), block 4
     (no partner) adds nothing. Distinct weight rows make any other pairing give other logits."""
-    model = _model(num_layers=5, xsa_last_n=0, value_embed_last_n=0)
+    model = _model(num_layers=5, xsa_last_n=0, value_embed_last_n=0, embed2=False)
     assert model.skip_weights.shape == (2, 32)
     x = torch.randint(0, 64, (2, 12))
     cfg = model.cfg

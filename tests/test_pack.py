@@ -149,7 +149,7 @@ def test_cli_pack_prints_the_size_report(tmp_path, capsys):
     assert lines[-1].startswith("size: code_bytes:") and lines[-1].endswith("fits:true")
 
 
-SWITCHES_ON = ["KEY_OFFSET_LAST_N=1", "LAYER_BIGRAM_BUCKETS=128", "EMBED2=1"]
+SWITCHES_ON = ["KEY_OFFSET_LAST_N=1", "LAYER_BIGRAM_BUCKETS=128"]
 
 
 def test_the_speedrun_switches_are_packed_only_when_on_and_then_match_the_kit(data, tmp_path):
@@ -158,7 +158,7 @@ def test_the_speedrun_switches_are_packed_only_when_on_and_then_match_the_kit(da
     from dataclasses import asdict
 
     from tools.pack import optional_modules
-    off, on = bundle_entry(), bundle_entry(ModelConfig(key_offset_last_n=1, embed2=True))
+    off, on = bundle_entry(), bundle_entry(ModelConfig(key_offset_last_n=1))
     # `pgolf pack` decides from the artifact's stored model config (a dict)
     assert optional_modules(asdict(ModelConfig(layer_bigram_buckets=8))) == ("submission.switches",)
     assert optional_modules(asdict(ModelConfig())) == () == optional_modules(None)

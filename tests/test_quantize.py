@@ -109,7 +109,7 @@ def test_quantize_run_writes_the_artifact_and_logs_the_stage(quantized):
     assert log.starting("quantize ")[0].startswith(f"quantize run_dir:{run} weights:ema steps:7 code_bytes:1234")
     assert "calibration source:generated seqs:2 tokens:32 temperature:0.8" in log.lines[1]
     gptq = log.starting("gptq ")[0]
-    assert "gptq:13 rtn:3" in gptq and "min_calibration_tokens:32" in gptq  # 12 block matrices + bigram proj; tables
+    assert "gptq:13 rtn:4" in gptq and "min_calibration_tokens:32" in gptq  # 12 block matrices + bigram proj; 4 tables
     assert log.starting("gptq_rank_deficient hessians:12 min_tokens:32 max_input_dims:192 damp:0.01")
     assert log.starting("budget: target:16000000 code_bytes:1234")
     assert log.starting("artifact_vs_torch_save ")
@@ -132,7 +132,7 @@ def test_reload_in_a_fresh_process_gives_identical_logits(tmp_path):
     path, packed, thread = quantize_checkpoint(run, 0, QUANT, TINY_CALIB, Lines(), torch.device("cpu"),
                                                progress=False)
     thread.join()
-    assert sum(isinstance(v, QuantTensor) for v in packed.values()) == 16
+    assert sum(isinstance(v, QuantTensor) for v in packed.values()) == 17  # 12 GPTQ matrices, bigram proj, 4 tables
     in_memory = GPT(MODEL)
     in_memory.load_state_dict(to_state_dict(packed, in_memory.state_dict()))
     batch = torch.randint(0, 1024, (2, 40), generator=torch.Generator().manual_seed(3))

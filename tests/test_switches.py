@@ -1,4 +1,6 @@
-"""The speedrun switches (submission/switches.py): partial key offset, per-layer bigram injection, second embedding."""
+"""The speedrun techniques: the switches in submission/switches.py (partial key offset, per-layer bigram injection)
+and the second input embedding, which won its ablation and is part of the model (ModelConfig.embed2, on by default;
+off in SMALL so that each technique is tested against the model without it)."""
 from __future__ import annotations
 
 import pytest
@@ -11,7 +13,7 @@ from submission.switches import Speedrun, offset_keys
 
 BOS = 1
 SMALL = dict(num_layers=3, model_dim=64, num_heads=2, num_kv_heads=1, xsa_last_n=3, rope_dims=8, vocab_size=64,
-             bigram_buckets=32, bigram_dim=16, value_embed_dim=16, value_embed_last_n=1)
+             bigram_buckets=32, bigram_dim=16, value_embed_dim=16, value_embed_last_n=1, embed2=False)
 
 
 def test_offset_keys_moves_only_the_unrotated_tail_and_never_at_position_0_or_a_bos():
@@ -80,7 +82,7 @@ def test_key_offset_dims_must_be_unrotated():
 
 def model(**switches) -> GPT:
     torch.manual_seed(0)
-    return GPT(ModelConfig(**SMALL, **switches))
+    return GPT(ModelConfig(**{**SMALL, **switches}))
 
 
 def test_every_switch_starts_as_the_model_without_it():
@@ -100,10 +102,10 @@ def test_per_layer_bigram_and_second_embedding_are_added_before_every_block():
     sr = m.speedrun
     assert sr.layer_bigram.weight.shape == (40, 64) and not sr.layer_bigram.weight.any()
     assert torch.equal(sr.layer_bigram_scales.data, torch.full((3,), 0.1))
-    assert not sr.embed2_weights.any() and sr.embed2.weight.std() > 0
+    assert not m.embed2_weights.any() and m.embed2.weight.std() > 0
     with torch.no_grad():
         sr.layer_bigram.weight.normal_()
-        sr.embed2_weights.normal_()
+        m.embed2_weights.normal_()
     idx = torch.tensor([[BOS, 3, 4, 3, BOS, 4]])
     seen = []
     handles = [b.register_forward_pre_hook(lambda mod, args: seen.append(args[0].clone())) for b in m.blocks]
@@ -113,9 +115,9 @@ def test_per_layer_bigram_and_second_embedding_are_added_before_every_block():
     buckets = bigram_bucket(idx, 40, BOS)
     assert buckets[0, 0] == 0 and buckets[0, 4] == 0 and buckets[0, 1] != 0  # position 0 and BOS: bucket 0
     rows = sr.layer_bigram(buckets)
-    e2 = torch.nn.functional.rms_norm(sr.embed2(idx), (64,))
-    # what entered block 0, minus what the switches added, is the plain embedding path (x0 after the norm)
-    x0 = seen[0] - sr.layer_bigram_scales[0] * rows - sr.embed2_weights[0] * e2
+    e2 = torch.nn.functional.rms_norm(m.embed2(idx), (64,))
+    # what entered block 0, minus what the two tables added, is the plain embedding path (x0 after the norm)
+    x0 = seen[0] - sr.layer_bigram_scales[0] * rows - m.embed2_weights[0] * e2
     assert torch.allclose(x0, torch.nn.functional.rms_norm(m.embed(idx), (64,)), atol=1e-5)
 
 
@@ -124,11 +126,11 @@ def test_second_embedding_switches_itself_on_through_its_weights_gradient():
     for p in m.parameters():
         p.data += 0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()))
     with torch.no_grad():
-        m.speedrun.embed2_weights.zero_()
+        m.embed2_weights.zero_()
     idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(3))
     m(idx, idx.roll(-1, 1)).backward()
-    assert m.speedrun.embed2_weights.grad.abs().sum() > 0
-    assert not m.speedrun.embed2.weight.grad.any()  # zero weights: the table learns once they move
+    assert m.embed2_weights.grad.abs().sum() > 0
+    assert not m.embed2.weight.grad.any()  # zero weights: the table learns once they move
 
 
 def test_the_switch_tables_go_to_adam_and_their_scales_to_the_scalar_group():
@@ -136,6 +138,7 @@ def test_the_switch_tables_go_to_adam_and_their_scales_to_the_scalar_group():
     adam, muon = build_optimizers(m, TrainConfig())
     tables, scalars = ({id(p) for p in g["params"]} for g in adam.param_groups)
     sr = m.speedrun
-    assert {id(sr.layer_bigram.weight), id(sr.embed2.weight)} <= tables
-    assert {id(sr.layer_bigram_scales), id(sr.embed2_weights)} <= scalars
-    assert not {id(p) for p in sr.parameters()} & {id(p) for g in muon.param_groups for p in g["params"]}
+    assert {id(sr.layer_bigram.weight), id(m.embed2.weight)} <= tables
+    assert {id(sr.layer_bigram_scales), id(m.embed2_weights)} <= scalars
+    extra = [*sr.parameters(), m.embed2.weight, m.embed2_weights]
+    assert not {id(p) for p in extra} & {id(p) for g in muon.param_groups for p in g["params"]}

@@ -56,7 +56,9 @@ class KVCacheDecoder:
     The step mirrors GPT.hidden, Block.forward and Attention.forward with the model's own weights and functions:
     BigramHash buckets (prev, cur) with bucket 0 at position 0 and at a BOS; SmearGate mixes the previous position's
     embedding (kept from the last step) except at position 0 and at a BOS; partial RoPE at the absolute position;
-    XSA against the current value; value embeddings on the last layers; U-Net skips; resid_mix; the softcap.
+    XSA against the current value; value embeddings on the last layers; U-Net skips; the second embedding; resid_mix;
+    the softcap; and the speedrun switches when on (per-layer bigram rows, and the key offset from the previous
+    position's key, kept from the last step).
     Linears use plain weights (cast once): CastedLinear's late-QAT blend costs ~12 kernels per call, and it is the
     identity with QAT off, which the constructor checks. Shapes never change between steps and the position is a
     device tensor, so a step can be captured in a CUDA graph.
@@ -74,6 +76,8 @@ class KVCacheDecoder:
         self.k = torch.zeros(cfg.num_layers, batch, kv, max_len, hd, dtype=self.dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.prev_embed = torch.zeros(batch, cfg.model_dim, device=device)
+        self.prev_k = torch.zeros(cfg.num_layers, batch, 1, kv, hd, dtype=self.dtype, device=device) \
+            if cfg.key_offset_last_n else None
         self.cos, self.sin = rope_tables(max_len, max(cfg.rope_dims, 2), cfg.rope_base, device)
         self.positions = torch.arange(max_len, device=device)
 
@@ -92,6 +96,8 @@ class KVCacheDecoder:
         self.k.zero_()
         self.v.zero_()
         self.prev_embed.zero_()
+        if self.prev_k is not None:
+            self.prev_k.zero_()
 
     def _embed(self, tok: Tensor, prev: Tensor, first: Tensor) -> Tensor:
         m = self.model
@@ -108,7 +114,7 @@ class KVCacheDecoder:
             x = m.smear(torch.stack((prev_embed, x), 1), pair)[:, 1]
         return x
 
-    def _attention(self, i: int, x: Tensor, ve: Tensor | None, pos: Tensor) -> Tensor:
+    def _attention(self, i: int, x: Tensor, ve: Tensor | None, pos: Tensor, key_shift=None) -> Tensor:
         cfg, attn = self.cfg, self.model.blocks[i].attn
         B, H, Hkv, D = x.size(0), cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q, k, v = F.linear(x, self.qkv[i]).split([H * D, Hkv * D, Hkv * D], dim=-1)
@@ -121,6 +127,9 @@ class KVCacheDecoder:
             cos, sin = self.cos.index_select(1, pos), self.sin.index_select(1, pos)
             q = apply_partial_rope(q, cos, sin, cfg.rope_dims)
             k = apply_partial_rope(k, cos, sin, cfg.rope_dims)
+        if key_shift is not None:  # the transform sees (previous key, this key), as the model's sees a sequence
+            k, prev = key_shift(torch.cat((self.prev_k[i], k), 1))[:, 1:], k
+            self.prev_k[i].copy_(prev)
         q = q * attn.q_gain.to(q.dtype)[None, None, :, None]
         self.k[i].index_copy_(2, pos, k.transpose(1, 2).to(self.dtype))
         self.v[i].index_copy_(2, pos, v.transpose(1, 2).to(self.dtype))
@@ -141,16 +150,23 @@ class KVCacheDecoder:
         ve = None
         if cfg.value_embed_last_n:
             ve = F.linear(m.value_embed(tok[:, None]).to(dtype), self.value_proj)
-        skips = []
+        skips, shift = [], None
+        e2 = rms_norm(m.embed2(tok)).to(dtype)[:, None] if m.embed2 is not None else None
+        extra = m.speedrun and m.speedrun.decode_inputs(torch.stack((prev, tok), 1), first, bigram_bucket, dtype)
         for i, block in enumerate(m.blocks):
             if i >= m.num_encoder and skips:
                 x = x + m.skip_weights[i - m.num_encoder].to(dtype) * skips.pop()
+            if e2 is not None:
+                x = x + m.embed2_weights[i].to(dtype) * e2
+            if extra:
+                x, shift = m.speedrun.before_block(i, x, extra)
             j = i - (cfg.num_layers - cfg.value_embed_last_n)
             if block.resid_mix is not None:
                 mix = block.resid_mix.to(x.dtype)
                 x = mix[0] * x + mix[1] * x0
             layer_ve = ve * m.value_scales[j].to(dtype) if ve is not None and j >= 0 else None
-            x = x + block.attn_scale.to(x.dtype) * self._attention(i, rms_norm(x) * block.norm_scale, layer_ve, pos)
+            x = x + block.attn_scale.to(x.dtype) * self._attention(i, rms_norm(x) * block.norm_scale, layer_ve, pos,
+                                                                   shift)
             h = F.linear(rms_norm(x) * block.norm_scale, self.mlp_in[i])
             x = x + block.mlp_scale.to(x.dtype) * F.linear(F.leaky_relu(h, 0.5).square(), self.mlp_out[i])
             if i < m.num_encoder:
