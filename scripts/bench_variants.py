@@ -8,9 +8,12 @@ faster. Run every variant on one lease: timings from different machines are not 
 
   repeat      the kit as it is (K/V repeated to the query heads, then SDPA)
   gqa         SDPA with enable_gqa=True on the 4 KV heads (measured slower: 90.58 vs 86.29 ms/step, H100)
-  xsa_rsqrt   XSA's value normalization as v * rsqrt(sum v^2 + eps): no norm/clamp/masked_fill in its backward
   ns_baddbmm  Muon's Newton-Schulz with the scaled adds fused into the batched matmuls (baddbmm)
-  ema_lists   the EMA update on cached tensor lists instead of a state_dict() per step
+
+Adopted after measuring (now the kit's code): XSA's value normalization by rsqrt and the EMA over cached tensor
+lists. With ns_baddbmm, together they measured 86.98 vs 87.70 ms/step (default recipe) and 89.55 vs 90.47 (with the
+second embedding), two H100 leases; the phases put the gain in EMA (0.66-0.76 -> 0.13 ms) and fwd_bwd (0.4-0.9 ms),
+none measurably in the optimizer (11.27 -> 8.36, then 9.24 -> 9.51 ms: host-bound noise), so ns_baddbmm stays here.
 """
 from __future__ import annotations
 
@@ -21,7 +24,6 @@ import torch.nn.functional as F
 
 import submission.model
 import submission.optim
-import submission.train
 from tools.cli import main
 
 
@@ -29,16 +31,6 @@ def gqa_attention(q, k, v):
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
                                        enable_gqa=True)
     return y.transpose(1, 2)
-
-
-def xsa_rsqrt(y, v):
-    B, T, H, D = y.shape
-    hkv = v.size(2)
-    yg = y.reshape(B, T, hkv, H // hkv, D)
-    vf = v.float()
-    vn = (vf * torch.rsqrt(vf.square().sum(-1, keepdim=True) + 1e-24)).to(y.dtype).unsqueeze(3)
-    yg = yg - (yg * vn).sum(-1, keepdim=True) * vn
-    return yg.reshape(B, T, H, D)
 
 
 def newton_schulz_baddbmm(G, steps):
@@ -55,28 +47,10 @@ def newton_schulz_baddbmm(G, steps):
     return X.mT if transposed else X
 
 
-class ListEMA(submission.train.EMA):
-    """The kit's EMA, its live tensors collected once (parameters and buffers keep their identity in training)."""
-
-    @torch.no_grad()
-    def update(self, model):
-        if not hasattr(self, "_live"):
-            state = model.state_dict()
-            self._live = [state[k] for k in self.shadow]
-            self._shadow = list(self.shadow.values())
-            self._cast = any(t.dtype != torch.float32 for t in self._live)
-        self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        live = [t.float() for t in self._live] if self._cast else self._live
-        torch._foreach_lerp_(self._shadow, live, 1 - decay)
-
-
 VARIANTS = {
     "repeat": lambda: None,
     "gqa": lambda: setattr(submission.model, "causal_attention", gqa_attention),
-    "xsa_rsqrt": lambda: setattr(submission.model, "remove_self_value", xsa_rsqrt),
     "ns_baddbmm": lambda: setattr(submission.optim, "newton_schulz", newton_schulz_baddbmm),
-    "ema_lists": lambda: setattr(submission.train, "EMA", ListEMA),
 }
 
 
@@ -89,6 +63,6 @@ def apply(names: str) -> None:
 
 if __name__ == "__main__":
     apply(sys.argv[1])
-    import tools.bench  # noqa: F401  (after the patches: it binds EMA by name at import)
+    import tools.bench  # noqa: F401  (after the patches: a variant of a name it imports must be set first)
     print(f"variant:{sys.argv[1]}", flush=True)
     sys.exit(main(["bench", *sys.argv[2:]]))

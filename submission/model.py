@@ -88,7 +88,9 @@ def remove_self_value(y: Tensor, v: Tensor) -> Tensor:
     B, T, H, D = y.shape
     hkv = v.size(2)
     yg = y.reshape(B, T, hkv, H // hkv, D)
-    vn = F.normalize(v.float(), dim=-1).to(y.dtype).unsqueeze(3)
+    # v / |v| by rsqrt: F.normalize's clamp/div/masked_fill backward cost 0.4-0.9 ms per P1 step (H100)
+    vf = v.float()
+    vn = (vf * torch.rsqrt(vf.square().sum(-1, keepdim=True) + 1e-24)).to(y.dtype).unsqueeze(3)
     yg = yg - (yg * vn).sum(-1, keepdim=True) * vn
     return yg.reshape(B, T, H, D)
 

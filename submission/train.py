@@ -108,14 +108,18 @@ class EMA:
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay, self.updates = decay, 0
-        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+        state = model.state_dict()
+        self.shadow = {k: v.detach().float().clone() for k, v in state.items()}
+        # The live tensors, collected once: parameters and buffers keep their identity through training (loading a
+        # state dict copies in place). A state_dict() per step cost 0.5-0.6 ms of the P1 step (H100).
+        self.live, self.cast = list(state.values()), any(v.dtype != torch.float32 for v in state.values())
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
+    def update(self) -> None:
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        state = model.state_dict()
-        torch._foreach_lerp_(list(self.shadow.values()), [state[k].float() for k in self.shadow], 1 - decay)
+        live = [t.float() for t in self.live] if self.cast else self.live
+        torch._foreach_lerp_(list(self.shadow.values()), live, 1 - decay)
 
     def state_dict_like(self, model: torch.nn.Module) -> dict:
         return {k: self.shadow[k].to(v.dtype) for k, v in model.state_dict().items()}
@@ -240,7 +244,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, overrides: list[str] | None 
             log("qat", step=step, lr_scale=round(scale, 4), elapsed_s=round(elapsed, 1))
         losses[step] = step_fn(loader, scale, step)
         if ema is not None:
-            ema.update(model)
+            ema.update()
         step += 1
         # No per-step device sync: the host runs up to a couple of steps ahead of the GPU, so stop when the host
         # clock plus two average steps reaches the cap, then sync and log the true time.

@@ -36,31 +36,44 @@ def _variants():
 def test_every_speed_variant_computes_what_the_kit_computes():
     import torch
 
-    from submission import model, optim, train
+    from submission import model, optim
     v = _variants()
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 16, 4, 8, generator=g), torch.randn(2, 16, 2, 8, generator=g)
     vv = torch.randn(2, 16, 2, 8, generator=g)
     assert torch.allclose(v.gqa_attention(q, k, vv), model.causal_attention(q, k, vv), atol=1e-6)
-    y = torch.randn(2, 16, 4, 8, generator=g)
-    assert torch.allclose(v.xsa_rsqrt(y, vv), model.remove_self_value(y, vv), atol=1e-6)
     G = torch.randn(3, 12, 20, generator=g)
     assert torch.allclose(v.newton_schulz_baddbmm(G, 5), optim.newton_schulz(G, 5), atol=1e-5)
     assert torch.allclose(v.newton_schulz_baddbmm(G.mT, 5), optim.newton_schulz(G.mT, 5), atol=1e-5)
+    with pytest.raises(SystemExit, match="unknown variant 'fast'"):
+        v.apply("fast")
 
+
+def test_ema_follows_the_live_weights_through_a_state_dict_load():
+    """The EMA reads the tensors it collected at construction; loading a state dict (the warmup restore) copies into
+    them, so it must still see every change. Reference: the ramped-decay lerp over a fresh state_dict() per step."""
+    import torch
+
+    from submission import model, train
     torch.manual_seed(0)
     net = model.GPT(model.ModelConfig(num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, xsa_last_n=2,
                                       rope_dims=4, vocab_size=64, bigram_buckets=16, bigram_dim=8, value_embed_dim=8))
-    kit, lists = train.EMA(net, 0.9), v.ListEMA(net, 0.9)
-    for _ in range(3):
+    net.blocks[0].mlp_scale.data = net.blocks[0].mlp_scale.data.half()  # one tensor that is not fp32
+    ema = train.EMA(net, 0.9)
+    reference = {k: t.float().clone() for k, t in net.state_dict().items()}
+    initial = {k: t.clone() for k, t in net.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    for step in range(1, 5):
         with torch.no_grad():
+            if step == 3:
+                net.load_state_dict(initial)
             for p in net.parameters():
-                p.add_(torch.randn(p.shape, generator=g))
-        kit.update(net)
-        lists.update(net)
-    assert all(torch.equal(kit.shadow[name], lists.shadow[name]) for name in kit.shadow)
-    with pytest.raises(SystemExit, match="unknown variant 'fast'"):
-        v.apply("fast")
+                p.add_(torch.randn(p.shape, generator=g).to(p.dtype))
+        ema.update()
+        decay = min(0.9, (1 + step) / (10 + step))
+        for name, t in net.state_dict().items():
+            reference[name].lerp_(t.float(), 1 - decay)
+    assert all(torch.allclose(ema.shadow[name], reference[name], atol=1e-6) for name in reference)
 
 
 def test_curve_comparison_separates_numerical_noise_from_a_shift():
@@ -98,6 +111,8 @@ def test_bench_cli_writes_a_curve_and_checks_another_against_it(tmp_path, capsys
     curve = tmp_path / "base.json"
     rc, out = bench("--curve-out", str(curve))
     assert rc == 0 and "loss_by_window 50:" in out and len(json.loads(curve.read_text())["loss_curve"]) == 50
+    rc, out = bench("--steps", "3", "--warmup", "1")  # shorter than one window: says so instead of an empty line
+    assert rc == 0 and "loss_by_window none (windows are 50 steps from a fresh model; this run had 4)" in out
     rc, out = bench("--against", str(curve))  # the same run on the CPU: identical
     assert rc == 0 and "verdict:within_noise" in out and "max_abs_diff:0.00000" in out
     rc, out = bench("--against", str(curve), overrides=["LOGIT_SOFTCAP=2"])  # a different computation

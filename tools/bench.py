@@ -46,7 +46,7 @@ def run_bench(model_cfg: ModelConfig, cfg: TrainConfig, steps: int, warmup: int,
     def full_step(step: int) -> torch.Tensor:  # what the training loop does per step
         loss = train_step(model, step_model, optimizers, batches(), cfg, 1.0, step, world_size)
         if ema is not None:
-            ema.update(model)
+            ema.update()
         return loss
 
     losses = []  # device tensors: no sync per step
@@ -101,7 +101,7 @@ def _phases(model, step_model, optimizers, ema, batch, cfg: TrainConfig, device,
 
     parts = {"fwd_bwd": fwd_bwd, "optim": opt}
     if ema is not None:
-        parts["ema"] = lambda: ema.update(model)
+        parts["ema"] = lambda: ema.update()
     out = []
     for name, fn in parts.items():
         fn()
@@ -162,7 +162,9 @@ def _cmd(args: argparse.Namespace) -> int:
     result = run_bench(model_cfg, cfg, args.steps, args.warmup, args.profile_steps, args.top)
     profile, curve = result.pop("profile", None), result.pop("loss_curve")
     print(" ".join(f"{k}:{v}" for k, v in result.items()))
-    print("loss_by_window " + " ".join(f"{end}:{mean:.4f}" for end, mean in window_means(curve)))
+    windows = window_means(curve)
+    print("loss_by_window " + (" ".join(f"{end}:{mean:.4f}" for end, mean in windows) if windows else
+                               f"none (windows are {WINDOW} steps from a fresh model; this run had {len(curve)})"))
     if profile:
         print(profile)
     if args.curve_out:
