@@ -21,7 +21,7 @@ fi
 for f in train.log config.json quantize.log; do
   if [ -f "$run/$f" ]; then cp "$run/$f" "$out/"; fi
 done
-grep -E "^(model|warmup|training_done|final_raw|final_ema|final_prequant|clip_floor|budget|quantized_roundtrip)|Error|error:" \
-  "$out/stdout.txt" | tail -14 || true
+summary="^(model|warmup|training_done|final_raw|final_ema|final_prequant|clip_floor|budget|quantized_roundtrip)"
+grep -E "$summary|Error|error:" "$out/stdout.txt" | tail -14 || true
 echo "$name exit status $rc"
 exit $rc

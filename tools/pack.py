@@ -103,8 +103,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("settings", nargs="*", metavar="KEY=VALUE",
                    help="QuantConfig, CalibConfig or TrainConfig fields, e.g. CALIB_SEQS=32 DATA_DIR=data/x")
     p.add_argument("--code-bytes", type=int, default=None,
-                   help="code bytes to fit the model under (default: the packed size of submission/train_gpt.py for the "
-                        "checkpoint's model settings)")
+                   help="code bytes to fit the model under (default: the packed size of submission/train_gpt.py "
+                        "for the checkpoint's model settings)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_quantize)
