@@ -10,6 +10,7 @@ COMMAND_MODULES = [
     "tools.data",
     "tools.bench",
     "tools.stats",
+    "tools.ablation",
     "tools.check",
     "tools.size",
     "tools.pack",
