@@ -44,6 +44,16 @@ def test_the_committed_ablation_against_the_record_gives_the_readme_figures(caps
     assert "summary change:EMBED2=True seeds:42,1337 delta_prequant:-0.00473" in text
 
 
+def test_plot_draws_the_deltas_or_says_why_it_cannot(capsys, tmp_path):
+    png = tmp_path / "ablation.png"
+    ablation(capsys, ABLATION, "--baseline", RECORD, "--plot", png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left behind
+    with pytest.raises(SystemExit, match=r"nothing to plot: no run has a baseline .*\(pass --baseline\)"):
+        main(["ablation", str(ABLATION), "--plot", str(tmp_path / "none.png")])
+    assert not (tmp_path / "none.png").exists()
+
+
 def test_without_a_baseline_of_its_seed_a_run_is_compared_with_the_baselines_mean(capsys, tmp_path):
     runs = tmp_path / "runs"
     for name, seed, bpb in (("base1", 1, 1.40), ("base2", 2, 1.42), ("new", 3, 1.39)):

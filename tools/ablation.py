@@ -212,6 +212,10 @@ def run_ablation(args: argparse.Namespace) -> int:
         raise SystemExit(f"pgolf ablation: two baselines share a seed ({sorted(seeds)}): pass one baseline per seed")
     compare(runs, baselines)
     summaries = summarize(runs)
+    if args.plot:
+        from tools.plots import plot_ablation
+        plot_ablation(runs, args.plot, f"Ablation: {', '.join(str(p) for p in args.runs)} against "
+                                       f"{', '.join(str(p) for p in args.baseline)}")
     if args.json:
         print(json.dumps({"baselines": [asdict(b) for b in baselines], "runs": [asdict(r) for r in runs],
                           "summary": [asdict(s) for s in summaries]}, indent=1))
@@ -224,7 +228,7 @@ def run_ablation(args: argparse.Namespace) -> int:
 def _main(args: argparse.Namespace) -> int:
     try:
         return run_ablation(args)
-    except ResultFormatError as err:
+    except (ResultFormatError, ValueError) as err:
         raise SystemExit(f"pgolf ablation: {err}") from None
 
 
@@ -241,4 +245,6 @@ def add_commands(subparsers) -> None:
     out = parser.add_mutually_exclusive_group()
     out.add_argument("--markdown", action="store_true", help="a Markdown table (for a README or a closing note)")
     out.add_argument("--json", action="store_true", help="every figure as JSON")
+    parser.add_argument("--plot", type=Path, metavar="PNG",
+                        help="also draw each change's per-seed deltas (before and after int6) into this PNG")
     parser.set_defaults(func=_main)

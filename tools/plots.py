@@ -102,3 +102,32 @@ def plot_seed_bpb(results: list[SeedResult], path: Path, title: str, reference_b
     ax.legend(fontsize=8, loc="best")
     ax.set_title(textwrap.fill(title, 64))  # record names are long: the figure is 7 inches wide
     return _save(fig, path)
+
+
+def plot_ablation(runs, path: Path, title: str) -> Path:
+    """Per change (rows), each seed's val_bpb difference from its baseline: before quantization (circles) and after
+    int6 (squares), with the per-change mean as a bar. Left of zero is better. `runs`: tools.ablation.AblationRun."""
+    changes = list(dict.fromkeys(r.change for r in runs))
+    if not changes or all(r.delta_prequant is None for r in runs):
+        raise ValueError(f"{path}: nothing to plot: no run has a baseline to be compared with (pass --baseline)")
+    fig = Figure(figsize=(9, 1.2 + 0.55 * len(changes)), layout="constrained")
+    ax = fig.subplots()
+    for row, change in enumerate(changes):
+        group = [r for r in runs if r.change == change]
+        for attr, offset, marker, color in (("delta_prequant", -0.15, "o", "tab:blue"),
+                                            ("delta_int6", 0.15, "s", "tab:orange")):
+            values = [getattr(r, attr) for r in group if getattr(r, attr) is not None]
+            if values:
+                ax.barh(row + offset, np.mean(values), height=0.28, color=color, alpha=0.35)
+                ax.plot(values, [row + offset] * len(values), marker, color=color, ms=5)
+    ax.set_yticks(range(len(changes)), ["\n".join(textwrap.wrap(c, 34)) for c in changes], fontsize=8)
+    ax.invert_yaxis()
+    ax.axvline(0, color="black", lw=0.8)
+    ax.use_sticky_edges = False  # bars stick the axis to 0; a point at 0 would be cut in half
+    ax.margins(x=0.06)
+    ax.set_xlabel("val_bpb minus the same seed's baseline (left is better)")
+    ax.plot([], [], "o", color="tab:blue", label="before quantization (kept weights)")
+    ax.plot([], [], "s", color="tab:orange", label="after int6, fitted to 16 MB")
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=10)
+    return _save(fig, path)
