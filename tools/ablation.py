@@ -70,7 +70,8 @@ def parse_run(path: Path, name: str | None = None) -> AblationRun:
                     figures[key] = dict(KEY_VALUE.findall(rest))
     if "training_done" not in figures or "final_prequant" not in figures:
         raise ResultFormatError(source, "no `training_done` and `final_prequant` lines",
-                                "the run did not finish training; pass a finished run (or re-run it)")
+                                "the run did not finish training, or the log is not the kit trainer's; pass a "
+                                "finished kit run (or re-run it)")
     if seed is None:
         seed = int(settings.get("seed", 1337))
     done, quant = figures["training_done"], figures.get("quantized_roundtrip_exact")
