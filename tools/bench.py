@@ -20,7 +20,7 @@ from submission.train import (EMA, H100_BF16_PEAK_FLOPS, configure_cuda, matmul_
 
 
 def run_bench(model_cfg: ModelConfig, cfg: TrainConfig, steps: int, warmup: int, profile_steps: int,
-              top: int = 10) -> dict:
+              top: int = 10, trace: str | None = None) -> dict:
     rank, world_size, device = setup_distributed()
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
@@ -75,12 +75,50 @@ def run_bench(model_cfg: ModelConfig, cfg: TrainConfig, steps: int, warmup: int,
             [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with torch.profiler.profile(activities=activities) as prof:
             for step in range(profile_steps):
-                train_step(model, step_model, optimizers, batches(), cfg, 1.0, step, world_size)
+                full_step(warmup + steps + step)
             sync()
         # self time: a compiled graph's wrapper ops would otherwise head the table with their children's time
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        result["profile"] = prof.key_averages().table(sort_by=sort, row_limit=top, max_name_column_width=70)
+        averages = prof.key_averages()
+        result["profile"] = averages.table(sort_by=sort, row_limit=top, max_name_column_width=70)
+        kinds = gpu_ms_by_kind(((e.key, e.self_device_time_total) for e in averages
+                                if e.device_type == torch.autograd.DeviceType.CUDA), profile_steps)
+        if kinds:
+            result["gpu_ms_by_kind"] = ",".join(f"{k}={v:.2f}" for k, v in kinds.items())
+        if trace:
+            prof.export_chrome_trace(trace)
     return result
+
+
+# Kernel name fragments -> kind, first match wins (lower case). cuDNN's attention kernels say "sdpa"/"fmha"/"flash";
+# cuBLAS's H100 GEMMs are "nvjet"/"sm90_xmma"/"cutlass"; Inductor's fused kernels are "triton_poi" (pointwise),
+# "triton_red"/"triton_per" (reductions), its matrix-product templates "triton_tem".
+KERNEL_KINDS = (
+    ("attention", ("sdpa", "fmha", "flash", "attention")),
+    ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "triton_tem", "matmul")),
+    ("optimizer", ("multi_tensor_apply", "foreach", "adam", "lerp")),
+    ("pointwise", ("triton_poi",)),
+    ("reduction", ("triton_red", "triton_per")),
+    ("copy", ("memcpy", "memset")),
+    ("aten_elementwise", ("elementwise_kernel", "reduce_kernel", "fill", "copy", "cat")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, frags in KERNEL_KINDS if any(f in low for f in frags)), "other")
+
+
+def gpu_ms_by_kind(kernels, steps: int) -> dict[str, float]:
+    """GPU ms per step by kernel kind from (kernel name, self device time in us) pairs, largest first, with the
+    total last."""
+    totals: dict[str, float] = {}
+    for name, us in kernels:
+        totals[kernel_kind(name)] = totals.get(kernel_kind(name), 0.0) + us / 1000 / steps
+    out = dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+    if out:
+        out["total"] = sum(totals.values())
+    return out
 
 
 def _phases(model, step_model, optimizers, ema, batch, cfg: TrainConfig, device, sync, n: int) -> str:
@@ -159,7 +197,9 @@ def _cmd(args: argparse.Namespace) -> int:
     reference = read_curve(args.against) if args.against else None  # a bad file fails before the bench runs
     for line in resolve(model_cfg, cfg, cli=dict(a.split("=", 1) for a in args.overrides)):
         print(f"override {line}")
-    result = run_bench(model_cfg, cfg, args.steps, args.warmup, args.profile_steps, args.top)
+    if args.trace and not args.profile_steps:
+        raise ValueError("--trace needs --profile-steps > 0 (the trace is the profiled steps')")
+    result = run_bench(model_cfg, cfg, args.steps, args.warmup, args.profile_steps, args.top, args.trace)
     profile, curve = result.pop("profile", None), result.pop("loss_curve")
     print(" ".join(f"{k}:{v}" for k, v in result.items()))
     windows = window_means(curve)
@@ -198,6 +238,8 @@ def add_commands(sub) -> None:
     p.add_argument("--profile-steps", type=int, default=3, help="steps under torch.profiler for the op table "
                                                                  "(0: no profile)")
     p.add_argument("--top", type=int, default=10, help="rows of the op table, by self GPU time (default 10)")
+    p.add_argument("--trace", metavar="JSON", help="write the profiled steps as a Chrome trace (open in "
+                                                   "chrome://tracing or ui.perfetto.dev)")
     p.add_argument("--curve-out", metavar="JSON", help="write the figures and the per-step loss curve here")
     p.add_argument("--against", metavar="JSON", help="compare this run's loss curve, 50-step window by window, with "
                                                      "one written by --curve-out (exit 1 if shifted)")
