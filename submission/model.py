@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from submission import kernels
 from submission.config import ModelConfig, packed
 
 try:  # FA3 (Hopper) when installed; otherwise torch SDPA
@@ -27,6 +28,13 @@ def fake_quant(w: Tensor, bits: int) -> Tensor:
     scale = w.detach().abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / qmax
     q = (w / scale).round().clamp(-qmax, qmax) * scale
     return w + (q - w).detach()
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding; on the GPU through kernels.embedding (a sort-based backward, steady under torch.compile)."""
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return kernels.embedding(self.weight, idx) if kernels.available(idx) else super().forward(idx)
 
 
 class CastedLinear(nn.Linear):
@@ -83,8 +91,15 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 def remove_self_value(y: Tensor, v: Tensor) -> Tensor:
     """XSA: subtract from each head's output its projection on the normalized value vector of the same position.
 
-    y [B, T, H, D], v [B, T, Hkv, D]; query heads are grouped onto their KV head without repeating v.
+    y [B, T, H, D], v [B, T, Hkv, D]; query heads are grouped onto their KV head without repeating v. On the GPU one
+    Triton pass (submission/kernels.py) replaces the three Inductor made of this reference.
     """
+    if kernels.available(y, y.size(-1)):
+        return kernels.xsa(y, v)
+    return xsa_reference(y, v)
+
+
+def xsa_reference(y: Tensor, v: Tensor) -> Tensor:
     B, T, H, D = y.shape
     hkv = v.size(2)
     yg = y.reshape(B, T, hkv, H // hkv, D)
@@ -115,16 +130,20 @@ class Attention(nn.Module):
         if value_embed is not None:
             v = v + value_embed
         v = v.view(B, T, cfg.num_kv_heads, cfg.head_dim)
-        if cfg.qk_norm:
-            q, k = rms_norm(q), rms_norm(k)
-        if cfg.rope_dims:
-            cos, sin = rope[0][:, :T], rope[1][:, :T]
-            q = apply_partial_rope(q, cos, sin, cfg.rope_dims)
-            k = apply_partial_rope(k, cos, sin, cfg.rope_dims)
-        if key_shift is not None:
-            k = key_shift(k)
-        q = q * self.q_gain.to(q.dtype)[None, None, :, None]
-        y = causal_attention(q, k, v)
+        if cfg.qk_norm and cfg.rope_dims and key_shift is None and _fa3 is None and kernels.available(q, cfg.head_dim):
+            # the lines below and the K/V repeat for SDPA in one Triton pass (Inductor made seven of them)
+            y = causal_attention(*kernels.qkv_prep(q, k, v, self.q_gain, rope[0][0, :T, 0], rope[1][0, :T, 0]))
+        else:
+            if cfg.qk_norm:
+                q, k = rms_norm(q), rms_norm(k)
+            if cfg.rope_dims:
+                cos, sin = rope[0][:, :T], rope[1][:, :T]
+                q = apply_partial_rope(q, cos, sin, cfg.rope_dims)
+                k = apply_partial_rope(k, cos, sin, cfg.rope_dims)
+            if key_shift is not None:
+                k = key_shift(k)
+            q = q * self.q_gain.to(q.dtype)[None, None, :, None]
+            y = causal_attention(q, k, v)
         if self.xsa:
             y = remove_self_value(y, v)
         return self.c_proj(y.reshape(B, T, -1))
@@ -179,7 +198,7 @@ class BigramHash(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.buckets, self.bos_id = cfg.bigram_buckets, cfg.bos_id
-        self.table = nn.Embedding(cfg.bigram_buckets, cfg.bigram_dim)
+        self.table = Embedding(cfg.bigram_buckets, cfg.bigram_dim)
         nn.init.zeros_(self.table.weight)
         self.proj = CastedLinear(cfg.bigram_dim, cfg.model_dim)
         self.scale = nn.Parameter(torch.tensor(0.05))
@@ -227,14 +246,14 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.model_dim
-        self.tok_emb = nn.Embedding(cfg.vocab_size, d)
+        self.tok_emb = Embedding(cfg.vocab_size, d)
         nn.init.normal_(self.tok_emb.weight, std=0.005)
         self.bigram = BigramHash(cfg) if cfg.bigram_buckets else None
         self.smear = SmearGate(cfg) if cfg.smear_gate else None
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         kv_dim = cfg.num_kv_heads * cfg.head_dim
         if cfg.value_embed_last_n:
-            self.value_embed = nn.Embedding(cfg.vocab_size, cfg.value_embed_dim)
+            self.value_embed = Embedding(cfg.vocab_size, cfg.value_embed_dim)
             nn.init.normal_(self.value_embed.weight, std=0.01)
             self.value_proj = CastedLinear(cfg.value_embed_dim, kv_dim)
             self.value_scales = nn.Parameter(torch.full((cfg.value_embed_last_n,), 0.1))
@@ -247,7 +266,7 @@ class GPT(nn.Module):
         self.lm_head = None if cfg.tie_embeddings else CastedLinear(d, cfg.vocab_size)
         # Second token embedding (the speedrun's): its rows are mixed in before block i x embed2_weights[i], per
         # channel; the weights start at zero, so the model starts as if it had none and their gradient switches it on.
-        self.embed2 = nn.Embedding(cfg.vocab_size, d) if cfg.embed2 else None
+        self.embed2 = Embedding(cfg.vocab_size, d) if cfg.embed2 else None
         if self.embed2 is not None:
             nn.init.normal_(self.embed2.weight, std=0.005)
             self.embed2_weights = nn.Parameter(torch.zeros(cfg.num_layers, d))

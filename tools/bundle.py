@@ -222,7 +222,11 @@ class _Strip(ast.NodeTransformer):
 
     def _function(self, node):
         # Function annotations are never evaluated under `from __future__ import annotations` (the kit's style);
-        # class-level annotations stay: dataclasses and typing.get_type_hints read them.
+        # class-level annotations stay: dataclasses and typing.get_type_hints read them. So do a decorated
+        # function's: a decorator may read the signature (Triton's jit: tl.constexpr; torch.library.custom_op: the
+        # op's schema).
+        if node.decorator_list:
+            return self.generic_visit(node)
         node.returns = None
         args = node.args
         for a in [*args.posonlyargs, *args.args, *args.kwonlyargs, *filter(None, [args.vararg, args.kwarg])]:

@@ -1,0 +1,289 @@
+"""Fused Triton kernels for the GPU training step, as torch.library custom ops (torch.compile keeps them whole).
+
+Each computes what model.py computes without it (the CPU, and a machine without Triton, run that reference):
+xsa = model.xsa_reference, qkv_prep = Attention's q/k RMSNorm + partial RoPE + q gain + the K/V repeat for SDPA, and
+embedding = F.embedding with ATen's sort-based backward. tests/test_kernels.py runs the Triton code through Triton's
+interpreter on the CPU, and compiled in bf16 on a GPU.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+
+def available(x: Tensor, head_dim: int = 64) -> bool:
+    """Whether the kernels run for tensors like x: on a CUDA device with Triton, heads of a power-of-two size."""
+    return triton is not None and x.is_cuda and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
+if triton is not None:
+    @triton.jit
+    def _xsa_fwd(Y, V, O, T, N, syb, syt, syh, svb, svt, svh, G: tl.constexpr, D: tl.constexpr,
+                 BLOCK: tl.constexpr):
+        # One program: BLOCK tokens x one KV head and its G query heads. u = v/|v|; o = y - (y.u) u, in fp32.
+        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        kv = tl.program_id(1)
+        mask = (rows < N)[:, None]
+        b, t, d = rows // T, rows % T, tl.arange(0, D)
+        v = tl.load(V + (b * svb + t * svt + kv * svh)[:, None] + d[None, :], mask=mask).to(tl.float32)
+        u = v * tl.rsqrt(tl.sum(v * v, 1) + 1e-24)[:, None]
+        for g in tl.static_range(G):
+            h = kv * G + g
+            y = tl.load(Y + (b * syb + t * syt + h * syh)[:, None] + d[None, :], mask=mask).to(tl.float32)
+            o = y - tl.sum(y * u, 1)[:, None] * u
+            tl.store(O + (rows * (tl.num_programs(1) * G) + h)[:, None] * D + d[None, :], o.to(O.dtype.element_ty),
+                     mask=mask)
+
+    @triton.jit
+    def _xsa_bwd(Y, V, GO, GY, GV, T, N, syb, syt, syh, svb, svt, svh, G: tl.constexpr, D: tl.constexpr,
+                 BLOCK: tl.constexpr):
+        # dy = g - (g.u) u;  du = -sum over the G heads of ((y.u) g + (g.u) y);  dv = (du - (du.u) u) / |v|
+        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        kv, hkv = tl.program_id(1), tl.num_programs(1)
+        mask = (rows < N)[:, None]
+        b, t, d = rows // T, rows % T, tl.arange(0, D)
+        v = tl.load(V + (b * svb + t * svt + kv * svh)[:, None] + d[None, :], mask=mask).to(tl.float32)
+        inv = tl.rsqrt(tl.sum(v * v, 1) + 1e-24)[:, None]
+        u = v * inv
+        du = tl.zeros((BLOCK, D), tl.float32)
+        for g in tl.static_range(G):
+            h = kv * G + g
+            y = tl.load(Y + (b * syb + t * syt + h * syh)[:, None] + d[None, :], mask=mask).to(tl.float32)
+            at = (rows * (hkv * G) + h)[:, None] * D + d[None, :]
+            go = tl.load(GO + at, mask=mask).to(tl.float32)
+            s, r = tl.sum(y * u, 1)[:, None], tl.sum(go * u, 1)[:, None]
+            tl.store(GY + at, (go - r * u).to(GY.dtype.element_ty), mask=mask)
+            du -= s * go + r * y
+        dv = (du - tl.sum(du * u, 1)[:, None] * u) * inv
+        tl.store(GV + (rows * hkv + kv)[:, None] * D + d[None, :], dv.to(GV.dtype.element_ty), mask=mask)
+
+
+    @triton.jit
+    def _rope_index(d, HALF: tl.constexpr, R: tl.constexpr):
+        # z_d = n_d cos_j + sign_d n_partner(d) sin_j over the first R dims (j = d mod R/2); cos 1, sin 0 beyond R
+        partner = tl.where(d < HALF, d + HALF, tl.where(d < R, d - HALF, d))
+        sign = tl.where(d < HALF, -1.0, tl.where(d < R, 1.0, 0.0))
+        return partner, sign
+
+    @triton.jit
+    def _qkv_fwd(Q, K, V, GAIN, COS, SIN, QO, KO, VO, T, N, EPS, G: tl.constexpr, D: tl.constexpr,
+                 R: tl.constexpr, BLOCK: tl.constexpr):
+        # One program: BLOCK tokens x one KV head. q: rms_norm, rope, gain; k: rms_norm, rope, written to its G query
+        # heads' slots; v: copied to them. Inputs [N, heads, D] contiguous, outputs [N, H, D].
+        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        kv, hkv = tl.program_id(1), tl.num_programs(1)
+        mask = (rows < N)[:, None]
+        d = tl.arange(0, D)
+        partner, sign = _rope_index(d, R // 2, R)
+        t = (rows % T)[:, None]
+        c = tl.load(COS + t * (R // 2) + d[None, :] % (R // 2), mask=mask & (d[None, :] < R), other=1.0)
+        sn = tl.load(SIN + t * (R // 2) + d[None, :] % (R // 2), mask=mask & (d[None, :] < R), other=0.0) * sign
+        H = hkv * G
+        k_at = (rows * hkv + kv)[:, None] * D
+        k = tl.load(K + k_at + d[None, :], mask=mask).to(tl.float32)
+        kp = tl.load(K + k_at + partner[None, :], mask=mask).to(tl.float32)
+        kz = (k * c + kp * sn) * tl.rsqrt(tl.sum(k * k, 1) / D + EPS)[:, None]
+        v = tl.load(V + k_at + d[None, :], mask=mask)
+        for g in tl.static_range(G):
+            h = kv * G + g
+            at = (rows * H + h)[:, None] * D
+            q = tl.load(Q + at + d[None, :], mask=mask).to(tl.float32)
+            qp = tl.load(Q + at + partner[None, :], mask=mask).to(tl.float32)
+            qz = (q * c + qp * sn) * (tl.rsqrt(tl.sum(q * q, 1) / D + EPS) * tl.load(GAIN + h))[:, None]
+            tl.store(QO + at + d[None, :], qz.to(QO.dtype.element_ty), mask=mask)
+            tl.store(KO + at + d[None, :], kz.to(KO.dtype.element_ty), mask=mask)
+            tl.store(VO + at + d[None, :], v, mask=mask)
+
+    @triton.jit
+    def _norm_rope_bwd(X, at, dz, dzp, c, sn, partner, d, mask, EPS, D: tl.constexpr):
+        # x -> n = x r (r = rsqrt(mean x^2 + eps)) -> z = rope(n): dn = rope^T(dz), dx = r (dn - n mean(dn n)).
+        # rope^T: z_d = n_d c_d + sign_d n_p(d) s_d and sign_p(d) = -sign_d, so dn_d = dz_d c_d - sign_d s_d dz_p(d).
+        x = tl.load(X + at + d[None, :], mask=mask).to(tl.float32)
+        r = tl.rsqrt(tl.sum(x * x, 1) / D + EPS)[:, None]
+        dn = dz * c - dzp * sn
+        n = x * r
+        return r * (dn - n * (tl.sum(dn * n, 1) / D)[:, None])
+
+    @triton.jit
+    def _qkv_bwd(Q, K, GAIN, COS, SIN, GQO, GKO, GVO, GQ, GK, GV, GGAIN, T, N, EPS, G: tl.constexpr,
+                 D: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        kv, hkv = tl.program_id(1), tl.num_programs(1)
+        mask = (rows < N)[:, None]
+        d = tl.arange(0, D)
+        partner, sign = _rope_index(d, R // 2, R)
+        t = (rows % T)[:, None]
+        c = tl.load(COS + t * (R // 2) + d[None, :] % (R // 2), mask=mask & (d[None, :] < R), other=1.0)
+        sn = tl.load(SIN + t * (R // 2) + d[None, :] % (R // 2), mask=mask & (d[None, :] < R), other=0.0) * sign
+        H = hkv * G
+        dk = tl.zeros((BLOCK, D), tl.float32)
+        dkp = tl.zeros((BLOCK, D), tl.float32)
+        dv = tl.zeros((BLOCK, D), tl.float32)
+        for g in tl.static_range(G):
+            h = kv * G + g
+            at = (rows * H + h)[:, None] * D
+            dk += tl.load(GKO + at + d[None, :], mask=mask).to(tl.float32)
+            dkp += tl.load(GKO + at + partner[None, :], mask=mask).to(tl.float32)
+            dv += tl.load(GVO + at + d[None, :], mask=mask).to(tl.float32)
+            gain = tl.load(GAIN + h)
+            do = tl.load(GQO + at + d[None, :], mask=mask).to(tl.float32)
+            dop = tl.load(GQO + at + partner[None, :], mask=mask).to(tl.float32)
+            dq = _norm_rope_bwd(Q, at, do * gain, dop * gain, c, sn, partner, d, mask, EPS, D)
+            tl.store(GQ + at + d[None, :], dq.to(GQ.dtype.element_ty), mask=mask)
+            # d gain_h = sum of dout * z (z before the gain), this program's part
+            q = tl.load(Q + at + d[None, :], mask=mask).to(tl.float32)
+            qp = tl.load(Q + at + partner[None, :], mask=mask).to(tl.float32)
+            z = (q * c + qp * sn) * tl.rsqrt(tl.sum(q * q, 1) / D + EPS)[:, None]
+            tl.store(GGAIN + tl.program_id(0) * H + h, tl.sum(tl.sum(do * z, 1), 0))
+        k_at = (rows * hkv + kv)[:, None] * D
+        dkx = _norm_rope_bwd(K, k_at, dk, dkp, c, sn, partner, d, mask, EPS, D)
+        tl.store(GK + k_at + d[None, :], dkx.to(GK.dtype.element_ty), mask=mask)
+        tl.store(GV + k_at + d[None, :], dv.to(GV.dtype.element_ty), mask=mask)
+
+
+def _launch(kernel, y: Tensor, v: Tensor, *outs_and_grads: Tensor) -> None:
+    B, T, H, D = y.shape
+    hkv, block = v.size(2), 64
+    grid = (triton.cdiv(B * T, block), hkv)
+    kernel[grid](y, v, *outs_and_grads, T, B * T, y.stride(0), y.stride(1), y.stride(2), v.stride(0), v.stride(1),
+                 v.stride(2), G=H // hkv, D=D, BLOCK=block, num_warps=4)
+
+
+QKV_BLOCK = 32
+RMS_EPS = torch.finfo(torch.float32).eps  # F.rms_norm's default for bf16 and fp32 inputs (it normalizes in fp32)
+
+
+def _launch_qkv(kernel, q: Tensor, k: Tensor, cos: Tensor, args: tuple) -> None:
+    B, T, H, D = q.shape
+    hkv = k.size(2)
+    grid = (triton.cdiv(B * T, QKV_BLOCK), hkv)
+    kernel[grid](q, k, *args, T, B * T, RMS_EPS, G=H // hkv, D=D, R=2 * cos.size(-1), BLOCK=QKV_BLOCK, num_warps=4)
+
+
+def _define_ops() -> None:
+    """The custom ops and their backward ops (register_autograd). Defined once per process: a packed program run in
+    a process that imported the kit finds them defined."""
+
+    @torch.library.custom_op("pgolf::xsa", mutates_args=())
+    def xsa(y: Tensor, v: Tensor) -> Tensor:
+        y, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (y, v))
+        out = torch.empty(y.shape, dtype=y.dtype, device=y.device)
+        _launch(_xsa_fwd, y, v, out)
+        return out
+
+    @xsa.register_fake
+    def _(y: Tensor, v: Tensor) -> Tensor:
+        return torch.empty(y.shape, dtype=y.dtype, device=y.device)
+
+    @torch.library.custom_op("pgolf::xsa_backward", mutates_args=())
+    def xsa_backward(y: Tensor, v: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
+        y, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (y, v))
+        gy, gv = torch.empty(y.shape, dtype=y.dtype, device=y.device), torch.empty_like(v, memory_format=
+                                                                                           torch.contiguous_format)
+        _launch(_xsa_bwd, y, v, grad.contiguous(), gy, gv)
+        return gy, gv
+
+    @xsa_backward.register_fake
+    def _(y: Tensor, v: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
+        return (torch.empty(y.shape, dtype=y.dtype, device=y.device),
+                torch.empty_like(v, memory_format=torch.contiguous_format))
+
+    def setup(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
+
+    xsa.register_autograd(lambda ctx, grad: torch.ops.pgolf.xsa_backward(*ctx.saved_tensors, grad),
+                          setup_context=setup)
+
+    def heads(q: Tensor) -> Tensor:
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+    @torch.library.custom_op("pgolf::qkv_prep", mutates_args=())
+    def qkv_prep(q: Tensor, k: Tensor, v: Tensor, gain: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor,
+                                                                                                       Tensor]:
+        q, k, v, cos, sin = (x.contiguous() for x in (q, k, v, cos, sin))
+        out = heads(q), heads(q), heads(q)
+        _launch_qkv(_qkv_fwd, q, k, cos, (v, gain, cos, sin, *out))
+        return out
+
+    @qkv_prep.register_fake
+    def _(q, k, v, gain, cos, sin):
+        return heads(q), heads(q), heads(q)
+
+    @torch.library.custom_op("pgolf::qkv_prep_backward", mutates_args=())
+    def qkv_prep_backward(q: Tensor, k: Tensor, gain: Tensor, cos: Tensor, sin: Tensor, gq: Tensor, gk: Tensor,
+                          gv: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        cos, sin = cos.contiguous(), sin.contiguous()
+        dq, dk, dv = heads(q), heads(k), heads(k)
+        blocks = triton.cdiv(q.size(0) * q.size(1), QKV_BLOCK)
+        dgain = torch.empty(blocks, q.size(2), dtype=torch.float32, device=q.device)
+        _launch_qkv(_qkv_bwd, q, k, cos, (gain, cos, sin, gq.contiguous(), gk.contiguous(), gv.contiguous(), dq, dk,
+                                          dv, dgain))
+        return dq, dk, dv, dgain.sum(0).to(gain.dtype)
+
+    @qkv_prep_backward.register_fake
+    def _(q, k, gain, cos, sin, gq, gk, gv):
+        return heads(q), heads(k), heads(k), torch.empty_like(gain)
+
+    def setup_qkv(ctx, inputs, output) -> None:
+        q, k, v, gain, cos, sin = inputs
+        ctx.save_for_backward(q, k, gain, cos, sin)
+
+    def backward_qkv(ctx, gq, gk, gv):
+        dq, dk, dv, dgain = torch.ops.pgolf.qkv_prep_backward(*ctx.saved_tensors, gq, gk, gv)
+        return dq, dk, dv, dgain, None, None
+
+    qkv_prep.register_autograd(backward_qkv, setup_context=setup_qkv)
+
+    @torch.library.custom_op("pgolf::embedding", mutates_args=())
+    def embedding(weight: Tensor, idx: Tensor) -> Tensor:
+        return F.embedding(idx, weight)
+
+    @embedding.register_fake
+    def _(weight, idx):
+        return weight.new_empty((*idx.shape, weight.size(1)))
+
+    @torch.library.custom_op("pgolf::embedding_backward", mutates_args=())
+    def embedding_backward(grad: Tensor, idx: Tensor, rows: int) -> Tensor:
+        return torch.ops.aten.embedding_dense_backward(grad, idx, rows, -1, False)
+
+    @embedding_backward.register_fake
+    def _(grad, idx, rows):
+        return grad.new_empty((rows, grad.size(-1)))
+
+    def setup_embedding(ctx, inputs, output) -> None:
+        ctx.rows = inputs[0].size(0)
+        ctx.save_for_backward(inputs[1])
+
+    embedding.register_autograd(
+        lambda ctx, grad: (torch.ops.pgolf.embedding_backward(grad, ctx.saved_tensors[0], ctx.rows), None),
+        setup_context=setup_embedding)
+
+
+if not hasattr(torch.ops.pgolf, "xsa"):
+    _define_ops()
+
+
+def xsa(y: Tensor, v: Tensor) -> Tensor:
+    """model.remove_self_value in one pass over y and v (and one for the backward): y [B, T, H, D] with unit stride
+    in D (SDPA's output as is), v [B, T, Hkv, D]; fp32 arithmetic, output in y's dtype, contiguous."""
+    return torch.ops.pgolf.xsa(y, v)
+
+
+def qkv_prep(q: Tensor, k: Tensor, v: Tensor, gain: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """What Attention does to q, k, v before SDPA, in one pass (and one for the backward): rms_norm of q and k,
+    partial RoPE (cos/sin [T, rope_dims/2] fp32), q times the per-head gain, k and v repeated to the query heads.
+    q [B, T, H, D], k/v [B, T, Hkv, D] -> three [B, T, H, D]; fp32 arithmetic, outputs in q's dtype."""
+    return torch.ops.pgolf.qkv_prep(q, k, v, gain, cos, sin)
+
+
+def embedding(weight: Tensor, idx: Tensor) -> Tensor:
+    """F.embedding whose backward is ATen's (sort, then sum each row's gradients) instead of Inductor's atomic
+    scatter-add, which measured 0.39 to 4.65 ms per P1 step for the same table as fusions around it changed (H100)."""
+    return torch.ops.pgolf.embedding(weight, idx)
