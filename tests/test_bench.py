@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import sys
 
 import pytest
 
@@ -29,6 +30,7 @@ def _variants():
     path = Path(__file__).resolve().parents[1] / "scripts" / "bench_variants.py"
     spec = importlib.util.spec_from_file_location("bench_variants", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_variants"] = module  # torch.compile looks a traced function's module up by name
     spec.loader.exec_module(module)
     return module
 
@@ -120,3 +122,59 @@ def test_bench_cli_writes_a_curve_and_checks_another_against_it(tmp_path, capsys
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match=r"bad\.json: not a `pgolf bench --curve-out` file"):
         bench("--against", str(tmp_path / "bad.json"))
+
+
+def test_qat_flag_variant_computes_the_buffer_blend_and_recompiles_on_toggle(monkeypatch):
+    """The qat_flag candidate must compute what the qat_mix blend computes in both states, and a compiled model must
+    change its forward when QAT is switched (the dead-QAT bug a flag could bring back if nothing guarded on it)."""
+    import torch
+
+    from submission import model
+    v = _variants()
+    torch.manual_seed(0)
+    lin, x = model.CastedLinear(16, 8), torch.randn(4, 16)
+    with torch.no_grad():
+        lin.weight.mul_(3)  # coarse enough that int6 rounding moves the output
+        ref_off = lin(x)
+        lin.qat_mix.fill_(1.0)
+        ref_on = lin(x)
+        lin.qat_mix.fill_(0.0)
+    monkeypatch.setattr(model.CastedLinear, "forward", v.casted_linear_flag)
+    monkeypatch.setattr(model.GPT, "set_qat", v.set_qat_flag)
+    with torch.no_grad():
+        assert torch.equal(lin(x), ref_off)
+        lin.qat_on = True
+        assert torch.equal(lin(x), ref_on) and not torch.equal(ref_on, ref_off)
+    net = model.GPT(model.ModelConfig(num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, xsa_last_n=2,
+                                      rope_dims=4, vocab_size=64, bigram_buckets=16, bigram_dim=8, value_embed_dim=8))
+    for block in net.blocks:  # nonzero output projections, so the blocks' quantization reaches the loss
+        torch.nn.init.normal_(block.mlp.c_proj.weight, std=0.1)
+    compiled = torch.compile(net, backend="aot_eager")
+    idx = torch.randint(0, 64, (1, 12))
+    with torch.no_grad():
+        base = compiled(idx, idx)
+        net.set_qat(True)
+        on = compiled(idx, idx)
+        net.set_qat(False)
+        back = compiled(idx, idx)
+    assert not torch.equal(base, on) and torch.equal(base, back)
+
+
+def test_gpu_time_is_summed_by_kernel_kind_per_step():
+    from tools.bench import gpu_ms_by_kind, kernel_kind
+    names = {
+        "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_3_64x128x64": "attention",
+        "nvjet_tst_256x128_64x4_1x2_h_bz_coopA_NNT": "matmul",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "matmul",
+        "triton_poi_fused__to_copy_add_mul_rms_norm_12": "pointwise",
+        "triton_red_fused__to_copy_add_mul_rms_norm_sum_7": "reduction",
+        "triton_per_fused_cross_entropy_3": "reduction",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<...>": "optimizer",
+        "Memcpy HtoD (Pageable -> Device)": "copy",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>": "aten_elementwise",
+        "some_custom_kernel": "other",
+    }
+    assert {n: kernel_kind(n) for n in names} == names
+    kinds = gpu_ms_by_kind([("nvjet_a", 3000.0), ("triton_poi_x", 1000.0), ("nvjet_b", 1000.0)], steps=2)
+    assert kinds == {"matmul": 2.0, "pointwise": 0.5, "total": 2.5} and list(kinds)[0] == "matmul"
+    assert gpu_ms_by_kind([], steps=2) == {}
