@@ -14,8 +14,11 @@ def test_bench_reports_throughput_phases_and_an_op_table(tmp_path):
     model_cfg = ModelConfig(num_layers=2, model_dim=64, num_heads=2, num_kv_heads=1, xsa_last_n=2, rope_dims=8,
                             bigram_buckets=64, bigram_dim=16, value_embed_dim=16)
     cfg = TrainConfig(seq_len=64, train_batch_tokens=256, micro_batch_tokens=128, data_dir=str(tmp_path))
-    result = run_bench(model_cfg, cfg, steps=3, warmup=1, profile_steps=1, top=4)
+    result = run_bench(model_cfg, cfg, steps=3, warmup=1, profile_steps=1, top=4, trace=str(tmp_path / "t.json"))
     assert result["data"] == "random tokens" and result["steps"] == 3  # no shards in tmp_path
+    import json
+    events = json.loads((tmp_path / "t.json").read_text())["traceEvents"]
+    assert any(e.get("name") == "aten::mm" for e in events)  # the profiled step's ops, readable by Perfetto
     assert result["tokens_per_s"] > 0 and result["ms_per_step"] > 0
     assert abs(result["tokens_per_s"] * result["ms_per_step"] / 1000 - 256) < 1  # tokens per step
     phases = dict(p.split("=") for p in result["phases_ms"].split(","))
