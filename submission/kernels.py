@@ -219,7 +219,7 @@ def _define_ops() -> None:
     @torch.library.custom_op("pgolf::qkv_prep_backward", mutates_args=())
     def qkv_prep_backward(q: Tensor, k: Tensor, gain: Tensor, cos: Tensor, sin: Tensor, gq: Tensor, gk: Tensor,
                           gv: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        cos, sin = cos.contiguous(), sin.contiguous()
+        q, k, cos, sin = (x.contiguous() for x in (q, k, cos, sin))  # the kernels index them flat
         dq, dk, dv = heads(q), heads(k), heads(k)
         blocks = triton.cdiv(q.size(0) * q.size(1), QKV_BLOCK)
         dgain = torch.empty(blocks, q.size(2), dtype=torch.float32, device=q.device)
