@@ -66,11 +66,23 @@ if triton is not None:
 
 
     @triton.jit
-    def _rope_index(d, HALF: tl.constexpr, R: tl.constexpr):
-        # z_d = n_d cos_j + sign_d n_partner(d) sin_j over the first R dims (j = d mod R/2); cos 1, sin 0 beyond R
+    def _rope(COS, SIN, rows, T, mask, d, R: tl.constexpr):
+        # z_d = n_d cos_j + sign_d n_partner(d) sin_j over the first R dims (j = d mod R/2); cos 1, sin 0 beyond R.
+        # Returns partner, cos and sign * sin, each [BLOCK, D] (partner [D]).
+        HALF: tl.constexpr = R // 2
         partner = tl.where(d < HALF, d + HALF, tl.where(d < R, d - HALF, d))
         sign = tl.where(d < HALF, -1.0, tl.where(d < R, 1.0, 0.0))
-        return partner, sign
+        at = (rows % T)[:, None] * HALF + d[None, :] % HALF
+        c = tl.load(COS + at, mask=mask & (d[None, :] < R), other=1.0)
+        sn = tl.load(SIN + at, mask=mask & (d[None, :] < R), other=0.0) * sign
+        return partner, c, sn
+
+    @triton.jit
+    def _norm_rope(X, at, c, sn, partner, d, mask, EPS, D: tl.constexpr):
+        # rope(rms_norm(x)) of the rows at X + at, in fp32
+        x = tl.load(X + at + d[None, :], mask=mask).to(tl.float32)
+        xp = tl.load(X + at + partner[None, :], mask=mask).to(tl.float32)
+        return (x * c + xp * sn) * tl.rsqrt(tl.sum(x * x, 1) / D + EPS)[:, None]
 
     @triton.jit
     def _qkv_fwd(Q, K, V, GAIN, COS, SIN, QO, KO, VO, T, N, EPS, G: tl.constexpr, D: tl.constexpr,
@@ -81,22 +93,15 @@ if triton is not None:
         kv, hkv = tl.program_id(1), tl.num_programs(1)
         mask = (rows < N)[:, None]
         d = tl.arange(0, D)
-        partner, sign = _rope_index(d, R // 2, R)
-        t = (rows % T)[:, None]
-        c = tl.load(COS + t * (R // 2) + d[None, :] % (R // 2), mask=mask & (d[None, :] < R), other=1.0)
-        sn = tl.load(SIN + t * (R // 2) + d[None, :] % (R // 2), mask=mask & (d[None, :] < R), other=0.0) * sign
+        partner, c, sn = _rope(COS, SIN, rows, T, mask, d, R)
         H = hkv * G
         k_at = (rows * hkv + kv)[:, None] * D
-        k = tl.load(K + k_at + d[None, :], mask=mask).to(tl.float32)
-        kp = tl.load(K + k_at + partner[None, :], mask=mask).to(tl.float32)
-        kz = (k * c + kp * sn) * tl.rsqrt(tl.sum(k * k, 1) / D + EPS)[:, None]
+        kz = _norm_rope(K, k_at, c, sn, partner, d, mask, EPS, D)
         v = tl.load(V + k_at + d[None, :], mask=mask)
         for g in tl.static_range(G):
             h = kv * G + g
             at = (rows * H + h)[:, None] * D
-            q = tl.load(Q + at + d[None, :], mask=mask).to(tl.float32)
-            qp = tl.load(Q + at + partner[None, :], mask=mask).to(tl.float32)
-            qz = (q * c + qp * sn) * (tl.rsqrt(tl.sum(q * q, 1) / D + EPS) * tl.load(GAIN + h))[:, None]
+            qz = _norm_rope(Q, at, c, sn, partner, d, mask, EPS, D) * tl.load(GAIN + h)
             tl.store(QO + at + d[None, :], qz.to(QO.dtype.element_ty), mask=mask)
             tl.store(KO + at + d[None, :], kz.to(KO.dtype.element_ty), mask=mask)
             tl.store(VO + at + d[None, :], v, mask=mask)
@@ -118,10 +123,7 @@ if triton is not None:
         kv, hkv = tl.program_id(1), tl.num_programs(1)
         mask = (rows < N)[:, None]
         d = tl.arange(0, D)
-        partner, sign = _rope_index(d, R // 2, R)
-        t = (rows % T)[:, None]
-        c = tl.load(COS + t * (R // 2) + d[None, :] % (R // 2), mask=mask & (d[None, :] < R), other=1.0)
-        sn = tl.load(SIN + t * (R // 2) + d[None, :] % (R // 2), mask=mask & (d[None, :] < R), other=0.0) * sign
+        partner, c, sn = _rope(COS, SIN, rows, T, mask, d, R)
         H = hkv * G
         dk = tl.zeros((BLOCK, D), tl.float32)
         dkp = tl.zeros((BLOCK, D), tl.float32)
@@ -138,9 +140,7 @@ if triton is not None:
             dq = _norm_rope_bwd(Q, at, do * gain, dop * gain, c, sn, partner, d, mask, EPS, D)
             tl.store(GQ + at + d[None, :], dq.to(GQ.dtype.element_ty), mask=mask)
             # d gain_h = sum of dout * z (z before the gain), this program's part
-            q = tl.load(Q + at + d[None, :], mask=mask).to(tl.float32)
-            qp = tl.load(Q + at + partner[None, :], mask=mask).to(tl.float32)
-            z = (q * c + qp * sn) * tl.rsqrt(tl.sum(q * q, 1) / D + EPS)[:, None]
+            z = _norm_rope(Q, at, c, sn, partner, d, mask, EPS, D)
             tl.store(GGAIN + tl.program_id(0) * H + h, tl.sum(tl.sum(do * z, 1), 0))
         k_at = (rows * hkv + kv)[:, None] * D
         dkx = _norm_rope_bwd(K, k_at, dk, dkp, c, sn, partner, d, mask, EPS, D)

@@ -82,8 +82,7 @@ def run_bench(model_cfg: ModelConfig, cfg: TrainConfig, steps: int, warmup: int,
         averages = prof.key_averages()
         result["profile"] = averages.table(sort_by=sort, row_limit=top, max_name_column_width=70)
         kinds = gpu_ms_by_kind(((e.key, e.self_device_time_total) for e in averages
-                                if e.device_type == torch.autograd.DeviceType.CUDA
-                                and not e.key.startswith(ANNOTATIONS)), profile_steps)
+                                if e.device_type == torch.autograd.DeviceType.CUDA), profile_steps)
         if kinds:
             result["gpu_ms_by_kind"] = ",".join(f"{k}={v:.2f}" for k, v in kinds.items())
         if trace:
@@ -116,9 +115,11 @@ def kernel_kind(name: str) -> str:
 
 def gpu_ms_by_kind(kernels, steps: int) -> dict[str, float]:
     """GPU ms per step by kernel kind from (kernel name, self device time in us) pairs, largest first, with the
-    total last."""
+    total last. Annotation ranges are left out: they span kernels already counted."""
     totals: dict[str, float] = {}
     for name, us in kernels:
+        if name.startswith(ANNOTATIONS):
+            continue
         totals[kernel_kind(name)] = totals.get(kernel_kind(name), 0.0) + us / 1000 / steps
     out = dict(sorted(totals.items(), key=lambda kv: -kv[1]))
     if out:
