@@ -85,26 +85,31 @@ if triton is not None:
         return (x * c + xp * sn) * tl.rsqrt(tl.sum(x * x, 1) / D + EPS)[:, None]
 
     @triton.jit
-    def _qkv_fwd(Q, K, V, GAIN, COS, SIN, QO, KO, VO, T, N, EPS, G: tl.constexpr, D: tl.constexpr,
-                 R: tl.constexpr, BLOCK: tl.constexpr):
-        # One program: BLOCK tokens x one KV head. q: rms_norm, rope, gain; k: rms_norm, rope, written to its G query
-        # heads' slots; v: copied to them. Inputs [N, heads, D] contiguous, outputs [N, H, D].
+    def _qkv_fwd(QKV, VE, GAIN, COS, SIN, QO, KO, VO, VX, T, N, EPS, G: tl.constexpr, D: tl.constexpr,
+                 R: tl.constexpr, HAS_VE: tl.constexpr, BLOCK: tl.constexpr):
+        # One program: BLOCK tokens x one KV head. Input rows [q heads | k heads | v heads] of C = (H + 2 Hkv) D.
+        # q: rms_norm, rope, gain; k: rms_norm, rope, written to its G query heads' slots; v (+ VE): copied to them
+        # and to VX [N, Hkv, D]. Outputs QO, KO, VO [N, H, D].
         rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         kv, hkv = tl.program_id(1), tl.num_programs(1)
         mask = (rows < N)[:, None]
         d = tl.arange(0, D)
         partner, c, sn = _rope(COS, SIN, rows, T, mask, d, R)
         H = hkv * G
-        k_at = (rows * hkv + kv)[:, None] * D
-        kz = _norm_rope(K, k_at, c, sn, partner, d, mask, EPS, D)
-        v = tl.load(V + k_at + d[None, :], mask=mask)
+        row = rows[:, None] * ((H + 2 * hkv) * D)
+        kz = _norm_rope(QKV, row + (H + kv) * D, c, sn, partner, d, mask, EPS, D)
+        v = tl.load(QKV + row + (H + hkv + kv) * D + d[None, :], mask=mask)
+        kv_at = (rows * hkv + kv)[:, None] * D + d[None, :]
+        if HAS_VE:
+            v = (v.to(tl.float32) + tl.load(VE + kv_at, mask=mask).to(tl.float32)).to(v.dtype)
+        tl.store(VX + kv_at, v, mask=mask)
         for g in tl.static_range(G):
             h = kv * G + g
-            at = (rows * H + h)[:, None] * D
-            qz = _norm_rope(Q, at, c, sn, partner, d, mask, EPS, D) * tl.load(GAIN + h)
-            tl.store(QO + at + d[None, :], qz.to(QO.dtype.element_ty), mask=mask)
-            tl.store(KO + at + d[None, :], kz.to(KO.dtype.element_ty), mask=mask)
-            tl.store(VO + at + d[None, :], v, mask=mask)
+            qz = _norm_rope(QKV, row + h * D, c, sn, partner, d, mask, EPS, D) * tl.load(GAIN + h)
+            at = (rows * H + h)[:, None] * D + d[None, :]
+            tl.store(QO + at, qz.to(QO.dtype.element_ty), mask=mask)
+            tl.store(KO + at, kz.to(KO.dtype.element_ty), mask=mask)
+            tl.store(VO + at, v, mask=mask)
 
     @triton.jit
     def _norm_rope_bwd(X, at, dz, dzp, c, sn, partner, d, mask, EPS, D: tl.constexpr):
@@ -117,17 +122,23 @@ if triton is not None:
         return r * (dn - n * (tl.sum(dn * n, 1) / D)[:, None])
 
     @triton.jit
-    def _qkv_bwd(Q, K, GAIN, COS, SIN, GQO, GKO, GVO, GQ, GK, GV, GGAIN, T, N, EPS, G: tl.constexpr,
-                 D: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
+    def _qkv_bwd(QKV, GAIN, COS, SIN, GQO, GKO, GVO, GVX, GQKV, GVE, GGAIN, T, N, EPS, G: tl.constexpr,
+                 D: tl.constexpr, R: tl.constexpr, HAS_GVX: tl.constexpr, HAS_VE: tl.constexpr,
+                 BLOCK: tl.constexpr):
+        # GQKV [N, C] gets dq, dk and dv (dv: the G query heads' gradients + GVX's) in QKV's layout, GVE dv again
         rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         kv, hkv = tl.program_id(1), tl.num_programs(1)
         mask = (rows < N)[:, None]
         d = tl.arange(0, D)
         partner, c, sn = _rope(COS, SIN, rows, T, mask, d, R)
         H = hkv * G
+        row = rows[:, None] * ((H + 2 * hkv) * D)
         dk = tl.zeros((BLOCK, D), tl.float32)
         dkp = tl.zeros((BLOCK, D), tl.float32)
         dv = tl.zeros((BLOCK, D), tl.float32)
+        kv_at = (rows * hkv + kv)[:, None] * D + d[None, :]
+        if HAS_GVX:
+            dv += tl.load(GVX + kv_at, mask=mask).to(tl.float32)
         for g in tl.static_range(G):
             h = kv * G + g
             at = (rows * H + h)[:, None] * D
@@ -137,15 +148,16 @@ if triton is not None:
             gain = tl.load(GAIN + h)
             do = tl.load(GQO + at + d[None, :], mask=mask).to(tl.float32)
             dop = tl.load(GQO + at + partner[None, :], mask=mask).to(tl.float32)
-            dq = _norm_rope_bwd(Q, at, do * gain, dop * gain, c, sn, partner, d, mask, EPS, D)
-            tl.store(GQ + at + d[None, :], dq.to(GQ.dtype.element_ty), mask=mask)
+            dq = _norm_rope_bwd(QKV, row + h * D, do * gain, dop * gain, c, sn, partner, d, mask, EPS, D)
+            tl.store(GQKV + row + h * D + d[None, :], dq.to(GQKV.dtype.element_ty), mask=mask)
             # d gain_h = sum of dout * z (z before the gain), this program's part
-            z = _norm_rope(Q, at, c, sn, partner, d, mask, EPS, D)
+            z = _norm_rope(QKV, row + h * D, c, sn, partner, d, mask, EPS, D)
             tl.store(GGAIN + tl.program_id(0) * H + h, tl.sum(tl.sum(do * z, 1), 0))
-        k_at = (rows * hkv + kv)[:, None] * D
-        dkx = _norm_rope_bwd(K, k_at, dk, dkp, c, sn, partner, d, mask, EPS, D)
-        tl.store(GK + k_at + d[None, :], dkx.to(GK.dtype.element_ty), mask=mask)
-        tl.store(GV + k_at + d[None, :], dv.to(GV.dtype.element_ty), mask=mask)
+        dkx = _norm_rope_bwd(QKV, row + (H + kv) * D, dk, dkp, c, sn, partner, d, mask, EPS, D)
+        tl.store(GQKV + row + (H + kv) * D + d[None, :], dkx.to(GQKV.dtype.element_ty), mask=mask)
+        tl.store(GQKV + row + (H + hkv + kv) * D + d[None, :], dv.to(GQKV.dtype.element_ty), mask=mask)
+        if HAS_VE:
+            tl.store(GVE + kv_at, dv.to(GVE.dtype.element_ty), mask=mask)
 
 
 def _launch(kernel, y: Tensor, v: Tensor, *outs_and_grads: Tensor) -> None:
@@ -160,11 +172,11 @@ QKV_BLOCK = 32
 RMS_EPS = torch.finfo(torch.float32).eps  # F.rms_norm's default for bf16 and fp32 inputs (it normalizes in fp32)
 
 
-def _launch_qkv(kernel, q: Tensor, k: Tensor, cos: Tensor, args: tuple) -> None:
-    B, T, H, D = q.shape
-    hkv = k.size(2)
-    grid = (triton.cdiv(B * T, QKV_BLOCK), hkv)
-    kernel[grid](q, k, *args, T, B * T, RMS_EPS, G=H // hkv, D=D, R=2 * cos.size(-1), BLOCK=QKV_BLOCK, num_warps=4)
+def _launch_qkv(kernel, qkv: Tensor, heads: int, kv_heads: int, cos: Tensor, args: tuple, **flags) -> None:
+    B, T, C = qkv.shape
+    grid = (triton.cdiv(B * T, QKV_BLOCK), kv_heads)
+    kernel[grid](qkv, *args, T, B * T, RMS_EPS, G=heads // kv_heads, D=C // (heads + 2 * kv_heads),
+                 R=2 * cos.size(-1), BLOCK=QKV_BLOCK, num_warps=4, **flags)
 
 
 def _define_ops() -> None:
@@ -201,43 +213,61 @@ def _define_ops() -> None:
     xsa.register_autograd(lambda ctx, grad: torch.ops.pgolf.xsa_backward(*ctx.saved_tensors, grad),
                           setup_context=setup)
 
-    def heads(q: Tensor) -> Tensor:
-        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    def split_shapes(qkv: Tensor, heads: int, kv_heads: int) -> tuple[tuple, tuple]:
+        B, T, C = qkv.shape
+        D = C // (heads + 2 * kv_heads)
+        return (B, T, heads, D), (B, T, kv_heads, D)
+
+    def new(qkv: Tensor, shape: tuple) -> Tensor:
+        return torch.empty(shape, dtype=qkv.dtype, device=qkv.device)
 
     @torch.library.custom_op("pgolf::qkv_prep", mutates_args=())
-    def qkv_prep(q: Tensor, k: Tensor, v: Tensor, gain: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor,
-                                                                                                       Tensor]:
-        q, k, v, cos, sin = (x.contiguous() for x in (q, k, v, cos, sin))
-        out = heads(q), heads(q), heads(q)
-        _launch_qkv(_qkv_fwd, q, k, cos, (v, gain, cos, sin, *out))
+    def qkv_prep(qkv: Tensor, ve: Tensor | None, gain: Tensor, cos: Tensor, sin: Tensor, heads: int,
+                 kv_heads: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        qkv, cos, sin = (x.contiguous() for x in (qkv, cos, sin))  # the kernels index them flat
+        shape, kv_shape = split_shapes(qkv, heads, kv_heads)
+        out = new(qkv, shape), new(qkv, shape), new(qkv, shape), new(qkv, kv_shape)
+        _launch_qkv(_qkv_fwd, qkv, heads, kv_heads, cos, (qkv if ve is None else ve.contiguous(), gain, cos, sin,
+                                                          *out), HAS_VE=ve is not None)
         return out
 
     @qkv_prep.register_fake
-    def _(q, k, v, gain, cos, sin):
-        return heads(q), heads(q), heads(q)
+    def _(qkv, ve, gain, cos, sin, heads, kv_heads):
+        shape, kv_shape = split_shapes(qkv, heads, kv_heads)
+        return new(qkv, shape), new(qkv, shape), new(qkv, shape), new(qkv, kv_shape)
 
     @torch.library.custom_op("pgolf::qkv_prep_backward", mutates_args=())
-    def qkv_prep_backward(q: Tensor, k: Tensor, gain: Tensor, cos: Tensor, sin: Tensor, gq: Tensor, gk: Tensor,
-                          gv: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        q, k, cos, sin = (x.contiguous() for x in (q, k, cos, sin))  # the kernels index them flat
-        dq, dk, dv = heads(q), heads(k), heads(k)
-        blocks = triton.cdiv(q.size(0) * q.size(1), QKV_BLOCK)
-        dgain = torch.empty(blocks, q.size(2), dtype=torch.float32, device=q.device)
-        _launch_qkv(_qkv_bwd, q, k, cos, (gain, cos, sin, gq.contiguous(), gk.contiguous(), gv.contiguous(), dq, dk,
-                                          dv, dgain))
-        return dq, dk, dv, dgain.sum(0).to(gain.dtype)
+    def qkv_prep_backward(qkv: Tensor, gain: Tensor, cos: Tensor, sin: Tensor, gq: Tensor, gk: Tensor, gv: Tensor,
+                          gvx: Tensor | None, heads: int, kv_heads: int, has_ve: bool) -> tuple[Tensor, Tensor,
+                                                                                                 Tensor]:
+        qkv, cos, sin = (x.contiguous() for x in (qkv, cos, sin))
+        dqkv = torch.empty_like(qkv)
+        dve = ve_grad(qkv, heads, kv_heads, has_ve)
+        blocks = triton.cdiv(qkv.size(0) * qkv.size(1), QKV_BLOCK)
+        dgain = torch.empty(blocks, heads, dtype=torch.float32, device=qkv.device)
+        _launch_qkv(_qkv_bwd, qkv, heads, kv_heads, cos, (
+            gain, cos, sin, gq.contiguous(), gk.contiguous(), gv.contiguous(), qkv if gvx is None else
+            gvx.contiguous(), dqkv, dve, dgain), HAS_GVX=gvx is not None, HAS_VE=has_ve)
+        return dqkv, dve, dgain.sum(0).to(gain.dtype)
+
+    def ve_grad(qkv: Tensor, heads: int, kv_heads: int, has_ve: bool) -> Tensor:
+        # its own buffer, not a column slice of dqkv: Inductor fused the slice's consumers into a 4.5 ms kernel
+        B, T, C = qkv.shape
+        return qkv.new_empty((B, T, C // (heads + 2 * kv_heads) * kv_heads) if has_ve else (0,))
 
     @qkv_prep_backward.register_fake
-    def _(q, k, gain, cos, sin, gq, gk, gv):
-        return heads(q), heads(k), heads(k), torch.empty_like(gain)
+    def _(qkv, gain, cos, sin, gq, gk, gv, gvx, heads, kv_heads, has_ve):
+        return torch.empty_like(qkv), ve_grad(qkv, heads, kv_heads, has_ve), torch.empty_like(gain)
 
     def setup_qkv(ctx, inputs, output) -> None:
-        q, k, v, gain, cos, sin = inputs
-        ctx.save_for_backward(q, k, gain, cos, sin)
+        qkv, ve, gain, cos, sin, ctx.heads, ctx.kv_heads = inputs
+        ctx.has_ve = ve is not None
+        ctx.save_for_backward(qkv, gain, cos, sin)
 
-    def backward_qkv(ctx, gq, gk, gv):
-        dq, dk, dv, dgain = torch.ops.pgolf.qkv_prep_backward(*ctx.saved_tensors, gq, gk, gv)
-        return dq, dk, dv, dgain, None, None
+    def backward_qkv(ctx, gq, gk, gv, gvx):
+        dqkv, dve, dgain = torch.ops.pgolf.qkv_prep_backward(*ctx.saved_tensors, gq, gk, gv, gvx, ctx.heads,
+                                                             ctx.kv_heads, ctx.has_ve)
+        return dqkv, dve if ctx.has_ve else None, dgain, None, None, None, None
 
     qkv_prep.register_autograd(backward_qkv, setup_context=setup_qkv)
 
@@ -276,11 +306,15 @@ def xsa(y: Tensor, v: Tensor) -> Tensor:
     return torch.ops.pgolf.xsa(y, v)
 
 
-def qkv_prep(q: Tensor, k: Tensor, v: Tensor, gain: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """What Attention does to q, k, v before SDPA, in one pass (and one for the backward): rms_norm of q and k,
-    partial RoPE (cos/sin [T, rope_dims/2] fp32), q times the per-head gain, k and v repeated to the query heads.
-    q [B, T, H, D], k/v [B, T, Hkv, D] -> three [B, T, H, D]; fp32 arithmetic, outputs in q's dtype."""
-    return torch.ops.pgolf.qkv_prep(q, k, v, gain, cos, sin)
+def qkv_prep(qkv: Tensor, ve: Tensor | None, gain: Tensor, cos: Tensor, sin: Tensor, heads: int,
+             kv_heads: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """What Attention does to its q/k/v projection before SDPA, in one pass (and one for the backward, which writes
+    the projection's gradient in place of three): qkv [B, T, (heads + 2 kv_heads) D] (q | k | v columns), ve
+    [B, T, kv_heads D] or None added to v; rms_norm of q and k, partial RoPE (cos/sin [T, rope_dims/2] fp32), q
+    times the per-head gain, k and v repeated to the query heads. Returns q, k, v as three [B, T, heads, D] for SDPA
+    and v [B, T, kv_heads, D] for XSA; fp32 arithmetic, outputs in qkv's dtype."""
+    return torch.ops.pgolf.qkv_prep(qkv, ve, gain, cos, sin, heads, kv_heads)
+
 
 
 def embedding(weight: Tensor, idx: Tensor) -> Tensor:

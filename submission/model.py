@@ -49,10 +49,20 @@ class CastedLinear(nn.Linear):
         self.qat_bits = qat_bits
         self.register_buffer("qat_mix", torch.zeros(()), persistent=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def qat_weight(self) -> Tensor:
         w = self.weight
-        w = w + self.qat_mix * (fake_quant(w, self.qat_bits) - w)
-        return F.linear(x, w.to(x.dtype))
+        return w + self.qat_mix * (fake_quant(w, self.qat_bits) - w)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.qat_weight().to(x.dtype))
+
+
+def grouped_linear(x: Tensor, layers: tuple[CastedLinear, ...]) -> Tensor:
+    """The layers' outputs side by side from one matrix product (their weights stay separate, e.g. for Muon).
+    Layers with hooks are called one by one, so a hook (GPTQ's calibration) still sees its module's input."""
+    if any(m._forward_hooks or m._forward_pre_hooks for m in layers):
+        return torch.cat([m(x) for m in layers], -1)
+    return F.linear(x, torch.cat([m.qat_weight() for m in layers]).to(x.dtype))
 
 
 def rope_tables(seq_len: int, rope_dims: int, base: float, device=None) -> tuple[Tensor, Tensor]:
@@ -124,16 +134,19 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], value_embed: Tensor | None, key_shift=None) -> Tensor:
         cfg = self.cfg
         B, T, _ = x.shape
-        q = self.c_q(x).view(B, T, cfg.num_heads, cfg.head_dim)
-        k = self.c_k(x).view(B, T, cfg.num_kv_heads, cfg.head_dim)
-        v = self.c_v(x)
-        if value_embed is not None:
-            v = v + value_embed
-        v = v.view(B, T, cfg.num_kv_heads, cfg.head_dim)
-        if cfg.qk_norm and cfg.rope_dims and key_shift is None and _fa3 is None and kernels.available(q, cfg.head_dim):
-            # the lines below and the K/V repeat for SDPA in one Triton pass (Inductor made seven of them)
-            y = causal_attention(*kernels.qkv_prep(q, k, v, self.q_gain, rope[0][0, :T, 0], rope[1][0, :T, 0]))
+        H, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        qkv = grouped_linear(x, (self.c_q, self.c_k, self.c_v))
+        if cfg.qk_norm and cfg.rope_dims and key_shift is None and _fa3 is None and kernels.available(x, D):
+            # the lines below, the K/V repeat for SDPA and the gradient of qkv in one Triton pass each way
+            q, k, v_rep, v = kernels.qkv_prep(qkv, value_embed, self.q_gain, rope[0][0, :T, 0], rope[1][0, :T, 0],
+                                              H, Hkv)
+            y = causal_attention(q, k, v_rep)
         else:
+            q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), -1)
+            q, k = q.view(B, T, H, D), k.view(B, T, Hkv, D)
+            if value_embed is not None:
+                v = v + value_embed
+            v = v.view(B, T, Hkv, D)
             if cfg.qk_norm:
                 q, k = rms_norm(q), rms_norm(k)
             if cfg.rope_dims:

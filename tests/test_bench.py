@@ -52,6 +52,13 @@ def test_every_speed_variant_computes_what_the_kit_computes():
     assert torch.allclose(v.newton_schulz_baddbmm(G.mT, 5), optim.newton_schulz(G.mT, 5), atol=1e-5)
     with pytest.raises(SystemExit, match="unknown variant 'fast'"):
         v.apply("fast")
+    import torch._functorch.config as functorch_config
+    before = functorch_config.activation_memory_budget
+    try:  # a compiler setting, not another computation
+        v.apply("recompute")
+        assert functorch_config.activation_memory_budget == 0.8
+    finally:
+        functorch_config.activation_memory_budget = before
 
 
 def test_ema_follows_the_live_weights_through_a_state_dict_load():

@@ -93,46 +93,56 @@ def test_xsa_kernels_on_the_gpu_in_bf16_and_compiled():
 
 QKV_INTERPRETED = r"""
 import json, sys, torch
-from submission.model import apply_partial_rope, rms_norm, rope_tables
+sys.path.insert(0, sys.argv[1])
+from tests.test_kernels import qkv_reference
+from submission.model import rope_tables
 torch.manual_seed(0)
-
-def reference(q, k, v, gain, cos, sin, rope_dims):
-    q, k = rms_norm(q), rms_norm(k)
-    q = apply_partial_rope(q, cos[None, :, None], sin[None, :, None], rope_dims)
-    k = apply_partial_rope(k, cos[None, :, None], sin[None, :, None], rope_dims)
-    q = q * gain[None, None, :, None]
-    group = q.size(2) // k.size(2)
-    return q, k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
-
 out = {}
-for B, T, H, Hkv, D, R in ((2, 40, 4, 2, 64, 16), (1, 9, 8, 4, 32, 32), (1, 5, 3, 3, 16, 8)):
+for B, T, H, Hkv, D, R, ve in ((2, 40, 4, 2, 64, 16, True), (1, 9, 8, 4, 32, 32, False), (1, 5, 3, 3, 16, 8, True)):
     cos, sin = (t[0, :, 0] for t in rope_tables(T, R, 10000.0))
-    inputs = [torch.randn(B, T, H, D), torch.randn(B, T, Hkv, D), torch.randn(B, T, Hkv, D), torch.rand(H) + 0.5]
-    inputs[0][0, 0, 0] = 0  # a zero row: the eps guard
-    grads = [torch.randn(B, T, H, D) for _ in range(3)]
-    got = [t.clone().requires_grad_() for t in inputs]
-    ref = [t.clone().requires_grad_() for t in inputs]
-    o = torch.ops.pgolf.qkv_prep(*got, cos, sin)
-    r = reference(*ref, cos, sin, R)
+    inputs = [torch.randn(B, T, (H + 2 * Hkv) * D), torch.randn(B, T, Hkv * D) if ve else None, torch.rand(H) + 0.5]
+    inputs[0][0, 0, :D] = 0  # a zero q row: the eps guard
+    grads = [torch.randn(B, T, H, D) for _ in range(3)] + [torch.randn(B, T, Hkv, D)]
+    got = [t if t is None else t.clone().requires_grad_() for t in inputs]
+    ref = [t if t is None else t.clone().requires_grad_() for t in inputs]
+    o = torch.ops.pgolf.qkv_prep(*got, cos, sin, H, Hkv)
+    r = qkv_reference(*ref, cos, sin, H, Hkv)
     sum((a * g).sum() for a, g in zip(o, grads)).backward()
     sum((a * g).sum() for a, g in zip(r, grads)).backward()
-    out[f"{B}x{T}x{H}x{Hkv}x{D}r{R}"] = [max(float((a - b).abs().max()) for a, b in zip(o, r))] + [
-        float((a.grad - b.grad).abs().max() / b.grad.abs().max()) for a, b in zip(got, ref)]
+    out[f"{B}x{T}x{H}x{Hkv}x{D}r{R}ve{int(ve)}"] = [max(float((a - b).abs().max()) for a, b in zip(o, r))] + [
+        float((a.grad - b.grad).abs().max() / b.grad.abs().max()) for a, b in zip(got, ref) if a is not None]
 print(json.dumps(out))
 """
 
 
+def qkv_reference(qkv, ve, gain, cos, sin, heads, kv_heads):
+    """What Attention computes without the kernel (model.py's functions): q, k and v repeated for SDPA, v for XSA."""
+    from submission.model import apply_partial_rope, rms_norm
+    B, T, C = qkv.shape
+    D = C // (heads + 2 * kv_heads)
+    q, k, v = qkv.split((heads * D, kv_heads * D, kv_heads * D), -1)
+    v = (v if ve is None else v + ve).reshape(B, T, kv_heads, D)
+    q, k = rms_norm(q.reshape(B, T, heads, D)), rms_norm(k.reshape(B, T, kv_heads, D))
+    cos, sin, R = cos[None, :, None], sin[None, :, None], 2 * cos.size(-1)
+    q = apply_partial_rope(q, cos, sin, R) * gain.to(q.dtype)[None, None, :, None]
+    k = apply_partial_rope(k, cos, sin, R)
+    group = heads // kv_heads
+    return q, k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2), v
+
+
 @needs_triton
 def test_qkv_prep_kernels_compute_the_reference_in_the_interpreter():
-    """rms_norm + partial RoPE + q gain + the K/V repeat, forward and every gradient (q, k, v and the gain)."""
+    """rms_norm + partial RoPE + q gain + the K/V repeat (+ the value embedding), forward and every gradient (qkv,
+    ve and the gain), with gradients arriving on all four outputs (XSA's on v too)."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, "-c", QKV_INTERPRETED], cwd=ROOT, env=env, capture_output=True,
+    run = subprocess.run([sys.executable, "-c", QKV_INTERPRETED, str(ROOT)], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
     assert len(results) == 3
-    for shape, (fwd, gq, gk, gv, ggain) in results.items():
-        assert fwd < 1e-5 and max(gq, gk, gv, ggain) < 1e-5, (shape, fwd, gq, gk, gv, ggain)
+    for shape, (fwd, *grads) in results.items():
+        assert len(grads) == (3 if shape.endswith("ve1") else 2), shape
+        assert fwd < 1e-5 and max(grads) < 1e-5, (shape, fwd, grads)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or kernels.triton is None, reason="needs a CUDA GPU and triton")
@@ -170,23 +180,20 @@ def test_the_model_with_kernels_matches_the_reference_path_on_the_gpu(monkeypatc
 
 @pytest.mark.skipif(not torch.cuda.is_available() or kernels.triton is None, reason="needs a CUDA GPU and triton")
 def test_qkv_prep_on_the_gpu_in_bf16_and_compiled():
-    from submission.model import apply_partial_rope, rms_norm, rope_tables
+    from submission.model import rope_tables
     torch.manual_seed(0)
     B, T, H, Hkv, D, R = 4, 512, 8, 4, 64, 16
     cos, sin = (t[0, :, 0].cuda() for t in rope_tables(T, R, 10000.0))
-    inputs = [torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16),
-              torch.randn(B, T, Hkv, D, device="cuda", dtype=torch.bfloat16),
-              torch.randn(B, T, Hkv, D, device="cuda", dtype=torch.bfloat16), torch.rand(H, device="cuda") + 0.5]
-    grads = [torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    inputs = [torch.randn(B, T, (H + 2 * Hkv) * D, device="cuda", dtype=torch.bfloat16),
+              torch.randn(B, T, Hkv * D, device="cuda", dtype=torch.bfloat16), torch.rand(H, device="cuda") + 0.5]
+    grads = [torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3)] + [
+        torch.randn(B, T, Hkv, D, device="cuda", dtype=torch.bfloat16)]
     ref = [t.detach().float().clone().requires_grad_() for t in inputs]
-    q, k = rms_norm(ref[0]), rms_norm(ref[1])
-    q = apply_partial_rope(q, cos[None, :, None], sin[None, :, None], R) * ref[3][None, None, :, None]
-    k = apply_partial_rope(k, cos[None, :, None], sin[None, :, None], R)
-    expected = q, k.repeat_interleave(2, dim=2), ref[2].repeat_interleave(2, dim=2)
+    expected = qkv_reference(*ref, cos, sin, H, Hkv)
     sum((a * g.float()).sum() for a, g in zip(expected, grads)).backward()
     for fn in (kernels.qkv_prep, torch.compile(kernels.qkv_prep, fullgraph=True)):
         got = [t.detach().clone().requires_grad_() for t in inputs]
-        out = fn(*got, cos, sin)
+        out = fn(*got, cos, sin, H, Hkv)
         sum((a * g).sum() for a, g in zip(out, grads)).backward()
         for a, b in zip(out, expected):
             assert a.dtype == torch.bfloat16
@@ -224,8 +231,9 @@ exec(compile(source, name, "exec"), program.__dict__)
 torch.manual_seed(0)
 y, v = torch.randn(1, 4, 12, 64).transpose(1, 2), torch.randn(1, 12, 2, 64)
 cos, sin = (t[0, :, 0] for t in program.rope_tables(12, 16, 10000.0))
-q, k, gain = torch.randn(1, 12, 4, 64), torch.randn(1, 12, 2, 64), torch.rand(4) + 0.5
-got = torch.ops.pgolf.qkv_prep(q, k, v, gain, cos, sin)
+qkv, gain = torch.randn(1, 12, 8 * 64), torch.rand(4) + 0.5
+got = torch.ops.pgolf.qkv_prep(qkv, None, gain, cos, sin, 4, 2)
+q, k = qkv[..., :256].reshape(1, 12, 4, 64), qkv[..., 256:384].reshape(1, 12, 2, 64)
 rq = program.apply_partial_rope(program.rms_norm(q), cos[None, :, None], sin[None, :, None], 16) * gain[:, None]
 rk = program.apply_partial_rope(program.rms_norm(k), cos[None, :, None], sin[None, :, None], 16)
 print(json.dumps([float((torch.ops.pgolf.xsa(y, v) - program.xsa_reference(y, v)).abs().max()),
@@ -240,8 +248,9 @@ def test_the_packed_program_carries_working_kernels(tmp_path):
     from tools.pack import bundle_entry
     source = tmp_path / "readable.py"
     source.write_text(bundle_entry().readable_source, encoding="utf-8")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    env.pop("PYTHONPATH", None)
+    # without the kit on the path (other entries stay: a machine may install packages through PYTHONPATH)
+    path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != ROOT]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(path)}
     run = subprocess.run([sys.executable, "-c", PACKED, str(source), str(tmp_path / "train_gpt.py")], cwd=tmp_path,
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]

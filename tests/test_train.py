@@ -153,3 +153,17 @@ def test_overrides_reach_the_trainer_unchanged(monkeypatch):
     monkeypatch.setattr(train_cmd, "main", seen.append)
     args = _parser().parse_args(["train", "num_layers=4", "ADAM_BETAS=0.9,0.99"])
     assert args.func(args) == 0 and seen == [["num_layers=4", "ADAM_BETAS=0.9,0.99"]]
+
+
+def test_configure_cuda_turns_inductor_mix_order_reductions_off():
+    """They fused the first block's backward into one 4.5 ms kernel (P1, H100): the trainer turns them off."""
+    from torch._inductor import config as inductor_config
+
+    from submission.train import configure_cuda
+    before = inductor_config.triton.mix_order_reduction
+    try:
+        inductor_config.triton.mix_order_reduction = True
+        configure_cuda()
+        assert inductor_config.triton.mix_order_reduction is False
+    finally:
+        inductor_config.triton.mix_order_reduction = before
