@@ -241,3 +241,26 @@ def test_resid_mix_blends_residual_and_initial_embedding():
             block.resid_mix.copy_(torch.stack((torch.ones(32), torch.zeros(32))))
         idx = torch.randint(0, 64, (2, 12))
         torch.testing.assert_close(model.logits(idx), plain.logits(idx), rtol=0, atol=1e-6)
+
+
+def test_grouped_linear_is_the_layers_side_by_side_and_hooks_still_see_their_inputs():
+    """q, k and v come from one product of the concatenated weights (QAT included); a layer with a forward hook
+    (GPTQ's calibration) is called by itself, so the hook fires with the layer's input."""
+    from submission.model import CastedLinear, grouped_linear
+    torch.manual_seed(0)
+    layers = (CastedLinear(16, 8), CastedLinear(16, 4), CastedLinear(16, 4))
+    x = torch.randn(2, 5, 16)
+    separate = torch.cat([m(x) for m in layers], -1)
+    torch.testing.assert_close(grouped_linear(x, layers), separate)
+    for m in layers:
+        m.qat_mix.fill_(1.0)
+    quantized = grouped_linear(x, layers)
+    assert not torch.allclose(quantized, separate)
+    torch.testing.assert_close(quantized, torch.cat([m(x) for m in layers], -1))
+    seen = []
+    handle = layers[1].register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    try:
+        torch.testing.assert_close(grouped_linear(x, layers), quantized)
+    finally:
+        handle.remove()
+    assert len(seen) == 1 and torch.equal(seen[0], x)
