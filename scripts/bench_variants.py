@@ -16,6 +16,12 @@ faster. Run every variant on one lease: timings from different machines are not 
   recompute   AOTAutograd's memory-budget partitioner (budget PGOLF_MEMORY_BUDGET, default 0.8): recompute ops in
               the backward instead of saving them (Inductor's default saves the block-entry sums): 118.56 vs 87.60
               ms/step, one H100 lease (it recomputes far more than the sums)
+  qkv_block32, qkv_block64, qkv_warps8, xsa_block32, xsa_block128
+              other tile sizes (tokens per program) and warp counts for the q/k/v and XSA kernels (default: q/k/v 16
+              tokens, XSA 64, 4 warps each). One lease, 200 steps, ms/step and the kit's kernels + cuDNN's helpers
+              in GPU ms per step: q/k/v 32 tokens (the default then) 84.47 / 11.87, 16 tokens 84.13 / 11.60 (now
+              the default), 64 tokens 84.84 / 12.41, 8 warps 84.67 / 12.33; XSA 32 tokens 84.10 / 11.84, 128
+              tokens 84.57 / 12.23 (XSA's kernel time did not move: 64 stays)
   qat_flag    late QAT as a Python flag the compiled graph is guarded on (one graph per state, both compiled in the
               warmup) instead of a buffer blended in every step: no fake-quant arithmetic while QAT is off (87.63 vs
               87.67: the fake-quant kernels are 0.2 ms of the step)
@@ -99,6 +105,11 @@ VARIANTS = {
     "no_kernels": lambda: setattr(submission.kernels, "available", lambda *args: False),
     "cudagraphs": cudagraphs,
     "recompute": recompute,
+    "qkv_block32": lambda: setattr(submission.kernels, "QKV_BLOCK", 32),
+    "qkv_block64": lambda: setattr(submission.kernels, "QKV_BLOCK", 64),
+    "qkv_warps8": lambda: setattr(submission.kernels, "QKV_WARPS", 8),
+    "xsa_block32": lambda: setattr(submission.kernels, "XSA_BLOCK", 32),
+    "xsa_block128": lambda: setattr(submission.kernels, "XSA_BLOCK", 128),
 }
 
 

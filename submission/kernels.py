@@ -162,13 +162,16 @@ if triton is not None:
 
 def _launch(kernel, y: Tensor, v: Tensor, *outs_and_grads: Tensor) -> None:
     B, T, H, D = y.shape
-    hkv, block = v.size(2), 64
+    hkv, block = v.size(2), XSA_BLOCK
     grid = (triton.cdiv(B * T, block), hkv)
     kernel[grid](y, v, *outs_and_grads, T, B * T, y.stride(0), y.stride(1), y.stride(2), v.stride(0), v.stride(1),
-                 v.stride(2), G=H // hkv, D=D, BLOCK=block, num_warps=4)
+                 v.stride(2), G=H // hkv, D=D, BLOCK=block, num_warps=XSA_WARPS)
 
 
-QKV_BLOCK = 32
+# tokens per program and warps; scripts/bench_variants.py measured the others (q/k/v: 16 tokens 0.27 ms per P1 step
+# faster than 32, H100)
+XSA_BLOCK, XSA_WARPS = 64, 4
+QKV_BLOCK, QKV_WARPS = 16, 4
 RMS_EPS = torch.finfo(torch.float32).eps  # F.rms_norm's default for bf16 and fp32 inputs (it normalizes in fp32)
 
 
@@ -176,7 +179,7 @@ def _launch_qkv(kernel, qkv: Tensor, heads: int, kv_heads: int, cos: Tensor, arg
     B, T, C = qkv.shape
     grid = (triton.cdiv(B * T, QKV_BLOCK), kv_heads)
     kernel[grid](qkv, *args, T, B * T, RMS_EPS, G=heads // kv_heads, D=C // (heads + 2 * kv_heads),
-                 R=2 * cos.size(-1), BLOCK=QKV_BLOCK, num_warps=4, **flags)
+                 R=2 * cos.size(-1), BLOCK=QKV_BLOCK, num_warps=QKV_WARPS, **flags)
 
 
 def _define_ops() -> None:
