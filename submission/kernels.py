@@ -160,6 +160,12 @@ if triton is not None:
             tl.store(GVE + kv_at, dv.to(GVE.dtype.element_ty), mask=mask)
 
 
+# tokens per program and warps; scripts/bench_variants.py measured the others (q/k/v: 16 tokens 0.27 ms per P1 step
+# faster than 32, H100)
+XSA_BLOCK, XSA_WARPS = 64, 4
+QKV_BLOCK, QKV_WARPS = 16, 4
+
+
 def _launch(kernel, y: Tensor, v: Tensor, *outs_and_grads: Tensor) -> None:
     B, T, H, D = y.shape
     hkv, block = v.size(2), XSA_BLOCK
@@ -168,10 +174,6 @@ def _launch(kernel, y: Tensor, v: Tensor, *outs_and_grads: Tensor) -> None:
                  v.stride(2), G=H // hkv, D=D, BLOCK=block, num_warps=XSA_WARPS)
 
 
-# tokens per program and warps; scripts/bench_variants.py measured the others (q/k/v: 16 tokens 0.27 ms per P1 step
-# faster than 32, H100)
-XSA_BLOCK, XSA_WARPS = 64, 4
-QKV_BLOCK, QKV_WARPS = 16, 4
 RMS_EPS = torch.finfo(torch.float32).eps  # F.rms_norm's default for bf16 and fp32 inputs (it normalizes in fp32)
 
 
@@ -254,7 +256,8 @@ def _define_ops() -> None:
         return dqkv, dve, dgain.sum(0).to(gain.dtype)
 
     def ve_grad(qkv: Tensor, heads: int, kv_heads: int, has_ve: bool) -> Tensor:
-        # its own buffer, not a column slice of dqkv: Inductor fused the slice's consumers into a 4.5 ms kernel
+        # a contiguous buffer of its own rather than a column slice of dqkv (first tried against a 4.5 ms fused
+        # kernel whose cause was Inductor's mix-order reduction, see train.configure_cuda; measured as is since)
         B, T, C = qkv.shape
         return qkv.new_empty((B, T, C // (heads + 2 * kv_heads) * kv_heads) if has_ve else (0,))
 
@@ -317,7 +320,6 @@ def qkv_prep(qkv: Tensor, ve: Tensor | None, gain: Tensor, cos: Tensor, sin: Ten
     times the per-head gain, k and v repeated to the query heads. Returns q, k, v as three [B, T, heads, D] for SDPA
     and v [B, T, kv_heads, D] for XSA; fp32 arithmetic, outputs in qkv's dtype."""
     return torch.ops.pgolf.qkv_prep(qkv, ve, gain, cos, sin, heads, kv_heads)
-
 
 
 def embedding(weight: Tensor, idx: Tensor) -> Tensor:
