@@ -198,3 +198,24 @@ def test_gpu_time_by_kind_leaves_out_annotation_ranges():
                             ("nvjet_sm90_tst_256x128", 1000.0), ("void at::native::multi_tensor_apply_kernel", 800.0)],
                            steps=1)
     assert kinds == {"matmul": 1.0, "optimizer": 0.8, "total": 1.8}
+
+
+def test_trace_top_groups_kernels_per_step_and_lists_one_step_in_order(tmp_path):
+    import gzip
+    import json
+    import subprocess
+    from pathlib import Path
+    events = [{"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur}
+              for ts, name, dur in ((0, "mm", 100.0), (1, "norm", 50.0), (2, "mm", 300.0), (3, "norm", 50.0))]
+    events.append({"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 900.0})  # not a kernel
+    trace = tmp_path / "t.json.gz"
+    with gzip.open(trace, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "trace_top.py"
+    top = subprocess.run([sys.executable, script, trace], capture_output=True, text=True, check=True).stdout
+    lines = top.splitlines()
+    assert "(all kernels: 0.25 ms/step)" in lines[0]
+    assert lines[1].split() == ["0.200", "1", "80.0%", "mm"] and lines[2].split() == ["0.050", "1", "20.0%", "norm"]
+    order = subprocess.run([sys.executable, script, trace, "--order"], capture_output=True, text=True,
+                           check=True).stdout
+    assert [line.split()[-1] for line in order.splitlines()] == ["mm", "norm"]
