@@ -85,11 +85,9 @@ if triton is not None:
         return (x * c + xp * sn) * tl.rsqrt(tl.sum(x * x, 1) / D + EPS)[:, None]
 
     @triton.jit
-    def _qkv_fwd(QKV, VE, GAIN, COS, SIN, QO, KO, VO, VX, T, N, EPS, G: tl.constexpr, D: tl.constexpr,
-                 R: tl.constexpr, HAS_VE: tl.constexpr, BLOCK: tl.constexpr):
-        # One program: BLOCK tokens x one KV head. Input rows [q heads | k heads | v heads] of C = (H + 2 Hkv) D.
-        # q: rms_norm, rope, gain; k: rms_norm, rope, written to its G query heads' slots; v (+ VE): copied to them
-        # and to VX [N, Hkv, D]. Outputs QO, KO, VO [N, H, D].
+    def _qkv_program(COS, SIN, T, N, G: tl.constexpr, D: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
+        # This program's BLOCK tokens and KV head: the RoPE tables for them, the offset of each token's row in the
+        # q/k/v product (C = (H + 2 Hkv) D columns) and of its KV head in an [N, Hkv, D] tensor.
         rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         kv, hkv = tl.program_id(1), tl.num_programs(1)
         mask = (rows < N)[:, None]
@@ -97,9 +95,18 @@ if triton is not None:
         partner, c, sn = _rope(COS, SIN, rows, T, mask, d, R)
         H = hkv * G
         row = rows[:, None] * ((H + 2 * hkv) * D)
+        kv_at = (rows * hkv + kv)[:, None] * D + d[None, :]
+        return rows, kv, hkv, H, mask, d, partner, c, sn, row, kv_at
+
+    @triton.jit
+    def _qkv_fwd(QKV, VE, GAIN, COS, SIN, QO, KO, VO, VX, T, N, EPS, G: tl.constexpr, D: tl.constexpr,
+                 R: tl.constexpr, HAS_VE: tl.constexpr, BLOCK: tl.constexpr):
+        # One program: BLOCK tokens x one KV head. Input rows [q heads | k heads | v heads] of C = (H + 2 Hkv) D.
+        # q: rms_norm, rope, gain; k: rms_norm, rope, written to its G query heads' slots; v (+ VE): copied to them
+        # and to VX [N, Hkv, D]. Outputs QO, KO, VO [N, H, D].
+        rows, kv, hkv, H, mask, d, partner, c, sn, row, kv_at = _qkv_program(COS, SIN, T, N, G, D, R, BLOCK)
         kz = _norm_rope(QKV, row + (H + kv) * D, c, sn, partner, d, mask, EPS, D)
         v = tl.load(QKV + row + (H + hkv + kv) * D + d[None, :], mask=mask)
-        kv_at = (rows * hkv + kv)[:, None] * D + d[None, :]
         if HAS_VE:
             v = (v.to(tl.float32) + tl.load(VE + kv_at, mask=mask).to(tl.float32)).to(v.dtype)
         tl.store(VX + kv_at, v, mask=mask)
@@ -126,17 +133,10 @@ if triton is not None:
                  D: tl.constexpr, R: tl.constexpr, HAS_GVX: tl.constexpr, HAS_VE: tl.constexpr,
                  BLOCK: tl.constexpr):
         # GQKV [N, C] gets dq, dk and dv (dv: the G query heads' gradients + GVX's) in QKV's layout, GVE dv again
-        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        kv, hkv = tl.program_id(1), tl.num_programs(1)
-        mask = (rows < N)[:, None]
-        d = tl.arange(0, D)
-        partner, c, sn = _rope(COS, SIN, rows, T, mask, d, R)
-        H = hkv * G
-        row = rows[:, None] * ((H + 2 * hkv) * D)
+        rows, kv, hkv, H, mask, d, partner, c, sn, row, kv_at = _qkv_program(COS, SIN, T, N, G, D, R, BLOCK)
         dk = tl.zeros((BLOCK, D), tl.float32)
         dkp = tl.zeros((BLOCK, D), tl.float32)
         dv = tl.zeros((BLOCK, D), tl.float32)
-        kv_at = (rows * hkv + kv)[:, None] * D + d[None, :]
         if HAS_GVX:
             dv += tl.load(GVX + kv_at, mask=mask).to(tl.float32)
         for g in tl.static_range(G):
