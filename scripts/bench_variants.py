@@ -7,7 +7,6 @@ tests in tests/test_bench.py check that it does); nothing changes in the kit unt
 faster. Run every variant on one lease: timings from different machines are not comparable.
 
   repeat      the kit as it is (K/V repeated to the query heads, then SDPA)
-  gqa         SDPA with enable_gqa=True on the 4 KV heads (measured slower: 90.58 vs 86.29 ms/step, H100)
   ns_baddbmm  Muon's Newton-Schulz with the scaled adds fused into the batched matmuls (baddbmm)
   no_kernels  the PyTorch reference of every kernel in submission/kernels.py, compiled by Inductor (the kit before
               them: 90.65 vs 86.07 ms/step with them, 490 steps, one H100 lease)
@@ -48,12 +47,6 @@ import submission.model
 import submission.optim
 from submission.model import fake_quant
 from tools.cli import main
-
-
-def gqa_attention(q, k, v):
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                       enable_gqa=True)
-    return y.transpose(1, 2)
 
 
 def newton_schulz_baddbmm(G, steps):
@@ -99,7 +92,6 @@ def cudagraphs():
 
 VARIANTS = {
     "repeat": lambda: None,
-    "gqa": lambda: setattr(submission.model, "causal_attention", gqa_attention),
     "ns_baddbmm": lambda: setattr(submission.optim, "newton_schulz", newton_schulz_baddbmm),
     "qat_flag": qat_flag,
     "no_kernels": lambda: setattr(submission.kernels, "available", lambda *args: False),

@@ -84,10 +84,10 @@ def apply_partial_rope(x: Tensor, cos: Tensor, sin: Tensor, rope_dims: int) -> T
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """q [B, T, H, D], k/v [B, T, Hkv, D] -> [B, T, H, D]. FA3 if importable, else SDPA (cuDNN on GPU, see train).
 
-    Query head h reads KV head h // (H / Hkv). K/V are repeated rather than passed with SDPA's enable_gqa: alone,
-    enable_gqa measured faster (2.5 vs 2.83 ms per layer fwd+bwd, 48 x 2048, H100), but the whole compiled P1 step
-    measured 92.2 ms with it against 86.9 ms with the repeat (H100, torch 2.11; different sessions, so an A/B on one
-    machine is still owed before switching).
+    Query head h reads KV head h // (H / Hkv). K/V are repeated rather than passed with SDPA's enable_gqa: with it,
+    cuDNN runs the same forward and backward kernels on the 4 KV heads plus a head reduction of the K/V gradients
+    (fmha_reduce_head, 108 us per layer at 48 x 2048, H100, torch 2.11), 2.44 vs 2.41-2.43 ms per layer; on the GPU
+    the q/k/v kernel writes the repeat and sums it back in its backward for less.
     """
     if _fa3 is not None and q.is_cuda:
         return _fa3(q, k, v, causal=True)
