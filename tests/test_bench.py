@@ -56,6 +56,10 @@ def test_every_speed_variant_computes_what_the_kit_computes():
         assert functorch_config.activation_memory_budget == 0.8
     finally:
         functorch_config.activation_memory_budget = before
+    from torch._inductor import config as inductor_config
+    with inductor_config.patch(aggressive_fusion=False, combo_kernels=False):  # restored on exit
+        v.apply("aggressive_fusion,combo_kernels")
+        assert inductor_config.aggressive_fusion and inductor_config.combo_kernels
 
 
 def test_ema_follows_the_live_weights_through_a_state_dict_load():
