@@ -50,20 +50,12 @@ def rope_scaled(model, scale: float):
         cfg.rope_base = base
 
 
-def head_logits(model, h: torch.Tensor) -> torch.Tensor:
-    """GPT.logits' output head applied to hidden states h [B, T, D] (soft-capped fp32 logits)."""
-    w = model.tok_emb.weight if model.lm_head is None else model.lm_head.weight
-    z = F.linear(h, w.to(h.dtype)).float()
-    c = model.cfg.logit_softcap
-    return c * torch.tanh(z / c) if c else z
-
-
 def window_scores(model, extra, x: torch.Tensor, last: int, targets: torch.Tensor | None = None):
     """Log-probabilities [B, last, V] at the last `last` positions of windows x [B, W]; the head and softmax run
     only there. With targets [B, last]: their NLL [B, last] and one full row (window 0, last position) instead."""
     with torch.autocast(x.device.type, torch.bfloat16, enabled=x.is_cuda):
         h = model.hidden(x, None if extra is None else extra(x))[:, -last:]
-        logp = F.log_softmax(head_logits(model, h), -1)
+        logp = F.log_softmax(model.head(h), -1)
     if targets is None:
         return logp
     return -logp.gather(-1, targets[..., None]).squeeze(-1), logp[0, -1]

@@ -48,6 +48,16 @@ class ModelConfig:
     key_offset_last_n: int = 0      # partial key offset on the last N layers: unrotated key dims from position t-1
     key_offset_dims: int = 0        # how many of the unrotated head dims (the last ones) move; 0: all 48
     layer_bigram_buckets: int = 0   # bigram hash table added before every block (speedrun: 5 x vocab = 5120); 0 off
+    # The SP8192 generation (PR #1460 and later records; RECIPE=sp8192 turns them on)
+    loop_layers: tuple[int, int] = (4, 5)
+    """Depth recurrence: the first and last layer (inclusive) of the span that runs 1 + num_loops times in a row."""
+    num_loops: int = 0
+    """Extra passes over loop_layers once looping is on (TrainConfig.enable_looping_at); 0 disables. The repeated
+    blocks share their weights: more compute per token, no more bytes."""
+    parallel_last_n: int = 0
+    """Parallel residuals on the last N layers: attention and MLP read the same normed input (0 disables)."""
+    skip_gates: bool = False
+    """Sigmoid-gated U-Net skips: x <- lerp(w * skip, x, sigmoid(g)) with g from 0, instead of x + w * skip."""
 
     # A stored config (artifact, checkpoint) made before a feature existed lacks its field: it was made without it.
     ABSENT_MEANS: typing.ClassVar[dict] = {"embed2": False}
@@ -56,6 +66,14 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.model_dim // self.num_heads
 
+    def __post_init__(self):
+        first, last = self.loop_layers
+        if self.num_loops < 0 or self.num_loops and not 0 <= first <= last < self.num_layers:
+            raise ValueError(f"LOOP_LAYERS={first},{last} NUM_LOOPS={self.num_loops}: need num_loops >= 0 and a span "
+                             f"0 <= first <= last < num_layers={self.num_layers} (e.g. LOOP_LAYERS=4,5 NUM_LOOPS=2)")
+        if not 0 <= self.parallel_last_n <= self.num_layers:
+            raise ValueError(f"PARALLEL_LAST_N={self.parallel_last_n}: must be in 0..num_layers={self.num_layers}")
+
 
 @dataclass
 class TrainConfig:
@@ -63,6 +81,9 @@ class TrainConfig:
     data_dir: str = "data/datasets/fineweb10B_sp1024"
     tokenizer_path: str = "data/tokenizers/fineweb_1024_bpe.model"
     run_dir: str = ""                     # default: runs/<timestamp>_seed<seed>
+    recipe: str = "sp1024"
+    """The named set of defaults the run started from (sp1024: these defaults; sp8192: the SP8192 generation; see
+    RECIPES); stored with the run, so quantizing its checkpoint uses the same recipe's settings."""
     seed: int = 1337
     train_batch_tokens: int = 786_432     # global tokens per optimizer step (8 GPUs x 48 x 2048 in the record)
     micro_batch_tokens: int = 98_304      # tokens per forward per GPU; grad_accum = global / (world * micro)
@@ -78,10 +99,16 @@ class TrainConfig:
     muon_momentum_start: float = 0.92
     muon_momentum_warmup_steps: int = 1500
     muon_ns_steps: int = 5
+    muon_row_normalize: bool = False
+    """MuonEq-R: scale each row of the (Nesterov) update to unit norm before Newton-Schulz, so no row dominates
+    the orthogonalization (PR #1460: about -0.001 BPB on FineWeb)."""
     weight_decay: float = 0.04            # decoupled, Muon and AdamW matrices/tables
     adam_betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 0.3
     ema_decay: float = 0.997              # 0 disables; applied at the end
+    enable_looping_at: float = 0.5
+    """Depth recurrence (ModelConfig.num_loops) switches on at this fraction of training (time or steps); before it
+    every block runs once, which is cheaper while the model is far from converged."""
     qat_threshold: float = 0.15           # late QAT: int6 fake-quant once the LR scale falls below this; 0 disables
     qat_bits: int = 6
     log_every: int = 50
@@ -138,10 +165,43 @@ def apply_overrides(cfg, overrides: dict[str, str], source: str = "env") -> list
     return changed
 
 
-def resolve(*configs, env: dict[str, str] | None = None, cli: dict[str, str] | None = None) -> list[str]:
-    """Apply environment variables (upper-case field names, the challenge's habit) then CLI overrides."""
-    env = dict(os.environ) if env is None else env
+# Named sets of defaults (RECIPE=name), as changes to the dataclass defaults, which are the default recipe's. Keys
+# are fields of ModelConfig, TrainConfig, QuantConfig (tools/gptq.py) or CalibConfig (tools/calibrate.py).
+RECIPES: dict[str, dict] = {
+    # The March 2026 stack (PR #1019, 1.1147 on FineWeb) with the kit's measured additions: the defaults.
+    "sp1024": {},
+    # The SP8192 generation (PR #1460, 1.08269): 8192-token vocabulary, MLP 4x, layers 4-5 looped twice from half
+    # of training, parallel residuals on the last 4 layers, gated skips, q gain 4, MuonEq-R, weight decay 0.085,
+    # warmdown 2/3, matrix/scalar LR 0.02 and tied-embedding LR 0.03; BigramHash, value embeddings and the second
+    # embedding off (their tables grow with the vocabulary); SD clipping and GPTQ on the tied embedding.
+    "sp8192": dict(
+        vocab_size=8192, mlp_mult=4.0, q_gain_init=4.0, num_loops=2, loop_layers=(4, 5), parallel_last_n=4,
+        skip_gates=True, bigram_buckets=0, value_embed_last_n=0, embed2=False,
+        data_dir="data/datasets/fineweb10B_sp8192", tokenizer_path="data/tokenizers/fineweb_8192_bpe.model",
+        matrix_lr=0.02, scalar_lr=0.02, embed_lr=0.03, weight_decay=0.085, warmdown_frac=0.667,
+        muon_row_normalize=True, enable_looping_at=0.5,
+        clip_policy="sdclip", gptq_tied_embedding=True),
+}
+
+
+def apply_recipe(name: str, *configs, source: str = "recipe") -> list[str]:
+    """Set the recipe's values on the fields the given configs own; 'name: old -> new (recipe)' lines."""
+    if name not in RECIPES:
+        raise ValueError(f"RECIPE={name!r}: unknown recipe (known: {', '.join(RECIPES)})")
     changed = []
+    for key, value in RECIPES[name].items():
+        owners = [c for c in configs if key in {f.name for f in dataclasses.fields(c)}]
+        if owners:
+            changed += apply_overrides(owners[0], {key: value}, f"{source}:{name}")
+    return changed
+
+
+def resolve(*configs, env: dict[str, str] | None = None, cli: dict[str, str] | None = None) -> list[str]:
+    """Apply a recipe named by RECIPE (CLI, else environment), then environment variables (upper-case field names,
+    the challenge's habit), then CLI overrides."""
+    env = dict(os.environ) if env is None else env
+    recipe = next((v for k, v in (cli or {}).items() if k.lower() == "recipe"), env.get("RECIPE"))
+    changed = apply_recipe(recipe, *configs) if recipe else []
     for cfg in configs:
         changed += apply_overrides(cfg, {k: v for k, v in env.items() if k.isupper()}, "env")
     for key, value in (cli or {}).items():
@@ -149,6 +209,9 @@ def resolve(*configs, env: dict[str, str] | None = None, cli: dict[str, str] | N
         if not owners:
             raise ValueError(f"unknown setting {key!r}")
         changed += apply_overrides(owners[0], {key: value}, "cli")
+    for cfg in configs:  # the checks that relate fields to each other, on the final values
+        if hasattr(cfg, "__post_init__"):
+            cfg.__post_init__()
     return changed
 
 

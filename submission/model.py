@@ -1,9 +1,11 @@
-"""The record model: GQA attention with XSA and partial RoPE, BigramHash, SmearGate, value embeddings, U-Net skips."""
+"""The record model: GQA attention with XSA and partial RoPE, BigramHash, SmearGate, value embeddings, U-Net skips,
+depth recurrence, parallel residuals; one forward for training, scoring and KV-cached decoding."""
 from __future__ import annotations
 
 import importlib
 import math
 import sys
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -48,13 +50,31 @@ class CastedLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
         self.qat_bits = qat_bits
         self.register_buffer("qat_mix", torch.zeros(()), persistent=False)
+        self.plain = False  # set by plain_linears(): QAT known off, skip the blend
 
     def qat_weight(self) -> Tensor:
         w = self.weight
-        return w + self.qat_mix * (fake_quant(w, self.qat_bits) - w)
+        return w if self.plain else w + self.qat_mix * (fake_quant(w, self.qat_bits) - w)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.qat_weight().to(x.dtype))
+
+
+@contextmanager
+def plain_linears(model: nn.Module):
+    """Inside, every CastedLinear uses its weight as is: the QAT blend is the identity with QAT off, but costs ~12
+    kernels per call, which dominate a one-token decode step. Refuses a model whose QAT is on."""
+    linears = [m for m in model.modules() if isinstance(m, CastedLinear)]
+    live = [name for name, m in model.named_modules() if isinstance(m, CastedLinear) and float(m.qat_mix) != 0]
+    if live:
+        raise ValueError(f"late QAT is on in {live[:3]} (call model.set_qat(False) first)")
+    for m in linears:
+        m.plain = True
+    try:
+        yield model
+    finally:
+        for m in linears:
+            m.plain = False
 
 
 def grouped_linear(x: Tensor, layers: tuple[CastedLinear, ...]) -> Tensor:
@@ -120,6 +140,64 @@ def xsa_reference(y: Tensor, v: Tensor) -> Tensor:
     return yg.reshape(B, T, H, D)
 
 
+class KVCache:
+    """Keys and values of every block application, for decoding one token per call: GPT.logits(tok [B, 1],
+    cache=cache) equals the full forward's logits at the cache's position, which then advances by one.
+
+    The position is a 1-element device tensor and no shape changes between calls, so a decode step can be captured
+    in a CUDA graph. Besides keys and values it keeps what features reading position t-1 need: the previous token
+    (BigramHash, the per-layer bigram), the previous embedding (SmearGate) and each application's previous key (the
+    key offset). Slots follow the layer schedule the model had when the cache was made (depth recurrence runs some
+    blocks more than once: each run has its own keys).
+    """
+
+    def __init__(self, model: "GPT", batch: int, max_len: int):
+        cfg = model.cfg
+        device = model.tok_emb.weight.device
+        self.dtype = torch.bfloat16 if device.type == "cuda" else model.tok_emb.weight.dtype
+        self.slots = len(model.schedule())
+        shape = (self.slots, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=self.dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.prev_k = torch.zeros(self.slots, batch, 1, cfg.num_kv_heads, cfg.head_dim, dtype=self.dtype,
+                                  device=device) if cfg.key_offset_last_n else None
+        self.prev_tok = torch.zeros(batch, dtype=torch.long, device=device)
+        self.prev_embed = torch.zeros(batch, 1, cfg.model_dim, device=device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.positions = torch.arange(max_len, device=device)
+        self.rope = rope_tables(max_len, max(cfg.rope_dims, 2), cfg.rope_base, device)
+
+    def reset(self) -> None:
+        for t in (self.k, self.v, self.prev_k, self.prev_tok, self.prev_embed, self.pos):
+            if t is not None:
+                t.zero_()
+
+    def rope_at(self) -> tuple[Tensor, Tensor]:
+        return self.rope[0].index_select(1, self.pos), self.rope[1].index_select(1, self.pos)
+
+    def shift_key(self, slot: int, k: Tensor, key_shift) -> Tensor:
+        """The key offset for one position: the transform sees (previous key, this key), as in a sequence."""
+        shifted = key_shift(torch.cat((self.prev_k[slot], k), 1))[:, 1:]
+        self.prev_k[slot].copy_(k)
+        return shifted
+
+    def attend(self, slot: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Store this position's k, v [B, 1, Hkv, D]; attend q [B, 1, H, D] to every cached position up to it."""
+        B, _, H, D = q.shape
+        Hkv = k.size(2)
+        self.k[slot].index_copy_(2, self.pos, k.transpose(1, 2).to(self.dtype))
+        self.v[slot].index_copy_(2, self.pos, v.transpose(1, 2).to(self.dtype))
+        # query heads grouped under their KV head ([B, Hkv, H/Hkv, D]), as causal_attention's repeat pairs them
+        scores = (q.view(B, Hkv, H // Hkv, D) @ self.k[slot].transpose(-1, -2)).float() * D ** -0.5
+        scores = scores.masked_fill(self.positions > self.pos, float("-inf"))
+        y = scores.softmax(-1).to(self.dtype) @ self.v[slot]
+        return y.reshape(B, 1, H, D).to(q.dtype)
+
+    def advance(self, idx: Tensor) -> None:
+        self.prev_tok.copy_(idx[:, -1])
+        self.pos.add_(1)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, xsa: bool):
         super().__init__()
@@ -131,12 +209,14 @@ class Attention(nn.Module):
         self.c_proj = CastedLinear(cfg.num_heads * hd, d)
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.q_gain_init))
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], value_embed: Tensor | None, key_shift=None) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], value_embed: Tensor | None, key_shift=None,
+                cache: KVCache | None = None, slot: int = 0) -> Tensor:
         cfg = self.cfg
         B, T, _ = x.shape
         H, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         qkv = grouped_linear(x, (self.c_q, self.c_k, self.c_v))
-        if cfg.qk_norm and cfg.rope_dims and key_shift is None and _fa3 is None and kernels.available(x, D):
+        if cfg.qk_norm and cfg.rope_dims and key_shift is None and cache is None and _fa3 is None and \
+                kernels.available(x, D):
             # the lines below, the K/V repeat for SDPA and the gradient of qkv in one Triton pass each way
             q, k, v_rep, v = kernels.qkv_prep(qkv, value_embed, self.q_gain, rope[0][0, :T, 0], rope[1][0, :T, 0],
                                               H, Hkv)
@@ -150,13 +230,13 @@ class Attention(nn.Module):
             if cfg.qk_norm:
                 q, k = rms_norm(q), rms_norm(k)
             if cfg.rope_dims:
-                cos, sin = rope[0][:, :T], rope[1][:, :T]
+                cos, sin = (rope[0][:, :T], rope[1][:, :T]) if cache is None else cache.rope_at()
                 q = apply_partial_rope(q, cos, sin, cfg.rope_dims)
                 k = apply_partial_rope(k, cos, sin, cfg.rope_dims)
             if key_shift is not None:
-                k = key_shift(k)
+                k = key_shift(k) if cache is None else cache.shift_key(slot, k, key_shift)
             q = q * self.q_gain.to(q.dtype)[None, None, :, None]
-            y = causal_attention(q, k, v)
+            y = causal_attention(q, k, v) if cache is None else cache.attend(slot, q, k, v)
         if self.xsa:
             y = remove_self_value(y, v)
         return self.c_proj(y.reshape(B, T, -1))
@@ -174,8 +254,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """Pre-norm block with resid_mix; parallel (the last cfg.parallel_last_n layers): attention and MLP read the same
+    normed input, x + a * attn(n(x)) + m * mlp(n(x)), instead of the MLP reading the attention's output."""
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
+        self.parallel = layer >= cfg.num_layers - cfg.parallel_last_n
         self.attn = Attention(cfg, xsa=layer >= cfg.num_layers - cfg.xsa_last_n)
         self.mlp = MLP(cfg)
         self.norm_scale = 1.0 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0
@@ -185,20 +269,40 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim)))) \
             if cfg.resid_mix else None
 
-    def forward(self, x: Tensor, x0: Tensor, rope, value_embed: Tensor | None, key_shift=None) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, rope, value_embed: Tensor | None, key_shift=None,
+                cache: KVCache | None = None, slot: int = 0) -> Tensor:
         if self.resid_mix is not None:
             mix = self.resid_mix.to(x.dtype)
             x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, rope, value_embed, key_shift)
+        n = rms_norm(x) * self.norm_scale
+        attn = self.attn_scale.to(x.dtype) * self.attn(n, rope, value_embed, key_shift, cache, slot)
+        if self.parallel:
+            return x + attn + self.mlp_scale.to(x.dtype) * self.mlp(n)
+        x = x + attn
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)
 
 
-def bigram_bucket(idx: Tensor, buckets: int, bos_id: int) -> Tensor:
+def starts_of(idx: Tensor, bos_id: int, cache: KVCache | None = None) -> Tensor:
+    """[B, T] true where a position has no previous token to read: a BOS, and position 0 of a sequence (or of the
+    cache's stream). Features that read position t-1 (BigramHash, SmearGate, the speedrun's) do nothing there."""
+    starts = idx == bos_id
+    first = torch.ones_like(starts[:, :1]) if cache is None else (cache.pos == 0).expand(idx.size(0), 1)
+    return torch.cat((starts[:, :1] | first, starts[:, 1:]), 1)
+
+
+def previous_tokens(idx: Tensor, cache: KVCache | None = None) -> Tensor:
+    """The token before each position (the cache's last token before position 0 of a decode step; else 0)."""
+    before = idx.new_zeros(idx.size(0), 1) if cache is None else cache.prev_tok[:, None]
+    return torch.cat((before, idx[:, :-1]), 1)
+
+
+def bigram_bucket(idx: Tensor, buckets: int, bos_id: int, prev: Tensor | None = None,
+                  starts: Tensor | None = None) -> Tensor:
     """Hash (previous, current) token into [1, buckets); position 0 and document starts (BOS) use bucket 0."""
-    prev = F.pad(idx[:, :-1], (1, 0))
+    prev = previous_tokens(idx) if prev is None else prev
+    starts = starts_of(idx, bos_id) if starts is None else starts
     h = (prev * 36313 ^ idx * 27191) % (buckets - 1) + 1
-    h[:, 0] = 0
-    return h.masked_fill(idx == bos_id, 0)
+    return h.masked_fill(starts, 0)
 
 
 class BigramHash(nn.Module):
@@ -216,8 +320,8 @@ class BigramHash(nn.Module):
         self.proj = CastedLinear(cfg.bigram_dim, cfg.model_dim)
         self.scale = nn.Parameter(torch.tensor(0.05))
 
-    def forward(self, idx: Tensor) -> Tensor:
-        return self.scale * self.proj(self.table(bigram_bucket(idx, self.buckets, self.bos_id)))
+    def forward(self, idx: Tensor, prev: Tensor | None = None, starts: Tensor | None = None) -> Tensor:
+        return self.scale * self.proj(self.table(bigram_bucket(idx, self.buckets, self.bos_id, prev, starts)))
 
 
 class SmearGate(nn.Module):
@@ -228,12 +332,13 @@ class SmearGate(nn.Module):
         self.bos_id = cfg.bos_id
         self.gate = nn.Parameter(torch.full((cfg.model_dim,), -3.0))  # sigmoid(-3) ~ 0.05: starts nearly off
 
-    def forward(self, x: Tensor, idx: Tensor) -> Tensor:
+    def forward(self, x: Tensor, idx: Tensor, prev: Tensor | None = None, starts: Tensor | None = None) -> Tensor:
+        """prev [B, 1, D]: the embedding before position 0 (a decode step's; default none); starts: starts_of."""
         g = torch.sigmoid(self.gate).to(x.dtype)
-        prev = F.pad(x[:, :-1], (0, 0, 1, 0))
-        allowed = (idx != self.bos_id).to(x.dtype).unsqueeze(-1)
-        allowed[:, 0] = 0
-        return x + allowed * g * (prev - x)
+        before = x.new_zeros(x[:, :1].shape) if prev is None else prev.to(x.dtype)
+        prev = torch.cat((before, x[:, :-1]), 1)
+        allowed = ~(starts_of(idx, self.bos_id) if starts is None else starts)
+        return x + allowed.to(x.dtype).unsqueeze(-1) * g * (prev - x)
 
 
 SWITCHES = "submission.switches"
@@ -254,11 +359,31 @@ def switches():
     return importlib.import_module(SWITCHES)
 
 
+class RMSNorm(nn.Module):
+    """rms_norm as a module: the final norm is one, so GPTQ can hook what the output head reads."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x)
+
+
+def layer_schedule(cfg: ModelConfig, looping: bool) -> list[int]:
+    """The blocks in the order they run. Depth recurrence runs the span loop_layers = (first, last) 1 + num_loops
+    times in a row: 11 layers, span (4, 5), 2 loops -> 0 1 2 3 4 5 4 5 4 5 6 7 8 9 10 (the same weights each time)."""
+    first, last = cfg.loop_layers
+    if not looping or not cfg.num_loops:
+        return list(range(cfg.num_layers))
+    span = list(range(first, last + 1))
+    return [*range(first), *span * (1 + cfg.num_loops), *range(last + 1, cfg.num_layers)]
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig, qat_bits: int = 6):
         super().__init__()
         self.cfg = cfg
         d = cfg.model_dim
+        # Depth recurrence is on in a built model (what is scored and quantized); training turns it off for its
+        # first TrainConfig.enable_looping_at of the time. A plain attribute: torch.compile guards on it.
+        self.looping = bool(cfg.num_loops)
         self.tok_emb = Embedding(cfg.vocab_size, d)
         nn.init.normal_(self.tok_emb.weight, std=0.005)
         self.bigram = BigramHash(cfg) if cfg.bigram_buckets else None
@@ -270,13 +395,17 @@ class GPT(nn.Module):
             nn.init.normal_(self.value_embed.weight, std=0.01)
             self.value_proj = CastedLinear(cfg.value_embed_dim, kv_dim)
             self.value_scales = nn.Parameter(torch.full((cfg.value_embed_last_n,), 0.1))
-        # U-Net: the first num_layers // 2 blocks are the encoder; decoder block j adds encoder output
-        # num_encoder - 1 - j times skip_weights[j]. With an odd layer count the last decoder block has no partner,
-        # so there is one weight row per encoder block (a row per decoder block left one never used).
-        self.num_encoder = cfg.num_layers // 2 if cfg.unet_skips else 0
-        if self.num_encoder:
-            self.skip_weights = nn.Parameter(torch.ones(self.num_encoder, d))
+        # U-Net: the first half of the schedule is the encoder; the decoder's j-th block adds the encoder's output
+        # from the mirrored position times skip_weights[j] (pairs from the middle out). One row per encoder position
+        # of the longest schedule: with an odd length the last decoder block has no partner, and before depth
+        # recurrence switches on the shorter schedule uses the first rows.
+        self.num_skips = len(layer_schedule(cfg, True)) // 2 if cfg.unet_skips else 0
+        if self.num_skips:
+            self.skip_weights = nn.Parameter(torch.ones(self.num_skips, d))
+            # sigmoid-gated skips: x <- lerp(w * skip, x, sigmoid(g)), g = 0 at init: half the skip, half x
+            self.skip_gates = nn.Parameter(torch.zeros(self.num_skips, d)) if cfg.skip_gates else None
         self.lm_head = None if cfg.tie_embeddings else CastedLinear(d, cfg.vocab_size)
+        self.final_norm = RMSNorm()
         # Second token embedding (the speedrun's): its rows are mixed in before block i x embed2_weights[i], per
         # channel; the weights start at zero, so the model starts as if it had none and their gradient switches it on.
         self.embed2 = Embedding(cfg.vocab_size, d) if cfg.embed2 else None
@@ -293,49 +422,75 @@ class GPT(nn.Module):
         if self.lm_head is not None:
             nn.init.zeros_(self.lm_head.weight)
 
-    def embed(self, idx: Tensor, extra_embed: Tensor | None = None) -> Tensor:
+    def schedule(self) -> list[int]:
+        return layer_schedule(self.cfg, self.looping)
+
+    def embed(self, idx: Tensor, extra_embed: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
         """Token embedding (+ BigramHash, + an eval-time extra embedding), then SmearGate; before the first norm."""
+        prev, starts = previous_tokens(idx, cache), starts_of(idx, self.cfg.bos_id, cache)
         x = self.tok_emb(idx)
         if self.bigram is not None:
-            x = x + self.bigram(idx).to(x.dtype)
+            x = x + self.bigram(idx, prev, starts).to(x.dtype)
         if extra_embed is not None:
             x = x + extra_embed.to(x.dtype)
         if self.smear is not None:
-            x = self.smear(x, idx)
+            smeared = self.smear(x, idx, None if cache is None else cache.prev_embed, starts)
+            if cache is not None:
+                cache.prev_embed.copy_(x)  # what the next position's SmearGate reads
+            x = smeared
         return x
 
-    def hidden(self, idx: Tensor, extra_embed: Tensor | None = None) -> Tensor:
+    def hidden(self, idx: Tensor, extra_embed: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+        """Final normed hidden states [B, T, D]. With a KVCache: one position per sequence (T = 1), decoded from the
+        cache's keys and values, which it extends (the cache's position advances)."""
         cfg = self.cfg
-        x = self.embed(idx, extra_embed)
-        dtype = torch.bfloat16 if x.is_cuda else x.dtype
+        if cache is not None and idx.size(1) != 1:
+            raise ValueError(f"a KV-cached forward decodes one position per call, got {idx.size(1)}")
+        dtype = torch.bfloat16 if idx.is_cuda else self.tok_emb.weight.dtype
+        extra = self.speedrun and self.speedrun.inputs(
+            lambda n: bigram_bucket(idx, n, cfg.bos_id, previous_tokens(idx, cache), starts_of(idx, cfg.bos_id, cache)),
+            starts_of(idx, cfg.bos_id, cache), cache is not None, dtype)
+        x = self.embed(idx, extra_embed, cache)
         x = x0 = rms_norm(x).to(dtype)
-        rope = rope_tables(idx.size(1), max(cfg.rope_dims, 2), cfg.rope_base, idx.device)
+        rope = rope_tables(idx.size(1), max(cfg.rope_dims, 2), cfg.rope_base, idx.device) if cache is None else None
         ve = None
         if cfg.value_embed_last_n:
             ve = self.value_proj(self.value_embed(idx).to(dtype))
-        skips, shift = [], None
         e2 = rms_norm(self.embed2(idx)).to(dtype) if self.embed2 is not None else None
-        extra = self.speedrun and self.speedrun.inputs(idx, bigram_bucket, dtype)
-        for i, block in enumerate(self.blocks):
-            if i >= self.num_encoder and skips:
-                x = x + self.skip_weights[i - self.num_encoder].to(dtype) * skips.pop()
+        order = self.schedule()
+        encoder = len(order) // 2 if self.num_skips else 0
+        skips, shift = [], None
+        for slot, i in enumerate(order):
+            if slot >= encoder and skips:
+                j = slot - encoder
+                skip = self.skip_weights[j].to(dtype) * skips.pop()
+                if self.skip_gates is not None:
+                    x = torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j]).to(dtype))
+                else:
+                    x = x + skip
             if e2 is not None:
                 x = x + self.embed2_weights[i].to(dtype) * e2
             if extra:
                 x, shift = self.speedrun.before_block(i, x, extra)
             j = i - (cfg.num_layers - cfg.value_embed_last_n)
-            x = block(x, x0, rope, ve * self.value_scales[j].to(dtype) if ve is not None and j >= 0 else None, shift)
-            if i < self.num_encoder:
+            layer_ve = ve * self.value_scales[j].to(dtype) if ve is not None and j >= 0 else None
+            x = self.blocks[i](x, x0, rope, layer_ve, shift, cache, slot)
+            if slot < encoder:
                 skips.append(x)
-        return rms_norm(x)
+        if cache is not None:
+            cache.advance(idx)
+        return self.final_norm(x)
 
-    def logits(self, idx: Tensor, extra_embed: Tensor | None = None) -> Tensor:
-        """Soft-capped logits in fp32, [B, T, V]."""
-        x = self.hidden(idx, extra_embed)
+    def head(self, h: Tensor) -> Tensor:
+        """Soft-capped logits in fp32 [..., V] from final hidden states (the tied embedding, or lm_head)."""
         w = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        z = F.linear(x, w.to(x.dtype)).float()
+        z = F.linear(h, w.to(h.dtype)).float()
         c = self.cfg.logit_softcap
         return c * torch.tanh(z / c) if c else z
+
+    def logits(self, idx: Tensor, extra_embed: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+        """Soft-capped logits in fp32, [B, T, V]."""
+        return self.head(self.hidden(idx, extra_embed, cache))
 
     def forward(self, idx: Tensor, targets: Tensor) -> Tensor:
         """Mean next-token cross-entropy in nats."""

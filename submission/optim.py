@@ -33,8 +33,10 @@ class Muon(torch.optim.Optimizer):
     computes the same update.
     """
 
-    def __init__(self, params, lr: float, momentum: float, weight_decay: float, ns_steps: int):
-        super().__init__(list(params), dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ns_steps=ns_steps))
+    def __init__(self, params, lr: float, momentum: float, weight_decay: float, ns_steps: int,
+                 row_normalize: bool = False):
+        super().__init__(list(params), dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ns_steps=ns_steps,
+                                            row_normalize=row_normalize))
 
     @torch.no_grad()
     def step(self):
@@ -53,8 +55,10 @@ class Muon(torch.optim.Optimizer):
                 grads = [p.grad for p in params]
                 torch._foreach_mul_(bufs, mom)
                 torch._foreach_add_(bufs, grads)
-                grads = torch._foreach_add(grads, bufs, alpha=mom)  # Nesterov
-                update = newton_schulz(torch.stack(grads), group["ns_steps"]).to(params[0].dtype)
+                grads = torch.stack(torch._foreach_add(grads, bufs, alpha=mom))  # Nesterov
+                if group["row_normalize"]:  # MuonEq-R: every row of the update at unit norm before orthogonalizing
+                    grads = grads / grads.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(grads.dtype)
+                update = newton_schulz(grads, group["ns_steps"]).to(params[0].dtype)
                 torch._foreach_mul_(params, 1 - lr * wd)
                 torch._foreach_add_(params, list(update.unbind(0)),
                                     alpha=-lr * max(1.0, shape[0] / shape[1]) ** 0.5)
@@ -72,7 +76,7 @@ def build_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.opt
          dict(params=scalars, lr=cfg.scalar_lr, weight_decay=0.0)],
         betas=cfg.adam_betas, eps=1e-8, fused=next(model.parameters()).is_cuda)
     muon = Muon(matrices, lr=cfg.matrix_lr, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay,
-                ns_steps=cfg.muon_ns_steps)
+                ns_steps=cfg.muon_ns_steps, row_normalize=cfg.muon_row_normalize)
     for opt in (adam, muon):
         for group in opt.param_groups:
             group["base_lr"] = group["lr"]

@@ -44,23 +44,15 @@ class Speedrun(nn.Module):
             nn.init.zeros_(self.layer_bigram.weight)
             self.layer_bigram_scales = nn.Parameter(torch.full((L,), 0.1))
 
-    def inputs(self, idx: Tensor, bucket, dtype) -> tuple:
-        """What every block reads, computed once per forward: (key shift mask, bigram rows).
-        `bucket` is the model's bigram hash (idx, buckets, bos_id) -> bucket ids, bucket 0 for position 0 and BOS."""
-        shift = idx != self.bos_id
-        shift[:, 0] = False
-        rows = None if self.layer_bigram is None else \
-            self.layer_bigram(bucket(idx, self.buckets, self.bos_id)).to(dtype)
-        return shift, rows
-
-    def decode_inputs(self, pair: Tensor, first: Tensor, bucket, dtype) -> tuple:
-        """inputs() for one position of a KV-cached decoder (tools/calibrate.py): pair [B, 2] is (previous, current)
-        token, first is true at position 0 (where the previous token means nothing). The key shift covers both, so
-        before_block's transform applied to (previous key, current key) moves the previous one into the current."""
-        shift = (pair != self.bos_id) & ~first
-        shift[:, 0] = False
-        rows = None if self.layer_bigram is None else \
-            self.layer_bigram(bucket(pair, self.buckets, self.bos_id)[:, 1:].masked_fill(first, 0)).to(dtype)
+    def inputs(self, bucket, starts: Tensor, cached: bool, dtype) -> tuple:
+        """What every block reads, computed once per forward: (key shift mask, bigram rows). `bucket(n)` is the
+        model's bigram hash into n buckets (bucket 0 at sequence starts and BOS); starts [B, T] marks those
+        positions. cached: a KV-cached decode step, whose key transform sees (previous key, this key), so the mask
+        gets a leading position that never moves."""
+        shift = ~starts
+        if cached:
+            shift = F.pad(shift, (1, 0))
+        rows = None if self.layer_bigram is None else self.layer_bigram(bucket(self.buckets)).to(dtype)
         return shift, rows
 
     def before_block(self, i: int, x: Tensor, inputs: tuple):

@@ -20,7 +20,7 @@ from eval.bpb import build_byte_luts
 from eval.flat import evaluate_flat
 from submission.config import ModelConfig, TrainConfig, packed, parse_overrides, resolve, to_dict
 from submission.data import TokenLoader, load_tokens
-from submission.model import GPT
+from submission.model import GPT, layer_schedule
 from submission.optim import build_optimizers
 
 H100_BF16_PEAK_FLOPS = 989e12  # dense bf16, SXM; MFU is quoted against it
@@ -89,12 +89,17 @@ def setup_distributed() -> tuple[int, int, torch.device]:
 
 
 def matmul_flops_per_token(model: GPT, seq_len: int) -> float:
-    """Forward + backward FLOPs per token: 6 x matrix parameters (+ tied head) + causal attention."""
+    """Forward + backward FLOPs per token: 6 x matrix parameters (+ tied head) + causal attention, counting each
+    block as often as the layer schedule runs it (depth recurrence, as at the end of training)."""
     cfg = model.cfg
-    matrix_params = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and "emb" not in n
+    schedule = layer_schedule(cfg, True)
+
+    def runs(name: str) -> int:
+        return schedule.count(int(name.split(".")[1])) if name.startswith("blocks.") else 1
+    matrix_params = sum(p.numel() * runs(n) for n, p in model.named_parameters() if p.ndim == 2 and "emb" not in n
                         and "skip" not in n and "resid_mix" not in n)
     head = cfg.vocab_size * cfg.model_dim
-    attention = 6 * cfg.num_layers * seq_len * cfg.num_heads * cfg.head_dim  # QK^T and AV, causal half, fwd+bwd
+    attention = 6 * len(schedule) * seq_len * cfg.num_heads * cfg.head_dim  # QK^T and AV, causal half, fwd+bwd
     return 6 * (matrix_params + head) + attention
 
 
@@ -216,6 +221,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, overrides: list[str] | None 
         loader = new_loader()
         for step in range(cfg.warmup_steps):
             model.set_qat(step % 2 == 1 and cfg.qat_threshold > 0)  # exercise both QAT states once
+            model.looping = bool(model_cfg.num_loops) and step >= cfg.warmup_steps // 2  # and both layer schedules
             step_fn(loader, 1.0, step)
         model.set_qat(False)
         model.load_state_dict(initial[0])
@@ -225,10 +231,13 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, overrides: list[str] | None 
             torch.cuda.synchronize()
         log("warmup", steps=cfg.warmup_steps, seconds=round(time.perf_counter() - t0, 1), restored="model,optimizer")
 
+    loops = bool(model_cfg.num_loops)
+    model.looping = loops and cfg.enable_looping_at <= 0
     warmdown_s = cfg.warmdown_frac * cfg.max_wallclock_seconds
     log("schedule", wallclock_cap_s=cfg.max_wallclock_seconds, warmdown_start_s=cfg.max_wallclock_seconds - warmdown_s,
         warmdown_s=warmdown_s, qat_starts_at_s=round(cfg.max_wallclock_seconds - warmdown_s * cfg.qat_threshold, 1)
-        if cfg.qat_threshold else "off", tokens_per_step=cfg.train_batch_tokens)
+        if cfg.qat_threshold else "off", tokens_per_step=cfg.train_batch_tokens,
+        looping_starts_at_s=round(cfg.enable_looping_at * cfg.max_wallclock_seconds, 1) if loops else "off")
     val_tokens = load_tokens(f"{cfg.data_dir}/fineweb_val_*.bin")
     luts = _byte_luts(cfg, model_cfg.vocab_size)
 
@@ -242,7 +251,11 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, overrides: list[str] | None 
     while step < cfg.max_steps:
         # Progress is the larger of time and step fractions: the wallclock cap normally binds; with max_steps
         # binding (tiny CPU runs, tests) the schedule is deterministic.
-        scale = lr_scale(max(elapsed / cfg.max_wallclock_seconds, step / cfg.max_steps), cfg.warmdown_frac)
+        progress = max(elapsed / cfg.max_wallclock_seconds, step / cfg.max_steps)
+        scale = lr_scale(progress, cfg.warmdown_frac)
+        if loops and not model.looping and progress >= cfg.enable_looping_at:
+            model.looping = True
+            log("looping", step=step, schedule=",".join(map(str, model.schedule())), elapsed_s=round(elapsed, 1))
         if cfg.qat_threshold and not qat_on and scale < cfg.qat_threshold:
             model.set_qat(True)
             qat_on = True
@@ -288,6 +301,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, overrides: list[str] | None 
         peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if is_cuda else 0)
 
     model.set_qat(False)
+    model.looping = loops  # the schedule the built model runs, which quantization and evaluation use
     acc = _validate(model, val_tokens, luts, cfg, rank, world_size)
     log("final_raw", val_loss=round(acc.val_loss, 6), val_bpb=round(acc.val_bpb, 6))
     checkpoint = {"model_config": to_dict(model_cfg), "train_config": to_dict(cfg), "steps": step,

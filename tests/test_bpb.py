@@ -11,8 +11,7 @@ from sentencepiece import sentencepiece_model_pb2 as pb
 from eval.bpb import build_byte_luts
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-MODELS = [ROOT / "data/sample/fineweb_1024_bpe.model", SHARED / "benchdata/tokenizers/fineweb_8192_bpe.model"]
+MODELS = [ROOT / "data/sample/fineweb_1024_bpe.model", ROOT / "data/sample/fineweb_8192_bpe.model"]
 UNK_MARK = "\ue000"  # a private-use character the sample text does not contain: the decoded surface of unk
 
 
@@ -76,8 +75,6 @@ def test_lut_bytes_equal_decoded_utf8(model, no_space_piece):
     and stay as they are. With no U+2581 piece (the "20% optimistic" pitfall) sp8192 falls back to the <0x20> byte
     for spaces, while sp1024, which has no byte pieces, turns standalone spaces into unk: both references agree.
     """
-    if not model.exists():
-        pytest.skip(f"{model} not found (../shared absent)")
     sp = _proto(model, no_space_piece)
     luts = build_byte_luts(sp)
     # byte-fallback pieces only exist in sp8192; sp1024 maps such characters to unk (0 bytes, text lost)

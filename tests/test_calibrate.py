@@ -1,4 +1,5 @@
-"""tools.calibrate: KV-cached decode == GPT's full forward, sampling right and seeded, Hessians, train tokens."""
+"""tools.calibrate and the model's KV cache: cached decode == GPT's full forward (every feature, depth recurrence,
+the speedrun switches), sampling right and seeded, Hessians (the head's included), train tokens."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,8 +10,8 @@ import torch
 
 from submission.config import ModelConfig
 from submission.data import write_shard
-from submission.model import GPT, CastedLinear
-from tools.calibrate import CalibConfig, KVCacheDecoder, calibrate, generate, hessian_modules, train_tokens
+from submission.model import GPT, CastedLinear, KVCache, plain_linears
+from tools.calibrate import CalibConfig, calibrate, generate, hessian_modules, train_tokens
 
 BOS = 1
 # Every feature on: GQA, XSA on some layers, partial RoPE, value embeddings on the last 2 of 5 layers (an odd count:
@@ -51,23 +52,42 @@ def tokens_with_bos(batch: int, length: int, vocab: int, seed: int) -> torch.Ten
     return idx
 
 
-@pytest.mark.parametrize("cfg", [ALL_ON, ALL_OFF, SWITCHES], ids=["all_on", "all_off", "switches"])
+# ...and the SP8192 generation's structure: layers 1-2 looped twice more (schedule 0 1 2 1 2 1 2 3 4), parallel
+# residuals on the last 2 layers, gated skips (7 slots of the U-Net: 4 encoder positions, 5 decoder ones).
+LOOPED = dataclasses.replace(ALL_ON, num_loops=2, loop_layers=(1, 2), parallel_last_n=2, skip_gates=True)
+
+
+@pytest.mark.parametrize("cfg", [ALL_ON, ALL_OFF, SWITCHES, LOOPED], ids=["all_on", "all_off", "switches", "looped"])
 def test_cached_decode_equals_full_forward(cfg):
     model = random_model(cfg)
     idx = tokens_with_bos(3, 20, cfg.vocab_size, seed=1)
-    decoder = KVCacheDecoder(model, batch=3, max_len=24)  # cache longer than the sequence: masked positions
-    with torch.no_grad():
+    cache = KVCache(model, batch=3, max_len=24)  # cache longer than the sequence: masked positions
+    with torch.no_grad(), plain_linears(model):
         full = model.logits(idx)
-        steps = torch.stack([decoder.step(idx[:, t], idx[:, max(t - 1, 0)], torch.tensor([t])) for t in range(20)], 1)
+        steps = torch.cat([model.logits(idx[:, t:t + 1], cache=cache) for t in range(20)], 1)
     assert full.abs().max() > 1.0  # the check is not on a degenerate near-zero output
+    assert int(cache.pos) == 20
     torch.testing.assert_close(steps, full, rtol=0, atol=1e-5)
+    with torch.no_grad():  # reset: the same stream again gives the same logits
+        cache.reset()
+        again = torch.cat([model.logits(idx[:, t:t + 1], cache=cache) for t in range(20)], 1)
+    torch.testing.assert_close(again, steps, rtol=0, atol=0)
 
 
-def test_decoder_refuses_live_qat():
+def test_cache_slots_follow_the_layer_schedule_and_decode_one_position():
+    model = random_model(LOOPED)
+    assert model.schedule() == [0, 1, 2, 1, 2, 1, 2, 3, 4] and KVCache(model, 1, 8).slots == 9
+    model.looping = False
+    assert KVCache(model, 1, 8).slots == 5
+    with pytest.raises(ValueError, match="one position per call"):
+        model.logits(torch.ones(1, 2, dtype=torch.long), cache=KVCache(model, 1, 8))
+
+
+def test_decoding_refuses_live_qat():
     model = random_model(ALL_ON)
     model.set_qat(True)
     with pytest.raises(ValueError, match=r"late QAT is on .*set_qat\(False\)"):
-        KVCacheDecoder(model, 1, 8)
+        generate(model, CalibConfig(calib_seqs=1, calib_seq_len=4), progress=False)
 
 
 def test_generate_is_greedy_at_low_temperature_and_seeded():
@@ -103,7 +123,8 @@ def test_calibrate_collects_every_linear_from_generated_tokens():
     cfg = CalibConfig(calib_seqs=3, calib_seq_len=12, calib_batch_seqs=2)
     cal = calibrate(model, cfg, progress=False)
     names = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, CastedLinear)}
-    assert set(cal.stats.hessians) == names == set(hessian_modules(model))
+    assert set(hessian_modules(model)) == names
+    assert set(cal.stats.hessians) == names | {"tok_emb.weight"}  # + the tied head's: the final hidden states
     assert cal.stats.batches == 2 and cal.tokens == 36 and cal.source == "generated"
     assert all(tokens == 36 for tokens in cal.stats.tokens.values())
     # Reference: the Gram of the first layer's MLP input from a forward over the same generated tokens.
@@ -116,6 +137,16 @@ def test_calibrate_collects_every_linear_from_generated_tokens():
     X = torch.cat(seen).double()
     torch.testing.assert_close(cal.stats.hessians["blocks.0.mlp.c_fc.weight"], (X.T @ X).float(), rtol=1e-5,
                                atol=1e-5)
+    with torch.no_grad():  # the head reads the final hidden states: their Gram is the embedding's Hessian as a head
+        h = model.hidden(tokens).reshape(-1, 32).double()
+    torch.testing.assert_close(cal.stats.hessians["tok_emb.weight"], (h.T @ h).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_an_untied_head_gets_its_hessian_from_the_final_hidden_states():
+    model = random_model(ALL_OFF, seed=4)
+    cal = calibrate(model, CalibConfig(calib_seqs=2, calib_seq_len=8), progress=False)
+    assert "lm_head.weight" in cal.stats.hessians and "tok_emb.weight" not in cal.stats.hessians
+    assert cal.stats.tokens["lm_head.weight"] == 16
 
 
 def test_train_tokens_reads_the_first_train_tokens(tmp_path):

@@ -56,3 +56,47 @@ def test_command_line_items_must_be_key_value():
     assert parse_overrides(["SEED=1", "RUN_DIR=a=b"]) == {"SEED": "1", "RUN_DIR": "a=b"}
     with pytest.raises(ValueError, match=r"expected KEY=VALUE settings, got \['SEED'\]"):
         parse_overrides(["SEED"])
+
+
+# ---------------------------------------------------------------------------------------------------- recipes
+
+def _all_configs():
+    from tools.calibrate import CalibConfig
+    from tools.gptq import QuantConfig
+    return ModelConfig(), TrainConfig(), QuantConfig(), CalibConfig()
+
+
+def test_every_recipe_key_names_exactly_one_config_field_and_the_default_recipe_is_the_defaults():
+    from submission.config import RECIPES
+    import dataclasses
+    owners = {}
+    for cfg in _all_configs():
+        for f in dataclasses.fields(cfg):
+            owners.setdefault(f.name, []).append(type(cfg).__name__)
+    for name, values in RECIPES.items():
+        for key in values:
+            assert len(owners.get(key, [])) == 1, f"recipe {name}: {key} is owned by {owners.get(key)}"
+    assert RECIPES[TrainConfig().recipe] == {}
+
+
+def test_recipe_sets_its_defaults_then_env_and_cli_override_them():
+    m, t, q, c = _all_configs()
+    changed = resolve(m, t, q, c, env={"WARMDOWN_FRAC": "0.5"}, cli={"RECIPE": "sp8192", "NUM_LOOPS": "1"})
+    assert t.recipe == "sp8192" and m.vocab_size == 8192 and m.mlp_mult == 4.0 and m.loop_layers == (4, 5)
+    assert m.num_loops == 1 and t.warmdown_frac == 0.5  # the recipe's 2 and 0.667 overridden
+    assert m.parallel_last_n == 4 and m.skip_gates and t.muon_row_normalize and t.weight_decay == 0.085
+    assert q.clip_policy == "sdclip" and q.gptq_tied_embedding and not m.embed2 and m.bigram_buckets == 0
+    assert "num_loops: 0 -> 2 (recipe:sp8192)" in changed and "num_loops: 2 -> 1 (cli)" in changed
+    m, t = ModelConfig(), TrainConfig()
+    resolve(m, t, env={"RECIPE": "sp8192"})
+    assert t.recipe == "sp8192" and m.vocab_size == 8192
+    with pytest.raises(ValueError, match=r"RECIPE='sp4096': unknown recipe \(known: sp1024, sp8192\)"):
+        resolve(ModelConfig(), TrainConfig(), env={}, cli={"RECIPE": "sp4096"})
+
+
+def test_relations_between_fields_are_checked_on_the_final_values():
+    with pytest.raises(ValueError, match="LOOP_LAYERS=9,11 NUM_LOOPS=2"):
+        resolve(ModelConfig(), TrainConfig(), env={}, cli={"RECIPE": "sp8192", "LOOP_LAYERS": "9,11"})
+    m = ModelConfig()
+    resolve(m, TrainConfig(), env={}, cli={"LOOP_LAYERS": "9,11"})  # no loops: the span is not used
+    assert m.loop_layers == (9, 11)

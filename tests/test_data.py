@@ -169,9 +169,8 @@ def test_train_tokenizer_has_challenge_settings_and_roundtrips(tmp_path):
     ours = spec(report.model)
     assert ours == dict(model_type=sentencepiece_model_pb2.TrainerSpec.BPE, coverage=0.999, byte_fallback=True,
                         split_digits=True, normalizer="nmt_nfkc", dummy_prefix=False, ids=(0, 1, 2, 3))
-    reference = SHARED / "benchdata/tokenizers/fineweb_8192_bpe.model"  # built with the challenge's settings
-    if reference.is_file():
-        assert ours == spec(reference)
+    reference = REPO / "data/sample/fineweb_8192_bpe.model"  # the official sp8192: the challenge's settings
+    assert ours == spec(reference)
 
     sp = spm.SentencePieceProcessor(model_file=report.model)
     text = "The 2015 census counted 12345 people in \u4e2d\u6587 towns."
@@ -428,3 +427,24 @@ def test_download_cli(hub, tmp_path, capsys):
     shard_dir = tmp_path / "datasets/fineweb10B_sp1024"
     assert main(["data", "verify", str(shard_dir), "--quiet"]) == 0
     assert "verify:ok" in capsys.readouterr().out
+
+
+def test_sp8192_build_verify_and_byte_counts_on_the_sample(tmp_path):
+    """The 8192-token vocabulary end to end on the shipped sample: build, verify, every id inside the vocabulary (ids
+    >= 1024 appear, so no 1024-wide table could hold them), and the BPB byte tables count exactly the UTF-8 bytes of
+    the decoded val documents."""
+    from eval.bpb import build_byte_luts
+    sp8192 = REPO / "data/sample/fineweb_8192_bpe.model"
+    build = data.build_shards([SAMPLE], sp8192, tmp_path, val_docs=5, workers=1, progress=False)
+    report = data.verify_dataset(tmp_path, progress=False)
+    assert report.overlap_docs == 0 and not report.problems and build.docs["val"] == 5
+    sp = spm.SentencePieceProcessor(model_file=str(sp8192))
+    val = read_shard(tmp_path / "fineweb_val_000000.bin").astype(np.int64)
+    train = read_shard(tmp_path / "fineweb_train_000000.bin")
+    assert val.max() < 8192 and train.max() < 8192 and (train >= 1024).mean() > 0.2
+    with lzma.open(SAMPLE, "rt", encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for _, line in zip(range(5), f)]
+    docs = [sp.decode(d[1:].tolist()) for d in np.split(val, np.flatnonzero(val == 1))[1:]]
+    assert docs == [sp.decode(sp.encode(t)) for t in texts]  # the first 5 documents, in order (as normalized)
+    luts = build_byte_luts(sp)
+    assert luts.token_bytes(val[:-1], val[1:]).sum() == sum(len(d.encode("utf-8")) for d in docs)

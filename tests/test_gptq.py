@@ -195,3 +195,41 @@ def test_min_clip_sigma_floors_every_candidate():
     assert torch.all(floored[:, 0] == floor[0]) and torch.all(free[:, 0] < floor[0])
     with pytest.raises(ValueError, match="min_clip_sigma=-1"):
         QuantConfig(min_clip_sigma=-1)
+
+
+def test_sdclip_scale_is_k_row_stds_over_qmax_even_beyond_the_absmax():
+    """SD clipping: one clip k * std per row, not capped at the row's absmax (12.85 sigma for int6 matrices,
+    20 sigma for int8 tables); codes then never reach qmax on a near-Gaussian row: fewer bits per code."""
+    W = heavy_tailed_weights(16, 256, seed=31)
+    cfg = QuantConfig(clip_policy="sdclip")
+    std = np.asarray(W.std(dim=1), dtype=np.float64)
+    codes, scales, info = rtn_quantize(W, 6, cfg)
+    np.testing.assert_array_equal(scales.numpy(), (12.85 * std / 31).astype(np.float16))
+    assert info["clip_choice"] == {"12.85sd": 16} and int(codes.abs().max()) < 31
+    codes, scales, _ = rtn_quantize(W, 8, cfg, embedding=True)
+    np.testing.assert_array_equal(scales.numpy(), (20.0 * std / 127).astype(np.float16))
+    # RTN at that scale, exactly
+    s = scales.float()[:, None]
+    assert torch.equal(codes, torch.clamp(torch.round(W / s), -127, 127).to(torch.int8))
+    X = correlated_inputs(512, 256, seed=32)
+    g_codes, g_scales, g_info = gptq_quantize(W, X.T @ X, 6, cfg)  # GPTQ uses the same single scale
+    np.testing.assert_array_equal(g_scales.numpy(), (12.85 * std / 31).astype(np.float16))
+    assert g_info["clip_choice"] == {"12.85sd": 16}
+    with pytest.raises(ValueError, match="CLIP_POLICY='sd'"):
+        QuantConfig(clip_policy="sd")
+
+
+def test_a_table_with_a_hessian_gets_gptq_at_embed_bits():
+    """The tied embedding quantized as a head: GPTQ with the final hidden states' Gram at embed_bits beats round to
+    nearest on the logits' error (H-weighted), the quantity the head is scored on."""
+    E = heavy_tailed_weights(512, 128, seed=33)
+    h = correlated_inputs(1024, 128, seed=34)
+    H = h.T @ h
+    cfg = QuantConfig(clip_policy="sdclip")
+    tensors, report = quantize_state_dict({"tok_emb.weight": E}, {"tok_emb.weight": H}, ["tok_emb.weight"], cfg,
+                                          progress=False)
+    assert report.methods == {"tok_emb.weight": "gptq int8"} and tensors["tok_emb.weight"].bits == 8
+    rtn_codes, rtn_scales, _ = rtn_quantize(E, 8, cfg, embedding=True)
+    gptq_error = h_weighted_error(E, tensors["tok_emb.weight"].dequantize(), H)
+    rtn_error = h_weighted_error(E, dequantize(rtn_codes, rtn_scales), H)
+    assert gptq_error < 0.8 * rtn_error, (gptq_error, rtn_error)

@@ -264,3 +264,98 @@ def test_grouped_linear_is_the_layers_side_by_side_and_hooks_still_see_their_inp
     finally:
         handle.remove()
     assert len(seen) == 1 and torch.equal(seen[0], x)
+
+
+# ------------------------------------------------------------------- the SP8192 generation: recurrence, parallel, gates
+
+def test_layer_schedule_runs_the_span_one_plus_num_loops_times():
+    from submission.model import layer_schedule
+    cfg = ModelConfig(num_layers=11, num_loops=2, loop_layers=(4, 5))
+    assert layer_schedule(cfg, True) == [0, 1, 2, 3, 4, 5, 4, 5, 4, 5, 6, 7, 8, 9, 10]
+    assert layer_schedule(cfg, False) == list(range(11))
+    assert layer_schedule(ModelConfig(num_layers=3, num_loops=1, loop_layers=(0, 2)), True) == [0, 1, 2, 0, 1, 2]
+    with pytest.raises(ValueError, match="LOOP_LAYERS=4,11"):
+        ModelConfig(num_loops=2, loop_layers=(4, 11))
+    with pytest.raises(ValueError, match="PARALLEL_LAST_N=12"):
+        ModelConfig(parallel_last_n=12)
+
+
+def test_recurrence_reuses_the_blocks_and_their_gradients_add_up():
+    """Layers 1-2 of 4 looped once more: the forward is the blocks applied in the order 0 1 2 1 2 3 with the same
+    weights, and each looped weight's gradient is the sum of the gradients of two independent copies."""
+    import copy
+    kw = dict(unet_skips=False, bigram_buckets=0, value_embed_last_n=0, embed2=False, num_loops=1, loop_layers=(1, 2))
+    model = _model(**kw)
+    x, y = torch.randint(0, 64, (2, 12)), torch.randint(0, 64, (2, 12))
+    order = [0, 1, 2, 1, 2, 3]
+    copies = [copy.deepcopy(model.blocks[i]) for i in order]  # one independent copy per application
+    h = h0 = F.rms_norm(model.embed(x), (32,))
+    rope = rope_tables(12, 4, 10000.0)
+    for block in copies:
+        h = block(h, h0, rope, None)
+    logits = model.head(F.rms_norm(h, (32,)))
+    torch.testing.assert_close(model.logits(x), logits, rtol=0, atol=1e-6)
+    F.cross_entropy(model.logits(x).flatten(0, 1), y.flatten()).backward()
+    F.cross_entropy(logits.flatten(0, 1), y.flatten()).backward()
+    for i in (1, 2):
+        twice = [c for c, j in zip(copies, order) if j == i]
+        expected = sum(c.mlp.c_fc.weight.grad for c in twice)
+        torch.testing.assert_close(model.blocks[i].mlp.c_fc.weight.grad, expected, rtol=1e-4, atol=1e-6)
+        assert not torch.allclose(twice[0].mlp.c_fc.weight.grad, twice[1].mlp.c_fc.weight.grad)
+    model.looping = False  # before the switch every block runs once
+    plain = _model(**{**kw, "num_loops": 0})
+    torch.testing.assert_close(model.logits(x), plain.logits(x), rtol=0, atol=0)
+
+
+def test_parallel_block_is_x_plus_attention_and_mlp_of_the_same_normed_input():
+    model = _model(parallel_last_n=2, resid_mix=False)
+    assert [b.parallel for b in model.blocks] == [False, False, True, True]
+    block = model.blocks[3]
+    g = torch.Generator().manual_seed(3)
+    x, x0 = torch.randn(2, 9, 32, generator=g), torch.randn(2, 9, 32, generator=g)
+    rope = rope_tables(9, 4, 10000.0)
+    with torch.no_grad():
+        n = F.rms_norm(x, (32,)) * block.norm_scale
+        expected = x + block.attn_scale * block.attn(n, rope, None) + block.mlp_scale * block.mlp(n)
+        torch.testing.assert_close(block(x, x0, rope, None), expected, rtol=1e-5, atol=1e-6)
+        serial = model.blocks[1]  # the sequential form: the MLP reads the attention's output
+        a = x + serial.attn_scale * serial.attn(F.rms_norm(x, (32,)) * serial.norm_scale, rope, None)
+        expected = a + serial.mlp_scale * serial.mlp(F.rms_norm(a, (32,)) * serial.norm_scale)
+        torch.testing.assert_close(serial(x, x0, rope, None), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_gated_skips_lerp_between_the_weighted_skip_and_the_residual():
+    """Five layers: decoder block 2 reads lerp(w0 * out(1), x, sigmoid(g0)), block 3 lerp(w1 * out(0), ...)."""
+    model = _model(num_layers=5, xsa_last_n=0, value_embed_last_n=0, embed2=False, skip_gates=True)
+    assert model.skip_gates.shape == (2, 32) and model.skip_gates.requires_grad
+    x = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        h = h0 = F.rms_norm(model.embed(x), (32,))
+        rope = rope_tables(12, 4, 10000.0)
+        out = []
+        for i in range(5):
+            if i in (2, 3):
+                j = i - 2
+                skip = model.skip_weights[j] * out[1 - j]
+                g = torch.sigmoid(model.skip_gates[j])
+                h = g * h + (1 - g) * skip
+            h = model.blocks[i](h, h0, rope, None)
+            out.append(h)
+        torch.testing.assert_close(model.hidden(x), F.rms_norm(h, (32,)), rtol=0, atol=1e-5)
+    model(x, torch.randint(0, 64, (2, 12))).backward()
+    assert (model.skip_gates.grad.abs().sum(-1) > 0).all()
+
+
+def test_muon_row_normalize_orthogonalizes_the_row_normalized_update():
+    from submission.optim import Muon, newton_schulz
+    torch.manual_seed(0)
+    results = {}
+    for row_normalize in (False, True):
+        w = torch.nn.Parameter(torch.zeros(8, 16))
+        w.grad = torch.randn(8, 16) * torch.logspace(-2, 1, 8)[:, None]  # rows of very different norms
+        opt = Muon([w], lr=1.0, momentum=0.0, weight_decay=0.0, ns_steps=5, row_normalize=row_normalize)
+        opt.step()
+        g = w.grad / w.grad.norm(dim=-1, keepdim=True) if row_normalize else w.grad
+        torch.testing.assert_close(w.data, -newton_schulz(g[None], 5)[0], rtol=1e-5, atol=1e-6)
+        results[row_normalize] = w.data.clone()
+    assert not torch.allclose(results[False], results[True], atol=1e-3)

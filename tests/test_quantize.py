@@ -110,6 +110,7 @@ def test_quantize_run_writes_the_artifact_and_logs_the_stage(quantized):
     assert "calibration source:generated seqs:2 tokens:32 temperature:0.8" in log.lines[1]
     gptq = log.starting("gptq ")[0]
     assert "gptq:13 rtn:4" in gptq and "min_calibration_tokens:32" in gptq  # 12 block matrices + bigram proj; 4 tables
+    assert "quant:tok_emb.weight method:rtn_int8" in log.lines  # the head's Hessian is used only when asked
     assert log.starting("gptq_rank_deficient hessians:12 min_tokens:32 max_input_dims:192 damp:0.01")
     assert log.starting("budget: target:16000000 code_bytes:1234")
     assert log.starting("artifact_vs_torch_save ")
@@ -233,3 +234,24 @@ def test_clip_floor_rises_until_pruning_can_close_the_gap(tmp_path, monkeypatch)
     logged = [float(line.split("min_clip_sigma:")[1].split()[0]) for line in log.starting("gptq ")]
     assert logged == [0.0, *floors]
     assert code_bytes + (run / MODEL_FILENAME).stat().st_size <= DECIMAL_CAP
+
+
+def test_the_run_recipe_sets_quantization_defaults_and_the_tied_embedding_gets_gptq(tmp_path):
+    """`pgolf quantize` of a run trained with RECIPE=sp8192 uses that recipe's quantization: SD clipping, and GPTQ of
+    the tied embedding with the head's Hessian (the final hidden states'), at embed_bits; a KEY=VALUE still wins."""
+    run, train_cfg = make_run(tmp_path)
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    ckpt["train_config"]["recipe"] = "sp8192"
+    torch.save(ckpt, run / "checkpoint.pt")
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers())
+    args = parser.parse_args(["quantize", str(run), "PASSTHROUGH_MAX_NUMEL=1024", "CALIB_SEQS=2", "CALIB_SEQ_LEN=16",
+                              "SDCLIP_SIGMAS=10", "--code-bytes", "1000", "--device", "cpu", "--quiet"])
+    assert args.func(args) == 0
+    log = (run / "quantize.log").read_text()
+    assert "clip_policy:sdclip" in log and "quant:tok_emb.weight method:gptq_int8" in log
+    assert "setting:clip_policy:search->sdclip(recipe:sp8192)" in log and "setting:sdclip_sigmas:12.85->10.0(cli)" in log
+    tensors, _, quant = read_artifact(run / MODEL_FILENAME)
+    assert quant["clip_policy"] == "sdclip" and tensors["tok_emb.weight"].bits == 8
+    W = ckpt["ema_state_dict"]["blocks.0.mlp.c_fc.weight"].float()
+    assert torch.equal(tensors["blocks.0.mlp.c_fc.weight"].scales, (10.0 * W.std(dim=1) / 31).half())

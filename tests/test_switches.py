@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from submission.config import ModelConfig, TrainConfig
-from submission.model import GPT, Attention, bigram_bucket, rope_tables
+from submission.model import GPT, Attention, bigram_bucket, rope_tables, starts_of
 from submission.optim import build_optimizers
 from submission.switches import Speedrun, offset_keys
 
@@ -36,7 +36,7 @@ def attention_outputs(idx: torch.Tensor, perturb=None, key_offset: bool = True) 
     attn = Attention(cfg, xsa=True)
     x = torch.randn(1, idx.size(1), cfg.model_dim, generator=torch.Generator().manual_seed(1))
     speedrun = Speedrun(cfg)
-    inputs = speedrun.inputs(idx, bigram_bucket, x.dtype)
+    inputs = speedrun.inputs(lambda n: bigram_bucket(idx, n, BOS), starts_of(idx, BOS), False, x.dtype)
     _, shift = speedrun.before_block(cfg.num_layers - 1, x, inputs)
     keys = (lambda k: shift(perturb(k))) if perturb and key_offset else (perturb or shift)
     return attn(x, rope_tables(idx.size(1), cfg.rope_dims, cfg.rope_base), None, keys)

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import os
 import re
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -123,12 +124,16 @@ def test_help_lists_every_config_field_with_type_and_default(capsys):
         _parser().parse_args(["train", "--help"])
     out = capsys.readouterr().out
     for kind in (ModelConfig(), TrainConfig()):
+        hints = typing.get_type_hints(type(kind))
         for name, type_name in ((f.name, f.type) for f in dataclasses.fields(kind)):  # settings, not ClassVars
             value = getattr(kind, name)
             shown = {str: repr, tuple: lambda v: ",".join(map(str, v))}.get(type(value), str)(value)
-            shown_type = "float,float" if isinstance(value, tuple) else type_name
+            args = typing.get_args(hints[name])
+            shown_type = ",".join(a.__name__ for a in args) if isinstance(value, tuple) else type_name
             assert re.search(rf"^  {name.upper()} +{re.escape(shown_type)} +{re.escape(shown)}( |$)", out, re.M), name
     assert "GQA: 2 query heads share each KV head" in out  # the comment beside the field in config.py
+    # a field documented by the string below it: its first sentence, on the field's line
+    assert re.search(r"^  NUM_LOOPS +int +0 +Extra passes over loop_layers once looping is on", out, re.M)
 
 
 def test_unknown_key_is_a_clear_error_before_training(monkeypatch, capsys):
@@ -167,3 +172,19 @@ def test_configure_cuda_turns_inductor_mix_order_reductions_off():
         assert inductor_config.triton.mix_order_reduction is False
     finally:
         inductor_config.triton.mix_order_reduction = before
+
+
+def test_depth_recurrence_switches_on_at_its_fraction_and_the_recipe_parts_train(sample_shards, tmp_path):
+    """The SP8192 generation's structure on a tiny model: layers 1-2 looped once more from half of training (step
+    10 of 20), parallel residuals, gated skips, MuonEq-R. The log says when the schedule changed; the loss falls."""
+    model = ModelConfig(**{**MODEL, "num_loops": 1, "loop_layers": (1, 2), "parallel_last_n": 2, "skip_gates": True})
+    cfg = TrainConfig(**{**TRAIN, "max_steps": 20, "muon_row_normalize": True, "enable_looping_at": 0.5},
+                      data_dir=str(sample_shards), tokenizer_path=str(ROOT / TOKENIZER), run_dir=str(tmp_path))
+    train(model, cfg)
+    log = (tmp_path / "train.log").read_text()
+    assert re.search(r"^looping step:10 schedule:0,1,2,1,2,3 ", log, re.M), log
+    assert "looping_starts_at_s:300" in log
+    losses = [float(m[1]) for m in re.finditer(r"^step:\d+ train_loss:(\S+)$", log, re.M)]
+    assert len(losses) == 20 and np.mean(losses[-5:]) < losses[0] - 0.5
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["model_config"]["num_loops"] == 1 and "skip_gates" in ckpt["ema_state_dict"]

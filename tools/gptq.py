@@ -44,6 +44,17 @@ class QuantConfig:
     whose absmax is below it get coarser steps than their range needs: fewer bits per code for more error. Rows of a
     Muon-trained P1 model are close to Gaussian (absmax ~3-4 sigma): every candidate ended at absmax and the int6
     codes took ~5.3 bits each (18.0 MB). The quantize stage raises the floor until the model fits the cap."""
+    clip_policy: str = "search"
+    """"search": each row keeps the best of clip_sigmas (capped at its absmax) and absmax; "sdclip": one clip per
+    row, k x std(row), not capped (PR #1460's SD clipping): k = sdclip_sigmas for matrices, sdclip_embed_sigmas for
+    embedding tables. A clip beyond the absmax means coarser steps than the range needs: fewer bits per code."""
+    sdclip_sigmas: float = 12.85
+    """SD clipping's k for int6 matrices: step = 12.85 std / 31, ~0.41 std."""
+    sdclip_embed_sigmas: float = 20.0
+    """SD clipping's k for int8 embedding tables: step = 20 std / 127."""
+    gptq_tied_embedding: bool = False
+    """GPTQ the tied embedding as the output head (the Hessian of the final hidden states) instead of rounding it to
+    nearest: the head's logits are what the bytes are scored on, the input lookup tolerates the error better."""
 
     def __post_init__(self):
         for name in ("matrix_bits", "embed_bits"):
@@ -58,6 +69,20 @@ class QuantConfig:
         if any(k <= 0 for k in self.clip_sigmas):
             raise ValueError(f"QuantConfig.clip_sigmas={self.clip_sigmas}: clips must be positive multiples of std")
         self.clip_sigmas = tuple(float(k) for k in self.clip_sigmas)
+        if self.clip_policy not in CLIP_POLICIES:
+            raise ValueError(f"CLIP_POLICY={self.clip_policy!r}: choose one of {', '.join(CLIP_POLICIES)}")
+        if not (self.sdclip_sigmas > 0 and self.sdclip_embed_sigmas > 0):
+            raise ValueError(f"SDCLIP_SIGMAS={self.sdclip_sigmas}, SDCLIP_EMBED_SIGMAS={self.sdclip_embed_sigmas}: "
+                             "must be > 0")
+
+    def row_clips(self, embedding: bool = False) -> tuple[tuple[float, ...], bool]:
+        """(clip candidates in row stds, whether they are searched: capped at absmax, absmax a candidate too)."""
+        if self.clip_policy == "sdclip":
+            return (self.sdclip_embed_sigmas if embedding else self.sdclip_sigmas,), False
+        return self.clip_sigmas, True
+
+
+CLIP_POLICIES = ("search", "sdclip")
 
 
 @dataclass
@@ -100,8 +125,11 @@ class HessianStats:
 
 
 def collect_hessians(model: nn.Module, batches: Iterable, modules: Mapping[str, nn.Module],
-                     forward: Callable[[object], object] | None = None, progress: bool = True) -> HessianStats:
-    """Run calibration batches through `forward` (default: model(batch)) and accumulate each module's input Gram.
+                     forward: Callable[[object], object] | None = None, progress: bool = True,
+                     outputs: Mapping[str, nn.Module] | None = None) -> HessianStats:
+    """Run calibration batches through `forward` (default: model(batch)) and accumulate each module's input Gram;
+    for `outputs` (name -> module), the Gram of the module's output (e.g. the final norm's, which a tied output head
+    reads: the embedding's Hessian as a head).
 
     Accumulation is float64 with autocast off. Trainers enable TF32/bfloat16, and a Gram matrix rounded that way is
     not positive semi-definite: measured, bf16-rounded X^T X of 64 to 4096 tokens failed Cholesky at damping 0.01
@@ -112,9 +140,12 @@ def collect_hessians(model: nn.Module, batches: Iterable, modules: Mapping[str, 
     sums: dict[str, Tensor] = {}
     tokens: dict[str, int] = {name: 0 for name in modules}
 
-    def make_hook(name: str):
+    outputs = dict(outputs or {})
+    tokens.update({name: 0 for name in outputs})
+
+    def make_hook(name: str, read_output: bool = False):
         def hook(module, args, output):
-            x = args[0].detach()
+            x = (output if read_output else args[0]).detach()
             with torch.autocast(device_type=x.device.type, enabled=False):
                 x = x.reshape(-1, x.size(-1)).double()
                 if name not in sums:
@@ -124,6 +155,7 @@ def collect_hessians(model: nn.Module, batches: Iterable, modules: Mapping[str, 
         return hook
 
     handles = [module.register_forward_hook(make_hook(name)) for name, module in modules.items()]
+    handles += [module.register_forward_hook(make_hook(name, True)) for name, module in outputs.items()]
     was_training = model.training
     model.eval()
     count = 0
@@ -136,7 +168,7 @@ def collect_hessians(model: nn.Module, batches: Iterable, modules: Mapping[str, 
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    missing = [name for name in modules if name not in sums]
+    missing = [name for name in [*modules, *outputs] if name not in sums]
     if missing:
         raise RuntimeError(f"collect_hessians: modules {missing} saw no input in {count} batches (not on the "
                            "forward path, or no batches given)")
@@ -147,16 +179,18 @@ def collect_hessians(model: nn.Module, batches: Iterable, modules: Mapping[str, 
 # Quantizers
 
 
-def candidate_scales(W: Tensor, bits: int, clip_sigmas: tuple[float, ...], min_clip_sigma: float = 0.0) -> Tensor:
-    """Row scales [C, rows] for clips min(k * std(row), absmax(row)) for each k, then absmax itself; each raised to
-    at least min_clip_sigma * std(row).
+def candidate_scales(W: Tensor, bits: int, clip_sigmas: tuple[float, ...], min_clip_sigma: float = 0.0,
+                     search: bool = True) -> Tensor:
+    """Row scales [C, rows] for clips min(k * std(row), absmax(row)) for each k, then absmax itself (search); or
+    k * std(row) for each k as is (SD clipping, search=False). Each is raised to at least min_clip_sigma * std(row).
 
     Scales are rounded to float16 (how they are stored) before any code is computed against them.
     """
     W = W.float()
     absmax = W.abs().amax(dim=1)
     std = W.std(dim=1) if W.size(1) > 1 else absmax
-    clips = [torch.minimum(k * std, absmax) for k in clip_sigmas] + [absmax]
+    clips = [torch.minimum(k * std, absmax) for k in clip_sigmas] + [absmax] if search else \
+        [k * std for k in clip_sigmas]
     clips = [torch.maximum(clip, min_clip_sigma * std) for clip in clips]
     scales = (torch.stack(clips) / qmax_for(bits)).clamp_min(MIN_FP16_SCALE).half()
     if not torch.isfinite(scales).all():
@@ -172,21 +206,23 @@ def _pick_rows(codes: Tensor, scales: Tensor, errors: Tensor, labels: list[str])
     return codes[best, rows], scales[best, rows].half(), {lab: n for lab, n in zip(labels, counts) if n}
 
 
-def _clip_labels(cfg: QuantConfig) -> list[str]:
-    return [f"{k:g}sd" for k in cfg.clip_sigmas] + ["absmax"]
+def _clip_labels(clips: tuple[float, ...], search: bool) -> list[str]:
+    return [f"{k:g}sd" for k in clips] + (["absmax"] if search else [])
 
 
-def rtn_quantize(W: Tensor, bits: int, cfg: QuantConfig | None = None) -> tuple[Tensor, Tensor, dict]:
+def rtn_quantize(W: Tensor, bits: int, cfg: QuantConfig | None = None, embedding: bool = False
+                 ) -> tuple[Tensor, Tensor, dict]:
     """Round-to-nearest per row with the clip chosen per row by squared error. Returns (codes, scales, info)."""
     cfg = cfg or QuantConfig()
     W = W.detach().float()
     if W.ndim != 2:
         raise ValueError(f"rtn_quantize: expected a matrix [rows, cols], got shape {list(W.shape)}")
     qmax = qmax_for(bits)
-    scales = candidate_scales(W, bits, cfg.clip_sigmas, cfg.min_clip_sigma)                      # [C, rows]
+    clips, search = cfg.row_clips(embedding)
+    scales = candidate_scales(W, bits, clips, cfg.min_clip_sigma, search)                      # [C, rows]
     codes = torch.clamp(torch.round(W[None] / scales[:, :, None]), -qmax, qmax)  # [C, rows, cols]
     errors = (W[None] - codes * scales[:, :, None]).square().sum(dim=2)
-    codes, scales, clip_choice = _pick_rows(codes.to(torch.int8), scales, errors, _clip_labels(cfg))
+    codes, scales, clip_choice = _pick_rows(codes.to(torch.int8), scales, errors, _clip_labels(clips, search))
     return codes, scales, {"method": "rtn", "bits": bits, "clip_choice": clip_choice,
                            "sq_error": float(errors.min(dim=0).values.sum())}
 
@@ -235,7 +271,8 @@ def _gptq_columns(W: Tensor, U: Tensor, scales: Tensor, qmax: int, block_size: i
     return codes
 
 
-def gptq_quantize(W: Tensor, H: Tensor, bits: int, cfg: QuantConfig | None = None) -> tuple[Tensor, Tensor, dict]:
+def gptq_quantize(W: Tensor, H: Tensor, bits: int, cfg: QuantConfig | None = None, embedding: bool = False
+                  ) -> tuple[Tensor, Tensor, dict]:
     """Full-Hessian GPTQ of W [rows, cols] given H = X^T X [cols, cols]. Returns (codes int8, scales fp16, info).
 
     Runs on H's device. Every clip candidate is quantized in one stacked pass (rows are independent in GPTQ, so each
@@ -272,7 +309,8 @@ def gptq_quantize(W: Tensor, H: Tensor, bits: int, cfg: QuantConfig | None = Non
     inverse_perm = torch.argsort(perm)
     U, damp, retries = inverse_hessian_factor(H_work[perm][:, perm], cfg)
 
-    scales = candidate_scales(W, bits, cfg.clip_sigmas, cfg.min_clip_sigma)             # [C, rows]
+    clips, search = cfg.row_clips(embedding)
+    scales = candidate_scales(W, bits, clips, cfg.min_clip_sigma, search)             # [C, rows]
     n_cand = scales.size(0)
     stacked = W_live[:, perm].repeat(n_cand, 1)                       # [C * rows, cols], candidate-major
     codes = _gptq_columns(stacked, U.float(), scales.reshape(-1), qmax, cfg.block_size)
@@ -280,7 +318,7 @@ def gptq_quantize(W: Tensor, H: Tensor, bits: int, cfg: QuantConfig | None = Non
     # The objective is the true output error: undamped H, all columns (dead ones have zero rows in H).
     diff = W[None] - codes.float() * scales[:, :, None]
     errors = ((diff @ H.float()) * diff).sum(dim=2)                  # [C, rows]
-    codes, row_scales, clip_choice = _pick_rows(codes, scales, errors, _clip_labels(cfg))
+    codes, row_scales, clip_choice = _pick_rows(codes, scales, errors, _clip_labels(clips, search))
     h_error = float(errors.min(dim=0).values.double().sum())
     total = float(((W.double() @ H) * W.double()).sum())
     return codes, row_scales, {
@@ -335,11 +373,12 @@ def quantize_state_dict(state_dict: Mapping[str, Tensor], hessians: Mapping[str,
             else:
                 out[name], report.methods[name] = tensor.cpu(), "keep"
             continue
-        bits = cfg.embed_bits if name in embedding_names else cfg.matrix_bits
+        embedding = name in embedding_names
+        bits = cfg.embed_bits if embedding else cfg.matrix_bits
         if name in hessians:
-            codes, scales, info = gptq_quantize(tensor, hessians[name], bits, cfg)
+            codes, scales, info = gptq_quantize(tensor, hessians[name], bits, cfg, embedding)
         else:
-            codes, scales, info = rtn_quantize(tensor, bits, cfg)
+            codes, scales, info = rtn_quantize(tensor, bits, cfg, embedding)
         out[name] = QuantTensor(codes.cpu(), scales.cpu(), bits)
         report.methods[name] = f"{info['method']} int{bits}"
         report.infos[name] = info

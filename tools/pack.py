@@ -7,7 +7,7 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from submission.config import ModelConfig, from_dict, resolve
+from submission.config import ModelConfig, apply_recipe, from_dict, resolve
 from submission.model import SWITCHES, uses_switches
 from submission.train import Logger
 from tools.artifact import CODE_FILENAME, DECIMAL_CAP, MODEL_FILENAME, read_contents
@@ -76,7 +76,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(run_dir)
     train_cfg = ckpt.train_config
     quant_cfg, calib_cfg = QuantConfig(), CalibConfig()
-    changed = resolve(quant_cfg, calib_cfg, train_cfg, cli=parse_overrides(args.settings))
+    # the recipe the run was trained with sets the quantization defaults (e.g. sp8192's SD clipping)
+    changed = apply_recipe(train_cfg.recipe, quant_cfg, calib_cfg)
+    changed += resolve(quant_cfg, calib_cfg, train_cfg, cli=parse_overrides(args.settings))
     quant_cfg, calib_cfg = QuantConfig(**asdict(quant_cfg)), CalibConfig(**asdict(calib_cfg))  # re-validate
     # the packed program this model ships with: a speedrun switch that is on adds its module's bytes
     code = args.code_bytes if args.code_bytes is not None else bundle_entry(ckpt.model_config).sizes.packed

@@ -107,7 +107,7 @@ def _typical_absmax_sigmas(state: dict[str, torch.Tensor], hessians: dict[str, t
     return float(torch.cat(ratios).median())
 
 
-def _log_gptq(log, report, quant_cfg: QuantConfig, cal, gptq_s: float) -> None:
+def _log_gptq(log, report, quant_cfg: QuantConfig, cal, hessians: dict[str, torch.Tensor], gptq_s: float) -> None:
     for line in report.lines():
         log(line, file_only=True)
     gptq = {n: i for n, i in report.infos.items() if i["method"] == "gptq"}
@@ -116,15 +116,15 @@ def _log_gptq(log, report, quant_cfg: QuantConfig, cal, gptq_s: float) -> None:
     log("gptq", seconds=round(gptq_s, 2), gptq=methods.count("gptq"), rtn=methods.count("rtn"),
         fp16=methods.count("fp16"), damp_grown=len(retried),
         max_damp=max(retried.values(), default=quant_cfg.damp), min_calibration_tokens=min(cal.stats.tokens.values()),
-        clip_sigmas=",".join(f"{k:g}" for k in quant_cfg.clip_sigmas),
+        clip_policy=quant_cfg.clip_policy, clip_sigmas=",".join(f"{k:g}" for k in quant_cfg.clip_sigmas),
         min_clip_sigma=round(quant_cfg.min_clip_sigma, 3))
-    short = {n: h.size(0) for n, h in cal.stats.hessians.items() if cal.stats.tokens[n] < h.size(0)}
+    short = {n: h.size(0) for n, h in hessians.items() if cal.stats.tokens[n] < h.size(0)}
     if short:  # H = X^T X has rank <= tokens: the damping (QuantConfig.damp x mean diag) is what makes it invertible
         log("gptq_rank_deficient", hessians=len(short), min_tokens=min(cal.stats.tokens[n] for n in short),
             max_input_dims=max(short.values()), damp=quant_cfg.damp)
     for name, damp in retried.items():  # damping had to grow for Cholesky to succeed: say where
         log("gptq_damping", tensor=name, damp=damp, tokens=cal.stats.tokens[name],
-            input_dims=cal.stats.hessians[name].size(0))
+            input_dims=hessians[name].size(0))
 
 
 def quantize_checkpoint(run_dir: str | os.PathLike, code_bytes: int, quant_cfg: QuantConfig, calib_cfg: CalibConfig,
@@ -160,19 +160,22 @@ def quantize_checkpoint(run_dir: str | os.PathLike, code_bytes: int, quant_cfg: 
                                f"by at least {train_s + total_s - TRAIN_CAP_SECONDS:.0f} s, or CALIB_SOURCE=generated")
 
     state = {k: v.detach() for k, v in model.state_dict().items()}
-    # Tables looked up by token id (token, bigram, value, speedrun tables): int8 round-to-nearest per row
-    # (CHALLENGE.md's record recipe), never int6 GPTQ.
+    # Tables looked up by token id (token, bigram, value, speedrun tables): at embed_bits, never int6; round to
+    # nearest, except the tied embedding as a head when gptq_tied_embedding (GPTQ with the final hidden states' H).
     names = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)]
+    hessians = dict(cal.stats.hessians)
+    if not quant_cfg.gptq_tied_embedding:
+        hessians.pop("tok_emb.weight", None)
     quant_record = {**asdict(quant_cfg), **asdict(calib_cfg)}
     model_config = to_dict(ckpt.model_config)
     pack_s, rounds = 0.0, 0
     while True:
         t0 = time.perf_counter()
-        tensors, report = quantize_state_dict(state, cal.stats.hessians, names, quant_cfg, progress)
+        tensors, report = quantize_state_dict(state, hessians, names, quant_cfg, progress)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         gptq_s = time.perf_counter() - t0
-        _log_gptq(log, report, quant_cfg, cal, gptq_s)
+        _log_gptq(log, report, quant_cfg, cal, hessians, gptq_s)
         t0 = time.perf_counter()
         blob = pack_artifact(tensors, model_config, quant_record)
         pack_s += time.perf_counter() - t0
@@ -182,7 +185,8 @@ def quantize_checkpoint(run_dir: str | os.PathLike, code_bytes: int, quant_cfg: 
         # Too far over for zeroing +-1 codes: coarser steps on every row. Each doubling of a step saves ~1 bit per
         # code, so the floor grows by 2^(bits to save per code), from the rows' typical absmax/std at first.
         codes = sum(v.codes.numel() for v in tensors.values() if isinstance(v, QuantTensor))
-        base = quant_cfg.min_clip_sigma or _typical_absmax_sigmas(state, cal.stats.hessians)
+        base = quant_cfg.min_clip_sigma or (quant_cfg.sdclip_sigmas if quant_cfg.clip_policy == "sdclip" else
+                                            _typical_absmax_sigmas(state, hessians))
         floor = min(base * 2 ** (FLOOR_OVERSHOOT * 8 * over / codes), MAX_CLIP_FLOOR)
         if floor <= quant_cfg.min_clip_sigma:
             break
@@ -192,7 +196,7 @@ def quantize_checkpoint(run_dir: str | os.PathLike, code_bytes: int, quant_cfg: 
         rounds += 1
 
     t0 = time.perf_counter()
-    hessian_diag = {n: h.diagonal() for n, h in cal.stats.hessians.items()}
+    hessian_diag = {n: h.diagonal() for n, h in hessians.items()}
     blob, packed, budget = fit_to_budget(tensors, hessian_diag, code_bytes, model_config, quant_record,
                                          progress=progress, blob=blob)
     pack_s += time.perf_counter() - t0

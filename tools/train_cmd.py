@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import difflib
 import inspect
 import re
+import textwrap
 import typing
 
-from submission.config import ModelConfig, TrainConfig
+from submission.config import RECIPES, ModelConfig, TrainConfig
 from submission.train import main
 
 CONFIGS = (ModelConfig, TrainConfig)
@@ -21,9 +23,22 @@ def _type_name(kind) -> str:
     return ",".join(a.__name__ for a in args) if args else kind.__name__
 
 
+def field_docs(kind) -> dict[str, str]:
+    """Each field's documentation in the class source: the string literal right below it (a field docstring, joined
+    into one line), else the comment beside it."""
+    source = textwrap.dedent(inspect.getsource(kind))
+    docs = dict(m.groups() for m in map(_FIELD_COMMENT.match, source.splitlines()) if m)
+    body = ast.parse(source).body[0].body
+    for node, after in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr) \
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
 def field_help(kind) -> str:
-    """One line per field of a config dataclass: KEY, type, default and the comment beside it in the source."""
-    comments = dict(m.groups() for m in map(_FIELD_COMMENT.match, inspect.getsource(kind).splitlines()) if m)
+    """One line per field of a config dataclass: KEY, type, default and its documentation (field_docs)."""
+    comments = field_docs(kind)
     hints = typing.get_type_hints(kind)
     rows = []
     for f in dataclasses.fields(kind):
@@ -34,6 +49,16 @@ def field_help(kind) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = [f"  {k:<{widths[0]}}  {t:<{widths[1]}}  {d:<{widths[2]}}  {c}".rstrip() for k, t, d, c in rows]
     return f"{kind.__name__}: {inspect.getdoc(kind).splitlines()[0]}\n" + "\n".join(lines)
+
+
+def recipe_help() -> str:
+    """RECIPE=name and what each recipe changes from the defaults (also quantization settings: `pgolf quantize`)."""
+    lines = ["Recipes (RECIPE=name sets these first; later KEY=VALUE settings override them):"]
+    for name, values in RECIPES.items():
+        changes = " ".join(f"{k.upper()}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
+                           for k, v in values.items())
+        lines.append(f"  {name}: {changes or 'the defaults below'}")
+    return "\n".join(lines)
 
 
 def check_overrides(overrides: list[str]) -> dict[str, str]:
@@ -68,7 +93,7 @@ def add_commands(sub) -> None:
                     "after a field apply first, then KEY=VALUE arguments (keys are case-insensitive). Every change "
                     "is logged as an `override` line in RUN_DIR/train.log. For several GPUs run the same through "
                     "torchrun: `torchrun --nproc_per_node=8 submission/train_gpt.py KEY=VALUE ...`.",
-        epilog="\n\n".join(field_help(kind) for kind in CONFIGS))
+        epilog="\n\n".join([recipe_help(), *(field_help(kind) for kind in CONFIGS)]))
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides, e.g. NUM_LAYERS=4 MAX_STEPS=100 RUN_DIR=runs/try1")
     p.set_defaults(func=_cmd)
