@@ -58,6 +58,9 @@ class ModelConfig:
     """Parallel residuals on the last N layers: attention and MLP read the same normed input (0 disables)."""
     skip_gates: bool = False
     """Sigmoid-gated U-Net skips: x <- lerp(w * skip, x, sigmoid(g)) with g from 0, instead of x + w * skip."""
+    orthogonal_init: bool = False
+    """Matrices that do not start at zero start orthogonal (gain 1, PR #1460's init) instead of PyTorch's uniform
+    +-1/sqrt(fan_in)."""
 
     # A stored config (artifact, checkpoint) made before a feature existed lacks its field: it was made without it.
     ABSENT_MEANS: typing.ClassVar[dict] = {"embed2": False}

@@ -416,6 +416,8 @@ class GPT(nn.Module):
         for m in self.modules():
             if isinstance(m, CastedLinear):
                 m.qat_bits = qat_bits
+                if cfg.orthogonal_init:
+                    nn.init.orthogonal_(m.weight)
         for block in self.blocks:  # output projections start at zero: every block starts as the identity
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)

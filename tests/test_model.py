@@ -359,3 +359,15 @@ def test_muon_row_normalize_orthogonalizes_the_row_normalized_update():
         torch.testing.assert_close(w.data, -newton_schulz(g[None], 5)[0], rtol=1e-5, atol=1e-6)
         results[row_normalize] = w.data.clone()
     assert not torch.allclose(results[False], results[True], atol=1e-3)
+
+
+def test_orthogonal_init_leaves_the_zero_initialized_projections_at_zero():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**{**TINY, "orthogonal_init": True}))
+    for block in model.blocks:
+        q, fc = block.attn.c_q.weight, block.mlp.c_fc.weight  # [32, 32] and [96, 32]: rows resp. columns orthonormal
+        torch.testing.assert_close(q @ q.T, torch.eye(32), rtol=0, atol=1e-5)
+        torch.testing.assert_close(fc.T @ fc, torch.eye(32), rtol=0, atol=1e-5)
+        assert not block.attn.c_proj.weight.any() and not block.mlp.c_proj.weight.any()
+    plain = GPT(ModelConfig(**TINY)).blocks[0].attn.c_q.weight
+    assert plain.abs().max() <= 1 / 32 ** 0.5 and not torch.allclose(plain @ plain.T, torch.eye(32), atol=0.1)
