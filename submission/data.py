@@ -71,9 +71,20 @@ def shard_paths(pattern: str) -> list[str]:
     return paths
 
 
-def load_tokens(pattern: str) -> np.ndarray:
-    """Concatenate every shard matching the pattern (used for the validation set)."""
-    return np.concatenate([read_shard(p) for p in shard_paths(pattern)])
+def check_vocab(tokens: np.ndarray, vocab_size: int | None, source: str | os.PathLike) -> np.ndarray:
+    """The tokens, after checking every id is below vocab_size (None: not checked). An id beyond the model's
+    embedding table would crash training with an IndexError (a device-side assert on the GPU) or be scored wrong."""
+    if vocab_size is not None and tokens.size and int(tokens.max()) >= vocab_size:
+        bad = int(np.argmax(tokens >= vocab_size))
+        raise ShardError(f"shard {source}: token id {int(tokens[bad])} at position {bad} is outside the model's "
+                         f"vocabulary of {vocab_size} (shards tokenized with another tokenizer? use the matching "
+                         "data, or set VOCAB_SIZE for this tokenizer)")
+    return tokens
+
+
+def load_tokens(pattern: str, vocab_size: int | None = None) -> np.ndarray:
+    """Concatenate every shard matching the pattern (used for the validation set); ids checked below vocab_size."""
+    return np.concatenate([check_vocab(read_shard(p), vocab_size, p) for p in shard_paths(pattern)])
 
 
 class DataAccessError(RuntimeError):
@@ -90,13 +101,14 @@ class TokenLoader:
     """
 
     def __init__(self, pattern: str, global_tokens: int, seq_len: int, rank: int = 0, world_size: int = 1,
-                 grad_accum: int = 1):
+                 grad_accum: int = 1, vocab_size: int | None = None):
         micro = world_size * grad_accum
         if global_tokens % (micro * seq_len):
             raise ValueError(f"global batch {global_tokens} tokens is not divisible by world_size*grad_accum*seq_len"
                              f" = {micro}*{seq_len}")
         self.paths = shard_paths(pattern)
         self.seq_len, self.rank, self.world_size, self.grad_accum = seq_len, rank, world_size, grad_accum
+        self.vocab_size = vocab_size  # every shard read is checked against it (check_vocab)
         self.micro_tokens = global_tokens // micro
         self.shard_index, self.pos = -1, 0
         self.tokens = np.empty(0, dtype=np.uint16)
@@ -109,7 +121,8 @@ class TokenLoader:
         while n > 0:
             if self.pos >= len(self.tokens):
                 self.shard_index = (self.shard_index + 1) % len(self.paths)
-                self.tokens, self.pos = read_shard(self.paths[self.shard_index]), 0
+                path = self.paths[self.shard_index]
+                self.tokens, self.pos = check_vocab(read_shard(path), self.vocab_size, path), 0
             part = self.tokens[self.pos:self.pos + n]
             parts.append(part)
             self.pos += len(part)

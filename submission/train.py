@@ -209,7 +209,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, overrides: list[str] | None 
     pattern = f"{cfg.data_dir}/fineweb_train_*.bin"
 
     def new_loader() -> TokenLoader:
-        return TokenLoader(pattern, cfg.train_batch_tokens, cfg.seq_len, rank, world_size, grad_accum)
+        return TokenLoader(pattern, cfg.train_batch_tokens, cfg.seq_len, rank, world_size, grad_accum,
+                           model_cfg.vocab_size)
 
     def step_fn(loader: TokenLoader, scale: float, step: int) -> torch.Tensor:
         return train_step(model, step_model, optimizers, loader.next_batch(), cfg, scale, step, world_size)
@@ -238,7 +239,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, overrides: list[str] | None 
         warmdown_s=warmdown_s, qat_starts_at_s=round(cfg.max_wallclock_seconds - warmdown_s * cfg.qat_threshold, 1)
         if cfg.qat_threshold else "off", tokens_per_step=cfg.train_batch_tokens,
         looping_starts_at_s=round(cfg.enable_looping_at * cfg.max_wallclock_seconds, 1) if loops else "off")
-    val_tokens = load_tokens(f"{cfg.data_dir}/fineweb_val_*.bin")
+    val_tokens = load_tokens(f"{cfg.data_dir}/fineweb_val_*.bin", model_cfg.vocab_size)
     luts = _byte_luts(cfg, model_cfg.vocab_size)
 
     loader = new_loader()

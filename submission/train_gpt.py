@@ -38,7 +38,7 @@ def evaluate_final(model, run_dir: Path, train_cfg: TrainConfig, eval_cfg: EvalC
     """The score: the legal evaluation (eval/run.py) of the model reloaded from the artifact's bytes; eval.json.
     In the kit it is verified as well (eval/verify.py: compliance C1-C4, ablation; imported lazily, so it is never
     packed); the packed program says where to verify it instead, whatever COMPLIANCE and ABLATION are."""
-    val_tokens = load_tokens(f"{train_cfg.data_dir}/fineweb_val_*.bin")
+    val_tokens = load_tokens(f"{train_cfg.data_dir}/fineweb_val_*.bin", model.cfg.vocab_size)
     luts = _byte_luts(train_cfg, model.cfg.vocab_size)
     unverified = {}
     if packed():

@@ -448,3 +448,32 @@ def test_sp8192_build_verify_and_byte_counts_on_the_sample(tmp_path):
     assert docs == [sp.decode(sp.encode(t)) for t in texts]  # the first 5 documents, in order (as normalized)
     luts = build_byte_luts(sp)
     assert luts.token_bytes(val[:-1], val[1:]).sum() == sum(len(d.encode("utf-8")) for d in docs)
+
+
+def test_ids_outside_the_vocabulary_fail_verify_and_loading(tmp_path, capsys):
+    """Shards tokenized with sp8192 in a folder for an sp1024 model: verify fails naming the id and the vocabulary
+    (from --tokenizer, --vocab-size or a fineweb10B_spN folder name), and the trainer's loaders refuse them before a
+    batch reaches the model (an IndexError on the CPU, a device-side assert on the GPU)."""
+    from submission.data import TokenLoader, load_tokens
+    folder = tmp_path / "fineweb10B_sp1024"
+    data.build_shards([SAMPLE], REPO / "data/sample/fineweb_8192_bpe.model", folder, val_docs=5, workers=1,
+                      progress=False)
+    assert main(["data", "verify", str(folder), "--quiet"]) == 1  # the folder name says 1024
+    captured = capsys.readouterr()
+    assert "outside the vocabulary of 1024" in captured.err and "vocab_checked:1024 (from the folder name)" in \
+        captured.out
+    assert main(["data", "verify", str(folder), "--quiet", "--tokenizer", str(REPO / "data/sample/fineweb_8192_bpe"
+                                                                            ".model")]) == 0
+    assert "vocab_checked:8192" in capsys.readouterr().out
+    assert main(["data", "verify", str(folder), "--quiet", "--vocab-size", "1024"]) == 1
+    other = tmp_path / "mine"
+    folder.rename(other)
+    assert main(["data", "verify", str(other), "--quiet"]) == 0  # nothing says which vocabulary: not checked
+    assert "vocab_checked:no" in capsys.readouterr().out
+    with pytest.raises(ShardError, match=r"fineweb_val_000000.bin: token id \d+ at position \d+ is outside the "
+                                         r"model's vocabulary of 1024"):
+        load_tokens(str(other / "fineweb_val_*.bin"), 1024)
+    loader = TokenLoader(str(other / "fineweb_train_*.bin"), 2048, 64, vocab_size=1024)
+    with pytest.raises(ShardError, match="outside the model's vocabulary of 1024"):
+        loader.next_batch()
+    assert load_tokens(str(other / "fineweb_val_*.bin"), 8192).max() >= 1024

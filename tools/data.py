@@ -7,6 +7,7 @@ import hashlib
 import json
 import lzma
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -457,9 +458,16 @@ def _split_paths(directory: Path, split: str) -> list[str]:
         return []
 
 
+def vocab_of_directory(directory: str | os.PathLike) -> int | None:
+    """The vocabulary a downloaded dataset's folder name promises (fineweb10B_sp8192 -> 8192), else None."""
+    match = re.fullmatch(r"fineweb10B_sp(\d+)", Path(directory).resolve().name)
+    return int(match[1]) if match else None
+
+
 def verify_dataset(directory: str | os.PathLike, bos_id: int = 1, max_overlap_docs: int = 0, max_examples: int = 5,
-                   progress: bool = True) -> DatasetReport:
+                   progress: bool = True, vocab_size: int | None = None) -> DatasetReport:
     """Check every shard the trainer would load from directory and compare val with train document by document.
+    With vocab_size, every token id must be below it (a problem names the split, the largest id and the vocabulary).
 
     Raises ShardError listing every invalid shard (bad magic/version, size not matching the header) and
     FileNotFoundError when the directory holds no shards. Overlap and an unusable val stream are reported in
@@ -510,6 +518,11 @@ def verify_dataset(directory: str | os.PathLike, bos_id: int = 1, max_overlap_do
     elif val.tokens_before_first_bos:
         problems.append(f"val stream starts with {val.tokens_before_first_bos} tokens before the first BOS "
                         f"{bos_id}: its first document is cut (missing shard or wrong --bos-id?)")
+    for split, stats in (("val", val), ("train", train)):
+        if vocab_size is not None and stats.tokens and stats.max_token_id >= vocab_size:
+            problems.append(f"{split} shards hold token id {stats.max_token_id}, outside the vocabulary of "
+                            f"{vocab_size} (tokenized with another tokenizer? check --tokenizer/--vocab-size, or "
+                            "rebuild the shards with the model's tokenizer)")
     if overlap > max_overlap_docs:
         problems.append(f"{overlap} of {val.docs} val documents also appear verbatim in train (allowed "
                         f"{max_overlap_docs}): a train/val leak; rebuild with a document-level split")
@@ -771,8 +784,15 @@ def _print_dataset(report: DatasetReport) -> None:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    vocab, source = args.vocab_size, "--vocab-size"
+    if vocab is None and args.tokenizer:
+        if not Path(args.tokenizer).is_file():
+            raise FileNotFoundError(f"tokenizer {args.tokenizer} not found (--tokenizer)")
+        vocab, source = spm.SentencePieceProcessor(model_file=args.tokenizer).get_piece_size(), args.tokenizer
+    if vocab is None:
+        vocab, source = vocab_of_directory(args.dir), "the folder name"
     report = verify_dataset(args.dir, bos_id=args.bos_id, max_overlap_docs=args.max_overlap_docs,
-                            max_examples=args.examples, progress=not args.quiet)
+                            max_examples=args.examples, progress=not args.quiet, vocab_size=vocab)
     strict = args.data_command == "verify"
     if args.json:
         print(json.dumps({**asdict(report), "ok": report.ok}, indent=2))
@@ -780,6 +800,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         _print_dataset(report)
         for problem in report.problems:
             print(f"problem:{problem}", file=sys.stderr if strict else sys.stdout)
+        print(f"vocab_checked:{vocab} (from {source})" if vocab else "vocab_checked:no (pass --tokenizer or "
+              "--vocab-size to check the ids)")
         if strict:
             print(f"verify:{'ok' if report.ok else 'fail'} val_fingerprint:{report.val_fingerprint or 'none'}")
     return 1 if strict and not report.ok else 0
@@ -853,5 +875,8 @@ def add_commands(sub) -> None:
         p.add_argument("--max-overlap-docs", type=int, default=0,
                        help="val documents allowed to appear in train before verify fails (default 0)")
         p.add_argument("--examples", type=int, default=5, help="overlapping documents to list (default 5)")
+        p.add_argument("--tokenizer", help="SentencePiece model the shards should match: every id must be below its "
+                                           "piece count (default: the vocabulary a fineweb10B_spN folder name says)")
+        p.add_argument("--vocab-size", type=int, help="check every id against this vocabulary instead")
         common(p)
         p.set_defaults(func=_cmd_inspect)

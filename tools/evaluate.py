@@ -132,7 +132,7 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"tokenizer {tokenizer} has {sp.get_piece_size()} pieces but the artifact's model has "
                          f"vocab_size {model.cfg.vocab_size} (wrong tokenizer? pass --tokenizer)")
     luts = build_byte_luts(sp, model.cfg.vocab_size)
-    val_tokens = load_tokens(f"{data_dir}/fineweb_val_*.bin")
+    val_tokens = load_tokens(f"{data_dir}/fineweb_val_*.bin", model.cfg.vocab_size)
     log("eval_artifact", artifact=str(artifact), model_bytes=artifact.stat().st_size, val_tokens=len(val_tokens),
         tokenizer=tokenizer)
 

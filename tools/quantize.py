@@ -241,7 +241,7 @@ def quantize_run(run_dir: str | os.PathLike, code_bytes: int, quant_cfg: QuantCo
         dist.barrier()
     path = run_dir / MODEL_FILENAME
     model = load_quantized(path, device)
-    val_tokens = load_tokens(f"{train_cfg.data_dir}/fineweb_val_*.bin")
+    val_tokens = load_tokens(f"{train_cfg.data_dir}/fineweb_val_*.bin", model.cfg.vocab_size)
     luts = _byte_luts(train_cfg, model.cfg.vocab_size)
     t0 = time.perf_counter()
     acc = evaluate_flat(model, val_tokens, luts, train_cfg.seq_len, train_cfg.val_batch_seqs, rank, world_size)
