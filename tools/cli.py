@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 # Each module defines add_commands(subparsers) and sets `func` on the parsers it adds.
@@ -25,19 +26,32 @@ COMMAND_MODULES = [
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pgolf", description="Parameter Golf kit: data, train, quantize, pack, eval, records.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # not dest="command": a subcommand's own option of that name (`pgolf seeds --command`) would overwrite it
+    sub = parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_commands(sub)
     return parser
 
 
+SETTING = re.compile(r"^[A-Za-z_]\w*=")  # a KEY=VALUE setting, never a flag
+
+
+def settings_dest(parser: argparse.ArgumentParser, command: str) -> str | None:
+    """Where `command` keeps its KEY=VALUE settings: the dest of its positional with metavar KEY=VALUE (`overrides`
+    in most commands, `settings` in `pgolf quantize`), or None when it takes no settings."""
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return next((a.dest for a in subparsers.choices[command]._actions
+                 if not a.option_strings and a.metavar == "KEY=VALUE"), None)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Like parse_args, but KEY=VALUE settings may also follow the flags (`pgolf bench --steps 500 SEED=2`):
-    argparse alone ends a command's positionals at the first flag and rejects the rest."""
+    """Like parse_args, but KEY=VALUE settings may also follow the flags (`pgolf quantize RUN --device cpu
+    CALIB_SEQS=8`): argparse alone ends a command's positionals at the first flag and rejects the rest."""
     parser = build_parser()
     args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
-        args.overrides = [*args.overrides, *extra]
+    dest = settings_dest(parser, args.subcommand) if extra else None
+    if dest is not None and all(SETTING.match(a) for a in extra):
+        setattr(args, dest, [*getattr(args, dest), *extra])
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args
@@ -49,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         # Errors from the kit name the file, the value and the fix; show them without a traceback.
-        print(f"pgolf {args.command}: error: {err}", file=sys.stderr)
+        print(f"pgolf {args.subcommand}: error: {err}", file=sys.stderr)
         return 2
 
 
