@@ -86,8 +86,10 @@ def test_failed_seed_is_reported_others_go_on_and_a_rerun_redoes_only_it(tmp_pat
     assert [c[0] for c in calls(tmp_path)] == ["1", "13", "2", "13"]  # 1 and 2 were not redone
     assert "seed:1 status:finished" in text and "seeds_done:0 seeds_finished_before:2 seeds_failed:1" in text
     # the failed attempt's folder was moved aside, not appended to
-    (aside,) = out.glob("seed13.incomplete-*")
+    (aside,) = out.glob("incomplete-seed13-*")
     assert (aside / "console.log").is_file()
+    # `pgolf record OUT/seed*` (the README's command) gets the run directories and nothing else
+    assert sorted(p.name for p in out.glob("seed*")) == ["seed1", "seed13", "seed2"]
 
 
 def test_outcomes_carry_results_from_eval_json_and_train_log(tmp_path, fake):
@@ -179,3 +181,66 @@ def test_pump_splits_lines_and_throttles_carriage_return_redraws():
     lines.clear()
     seeds.pump(Chunks([b"\rx 1\rx 2\rx 3\n"]), lines.append, 0.0)
     assert lines == ["x 1", "x 2", "x 3"]
+
+
+def without_settings_in_the_environment(monkeypatch) -> None:
+    for name in seeds.setting_names():
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_resuming_with_other_settings_is_refused_naming_them(tmp_path, fake, monkeypatch):
+    out = tmp_path / "runs"
+    without_settings_in_the_environment(monkeypatch)
+    monkeypatch.setenv("NUM_LAYERS", "4")  # an environment setting defines the run as much as a KEY=VALUE one
+    assert run_cli(["seeds", "--seeds", "1,2", "--out", str(out), "--command", fake, "MAX_STEPS=7"]) == 0
+    stored = json.loads((out / "settings.json").read_text())
+    assert stored["settings"] == {"MAX_STEPS": "7", "NUM_LAYERS": "4"} and stored["command"] == fake
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    for argv, env, differences in [
+        (["MAX_STEPS=8"], "4", "MAX_STEPS 7 -> 8"),
+        (["MAX_STEPS=7", "SEQ_LEN=64"], "4", "SEQ_LEN (unset) -> 64"),
+        (["MAX_STEPS=7"], "6", "NUM_LAYERS 4 -> 6"),
+    ]:
+        monkeypatch.setenv("NUM_LAYERS", env)
+        with pytest.raises(ValueError) as err:  # seed 3 is new, but 1 and 2 would be reported as finished
+            run_cli(["seeds", "--seeds", "1,2,3", "--out", str(out), "--command", fake, *argv])
+        message = str(err.value)
+        assert f"seeds 1,2 finished with other settings than this call's ({differences};" in message
+        assert "pass the same settings and environment to resume, or a new --out folder" in message
+        assert "\n" not in message
+    with pytest.raises(ValueError, match=r"--gpus-per-seed 1 -> 2"):
+        run_cli(["seeds", "--seeds", "1", "--out", str(out), "--command", fake, "--gpus-per-seed", "2", "--gpus",
+                 "0,1", "MAX_STEPS=7"])
+    # nothing ran, moved or was rewritten; the same settings (any order, any key case) resume
+    assert len(calls(tmp_path)) == 2 and {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    monkeypatch.setenv("NUM_LAYERS", "4")
+    assert run_cli(["seeds", "--seeds", "1,2,3", "--out", str(out), "--command", fake, "max_steps=7"]) == 0
+    assert [c[0] for c in calls(tmp_path)] == ["1", "2", "3"]
+
+
+def test_settings_may_change_while_no_seed_has_finished(tmp_path, fake):
+    out = tmp_path / "runs"
+    assert run_cli(["seeds", "--seeds", "13", "--out", str(out), "--command", fake, "MAX_STEPS=7"]) == 1
+    assert run_cli(["seeds", "--seeds", "13,1", "--out", str(out), "--command", fake, "MAX_STEPS=9"]) == 1
+    assert json.loads((out / "settings.json").read_text())["settings"]["MAX_STEPS"] == "9"
+
+
+def test_an_experiment_from_before_settings_json_is_taken_with_a_warning(tmp_path, fake, capsys, monkeypatch):
+    out = tmp_path / "runs"
+    without_settings_in_the_environment(monkeypatch)
+    assert run_cli(["seeds", "--seeds", "1", "--out", str(out), "--command", fake]) == 0
+    (out / "settings.json").unlink()
+    assert run_cli(["seeds", "--seeds", "1,2", "--out", str(out), "--command", fake, "MAX_STEPS=3"]) == 0
+    assert f"settings_unverified:{out / 'settings.json'} seeds:1 " in capsys.readouterr().out
+    assert json.loads((out / "settings.json").read_text())["settings"] == {"MAX_STEPS": "3"}
+    (out / "settings.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"settings\.json: unreadable .*restore it, or pass a new --out folder"):
+        run_cli(["seeds", "--seeds", "1,2", "--out", str(out), "--command", fake, "MAX_STEPS=3"])
+
+
+def test_out_that_is_a_file_is_refused_before_anything_runs(tmp_path, fake):
+    out = tmp_path / "runs"
+    out.write_text("notes")
+    with pytest.raises(ValueError, match=r"--out .*runs is a file, expected a folder"):
+        run_cli(["seeds", "--seeds", "1", "--out", str(out), "--command", fake])
+    assert out.read_text() == "notes" and not calls(tmp_path)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import re
 import shlex
@@ -33,6 +35,10 @@ PROGRESS_EVERY_S = 10.0
 CONSOLE_LOG = "console.log"       # the child's stdout + stderr (tracebacks land here, not in train.log)
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*=")
 RESERVED_KEYS = ("SEED", "RUN_DIR")
+# OUT/settings.json: what defines every seed's run (settings, command, processes per seed), so that a resume with
+# other settings is refused instead of reporting seeds that ran with the old ones as finished.
+SETTINGS_FILE = "settings.json"  # not seed*: `pgolf record OUT/seed*` takes the run directories
+SEED_DIR = re.compile(r"^seed(\d+)$")
 
 
 @dataclass
@@ -89,6 +95,97 @@ def seed_command(cfg: SeedsConfig, seed: int, run_dir: Path) -> list[str]:
     return shlex.split(text) + list(cfg.overrides)
 
 
+def setting_names() -> set[str]:
+    """The environment variables the pipeline reads as settings: its configs' field names in upper case (n-gram
+    fields as NGRAM_<FIELD>), less SEED and RUN_DIR, which `pgolf seeds` sets per seed."""
+    # imported here: the configs pull in torch, which nothing else in this module needs at import time
+    from eval.ngram import NgramConfig
+    from eval.run import EvalConfig
+    from submission.config import ModelConfig, TrainConfig
+    from tools.calibrate import CalibConfig
+    from tools.gptq import QuantConfig
+
+    kinds = (ModelConfig, TrainConfig, QuantConfig, CalibConfig, EvalConfig)
+    names = {f.name for kind in kinds for f in dataclasses.fields(kind)}
+    names |= {f"ngram_{f.name}" for f in dataclasses.fields(NgramConfig)}
+    return {name.upper() for name in names} - set(RESERVED_KEYS)
+
+
+def run_settings(cfg: SeedsConfig, env: dict[str, str] | None = None) -> dict:
+    """What defines each seed's run besides its seed, as stored in OUT/settings.json: the settings (environment
+    variables named after a config field, then the KEY=VALUE overrides, keys upper-cased as the configs read them),
+    the command template and the processes per seed."""
+    env = dict(os.environ) if env is None else env
+    names = setting_names()
+    settings = {key: value for key, value in env.items() if key in names}
+    for item in cfg.overrides:
+        key, value = item.split("=", 1)
+        settings[key.upper()] = value  # a later override of the same key wins, as in the pipeline
+    return {"settings": dict(sorted(settings.items())),
+            "command": cfg.command or (PIPELINE_TORCHRUN if cfg.gpus_per_seed else PIPELINE),
+            "processes_per_seed": max(1, cfg.gpus_per_seed)}
+
+
+def finished_seeds(out: Path) -> list[int]:
+    """Seeds with an eval.json under OUT (any seed<N> folder, listed in this call or not: `pgolf stats OUT` takes
+    them all)."""
+    if not out.is_dir():
+        return []
+    return sorted(int(m.group(1)) for d in out.iterdir() if (m := SEED_DIR.match(d.name))
+                  and (d / "eval.json").is_file())
+
+
+def settings_differences(stored: dict, current: dict) -> list[str]:
+    """'KEY old -> new' for every setting, and the command or processes per seed, that differ."""
+    def shown(value) -> str:
+        return "(unset)" if value is None else repr(value) if isinstance(value, str) and " " in value else str(value)
+
+    old, new = stored.get("settings", {}), current["settings"]
+    lines = [f"{key} {shown(old.get(key))} -> {shown(new.get(key))}" for key in sorted(set(old) | set(new))
+             if old.get(key) != new.get(key)]
+    for key, flag in (("command", "--command"), ("processes_per_seed", "--gpus-per-seed")):
+        if stored.get(key) != current[key]:
+            lines.append(f"{flag} {shown(stored.get(key))} -> {shown(current[key])}")
+    return lines
+
+
+def check_resume(out: Path, current: dict) -> None:
+    """Refuse to add seeds to an experiment whose finished seeds ran with other settings (ValueError naming the
+    differences and the fix). Reads only; store_settings writes."""
+    finished = finished_seeds(out)
+    path = out / SETTINGS_FILE
+    if not finished or not path.is_file():
+        return
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        differences = settings_differences(stored, current)
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError) as err:
+        raise ValueError(f"{path}: unreadable ({type(err).__name__}: {err}); it holds the settings seeds "
+                         f"{','.join(map(str, finished))} ran with: restore it, or pass a new --out folder") from None
+    if differences:
+        raise ValueError(f"{out}: seeds {','.join(map(str, finished))} finished with other settings than this call's "
+                         f"({'; '.join(differences)}; stored in {path}): pass the same settings and environment to "
+                         "resume, or a new --out folder for a new experiment")
+
+
+def store_settings(out: Path, current: dict) -> None:
+    """Write OUT/settings.json (atomically) unless it already holds these settings. An experiment made before the file
+    existed is taken to have run with this call's settings, and the output says so."""
+    path = out / SETTINGS_FILE
+    if path.is_file():
+        try:
+            if json.loads(path.read_text(encoding="utf-8")) == current:
+                return
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            pass  # only reached when no seed finished (check_resume): nothing depends on the old file
+    elif finished := finished_seeds(out):
+        tqdm.write(f"settings_unverified:{path} seeds:{','.join(map(str, finished))} (they finished before "
+                   "`pgolf seeds` stored its settings: taken to be this call's)")
+    tmp = path.with_name(f".{SETTINGS_FILE}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(current, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def visible_gpus() -> list[str]:
     """Device ids the children may use: CUDA_VISIBLE_DEVICES when set (ids or UUIDs), else 0..count-1."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -128,13 +225,14 @@ def finished_result(run_dir: Path, seed: int) -> SeedResult | None:
 
 
 def set_aside(run_dir: Path) -> Path:
-    """Move an unfinished run directory out of the way (kept: its logs say why it stopped)."""
+    """Move an unfinished run directory out of the way (kept: its logs say why it stopped), to a name that does not
+    start with `seed`, so that `pgolf record OUT/seed*` takes only the run directories."""
     stamp = time.strftime("%Y%m%d_%H%M%S")
-    target = run_dir.with_name(f"{run_dir.name}.incomplete-{stamp}")
+    target = run_dir.with_name(f"incomplete-{run_dir.name}-{stamp}")
     n = 1
     while target.exists():
         n += 1
-        target = run_dir.with_name(f"{run_dir.name}.incomplete-{stamp}-{n}")
+        target = run_dir.with_name(f"incomplete-{run_dir.name}-{stamp}-{n}")
     os.replace(run_dir, target)
     return target
 
@@ -222,8 +320,14 @@ class SeedRunner:
         """Every seed of the config; finished ones are reported, not redone. Order of the result: cfg.seeds."""
         validate(self.cfg)
         out = self.cfg.out.resolve()
-        out.mkdir(parents=True, exist_ok=True)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {self.cfg.out} is a file, expected a folder (it gets one seed<N> run directory "
+                             "per seed): pass a folder path")
         groups = gpu_groups(self.cfg)
+        settings = run_settings(self.cfg)
+        check_resume(out, settings)  # before anything is written or moved aside
+        out.mkdir(parents=True, exist_ok=True)
+        store_settings(out, settings)
         outcomes: dict[int, SeedOutcome] = {}
         todo = []
         for seed in self.cfg.seeds:
@@ -313,9 +417,11 @@ def add_commands(subparsers) -> None:
         "seeds", help="run the pipeline for several seeds (resumable)",
         description="Run `python -m submission.train_gpt SEED=<s> RUN_DIR=<out>/seed<s> KEY=VALUE...` once per seed "
                     "(train, quantize, reload, evaluate: each seed's run directory gets eval.json). Seeds whose "
-                    "eval.json exists are not redone; a failed seed is reported and the others go on. With "
-                    "--gpus-per-seed K each seed runs under `torchrun --standalone --nproc_per_node=K` on its own "
-                    "CUDA_VISIBLE_DEVICES group, as many at once as there are groups.")
+                    "eval.json exists are not redone, and OUT/settings.json stores the settings they ran with "
+                    "(environment and KEY=VALUE settings, command, processes per seed): resuming with others is an "
+                    "error. A failed seed is reported and the others go on. With --gpus-per-seed K each seed runs "
+                    "under `torchrun --standalone --nproc_per_node=K` on its own CUDA_VISIBLE_DEVICES group, as many "
+                    "at once as there are groups.")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every seed")
     parser.add_argument("--seeds", type=parse_seeds, required=True, metavar="N,N,...",
                         help="seeds to run, comma-separated (e.g. 1337,42,2025)")
