@@ -4,6 +4,8 @@ import ast
 import importlib.metadata
 import json
 import math
+import os
+import signal
 import struct
 import sys
 from pathlib import Path
@@ -181,16 +183,69 @@ def test_significance_against_a_kit_record_folder(tmp_path, three_seeds):
     assert "Against `2026-05-01_Reference`" in text and "rule_test_t:" in text
 
 
-def test_existing_folder_needs_overwrite(tmp_path, three_seeds):
+def test_existing_folder_needs_overwrite(tmp_path, three_seeds, capsys):
     pack_dir, _, runs = three_seeds
     folder, _ = record.write_record(config(tmp_path, runs, pack_dir=pack_dir))
     (folder / "notes.txt").write_text("by hand")
+    (folder / "extra").mkdir()
+    (folder / "extra" / "ablation.md").write_text("by hand")
     with pytest.raises(ValueError, match="exists .*--overwrite"):
         record.write_record(config(tmp_path, runs, pack_dir=pack_dir))
     assert (folder / "notes.txt").exists()
+    capsys.readouterr()
     folder, _ = record.write_record(config(tmp_path, runs, pack_dir=pack_dir, overwrite=True))
     assert not (folder / "notes.txt").exists() and (folder / "submission.json").exists()
     assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]
+    # the hand-added files are named as they go; the files the record writes again are not
+    assert capsys.readouterr().out.splitlines() == [
+        f"overwrite: removing {folder / 'extra' / 'ablation.md'} (not in the new record)",
+        f"overwrite: removing {folder / 'notes.txt'} (not in the new record)"]
+
+
+@pytest.fixture
+def sigterm_recorded():
+    """A SIGTERM handler that only counts (as the default action would kill pytest), restored afterwards."""
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    yield received
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_sigterm_while_writing_leaves_no_partial_folder(tmp_path, three_seeds, monkeypatch, sigterm_recorded):
+    pack_dir, _, runs = three_seeds
+    outer = signal.getsignal(signal.SIGTERM)
+    plot = record.plot_seed_bpb
+
+    def terminated_while_plotting(*args, **kwargs):
+        plot(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # as `kill PID` or a scheduler's timeout would
+
+    monkeypatch.setattr(record, "plot_seed_bpb", terminated_while_plotting)
+    with pytest.raises(SystemExit) as stopped:
+        record.write_record(config(tmp_path, runs, pack_dir=pack_dir))
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert list((tmp_path / "records" / "track_non_record_16mb").iterdir()) == []  # no .record-XXXX left
+    assert signal.getsignal(signal.SIGTERM) is outer and sigterm_recorded == []  # the previous handler is back
+
+
+def test_sigterm_between_the_renames_of_overwrite_keeps_the_old_folder(tmp_path, three_seeds, monkeypatch,
+                                                                       sigterm_recorded):
+    pack_dir, _, runs = three_seeds
+    folder, _ = record.write_record(config(tmp_path, runs, pack_dir=pack_dir))
+    (folder / "notes.txt").write_text("by hand")
+    rename = Path.rename
+
+    def terminated_after_moving_the_old_folder_away(self, target):
+        moved = rename(self, target)
+        if Path(target).name == "replaced":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return moved
+
+    monkeypatch.setattr(Path, "rename", terminated_after_moving_the_old_folder_away)
+    with pytest.raises(SystemExit):
+        record.write_record(config(tmp_path, runs, pack_dir=pack_dir, overwrite=True))
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]
+    assert (folder / "notes.txt").read_text() == "by hand" and (folder / "submission.json").is_file()
 
 
 def test_a_folder_that_fails_the_check_is_not_written(tmp_path):

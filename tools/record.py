@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import datetime
 import importlib.metadata
 import json
 import re
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -537,9 +540,42 @@ def write_files(cfg: RecordConfig, inputs: RecordInputs, folder: Path) -> None:
     _write_text(folder / "README.md", readme(cfg, runs, report, inputs.submission, inputs.code_source))
 
 
+class Terminated(SystemExit):
+    """SIGTERM arrived while the record was being written; exits 128 + 15 like a process the signal killed."""
+
+
+@contextlib.contextmanager
+def _terminate_like_interrupt():
+    """Let SIGTERM (a scheduler's kill, `timeout`) unwind like Ctrl-C does, so the finally blocks that remove the
+    staging folder run: its default action kills the process on the spot and left records/track_*/.record-XXXX/
+    behind, which a later `git add records/` would commit. A second SIGTERM during the clean-up is ignored; the
+    previous handler is restored afterwards. Signal handlers can only be set from the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:  # None: a handler set outside Python, which cannot be put back from here
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def files_to_remove(old: Path, new: Path) -> list[str]:
+    """Paths under an existing record folder that replacing it with `new` deletes without a replacement (files added
+    by hand), sorted."""
+    ours = {p.relative_to(new) for p in new.rglob("*") if not p.is_dir()}
+    return sorted(str(rel) for p in old.rglob("*") if not p.is_dir() and (rel := p.relative_to(old)) not in ours)
+
+
 def write_record(cfg: RecordConfig) -> tuple[Path, CheckReport]:
     """Build the record in a temp folder, validate it with check_record, then move it into place in one rename.
-    Nothing is published when the check finds an error."""
+    Nothing is published when the check finds an error, nor when SIGINT or SIGTERM stops it. With cfg.overwrite,
+    the files of the old folder that the new one does not have are printed before they go."""
     track = normalize_track(cfg.track)
     cfg = replace(cfg, date=cfg.date or datetime.date.today().isoformat())
     try:
@@ -552,18 +588,28 @@ def write_record(cfg: RecordConfig) -> tuple[Path, CheckReport]:
         raise ValueError(f"record folder {final} exists (pass --overwrite to replace it, or another --name)")
     inputs = prepare(cfg)
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=".record-"))
-    try:
-        staged = tmp / final.name
-        write_files(cfg, inputs, staged)
-        report = check_record(staged)
-        if report.errors:
-            raise RuntimeError(f"the record folder fails its check, so it was not written:\n{format_check(report)}")
-        if final.exists():
-            final.rename(tmp / "replaced")
-        staged.rename(final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with _terminate_like_interrupt():
+        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=".record-"))
+        replaced = tmp / "replaced"
+        try:
+            staged = tmp / final.name
+            write_files(cfg, inputs, staged)
+            report = check_record(staged)
+            if report.errors:
+                raise RuntimeError(f"the record folder fails its check, so it was not written:\n"
+                                   f"{format_check(report)}")
+            if final.exists():
+                for rel in files_to_remove(final, staged):
+                    print(f"overwrite: removing {final / rel} (not in the new record)", flush=True)
+                final.rename(replaced)
+            staged.rename(final)
+        except Terminated:
+            print(f"pgolf record: stopped by SIGTERM; {final} was not written", file=sys.stderr, flush=True)
+            raise
+        finally:
+            if replaced.exists() and not final.exists():  # stopped between the two renames: put the old one back
+                replaced.rename(final)
+            shutil.rmtree(tmp, ignore_errors=True)
     report.folder = final
     return final, report
 
@@ -603,5 +649,7 @@ def add_commands(subparsers) -> None:
     parser.add_argument("--out", type=Path, default=Path("records"), help="records root (default: records)")
     parser.add_argument("--date", help="YYYY-MM-DD for submission.json and the folder name (default: today)")
     parser.add_argument("--hardware", help="hardware line (default: from the train logs, e.g. '8x cuda')")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing folder of the same name")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing folder of the same name (its files that the new record does not "
+                             "write, e.g. added by hand, are listed as they are removed)")
     parser.set_defaults(func=_cmd_record)
