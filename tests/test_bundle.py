@@ -338,6 +338,18 @@ def test_write_bundle_hash_follows_the_sources_not_the_comments(fake_kit, tmp_pa
     assert bundle(entry, fake_kit, ("fk_core", "fk_eval")).sha256 == second.sha256
 
 
+def test_write_bundle_writes_files_with_a_normal_mode(fake_kit, tmp_path):
+    """The packed train_gpt.py is shipped: it gets open()'s mode (0o666 less the umask), not mkstemp's 0o600."""
+    result = bundle(fake_kit / "fk_core/entry.py", fake_kit, ("fk_core", "fk_eval"))
+    umask = os.umask(0o022)
+    try:
+        write_bundle(result, tmp_path / "out")
+    finally:
+        os.umask(umask)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "out").iterdir()} == {
+        "train_gpt.py": "0o644", "train_gpt.py.sha256": "0o644"}
+
+
 def kit_with(tmp_path, one: str, two: str, entry: str) -> Path:
     return write_kit(tmp_path / "kit", {"fk_a/__init__.py": "", "fk_a/one.py": one, "fk_a/two.py": two,
                                         "fk_a/entry.py": entry})

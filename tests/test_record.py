@@ -248,6 +248,18 @@ def test_sigterm_between_the_renames_of_overwrite_keeps_the_old_folder(tmp_path,
     assert (folder / "notes.txt").read_text() == "by hand" and (folder / "submission.json").is_file()
 
 
+def test_generated_files_have_the_mode_of_normal_files(tmp_path, three_seeds):
+    pack_dir, _, runs = three_seeds
+    umask = os.umask(0o022)
+    try:
+        folder, _ = record.write_record(config(tmp_path, runs, pack_dir=pack_dir))
+    finally:
+        os.umask(umask)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in folder.iterdir()}
+    assert set(modes.values()) == {"0o644"}, modes  # the plots were 0o600 (mkstemp)
+    assert oct(folder.stat().st_mode & 0o777) == "0o755"
+
+
 def test_a_folder_that_fails_the_check_is_not_written(tmp_path):
     pack_dir, code = packed_code(tmp_path)
     # 16,000,000 model bytes + the code: over the decimal cap (a sparse file: nothing is really written)

@@ -12,7 +12,6 @@ import lzma
 import os
 import re
 import string
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -1427,13 +1426,15 @@ def bundle(entry: Path, kit_root: Path, kit_packages: tuple[str, ...] = KIT_PACK
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # open(..., "xb") creates the file with a normal file's mode (0o666 less the umask): mkstemp's 0o600 made the
+    # shipped train_gpt.py unreadable to others
+    tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             f.write(data)
         os.replace(tmp, path)
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
 
 
 def write_bundle(result: BundleResult, out_dir: Path) -> Path:

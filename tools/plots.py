@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import textwrap
 from pathlib import Path
 
@@ -21,13 +20,13 @@ def _save(fig: Figure, path: Path) -> Path:
     """Render with the Agg canvas (no pyplot, no display needed) into a temp file, then rename into place."""
     path = Path(path)
     FigureCanvasAgg(fig)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
+    # a new file that savefig creates, so it gets a normal file's mode (0o666 less the umask), not mkstemp's 0o600
+    tmp = path.with_name(f".{path.stem}.{os.urandom(6).hex()}.png")
     try:
         fig.savefig(tmp, format="png", dpi=DPI)
         os.replace(tmp, path)
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
     return path
 
 
