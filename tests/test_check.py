@@ -374,3 +374,12 @@ def test_usual_fields_are_warnings_that_say_why(tmp_path):
     (folder / "submission.json").write_text(json.dumps(data))
     assert errors(check.check_record(folder)) == [
         ("submission.json", "seed_results['1337'].val_bpb is 1.2 but train_seed1337.log gives 1.38912345")]
+
+
+def test_a_file_where_the_record_folder_belongs_is_named_as_such(tmp_path):
+    file = tmp_path / "submission.json"
+    file.write_text("{}")
+    with pytest.raises(NotADirectoryError, match=r"submission.json is a file, expected a folder"):
+        check.check_record(file)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        check.check_record(tmp_path / "missing")

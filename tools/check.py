@@ -359,6 +359,9 @@ def _hints(folder: Path, results: list[SeedResult], results_only: bool) -> dict[
 def check_record(folder: str | Path, results_only: bool = False) -> CheckReport:
     """Validate a record folder in the challenge's layout; results_only skips README.md and train_gpt.py."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"record folder {folder} is a file, expected a folder (pass records/<track>/"
+                                 "<date>_<name>, the folder holding submission.json)")
     if not folder.is_dir():
         raise FileNotFoundError(f"record folder {folder} does not exist (pass records/<track>/<date>_<name>)")
     report = CheckReport(folder, results_only)
