@@ -1,6 +1,9 @@
 """tools/cli.py: the `pgolf` command's argument handling shared by every subcommand."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 
 from tools.cli import build_parser, main, parse_args, settings_dest
@@ -67,3 +70,71 @@ def test_errors_name_the_command_even_when_it_has_a_command_option(tmp_path, cap
     # `pgolf seeds --command` once overwrote the subcommand's name: "pgolf None: error: ..."
     code = main(["seeds", "--seeds", "1", "--out", str(tmp_path / "e"), "--command", "{python} {sed}"])
     assert code == 2 and capsys.readouterr().err.startswith("pgolf seeds: error: --command")
+
+
+# should a check regress, the bench runs one step of a tiny model instead of the recipe's 40
+TINY_BENCH = ["--steps", "1", "--warmup", "0", "--profile-steps", "0", "NUM_LAYERS=2", "MODEL_DIM=64", "NUM_HEADS=2",
+              "NUM_KV_HEADS=1", "XSA_LAST_N=2", "ROPE_DIMS=8", "BIGRAM_BUCKETS=64", "BIGRAM_DIM=16",
+              "VALUE_EMBED_DIM=16", "SEQ_LEN=64", "TRAIN_BATCH_TOKENS=128", "MICRO_BATCH_TOKENS=128"]
+
+
+def path_cases(tmp: Path) -> list[tuple[list[str], str]]:
+    """(command line, the one error line it must give) for a file where a folder is expected and the reverse, and
+    an output file whose folder is missing (checked before the work)."""
+    a_file, a_folder = tmp / "notes.txt", tmp / "folder"
+    a_file.write_text("x")
+    a_folder.mkdir()
+    run = tmp / "run"  # model.pgz is a folder here; the packed program is a file
+    (run / "model.pgz").mkdir(parents=True)
+    (run / "train_gpt.py").write_text("x")
+    packed = tmp / "packed"  # a model file, so that pack reaches its --out check
+    packed.mkdir()
+    (packed / "model.pgz").write_bytes(b"x")
+    return [
+        (["size", str(a_file)], f"pgolf size: error: artifact dir {a_file} is a file, expected a folder (expected "),
+        (["size", str(run)], f"pgolf size: error: model artifact {run / 'model.pgz'} is a folder, expected a file"),
+        (["pack", str(a_file), "--out", str(tmp / "o")],
+         f"pgolf pack: error: run directory {a_file} is a file, expected a folder"),
+        (["pack", str(run), "--out", str(tmp / "o")],
+         f"pgolf pack: error: {run / 'model.pgz'} is a folder, expected a file (run `pgolf quantize {run}` first)"),
+        (["pack", str(packed), "--out", str(a_file)], f"pgolf pack: error: --out {a_file} is a file, expected a folder"),
+        (["quantize", str(a_file), "--device", "cpu"],
+         f"pgolf quantize: error: run directory {a_file} is a file, expected a folder"),
+        (["stats", str(a_folder), "--record", str(a_file)],
+         f"pgolf stats: error: --record {a_file} is a file, expected a folder"),
+        (["ablation", str(a_folder), "--plot", str(a_folder)],
+         f"pgolf ablation: --plot {a_folder} is a folder, expected a file"),
+        (["bench", "--against", str(a_folder), *TINY_BENCH],
+         f"pgolf bench: error: argument --against: {a_folder} is a folder, expected a file"),
+        (["bench", "--curve-out", str(a_folder), *TINY_BENCH],
+         f"pgolf bench: error: argument --curve-out: {a_folder} is a folder, expected a file"),
+        (["bench", "--trace", str(tmp / "missing" / "t.json.gz"), *TINY_BENCH],
+         f"pgolf bench: error: argument --trace: {tmp / 'missing' / 't.json.gz'}: its folder {tmp / 'missing'} not "
+         "found"),
+        (["seeds", "--seeds", "1", "--out", str(a_file), "--command", "{python} -c pass"],
+         f"pgolf seeds: error: --out {a_file} is a file, expected a folder"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_a_path_of_the_wrong_kind_is_named_as_such_not_as_missing(tmp_path, capsys, case):
+    argv, line = path_cases(tmp_path)[case]
+    try:
+        code = main(argv)
+    except SystemExit as exit:  # argparse's usage errors and `pgolf ablation` end this way
+        code = exit.code if isinstance(exit.code, int) else print(exit.code, file=sys.stderr) or 2
+    err = capsys.readouterr().err
+    assert code == 2 and line in err, (argv, err)
+    assert ("not found" not in err or "its folder" in line) and "Traceback" not in err
+
+
+def test_every_path_case_is_run(tmp_path):
+    assert len(path_cases(tmp_path)) == 12
+
+
+def test_an_os_error_is_one_line_naming_the_file(monkeypatch, capsys):
+    def denied(args):
+        raise PermissionError(13, "Permission denied", "runs/x/eval.json")
+    monkeypatch.setattr("tools.size._cmd_size", denied)
+    assert main(["size", "runs/x"]) == 2
+    assert capsys.readouterr().err == "pgolf size: error: [Errno 13] Permission denied: 'runs/x/eval.json'\n"

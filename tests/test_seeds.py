@@ -241,6 +241,6 @@ def test_an_experiment_from_before_settings_json_is_taken_with_a_warning(tmp_pat
 def test_out_that_is_a_file_is_refused_before_anything_runs(tmp_path, fake):
     out = tmp_path / "runs"
     out.write_text("notes")
-    with pytest.raises(ValueError, match=r"--out .*runs is a file, expected a folder"):
+    with pytest.raises(NotADirectoryError, match=r"--out .*runs is a file, expected a folder"):
         run_cli(["seeds", "--seeds", "1", "--out", str(out), "--command", fake])
     assert out.read_text() == "notes" and not calls(tmp_path)

@@ -15,6 +15,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tools.cli import expect_output
 from tools.results import KEY_VALUE, ResultFormatError
 
 OVERRIDE_LINE = re.compile(r"^override setting:(\w+):(.*)->(.*)\((?:cli|env)\)$")
@@ -206,6 +207,8 @@ def summary_lines(summaries: list[Summary]) -> list[str]:
 
 
 def run_ablation(args: argparse.Namespace) -> int:
+    if args.plot:
+        expect_output(args.plot, "file", "--plot")
     baselines = [run for path in args.baseline for run in collect(path)]
     runs = [run for path in args.runs for run in collect(path)]
     seeds = [b.seed for b in baselines]
@@ -229,7 +232,7 @@ def run_ablation(args: argparse.Namespace) -> int:
 def _main(args: argparse.Namespace) -> int:
     try:
         return run_ablation(args)
-    except (ResultFormatError, ValueError) as err:
+    except (ResultFormatError, ValueError, OSError) as err:
         raise SystemExit(f"pgolf ablation: {err}") from None
 
 

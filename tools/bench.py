@@ -17,6 +17,7 @@ from submission.model import GPT
 from submission.optim import build_optimizers
 from submission.train import (EMA, H100_BF16_PEAK_FLOPS, configure_cuda, matmul_flops_per_token,
                               setup_distributed, train_step)
+from tools.cli import path_arg
 
 
 def run_bench(model_cfg: ModelConfig, cfg: TrainConfig, steps: int, warmup: int, profile_steps: int,
@@ -244,10 +245,13 @@ def add_commands(sub) -> None:
     p.add_argument("--profile-steps", type=int, default=3, help="steps under torch.profiler for the op table "
                                                                  "(0: no profile)")
     p.add_argument("--top", type=int, default=10, help="rows of the op table, by self GPU time (default 10)")
-    p.add_argument("--trace", metavar="JSON", help="write the profiled steps as a Chrome trace (open in "
-                                                   "chrome://tracing or ui.perfetto.dev)")
-    p.add_argument("--curve-out", metavar="JSON", help="write the figures and the per-step loss curve here")
-    p.add_argument("--against", metavar="JSON", help="compare this run's loss curve, 50-step window by window, with "
-                                                     "one written by --curve-out (exit 1 if shifted)")
+    p.add_argument("--trace", metavar="JSON", type=path_arg("file", output=True),
+                   help="write the profiled steps as a Chrome trace (open in chrome://tracing or ui.perfetto.dev)")
+    p.add_argument("--curve-out", metavar="JSON", type=path_arg("file", output=True),
+                   help="write the figures and the per-step loss curve here")
+    p.add_argument("--against", metavar="JSON", type=path_arg("file", fix="write one with `pgolf bench --curve-out "
+                                                                         "FILE`"),
+                   help="compare this run's loss curve, 50-step window by window, with one written by --curve-out "
+                        "(exit 1 if shifted)")
     p.add_argument("--max-t", type=float, default=4.0, help="paired-t bound per window for 'within noise' (default 4)")
     p.set_defaults(func=_cmd)

@@ -13,6 +13,7 @@ from submission.train import Logger
 from tools.artifact import CODE_FILENAME, DECIMAL_CAP, MODEL_FILENAME, read_contents
 from tools.bundle import BundleResult, bundle, write_bundle
 from tools.calibrate import CalibConfig
+from tools.cli import expect_output, expect_path
 from tools.gptq import QuantConfig
 from tools.quantize import load_checkpoint, quantize_run
 from tools.size import SizeReport, size_report
@@ -48,9 +49,10 @@ def pack(run_dir: str | os.PathLike, out: str | os.PathLike, progress: bool = Tr
     Nothing is written when the run has no valid artifact or the total is over the cap.
     """
     run_dir, out = Path(run_dir), Path(out)
-    model_path = run_dir / MODEL_FILENAME
-    if not model_path.is_file():
-        raise FileNotFoundError(f"{model_path} not found (run `pgolf quantize {run_dir}` first)")
+    if run_dir.exists():  # a file there would read as "model.pgz not found" below
+        expect_path(run_dir, "folder", "run directory", f"pass the folder that holds {MODEL_FILENAME}")
+    model_path = expect_path(run_dir / MODEL_FILENAME, "file", "", f"run `pgolf quantize {run_dir}` first")
+    expect_output(out, "folder", "--out")
     blob = model_path.read_bytes()
     contents = read_contents(blob, str(model_path))  # a truncated or corrupted artifact stops here
     result = bundle_entry(contents.model_config)
@@ -72,7 +74,7 @@ def pack(run_dir: str | os.PathLike, out: str | os.PathLike, progress: bool = Tr
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
-    run_dir = Path(args.run_dir)
+    run_dir = expect_path(args.run_dir, "folder", "run directory", "pass the folder the trainer wrote: RUN_DIR")
     ckpt = load_checkpoint(run_dir)
     train_cfg = ckpt.train_config
     quant_cfg, calib_cfg = QuantConfig(), CalibConfig()

@@ -20,6 +20,7 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
+from tools.cli import expect_output
 from tools.results import ResultFormatError, SeedResult, load_run, parse_eval_json
 from tools.stats import build_report, format_report
 
@@ -320,9 +321,7 @@ class SeedRunner:
         """Every seed of the config; finished ones are reported, not redone. Order of the result: cfg.seeds."""
         validate(self.cfg)
         out = self.cfg.out.resolve()
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"--out {self.cfg.out} is a file, expected a folder (it gets one seed<N> run directory "
-                             "per seed): pass a folder path")
+        expect_output(out, "folder", "--out")
         groups = gpu_groups(self.cfg)
         settings = run_settings(self.cfg)
         check_resume(out, settings)  # before anything is written or moved aside

@@ -10,6 +10,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from tools.artifact import CODE_FILENAME, DECIMAL_CAP, MODEL_FILENAME, compress, read_contents
+from tools.cli import expect_path
 from tools.gptq import QuantTensor
 
 
@@ -58,9 +59,7 @@ def size_report(artifact_path: str | os.PathLike, code_path: str | os.PathLike, 
     """Code bytes (the file as shipped), model bytes, and each tensor's estimated share of the model bytes."""
     artifact_path, code_path = Path(artifact_path), Path(code_path)
     for path, what in ((artifact_path, "model artifact"), (code_path, "code file")):
-        if not path.is_file():
-            raise FileNotFoundError(f"{what} {path} not found (an artifact dir holds {MODEL_FILENAME} and "
-                                    f"{CODE_FILENAME})")
+        expect_path(path, "file", what, f"an artifact dir holds {MODEL_FILENAME} and {CODE_FILENAME}")
     blob = artifact_path.read_bytes()
     contents = read_contents(blob, str(artifact_path))
     # Each tensor compressed alone by the compressor most chunks chose, in parallel, then scaled to the real total.
@@ -85,9 +84,8 @@ def size_report(artifact_path: str | os.PathLike, code_path: str | os.PathLike, 
 
 
 def _cmd_size(args) -> int:
-    root = Path(args.artifact_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"artifact dir {root} not found (expected {MODEL_FILENAME} and {CODE_FILENAME} in it)")
+    root = expect_path(args.artifact_dir, "folder", "artifact dir", f"expected {MODEL_FILENAME} and {CODE_FILENAME} "
+                       "in it")
     report = size_report(root / args.model, root / args.code, progress=not args.quiet)
     print("\n".join(report.lines()))
     return 0 if report.fits else 1

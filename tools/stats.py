@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from tools.cli import expect_path
 from tools.results import RecordResults, SeedResult, check_consistent, load_record, load_results
 
 # The rules: a new record must beat the current one by at least 0.005 nats (val_loss) with p < 0.01.
@@ -239,6 +240,8 @@ def report_to_json(report: StatsReport) -> dict:
 
 
 def run_stats(args: argparse.Namespace) -> int:
+    if args.record:
+        expect_path(args.record, "folder", "--record", "pass the record folder holding train_seed<N>.log")
     results = [r for path in args.paths for r in load_results(path)]
     record = load_record(args.record) if args.record else None
     report = build_report(results, record, args.record_loss)
