@@ -41,10 +41,13 @@ from __future__ import annotations
 # with contiguous per-rank shards, a rank may absorb lower-numbered ranks' scored tokens, never higher ones'.
 
 import math
+import typing
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from submission.config import check_ranges
 
 SMOOTHINGS = ("witten_bell", "kneser_ney")
 # Largest prime below 2^47: context ids stay < 2^47, so id * V + next < 2^63 for any V <= 2^16 (uint16 tokens).
@@ -95,27 +98,25 @@ class NgramConfig:
     # follows the n-gram as its counts grow, which shifts how much q deserves.
     mix_fit_window: int = 1 << 20
 
+    # Each number's allowed values (submission.config.check_ranges; settings NGRAM_<FIELD>); the others are checked
+    # in __post_init__.
+    RANGES: typing.ClassVar[dict] = {
+        "order": (">= 1", " (1 = unigram; the recipe uses 12)"),
+        "discount": ("(0, 1]", " so every seen count stays >= 0 after discounting (the recipe uses 0.75)"),
+        "floor": ("(0, 1)", " so every token keeps mass (the recipe uses 1e-6)"),
+        "hash_modulus": (f"[1, {(1 << 63) // MAX_VOCAB})", f" so that id * V fits int64 (the recipe uses the prime "
+                         f"{HASH_MODULUS})"),
+        "bos_id": ">= 0", "mix_fit_iters": ">= 1", "mix_fit_window": (">= 1", " tokens")}
+
     def __post_init__(self):
-        if self.order < 1:
-            raise ValueError(f"NgramConfig.order={self.order}: must be >= 1 (1 = unigram; the recipe uses 12)")
+        check_ranges(self, "ngram_")
         if self.smoothing not in SMOOTHINGS:
-            raise ValueError(f"NgramConfig.smoothing={self.smoothing!r}: choose one of {SMOOTHINGS}")
-        if not 0 < self.discount <= 1:
-            raise ValueError(f"NgramConfig.discount={self.discount}: must be in (0, 1] so every seen count stays "
-                             ">= 0 after discounting (the recipe uses 0.75)")
-        if not 0 < self.floor < 1:
-            raise ValueError(f"NgramConfig.floor={self.floor}: must be in (0, 1) so every token keeps mass "
-                             "(the recipe uses 1e-6)")
-        if self.hash_modulus < 1 or self.hash_modulus * MAX_VOCAB >= 1 << 63:
-            raise ValueError(f"NgramConfig.hash_modulus={self.hash_modulus}: must be in [1, 2^47) so that "
-                             f"id * V fits int64 (the recipe uses the prime {HASH_MODULUS})")
-        if self.mix_weights is not None and len(self.mix_weights) != NUM_MIX_FEATURES:
-            raise ValueError(f"NgramConfig.mix_weights={self.mix_weights}: need {NUM_MIX_FEATURES} weights "
-                             "(bias, entropy, log1p count, order / K) or None to fit them online")
-        if self.mix_fit_iters < 1:
-            raise ValueError(f"NgramConfig.mix_fit_iters={self.mix_fit_iters}: must be >= 1")
-        if self.mix_fit_window < 1:
-            raise ValueError(f"NgramConfig.mix_fit_window={self.mix_fit_window}: must be >= 1 (tokens)")
+            raise ValueError(f"NGRAM_SMOOTHING={self.smoothing!r}: choose one of {', '.join(SMOOTHINGS)} "
+                             f"(NgramConfig.smoothing={self.smoothing!r})")
+        weights = self.mix_weights
+        if weights is not None and (len(weights) != NUM_MIX_FEATURES or not all(math.isfinite(w) for w in weights)):
+            raise ValueError(f"NGRAM_MIX_WEIGHTS={weights}: need {NUM_MIX_FEATURES} finite weights (bias, entropy, "
+                             f"log1p count, order / K) or None to fit them online (NgramConfig.mix_weights={weights})")
 
 
 def context_windows(tokens: torch.Tensor, positions: torch.Tensor, width: int,

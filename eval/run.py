@@ -12,7 +12,7 @@ from eval.bpb import BPBAccumulator, ByteLUTs, token_bytes_torch
 from eval.ngram import NgramBlender, NgramConfig
 from eval.stream import StageTimer, rope_scaled, score_stream, shard_targets, window_scores
 from eval.ttt import HashEmbedding, ScoreFirstTTT
-from submission.config import apply_overrides
+from submission.config import apply_overrides, check_ranges
 
 # Full FineWeb validation set per vocabulary (CHALLENGE.md) and the evaluation budget it is projected onto.
 FULL_VAL_TOKENS = {1024: 62_021_632, 8192: 40_540_160}
@@ -51,6 +51,13 @@ class EvalConfig:
     compliance_chunk_tokens: int = 4096  # C1 runs the full stream 4x on the prefix: 6.5 s on an H100
     ablation: bool = False           # also score flat, sliding and +ttt passes (3 extra passes over the data)
 
+    # Each number's allowed values (submission.config.check_ranges); how fields agree is checked in validate().
+    RANGES: typing.ClassVar[dict] = {
+        "context_len": ">= 1", "stride": ">= 1", "rope_scale": ("> 0", " (1 = as trained)"), "batch_windows": ">= 1",
+        "chunk_tokens": ">= 1", "ttt_epochs": ">= 1", "ttt_lr": ">= 0", "ttt_momentum": "[0, 1)",
+        "ttt_grad_clip": (">= 0", " (0 = no clip)"), "ttt_batch_seqs": ">= 1", "hash_buckets": ">= 1",
+        "hash_lr_mult": ">= 0", "compliance_chunks": ">= 1", "compliance_chunk_tokens": ">= 1"}
+
     def __post_init__(self):
         if isinstance(self.ngram_config, dict):  # EvalConfig(**asdict(cfg)), or eval.json's "config"
             self.ngram_config = NgramConfig(**self.ngram_config)
@@ -58,27 +65,24 @@ class EvalConfig:
 
     def validate(self) -> None:
         """Reject settings that cannot run (called again after overrides, which bypass __init__)."""
-        positive = ("context_len", "stride", "batch_windows", "chunk_tokens", "ttt_epochs", "ttt_batch_seqs",
-                    "hash_buckets", "compliance_chunks", "compliance_chunk_tokens")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"EvalConfig.{name}={getattr(self, name)}: must be >= 1")
+        check_ranges(self)
         if self.stride > self.context_len:
-            raise ValueError(f"EvalConfig.stride={self.stride} > context_len={self.context_len}: a window cannot "
-                             "score more targets than it holds (stride = context_len is flat scoring)")
-        if self.rope_scale <= 0:
-            raise ValueError(f"EvalConfig.rope_scale={self.rope_scale}: must be > 0 (1 = as trained)")
+            raise ValueError(f"STRIDE={self.stride}: must be at most CONTEXT_LEN={self.context_len}, a window cannot "
+                             "score more targets than it holds (STRIDE=CONTEXT_LEN is flat scoring)")
         if self.hash_embed and not self.ttt:
-            raise ValueError("EvalConfig.hash_embed=True needs ttt=True: the table is trained only by TTT "
+            raise ValueError("HASH_EMBED=1 with TTT=0: the table is trained only by TTT, so hash_embed needs ttt "
                              "(set HASH_EMBED=0 as well)")
         if self.ngram_score not in ("blend", "tilt"):
-            raise ValueError(f"EvalConfig.ngram_score={self.ngram_score!r}: choose 'blend' or 'tilt'")
+            raise ValueError(f"NGRAM_SCORE={self.ngram_score!r}: choose blend or tilt")
+        if not self.ttt_params.strip(" ,"):
+            raise ValueError(f"TTT_PARAMS={self.ttt_params!r}: name 'all' or comma-separated parameter name "
+                             "prefixes (e.g. TTT_PARAMS=blocks.9,blocks.10)")
         self.ngram_config.__post_init__()
 
 
 def apply_eval_overrides(cfg: EvalConfig, overrides: dict[str, str], source: str = "cli") -> list[str]:
-    """Set EvalConfig fields, and NgramConfig fields as NGRAM_<FIELD> (e.g. NGRAM_ORDER=8), from strings; return
-    'name: old -> new (source)' lines. Unknown keys are errors unless source == "env"."""
+    """Set EvalConfig fields, and NgramConfig fields as NGRAM_<FIELD> (e.g. NGRAM_ORDER=8), from strings, then
+    validate the result; return 'name: old -> new (source)' lines. Unknown keys are errors unless source == "env"."""
     own = {f.name for f in dataclasses.fields(cfg)} - {"ngram_config"}
     hints = typing.get_type_hints(NgramConfig)
     nested_names = {name for name, kind in hints.items() if kind in (int, float, str, bool)}

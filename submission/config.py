@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass
@@ -10,6 +11,33 @@ from dataclasses import dataclass
 # The filename tools/bundle.py compiles the unpacked program under (its VIRTUAL_FILENAME; test_pack checks they
 # agree): code compiled under it was unpacked from the script being run, which is then all the code there is.
 PACKED_CODE_FILENAME = "<train_gpt>"
+
+
+def within(value, rule: str) -> bool:
+    """Whether a number satisfies a range rule: ">= a", "> a", or an interval "[a, b]", "(a, b)", "[a, b)", "(a, b]".
+    NaN, infinities and non-numbers satisfy none."""
+    try:
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if rule[0] == ">":
+            bound = float(rule.lstrip(">="))
+            return value >= bound if rule[1] == "=" else value > bound
+        lo, hi = (float(x) for x in rule[1:-1].split(","))
+        return (value >= lo if rule[0] == "[" else value > lo) and (value <= hi if rule[-1] == "]" else value < hi)
+    except TypeError:
+        return False
+
+
+def check_ranges(cfg, prefix: str = "") -> None:
+    """Raise a one-line ValueError for the first field of `cfg` outside its entry of type(cfg).RANGES (field -> rule
+    for within(), or (rule, why)). The setting is named as the user types it: PREFIX + FIELD, upper case."""
+    for name, rule in type(cfg).RANGES.items():
+        rule, why = (rule, "") if isinstance(rule, str) else rule
+        value = getattr(cfg, name)
+        if not within(value, rule):
+            key, kind = (prefix + name).upper(), type(cfg).__name__
+            raise ValueError(f"{key}={value!r}: must be {'' if rule[0] == '>' else 'in '}{rule}{why} "
+                             f"({kind}.{name}={value!r})")
 
 
 def packed() -> bool:
@@ -30,7 +58,7 @@ class ModelConfig:
     logit_softcap: float = 30.0     # logits = c * tanh(z / c); 0 disables
     qk_norm: bool = True            # RMSNorm on q and k before RoPE
     q_gain_init: float = 1.5        # learned per-head gain on q (after the norm)
-    xsa_last_n: int = 11            # XSA (remove the self-value component) on the last N layers: all 11
+    xsa_last_n: int = 11            # XSA (remove the self-value component) on the last N layers: all 11 (or more)
     rope_dims: int = 16             # partial RoPE: rotate 16 of the 64 head dims, the rest stay position-free
     rope_base: float = 10000.0
     ln_scale: bool = True           # scale each block's norm output by 1/sqrt(layer + 1)
@@ -64,18 +92,51 @@ class ModelConfig:
 
     # A stored config (artifact, checkpoint) made before a feature existed lacks its field: it was made without it.
     ABSENT_MEANS: typing.ClassVar[dict] = {"embed2": False}
+    # Each number's allowed values (check_ranges); how fields must agree is checked in __post_init__.
+    RANGES: typing.ClassVar[dict] = {
+        "vocab_size": ("[2, 65536]", " (shards store token ids as uint16)"), "num_layers": ">= 1",
+        "model_dim": ">= 1", "num_heads": ">= 1", "num_kv_heads": ">= 1", "mlp_mult": "> 0", "logit_softcap": ">= 0",
+        "q_gain_init": "> 0", "xsa_last_n": ">= 0", "rope_dims": ">= 0", "rope_base": "> 1", "bigram_buckets": ">= 0",
+        "bigram_dim": ">= 1", "value_embed_last_n": ">= 0", "value_embed_dim": ">= 1", "bos_id": ">= 0",
+        "key_offset_last_n": ">= 0", "key_offset_dims": ">= 0", "layer_bigram_buckets": ">= 0", "num_loops": ">= 0",
+        "parallel_last_n": ">= 0"}
 
     @property
     def head_dim(self) -> int:
         return self.model_dim // self.num_heads
 
     def __post_init__(self):
+        check_ranges(self)
+        if self.model_dim % self.num_heads:
+            raise ValueError(f"MODEL_DIM={self.model_dim} is not a multiple of NUM_HEADS={self.num_heads}: each head "
+                             f"gets MODEL_DIM / NUM_HEADS dims (e.g. MODEL_DIM={self.num_heads * 64})")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"NUM_HEADS={self.num_heads} is not a multiple of NUM_KV_HEADS={self.num_kv_heads}: each "
+                             "KV head serves NUM_HEADS / NUM_KV_HEADS query heads (NUM_KV_HEADS=NUM_HEADS: plain MHA)")
+        if self.head_dim % 2:
+            raise ValueError(f"MODEL_DIM={self.model_dim} / NUM_HEADS={self.num_heads} = {self.head_dim} dims per "
+                             "head: must be even (RoPE and the attention kernels work on pairs of dims)")
+        if self.rope_dims % 2 or self.rope_dims > self.head_dim:
+            raise ValueError(f"ROPE_DIMS={self.rope_dims}: must be even and in 0..{self.head_dim}, the head dim "
+                             f"MODEL_DIM / NUM_HEADS (RoPE rotates pairs of dims; 0 = no RoPE)")
+        for name in ("value_embed_last_n", "key_offset_last_n", "parallel_last_n"):
+            if getattr(self, name) > self.num_layers:
+                raise ValueError(f"{name.upper()}={getattr(self, name)}: must be in 0..NUM_LAYERS={self.num_layers} "
+                                 "(the last N layers)")
+        for name in ("bigram_buckets", "layer_bigram_buckets"):
+            if getattr(self, name) == 1:
+                raise ValueError(f"{name.upper()}=1: must be 0 (off) or >= 2 (bucket 0 is reserved, the hash uses "
+                                 "the others)")
+        if self.bos_id >= self.vocab_size:
+            raise ValueError(f"BOS_ID={self.bos_id}: must be a token id, below VOCAB_SIZE={self.vocab_size}")
+        if self.key_offset_last_n and self.rope_dims == self.head_dim:
+            raise ValueError(f"KEY_OFFSET_LAST_N={self.key_offset_last_n}: the key offset moves the head dims RoPE "
+                             f"does not rotate, and ROPE_DIMS={self.rope_dims} rotates all {self.head_dim} (lower "
+                             "ROPE_DIMS, or KEY_OFFSET_LAST_N=0)")
         first, last = self.loop_layers
-        if self.num_loops < 0 or self.num_loops and not 0 <= first <= last < self.num_layers:
+        if self.num_loops and not 0 <= first <= last < self.num_layers:
             raise ValueError(f"LOOP_LAYERS={first},{last} NUM_LOOPS={self.num_loops}: need num_loops >= 0 and a span "
                              f"0 <= first <= last < num_layers={self.num_layers} (e.g. LOOP_LAYERS=4,5 NUM_LOOPS=2)")
-        if not 0 <= self.parallel_last_n <= self.num_layers:
-            raise ValueError(f"PARALLEL_LAST_N={self.parallel_last_n}: must be in 0..num_layers={self.num_layers}")
 
 
 @dataclass
@@ -118,6 +179,33 @@ class TrainConfig:
     val_every: int = 0                    # 0: validate only at the end (validation pauses the timer)
     val_batch_seqs: int = 32
     compile: bool = True                  # torch.compile on GPU (ignored on CPU)
+
+    # Each number's allowed values (check_ranges); how fields must agree is checked in __post_init__.
+    RANGES: typing.ClassVar[dict] = {
+        "seed": ("[0, 4294967296)", " (numpy seeds are 32-bit)"), "train_batch_tokens": ">= 1",
+        "micro_batch_tokens": ">= 1", "seq_len": ">= 1", "max_wallclock_seconds": "> 0", "max_steps": ">= 1",
+        "warmup_steps": ">= 0", "warmdown_frac": "[0, 1]", "matrix_lr": ">= 0", "embed_lr": ">= 0",
+        "scalar_lr": ">= 0", "muon_momentum": "[0, 1)", "muon_momentum_start": "[0, 1)",
+        "muon_momentum_warmup_steps": ">= 0", "muon_ns_steps": ">= 1", "weight_decay": ">= 0", "grad_clip": ">= 0",
+        "ema_decay": "[0, 1]", "enable_looping_at": "[0, 1]", "qat_threshold": "[0, 1]",
+        "qat_bits": ("[2, 8]", " (int8 codes)"), "log_every": ">= 1", "val_every": ">= 0", "val_batch_seqs": ">= 1"}
+
+    def __post_init__(self):
+        check_ranges(self)
+        for name in ("data_dir", "tokenizer_path"):
+            if not getattr(self, name):
+                raise ValueError(f"{name.upper()}='': must name a path")
+        if self.recipe not in RECIPES:
+            raise ValueError(f"RECIPE={self.recipe!r}: unknown recipe (known: {', '.join(RECIPES)})")
+        for name in ("train_batch_tokens", "micro_batch_tokens"):
+            tokens = getattr(self, name)
+            if tokens % self.seq_len:
+                example = max(1, round(tokens / self.seq_len)) * self.seq_len
+                raise ValueError(f"{name.upper()}={tokens}: must be a multiple of SEQ_LEN={self.seq_len}, whole "
+                                 f"sequences (e.g. {name.upper()}={example})")
+        if len(self.adam_betas) != 2 or not all(within(b, "[0, 1)") for b in self.adam_betas):
+            raise ValueError(f"ADAM_BETAS={','.join(map(str, self.adam_betas))}: need two numbers in [0, 1) (e.g. "
+                             "ADAM_BETAS=0.9,0.95)")
 
 
 def _parse(value: str, kind, name: str):
@@ -201,7 +289,7 @@ def apply_recipe(name: str, *configs, source: str = "recipe") -> list[str]:
 
 def resolve(*configs, env: dict[str, str] | None = None, cli: dict[str, str] | None = None) -> list[str]:
     """Apply a recipe named by RECIPE (CLI, else environment), then environment variables (upper-case field names,
-    the challenge's habit), then CLI overrides."""
+    the challenge's habit), then CLI overrides; then every config's checks on the final values."""
     env = dict(os.environ) if env is None else env
     recipe = next((v for k, v in (cli or {}).items() if k.lower() == "recipe"), env.get("RECIPE"))
     changed = apply_recipe(recipe, *configs) if recipe else []

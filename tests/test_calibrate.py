@@ -166,3 +166,16 @@ def test_calib_config_validation():
         CalibConfig(calib_seq_len=1)
     with pytest.raises(ValueError, match="calib_temperature=0"):
         CalibConfig(calib_temperature=0)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"calib_seqs": 0}, r"^CALIB_SEQS=0: must be >= 1 \(CalibConfig.calib_seqs=0\)$"),
+    ({"calib_seed": -1}, r"^CALIB_SEED=-1: must be >= 0"),
+    ({"calib_batch_seqs": 0}, r"^CALIB_BATCH_SEQS=0: must be >= 1"),
+    ({"calib_temperature": float("inf")}, r"^CALIB_TEMPERATURE=inf: must be > 0"),
+    ({"calib_seq_len": 1}, r"^CALIB_SEQ_LEN=1: need calib_seq_len >= 2, the leading BOS and at least one token$"),
+])
+def test_calib_config_names_the_setting_as_typed(kw, message):
+    with pytest.raises(ValueError, match=message):
+        CalibConfig(**kw)
+    CalibConfig(calib_seqs=1, calib_seq_len=2, calib_seed=0, calib_batch_seqs=1)

@@ -1,6 +1,9 @@
 """Tests for submission/config.py: one override path (environment, then KEY=VALUE) with typed, named errors."""
 from __future__ import annotations
 
+import dataclasses
+import typing
+
 import pytest
 
 from submission.config import ModelConfig, TrainConfig, from_dict, resolve, to_dict
@@ -100,3 +103,218 @@ def test_relations_between_fields_are_checked_on_the_final_values():
     m = ModelConfig()
     resolve(m, TrainConfig(), env={}, cli={"LOOP_LAYERS": "9,11"})  # no loops: the span is not used
     assert m.loop_layers == (9, 11)
+
+
+# ------------------------------------------------------------------------------------- ranges and relations
+
+def _eval_keys():
+    from eval.ngram import NgramConfig
+    from eval.run import EvalConfig
+    return ({f.name for f in dataclasses.fields(EvalConfig)} - {"ngram_config"},
+            {"ngram_" + f.name for f in dataclasses.fields(NgramConfig)})
+
+
+def _apply(settings: dict[str, str]) -> None:
+    """Apply KEY=VALUE settings the way the commands do: eval settings through apply_eval_overrides, the others
+    through resolve over the four training-side configs."""
+    from eval.run import EvalConfig, apply_eval_overrides
+    own, nested = _eval_keys()
+    if all(k.lower() in own | nested for k in settings):
+        apply_eval_overrides(EvalConfig(), settings)
+    else:
+        resolve(*_all_configs(), env={}, cli=settings)
+
+
+# Every bad setting a user can type, with the one-line message it must give: the setting as typed, the allowed values.
+BAD_SETTINGS = [
+    # ModelConfig: ranges
+    ({"VOCAB_SIZE": "1"}, r"^VOCAB_SIZE=1: must be in \[2, 65536\] \(shards store token ids as uint16\)"),
+    ({"VOCAB_SIZE": "70000"}, r"^VOCAB_SIZE=70000: must be in \[2, 65536\]"),
+    ({"NUM_LAYERS": "0"}, r"^NUM_LAYERS=0: must be >= 1 \(ModelConfig.num_layers=0\)"),
+    ({"MODEL_DIM": "0"}, r"^MODEL_DIM=0: must be >= 1"),
+    ({"NUM_HEADS": "0"}, r"^NUM_HEADS=0: must be >= 1"),
+    ({"NUM_KV_HEADS": "0"}, r"^NUM_KV_HEADS=0: must be >= 1"),
+    ({"MLP_MULT": "0"}, r"^MLP_MULT=0.0: must be > 0"),
+    ({"LOGIT_SOFTCAP": "-30"}, r"^LOGIT_SOFTCAP=-30.0: must be >= 0"),
+    ({"Q_GAIN_INIT": "0"}, r"^Q_GAIN_INIT=0.0: must be > 0"),
+    ({"XSA_LAST_N": "-1"}, r"^XSA_LAST_N=-1: must be >= 0"),
+    ({"ROPE_DIMS": "-2"}, r"^ROPE_DIMS=-2: must be >= 0"),
+    ({"ROPE_BASE": "1"}, r"^ROPE_BASE=1.0: must be > 1"),
+    ({"ROPE_BASE": "nan"}, r"^ROPE_BASE=nan: must be > 1"),
+    ({"BIGRAM_BUCKETS": "-1"}, r"^BIGRAM_BUCKETS=-1: must be >= 0"),
+    ({"BIGRAM_DIM": "0"}, r"^BIGRAM_DIM=0: must be >= 1"),
+    ({"VALUE_EMBED_LAST_N": "-1"}, r"^VALUE_EMBED_LAST_N=-1: must be >= 0"),
+    ({"VALUE_EMBED_DIM": "0"}, r"^VALUE_EMBED_DIM=0: must be >= 1"),
+    ({"BOS_ID": "-1"}, r"^BOS_ID=-1: must be >= 0"),
+    ({"KEY_OFFSET_LAST_N": "-1"}, r"^KEY_OFFSET_LAST_N=-1: must be >= 0"),
+    ({"KEY_OFFSET_DIMS": "-1"}, r"^KEY_OFFSET_DIMS=-1: must be >= 0"),
+    ({"LAYER_BIGRAM_BUCKETS": "-5"}, r"^LAYER_BIGRAM_BUCKETS=-5: must be >= 0"),
+    ({"NUM_LOOPS": "-1"}, r"^NUM_LOOPS=-1: must be >= 0"),
+    ({"PARALLEL_LAST_N": "-1"}, r"^PARALLEL_LAST_N=-1: must be >= 0"),
+    # ModelConfig: relations (each was a torch shape error or a silent no-op)
+    ({"MODEL_DIM": "500"}, r"^MODEL_DIM=500 is not a multiple of NUM_HEADS=8: .* \(e.g. MODEL_DIM=512\)"),
+    ({"NUM_KV_HEADS": "3"}, r"^NUM_HEADS=8 is not a multiple of NUM_KV_HEADS=3: each KV head serves"),
+    ({"MODEL_DIM": "40"}, r"^MODEL_DIM=40 / NUM_HEADS=8 = 5 dims per head: must be even"),
+    ({"ROPE_DIMS": "66"}, r"^ROPE_DIMS=66: must be even and in 0..64, the head dim MODEL_DIM / NUM_HEADS"),
+    ({"ROPE_DIMS": "15"}, r"^ROPE_DIMS=15: must be even and in 0..64"),
+    ({"VALUE_EMBED_LAST_N": "12"}, r"^VALUE_EMBED_LAST_N=12: must be in 0..NUM_LAYERS=11"),
+    ({"KEY_OFFSET_LAST_N": "12"}, r"^KEY_OFFSET_LAST_N=12: must be in 0..NUM_LAYERS=11"),
+    ({"PARALLEL_LAST_N": "12"}, r"^PARALLEL_LAST_N=12: must be in 0..NUM_LAYERS=11"),
+    ({"NUM_LAYERS": "1"}, r"^VALUE_EMBED_LAST_N=2: must be in 0..NUM_LAYERS=1"),
+    ({"BIGRAM_BUCKETS": "1"}, r"^BIGRAM_BUCKETS=1: must be 0 \(off\) or >= 2"),
+    ({"LAYER_BIGRAM_BUCKETS": "1"}, r"^LAYER_BIGRAM_BUCKETS=1: must be 0 \(off\) or >= 2"),
+    ({"BOS_ID": "1024"}, r"^BOS_ID=1024: must be a token id, below VOCAB_SIZE=1024"),
+    ({"KEY_OFFSET_LAST_N": "1", "ROPE_DIMS": "64"}, r"^KEY_OFFSET_LAST_N=1: .* ROPE_DIMS=64 rotates all 64"),
+    ({"NUM_LOOPS": "2", "LOOP_LAYERS": "9,11"}, r"^LOOP_LAYERS=9,11 NUM_LOOPS=2"),
+    # TrainConfig: ranges
+    ({"DATA_DIR": ""}, r"^DATA_DIR='': must name a path"),
+    ({"TOKENIZER_PATH": ""}, r"^TOKENIZER_PATH='': must name a path"),
+    ({"RECIPE": "sp4096"}, r"^RECIPE='sp4096': unknown recipe \(known: sp1024, sp8192\)"),
+    ({"SEED": "-1"}, r"^SEED=-1: must be in \[0, 4294967296\) \(numpy seeds are 32-bit\)"),
+    ({"SEED": "4294967296"}, r"^SEED=4294967296: must be in \[0, 4294967296\)"),
+    ({"TRAIN_BATCH_TOKENS": "0"}, r"^TRAIN_BATCH_TOKENS=0: must be >= 1"),
+    ({"MICRO_BATCH_TOKENS": "0"}, r"^MICRO_BATCH_TOKENS=0: must be >= 1"),
+    ({"SEQ_LEN": "0"}, r"^SEQ_LEN=0: must be >= 1 \(TrainConfig.seq_len=0\)$"),
+    ({"MAX_WALLCLOCK_SECONDS": "0"}, r"^MAX_WALLCLOCK_SECONDS=0.0: must be > 0"),
+    ({"MAX_WALLCLOCK_SECONDS": "inf"}, r"^MAX_WALLCLOCK_SECONDS=inf: must be > 0"),
+    ({"MAX_STEPS": "0"}, r"^MAX_STEPS=0: must be >= 1"),
+    ({"WARMUP_STEPS": "-1"}, r"^WARMUP_STEPS=-1: must be >= 0"),
+    ({"WARMDOWN_FRAC": "1.5"}, r"^WARMDOWN_FRAC=1.5: must be in \[0, 1\]"),
+    ({"MATRIX_LR": "-0.01"}, r"^MATRIX_LR=-0.01: must be >= 0"),
+    ({"EMBED_LR": "-1"}, r"^EMBED_LR=-1.0: must be >= 0"),
+    ({"SCALAR_LR": "-1"}, r"^SCALAR_LR=-1.0: must be >= 0"),
+    ({"MUON_MOMENTUM": "1"}, r"^MUON_MOMENTUM=1.0: must be in \[0, 1\)"),
+    ({"MUON_MOMENTUM_START": "-0.1"}, r"^MUON_MOMENTUM_START=-0.1: must be in \[0, 1\)"),
+    ({"MUON_MOMENTUM_WARMUP_STEPS": "-1"}, r"^MUON_MOMENTUM_WARMUP_STEPS=-1: must be >= 0"),
+    ({"MUON_NS_STEPS": "0"}, r"^MUON_NS_STEPS=0: must be >= 1"),
+    ({"WEIGHT_DECAY": "-0.04"}, r"^WEIGHT_DECAY=-0.04: must be >= 0"),
+    ({"ADAM_BETAS": "0.9,1.0"}, r"^ADAM_BETAS=0.9,1.0: need two numbers in \[0, 1\) \(e.g. ADAM_BETAS=0.9,0.95\)"),
+    ({"GRAD_CLIP": "-1"}, r"^GRAD_CLIP=-1.0: must be >= 0"),
+    ({"EMA_DECAY": "1.5"}, r"^EMA_DECAY=1.5: must be in \[0, 1\]"),
+    ({"ENABLE_LOOPING_AT": "-0.5"}, r"^ENABLE_LOOPING_AT=-0.5: must be in \[0, 1\]"),
+    ({"QAT_THRESHOLD": "2"}, r"^QAT_THRESHOLD=2.0: must be in \[0, 1\]"),
+    ({"QAT_BITS": "9"}, r"^QAT_BITS=9: must be in \[2, 8\]"),
+    ({"LOG_EVERY": "0"}, r"^LOG_EVERY=0: must be >= 1"),
+    ({"VAL_EVERY": "-1"}, r"^VAL_EVERY=-1: must be >= 0"),
+    ({"VAL_BATCH_SEQS": "0"}, r"^VAL_BATCH_SEQS=0: must be >= 1"),
+    # TrainConfig: relations, on the final values (SEQ_LEN changed alone leaves the default batch)
+    ({"SEQ_LEN": "1000"}, r"^TRAIN_BATCH_TOKENS=786432: must be a multiple of SEQ_LEN=1000, whole sequences \(e.g. "
+                          r"TRAIN_BATCH_TOKENS=786000\)"),
+    ({"MICRO_BATCH_TOKENS": "1000"}, r"^MICRO_BATCH_TOKENS=1000: must be a multiple of SEQ_LEN=2048"),
+    # QuantConfig
+    ({"MATRIX_BITS": "9"}, r"^MATRIX_BITS=9: must be in \[2, 8\] \(codes are stored as int8\)"),
+    ({"EMBED_BITS": "1"}, r"^EMBED_BITS=1: must be in \[2, 8\]"),
+    ({"PASSTHROUGH_MAX_NUMEL": "-1"}, r"^PASSTHROUGH_MAX_NUMEL=-1: must be >= 0"),
+    ({"BLOCK_SIZE": "0"}, r"^BLOCK_SIZE=0: must be >= 1"),
+    ({"DAMP": "0"}, r"^DAMP=0.0: must be > 0"),
+    ({"DAMP_GROWTH": "1"}, r"^DAMP_GROWTH=1.0: must be > 1 \(each retry must damp more\)"),
+    ({"MAX_DAMP_RETRIES": "-1"}, r"^MAX_DAMP_RETRIES=-1: must be >= 0"),
+    ({"MIN_CLIP_SIGMA": "-1"}, r"^MIN_CLIP_SIGMA=-1.0: must be >= 0 \(0 = no floor\)"),
+    ({"CLIP_SIGMAS": "3,0"}, r"^CLIP_SIGMAS=3.0,0.0: clips must be positive multiples of std"),
+    ({"CLIP_POLICY": "sd"}, r"^CLIP_POLICY='sd': choose one of search, sdclip"),
+    ({"SDCLIP_SIGMAS": "0"}, r"^SDCLIP_SIGMAS=0.0: must be > 0"),
+    ({"SDCLIP_EMBED_SIGMAS": "-1"}, r"^SDCLIP_EMBED_SIGMAS=-1.0: must be > 0"),
+    # CalibConfig
+    ({"CALIB_SOURCE": "val"}, r"^CALIB_SOURCE='val': choose one of generated, train"),
+    ({"CALIB_SEQS": "0"}, r"^CALIB_SEQS=0: must be >= 1"),
+    ({"CALIB_SEQ_LEN": "1"}, r"^CALIB_SEQ_LEN=1: need calib_seq_len >= 2"),
+    ({"CALIB_TEMPERATURE": "0"}, r"^CALIB_TEMPERATURE=0.0: must be > 0"),
+    ({"CALIB_SEED": "-1"}, r"^CALIB_SEED=-1: must be >= 0"),
+    ({"CALIB_BATCH_SEQS": "0"}, r"^CALIB_BATCH_SEQS=0: must be >= 1"),
+    # EvalConfig
+    ({"CONTEXT_LEN": "0"}, r"^CONTEXT_LEN=0: must be >= 1"),
+    ({"STRIDE": "0"}, r"^STRIDE=0: must be >= 1"),
+    ({"STRIDE": "4096"}, r"^STRIDE=4096: must be at most CONTEXT_LEN=2048"),
+    ({"ROPE_SCALE": "0"}, r"^ROPE_SCALE=0.0: must be > 0 \(1 = as trained\)"),
+    ({"BATCH_WINDOWS": "0"}, r"^BATCH_WINDOWS=0: must be >= 1"),
+    ({"CHUNK_TOKENS": "0"}, r"^CHUNK_TOKENS=0: must be >= 1"),
+    ({"TTT_EPOCHS": "0"}, r"^TTT_EPOCHS=0: must be >= 1"),
+    ({"TTT_LR": "-0.002"}, r"^TTT_LR=-0.002: must be >= 0"),
+    ({"TTT_MOMENTUM": "1"}, r"^TTT_MOMENTUM=1.0: must be in \[0, 1\)"),
+    ({"TTT_GRAD_CLIP": "-1"}, r"^TTT_GRAD_CLIP=-1.0: must be >= 0 \(0 = no clip\)"),
+    ({"TTT_BATCH_SEQS": "0"}, r"^TTT_BATCH_SEQS=0: must be >= 1"),
+    ({"TTT_PARAMS": ","}, r"^TTT_PARAMS=',': name 'all' or comma-separated parameter name prefixes"),
+    ({"TTT": "0"}, r"^HASH_EMBED=1 with TTT=0: .*needs ttt \(set HASH_EMBED=0 as well\)"),
+    ({"HASH_BUCKETS": "0"}, r"^HASH_BUCKETS=0: must be >= 1"),
+    ({"HASH_LR_MULT": "-1"}, r"^HASH_LR_MULT=-1.0: must be >= 0"),
+    ({"NGRAM_SCORE": "mix"}, r"^NGRAM_SCORE='mix': choose blend or tilt"),
+    ({"COMPLIANCE_CHUNKS": "0"}, r"^COMPLIANCE_CHUNKS=0: must be >= 1"),
+    ({"COMPLIANCE_CHUNK_TOKENS": "0"}, r"^COMPLIANCE_CHUNK_TOKENS=0: must be >= 1"),
+    # NgramConfig, as NGRAM_<FIELD>
+    ({"NGRAM_ORDER": "0"}, r"^NGRAM_ORDER=0: must be >= 1 \(1 = unigram; the recipe uses 12\) \(NgramConfig.order=0\)"),
+    ({"NGRAM_SMOOTHING": "good_turing"}, r"^NGRAM_SMOOTHING='good_turing': choose one of witten_bell, kneser_ney"),
+    ({"NGRAM_DISCOUNT": "0"}, r"^NGRAM_DISCOUNT=0.0: must be in \(0, 1\] so every seen count stays >= 0"),
+    ({"NGRAM_FLOOR": "1"}, r"^NGRAM_FLOOR=1.0: must be in \(0, 1\)"),
+    ({"NGRAM_HASH_MODULUS": "0"}, r"^NGRAM_HASH_MODULUS=0: must be in \[1, 140737488355328\) so that id \* V fits"),
+    ({"NGRAM_BOS_ID": "-1"}, r"^NGRAM_BOS_ID=-1: must be >= 0"),
+    ({"NGRAM_MIX_FIT_ITERS": "0"}, r"^NGRAM_MIX_FIT_ITERS=0: must be >= 1"),
+    ({"NGRAM_MIX_FIT_WINDOW": "0"}, r"^NGRAM_MIX_FIT_WINDOW=0: must be >= 1 tokens"),
+]
+# Fields without a bad value above, and why.
+UNCHECKED = {"run_dir": "any folder name; empty means runs/<timestamp>_seed<seed>",
+             "ngram_config": "its fields are the NGRAM_<FIELD> rows",
+             "mix_weights": "not a KEY=VALUE setting; NgramConfig(mix_weights=...) is checked in tests/test_ngram.py"}
+
+
+@pytest.mark.parametrize("settings, message", BAD_SETTINGS, ids=[" ".join(f"{k}={v}" for k, v in s.items())
+                                                                 for s, _ in BAD_SETTINGS])
+def test_a_bad_setting_is_one_line_naming_it_and_the_allowed_values(settings, message):
+    with pytest.raises(ValueError, match=message) as err:
+        _apply(settings)
+    assert "\n" not in str(err.value)
+
+
+def test_every_field_of_every_config_has_a_bad_value_in_the_table():
+    from eval.ngram import NgramConfig
+    from eval.run import EvalConfig
+    tried = {k.lower() for settings, _ in BAD_SETTINGS for k in settings}
+    for kind, prefix in [*((type(c), "") for c in _all_configs()), (EvalConfig, ""), (NgramConfig, "ngram_")]:
+        hints = typing.get_type_hints(kind)
+        for f in dataclasses.fields(kind):
+            if hints[f.name] is not bool and f.name not in UNCHECKED:
+                assert prefix + f.name in tried, f"{kind.__name__}.{f.name}: no bad value in BAD_SETTINGS"
+
+
+@pytest.mark.parametrize("settings", [
+    {"ROPE_DIMS": "0"}, {"ROPE_DIMS": "64"},                  # no RoPE; RoPE on every head dim (tests' tiny models)
+    {"XSA_LAST_N": "20"}, {"NUM_LAYERS": "4"},                 # XSA on more layers than there are: all of them
+    {"NUM_KV_HEADS": "8"}, {"NUM_KV_HEADS": "1"}, {"BIGRAM_BUCKETS": "0"}, {"BIGRAM_BUCKETS": "2"},
+    {"EMA_DECAY": "0"}, {"EMA_DECAY": "1"}, {"WARMDOWN_FRAC": "0"}, {"WARMDOWN_FRAC": "1"}, {"QAT_THRESHOLD": "0"},
+    {"GRAD_CLIP": "0"}, {"VAL_EVERY": "0"}, {"SEED": "0"}, {"SEED": "4294967295"}, {"ADAM_BETAS": "0,0.999"},
+    {"SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "1024", "MICRO_BATCH_TOKENS": "2048"},  # micro above the batch: capped
+    {"MATRIX_BITS": "2"}, {"MIN_CLIP_SIGMA": "0"}, {"MAX_DAMP_RETRIES": "0"}, {"CALIB_SEQ_LEN": "2"},
+    {"STRIDE": "2048"}, {"TTT": "0", "HASH_EMBED": "0"}, {"TTT_LR": "0"}, {"NGRAM_DISCOUNT": "1"},
+])
+def test_boundary_settings_are_accepted(settings):
+    _apply(settings)
+
+
+def test_every_recipe_resolves_and_the_checks_run_on_the_final_values():
+    from submission.config import RECIPES
+    for name in RECIPES:
+        configs = _all_configs()
+        resolve(*configs, env={}, cli={"RECIPE": name})
+        for cfg in configs:
+            type(cfg)(**to_dict(cfg))  # what resolve left passes the constructor's checks too
+    # each value alone is in range; together they are not, whichever way they arrive
+    with pytest.raises(ValueError, match=r"^NUM_HEADS=8 is not a multiple of NUM_KV_HEADS=3"):
+        resolve(ModelConfig(), TrainConfig(), env={"NUM_KV_HEADS": "3"}, cli={"NUM_HEADS": "8"})
+    m = ModelConfig()
+    resolve(m, TrainConfig(), env={"NUM_HEADS": "6"}, cli={"MODEL_DIM": "384", "NUM_KV_HEADS": "3"})
+    assert (m.num_heads, m.head_dim) == (6, 64)
+
+
+def test_constructors_check_too_not_only_overrides():
+    with pytest.raises(ValueError, match=r"^SEQ_LEN=0: must be >= 1"):
+        TrainConfig(seq_len=0)
+    with pytest.raises(ValueError, match=r"^RECIPE='sp4096': unknown recipe"):
+        TrainConfig(recipe="sp4096")
+    with pytest.raises(ValueError, match=r"^MAX_STEPS='5': must be >= 1"):  # a string where a number belongs
+        TrainConfig(max_steps="5")
+    with pytest.raises(ValueError, match=r"^ADAM_BETAS=0.9: need two numbers"):
+        TrainConfig(adam_betas=(0.9,))
+    stored = to_dict(ModelConfig())
+    stored["num_kv_heads"] = 3
+    with pytest.raises(ValueError, match="NUM_KV_HEADS=3"):
+        from_dict(ModelConfig, stored)
+

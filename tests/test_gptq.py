@@ -252,3 +252,18 @@ def test_int7_embeddings_are_codes_within_63_that_survive_the_artifact():
     err8 = (quantize_state_dict({"e": E}, {}, ["e"], QuantConfig(clip_policy="sdclip"), progress=False)[0]["e"]
             .dequantize() - E).square().mean()
     assert err8 < err7 < 5 * err8  # one bit coarser: about 4x the squared error
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"damp_growth": 1.0}, r"^DAMP_GROWTH=1.0: must be > 1 \(each retry must damp more\) "
+                           r"\(QuantConfig.damp_growth=1.0\)$"),
+    ({"damp": float("nan")}, r"^DAMP=nan: must be > 0"),
+    ({"passthrough_max_numel": -1}, r"^PASSTHROUGH_MAX_NUMEL=-1: must be >= 0"),
+    ({"clip_sigmas": (3.0, float("nan"))}, r"^CLIP_SIGMAS=3.0,nan: clips must be positive multiples of std"),
+    ({"sdclip_embed_sigmas": 0.0}, r"^SDCLIP_EMBED_SIGMAS=0.0: must be > 0"),
+])
+def test_quant_config_names_the_setting_as_typed(kw, message):
+    """Every QuantConfig number is range-checked when built, named as on the command line (NaN fails too)."""
+    with pytest.raises(ValueError, match=message):
+        QuantConfig(**kw)
+    QuantConfig(matrix_bits=2, embed_bits=8, passthrough_max_numel=0, max_damp_retries=0, clip_sigmas=())

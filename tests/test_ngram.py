@@ -404,3 +404,16 @@ def test_model_entropy_matches_the_definition():
     p = torch.tensor([[0.5, 0.25, 0.25], [1 / 3, 1 / 3, 1 / 3]], dtype=torch.float64)
     expected = torch.tensor([1.5 * math.log(2), math.log(3)], dtype=torch.float64)
     assert torch.allclose(model_entropy(torch.log(p)), expected)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"bos_id": -1}, r"^NGRAM_BOS_ID=-1: must be >= 0 \(NgramConfig.bos_id=-1\)$"),
+    ({"discount": float("nan")}, r"^NGRAM_DISCOUNT=nan: must be in \(0, 1\]"),
+    ({"mix_weights": (0.0, 1.0, float("inf"), 0.0)}, r"^NGRAM_MIX_WEIGHTS=\(0.0, 1.0, inf, 0.0\): need 4 finite"),
+    ({"hash_modulus": 1 << 47}, r"^NGRAM_HASH_MODULUS=140737488355328: must be in \[1, 140737488355328\)"),
+])
+def test_config_names_the_setting_as_typed(kw, message):
+    """The n-gram settings are typed NGRAM_<FIELD>; NaN and infinite values are out of every range."""
+    with pytest.raises(ValueError, match=message):
+        NgramConfig(**kw)
+    NgramConfig(order=1, discount=1.0, hash_modulus=(1 << 47) - 1, bos_id=0, mix_weights=(0.0, 0.0, 0.0, 0.0))

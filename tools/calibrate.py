@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import time
+import typing
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from submission.config import check_ranges, within
 from submission.data import read_shard, shard_paths
 from submission.model import GPT, CastedLinear, KVCache, plain_linears
 from tools.gptq import HessianStats, collect_hessians
@@ -33,14 +35,18 @@ class CalibConfig:
     calib_batch_seqs: int = 8
     """Sequences per forward while collecting Hessians (activation memory, not the result, depends on it)."""
 
+    # Each number's allowed values (submission.config.check_ranges); the others are checked in __post_init__.
+    RANGES: typing.ClassVar[dict] = {
+        "calib_seqs": ">= 1", "calib_temperature": "> 0", "calib_seed": ">= 0", "calib_batch_seqs": ">= 1"}
+
     def __post_init__(self):
+        check_ranges(self)
         if self.calib_source not in CALIB_SOURCES:
-            raise ValueError(f"CalibConfig.calib_source={self.calib_source!r}: choose one of {CALIB_SOURCES}")
-        if self.calib_seqs < 1 or self.calib_seq_len < 2 or self.calib_batch_seqs < 1:
-            raise ValueError(f"CalibConfig: need calib_seqs >= 1, calib_seq_len >= 2, calib_batch_seqs >= 1; got "
-                             f"{self.calib_seqs}, {self.calib_seq_len}, {self.calib_batch_seqs}")
-        if not self.calib_temperature > 0:
-            raise ValueError(f"CalibConfig.calib_temperature={self.calib_temperature}: must be > 0")
+            raise ValueError(f"CALIB_SOURCE={self.calib_source!r}: choose one of {', '.join(CALIB_SOURCES)} "
+                             f"(CalibConfig.calib_source={self.calib_source!r})")
+        if not within(self.calib_seq_len, ">= 2"):
+            raise ValueError(f"CALIB_SEQ_LEN={self.calib_seq_len!r}: need calib_seq_len >= 2, the leading BOS and "
+                             "at least one token")
 
 
 @torch.no_grad()

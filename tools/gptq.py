@@ -1,12 +1,15 @@
 """Weight quantization: Hessian collection, full-Hessian GPTQ with adaptive damping, round-to-nearest, clip search."""
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
+
+from submission.config import check_ranges, within
 
 # Smallest positive float16 (a subnormal): the floor for a stored row scale, so an all-zero or tiny row never gets a
 # scale that rounds to 0 in float16 and divides by zero when quantized.
@@ -56,24 +59,22 @@ class QuantConfig:
     """GPTQ the tied embedding as the output head (the Hessian of the final hidden states) instead of rounding it to
     nearest: the head's logits are what the bytes are scored on, the input lookup tolerates the error better."""
 
+    # Each number's allowed values (submission.config.check_ranges); the others are checked in __post_init__.
+    RANGES: typing.ClassVar[dict] = {
+        "matrix_bits": ("[2, 8]", " (codes are stored as int8)"),
+        "embed_bits": ("[2, 8]", " (codes are stored as int8)"),
+        "passthrough_max_numel": ">= 0", "block_size": ">= 1", "damp": "> 0",
+        "damp_growth": ("> 1", " (each retry must damp more)"), "max_damp_retries": ">= 0",
+        "min_clip_sigma": (">= 0", " (0 = no floor)"), "sdclip_sigmas": "> 0", "sdclip_embed_sigmas": "> 0"}
+
     def __post_init__(self):
-        for name in ("matrix_bits", "embed_bits"):
-            bits = getattr(self, name)
-            if not 2 <= bits <= 8:
-                raise ValueError(f"QuantConfig.{name}={bits}: codes are stored as int8, so bits must be in [2, 8]")
-        if self.block_size < 1 or self.damp <= 0 or self.damp_growth <= 1 or self.max_damp_retries < 0:
-            raise ValueError(f"QuantConfig: need block_size >= 1, damp > 0, damp_growth > 1, max_damp_retries >= 0;"
-                             f" got {self.block_size}, {self.damp}, {self.damp_growth}, {self.max_damp_retries}")
-        if self.min_clip_sigma < 0:
-            raise ValueError(f"QuantConfig.min_clip_sigma={self.min_clip_sigma}: must be >= 0 (0 = no floor)")
-        if any(k <= 0 for k in self.clip_sigmas):
-            raise ValueError(f"QuantConfig.clip_sigmas={self.clip_sigmas}: clips must be positive multiples of std")
+        check_ranges(self)
+        if not all(within(k, "> 0") for k in self.clip_sigmas):
+            raise ValueError(f"CLIP_SIGMAS={','.join(map(str, self.clip_sigmas))}: clips must be positive multiples of "
+                             f"std (QuantConfig.clip_sigmas={self.clip_sigmas}; e.g. CLIP_SIGMAS=3,6,12.85)")
         self.clip_sigmas = tuple(float(k) for k in self.clip_sigmas)
         if self.clip_policy not in CLIP_POLICIES:
             raise ValueError(f"CLIP_POLICY={self.clip_policy!r}: choose one of {', '.join(CLIP_POLICIES)}")
-        if not (self.sdclip_sigmas > 0 and self.sdclip_embed_sigmas > 0):
-            raise ValueError(f"SDCLIP_SIGMAS={self.sdclip_sigmas}, SDCLIP_EMBED_SIGMAS={self.sdclip_embed_sigmas}: "
-                             "must be > 0")
 
     def row_clips(self, embedding: bool = False) -> tuple[tuple[float, ...], bool]:
         """(clip candidates in row stds, whether they are searched: capped at absmax, absmax a candidate too)."""
