@@ -12,7 +12,7 @@ from eval.bpb import BPBAccumulator, ByteLUTs, token_bytes_torch
 from eval.ngram import NgramBlender, NgramConfig
 from eval.stream import StageTimer, rope_scaled, score_stream, shard_targets, window_scores
 from eval.ttt import HashEmbedding, ScoreFirstTTT
-from submission.config import apply_overrides, check_ranges
+from submission.config import apply_overrides, check_env_typos, check_ranges
 
 # Full FineWeb validation set per vocabulary (CHALLENGE.md) and the evaluation budget it is projected onto.
 FULL_VAL_TOKENS = {1024: 62_021_632, 8192: 40_540_160}
@@ -82,7 +82,8 @@ class EvalConfig:
 
 def apply_eval_overrides(cfg: EvalConfig, overrides: dict[str, str], source: str = "cli") -> list[str]:
     """Set EvalConfig fields, and NgramConfig fields as NGRAM_<FIELD> (e.g. NGRAM_ORDER=8), from strings, then
-    validate the result; return 'name: old -> new (source)' lines. Unknown keys are errors unless source == "env"."""
+    validate the result; return 'name: old -> new (source)' lines. Unknown keys are errors unless source == "env",
+    where only an upper-case variable that looks like a misspelt setting is (check_env_typos)."""
     own = {f.name for f in dataclasses.fields(cfg)} - {"ngram_config"}
     hints = typing.get_type_hints(NgramConfig)
     nested_names = {name for name, kind in hints.items() if kind in (int, float, str, bool)}
@@ -96,6 +97,8 @@ def apply_eval_overrides(cfg: EvalConfig, overrides: dict[str, str], source: str
         elif source != "env":
             raise ValueError(f"unknown eval setting {key!r} (EvalConfig: {', '.join(sorted(own))}; n-gram: "
                              f"{', '.join('ngram_' + n for n in sorted(nested_names))})")
+    if source == "env":
+        check_env_typos(overrides, own | {"ngram_" + n for n in nested_names})
     changed = apply_overrides(cfg, top, source)
     changed += ["ngram_" + line for line in apply_overrides(cfg.ngram_config, nested, source)]
     cfg.validate()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import typing
@@ -287,10 +288,41 @@ def apply_recipe(name: str, *configs, source: str = "recipe") -> list[str]:
     return changed
 
 
+# How close (difflib's ratio) a name must be to a setting to be taken for its misspelling: NUM_LAYRES (0.9), SEQ_LNE
+# (0.86), VAL_BATCH_SIZE for VAL_BATCH_SEQS (0.86); far below it for PATH, HOME, WORLD_SIZE and the other variables
+# an environment holds (tests/test_config.py tries a list of them).
+TYPO_CUTOFF = 0.85
+# Settings within TYPO_CUTOFF of another config's setting: in the environment for another stage (CALIB_BATCH_SEQS
+# exported for quantization while training resolves only VAL_BATCH_SEQS's config), they are not typos.
+# tests/test_config.py derives this set from the configs.
+LOOKALIKE_SETTINGS = frozenset({"calib_batch_seqs", "val_batch_seqs"})
+
+
+def did_you_mean(key: str, known) -> list[str]:
+    """The known setting names (lower case) that `key` looks like a misspelling of; [] when it is far from all."""
+    if key.lower() in LOOKALIKE_SETTINGS:
+        return []
+    return difflib.get_close_matches(key.lower(), list(known), n=3, cutoff=TYPO_CUTOFF)
+
+
+def check_env_typos(env: dict[str, str], known) -> None:
+    """An upper-case environment variable that names no setting but looks like one is an error naming the setting:
+    ignored, it would cost a run with the default. Variables far from every setting (PATH, HOME) are left alone."""
+    known = set(known)
+    for key, value in env.items():
+        close = did_you_mean(key, known) if key.isupper() and key.lower() not in known else []
+        if close:
+            raise ValueError(f"environment variable {key}={value!r} names no setting: did you mean "
+                             f"{' or '.join(c.upper() for c in close)}? (rename it, or `unset {key}`)")
+
+
 def resolve(*configs, env: dict[str, str] | None = None, cli: dict[str, str] | None = None) -> list[str]:
     """Apply a recipe named by RECIPE (CLI, else environment), then environment variables (upper-case field names,
-    the challenge's habit), then CLI overrides; then every config's checks on the final values."""
+    the challenge's habit), then CLI overrides; then every config's checks on the final values. An environment
+    variable that looks like a misspelt setting is an error (check_env_typos); one far from every setting is ignored."""
     env = dict(os.environ) if env is None else env
+    known = {f.name for c in configs for f in dataclasses.fields(c)}
+    check_env_typos(env, known)
     recipe = next((v for k, v in (cli or {}).items() if k.lower() == "recipe"), env.get("RECIPE"))
     changed = apply_recipe(recipe, *configs) if recipe else []
     for cfg in configs:
@@ -298,7 +330,9 @@ def resolve(*configs, env: dict[str, str] | None = None, cli: dict[str, str] | N
     for key, value in (cli or {}).items():
         owners = [c for c in configs if key.lower() in {f.name for f in dataclasses.fields(c)}]
         if not owners:
-            raise ValueError(f"unknown setting {key!r}")
+            close = difflib.get_close_matches(key.lower(), list(known), n=3)
+            raise ValueError(f"unknown setting {key!r}" + (f": did you mean {' or '.join(c.upper() for c in close)}?"
+                                                           if close else ""))
         changed += apply_overrides(owners[0], {key: value}, "cli")
     for cfg in configs:  # the checks that relate fields to each other, on the final values
         if hasattr(cfg, "__post_init__"):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 
 import pytest
@@ -318,3 +319,71 @@ def test_constructors_check_too_not_only_overrides():
     with pytest.raises(ValueError, match="NUM_KV_HEADS=3"):
         from_dict(ModelConfig, stored)
 
+
+# ------------------------------------------------------------------------------ misspelt environment variables
+
+# Variables an environment holds for other programs: the shell, torchrun, CUDA, NCCL, Python, Hugging Face.
+UNRELATED_ENV = ("PATH HOME USER SHELL LANG LC_ALL PWD OLDPWD TERM HOSTNAME LOGNAME TMPDIR EDITOR DISPLAY "
+                 "CUDA_VISIBLE_DEVICES CUDA_HOME LOCAL_RANK RANK WORLD_SIZE LOCAL_WORLD_SIZE GROUP_RANK "
+                 "GROUP_WORLD_SIZE ROLE_RANK ROLE_NAME ROLE_WORLD_SIZE MASTER_ADDR MASTER_PORT TORCHELASTIC_RUN_ID "
+                 "OMP_NUM_THREADS NCCL_DEBUG TORCHINDUCTOR_CACHE_DIR PYTORCH_CUDA_ALLOC_CONF PYTHONPATH PYTHONHASHSEED "
+                 "VIRTUAL_ENV HF_HOME HF_TOKEN TOKENIZERS_PARALLELISM WANDB_PROJECT SLURM_JOB_ID").split()
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"NUM_LAYRES": "9"}, r"^environment variable NUM_LAYRES='9' names no setting: did you mean NUM_LAYERS\? "
+                          r"\(rename it, or `unset NUM_LAYRES`\)$"),
+    ({"SEQ_LNE": "1024"}, "did you mean SEQ_LEN"),
+    ({"VAL_BATCH_SIZE": "8"}, "did you mean VAL_BATCH_SEQS"),        # the challenge's own train_gpt.py name
+    ({"QK_GAIN_INIT": "4"}, "did you mean Q_GAIN_INIT"),              # ditto
+    ({"CALIB_SEQ": "32"}, "did you mean CALIB_SEQS"),
+    ({"MATRIX_BIT": "5"}, "did you mean MATRIX_BITS"),
+])
+def test_a_misspelt_setting_in_the_environment_is_an_error(env, message):
+    with pytest.raises(ValueError, match=message):
+        resolve(*_all_configs(), env={"PATH": "/bin", **env})
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"TTT_EPOCH": "2"}, "did you mean TTT_EPOCHS"),
+    ({"NGRAM_ODER": "8"}, "did you mean NGRAM_ORDER"),
+    ({"TTT_CHUNK_TOKENS": "65536"}, "did you mean CHUNK_TOKENS"),     # the records' name for it
+])
+def test_a_misspelt_eval_setting_in_the_environment_is_an_error(env, message):
+    from eval.run import EvalConfig, apply_eval_overrides
+    with pytest.raises(ValueError, match=message):
+        apply_eval_overrides(EvalConfig(), {"HOME": "/root", **env}, "env")
+
+
+def _kit_keys() -> dict[str, str]:
+    """Every setting (lower case, n-gram ones as ngram_<field>) -> the config that owns it."""
+    from eval.ngram import NgramConfig
+    from eval.run import EvalConfig
+    keys = {}
+    for kind in (*(type(c) for c in _all_configs()), EvalConfig):
+        keys.update({f.name: kind.__name__ for f in dataclasses.fields(kind) if f.name != "ngram_config"})
+    keys.update({"ngram_" + f.name: "EvalConfig" for f in dataclasses.fields(NgramConfig)})
+    return keys
+
+
+def test_unrelated_variables_and_settings_of_other_stages_are_left_alone():
+    from eval.run import EvalConfig, apply_eval_overrides
+    unrelated = {k: "x" for k in (*UNRELATED_ENV, *os.environ) if k.isupper() and k.lower() not in _kit_keys()}
+    unrelated["num_layres"] = "3"  # lower case: never a setting
+    other = {k.upper(): "1" for k, owner in _kit_keys().items() if owner not in ("ModelConfig", "TrainConfig")}
+    m, t = ModelConfig(), TrainConfig()
+    assert resolve(m, t, env={**unrelated, **other}) == []  # `pgolf train` with quantize/eval settings exported
+    resolve(*_all_configs(), env=unrelated)
+    training = {k.upper(): "1" for k, owner in _kit_keys().items() if owner != "EvalConfig"}
+    assert apply_eval_overrides(EvalConfig(), {**unrelated, **training}, "env") == []
+
+
+def test_lookalike_settings_are_exactly_those_near_another_configs_setting():
+    """A setting within the cutoff of another config's setting must not be taken for its typo when a command
+    resolves only the other config (LOOKALIKE_SETTINGS); the set is derived here so a new field cannot slip by."""
+    import difflib
+    from submission.config import LOOKALIKE_SETTINGS, TYPO_CUTOFF
+    keys = _kit_keys()
+    near = {k for k in keys
+            if difflib.get_close_matches(k, [other for other in keys if keys[other] != keys[k]], cutoff=TYPO_CUTOFF)}
+    assert near == LOOKALIKE_SETTINGS
