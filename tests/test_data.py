@@ -477,3 +477,12 @@ def test_ids_outside_the_vocabulary_fail_verify_and_loading(tmp_path, capsys):
     with pytest.raises(ShardError, match="outside the model's vocabulary of 1024"):
         loader.next_batch()
     assert load_tokens(str(other / "fineweb_val_*.bin"), 8192).max() >= 1024
+
+
+def test_a_path_of_the_wrong_kind_is_named_as_such(tmp_path):
+    shard = tmp_path / "fineweb_val_000000.bin"
+    write_shard(shard, np.arange(1, 10))
+    with pytest.raises(NotADirectoryError, match="dataset directory .* is a file, expected a folder"):
+        data.verify_dataset(shard, progress=False)
+    with pytest.raises(IsADirectoryError, match="is a folder, expected a file"):
+        data.build_shards([tmp_path], SP1024, tmp_path / "out", split="val", workers=1, progress=False)

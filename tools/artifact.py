@@ -335,6 +335,8 @@ def write_artifact(path: str | os.PathLike, blob: bytes, code_bytes: int) -> Non
 def read_artifact(path: str | os.PathLike) -> tuple[dict[str, QuantTensor | Tensor], dict, dict]:
     """(tensors, model_config, quant_config) from a file; errors name the file."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"artifact {path} is a folder, expected a file (pass RUN_DIR/{MODEL_FILENAME})")
     if not path.is_file():
         raise FileNotFoundError(f"artifact {path} not found (pack one with the quantize step)")
     return unpack_artifact(path.read_bytes(), str(path))

@@ -89,9 +89,9 @@ def _existing_files(paths: Iterable[str | os.PathLike], what: str) -> list[Path]
     paths = [Path(p) for p in paths]
     if not paths:
         raise ValueError(f"no {what} given")
+    from tools.cli import expect_path  # imported here: tools.cli imports this module
     for path in paths:
-        if not path.is_file():
-            raise FileNotFoundError(f"{what} {path} not found")
+        expect_path(path, "file", what, "pass .jsonl, .jsonl.gz, .jsonl.xz or text files")
     return paths
 
 
@@ -473,9 +473,8 @@ def verify_dataset(directory: str | os.PathLike, bos_id: int = 1, max_overlap_do
     FileNotFoundError when the directory holds no shards. Overlap and an unusable val stream are reported in
     `problems`, which `pgolf data verify` turns into a non-zero exit and `pgolf data info` only prints.
     """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"dataset directory {directory} not found")
+    from tools.cli import expect_path  # imported here: tools.cli imports this module
+    directory = expect_path(directory, "folder", "dataset directory", "the folder holding fineweb_*_*.bin shards")
     paths = {split: _split_paths(directory, split) for split in SPLITS}
     if not any(paths.values()):
         nested = sorted(p.name for p in (directory / "datasets").glob("fineweb10B_*") if p.is_dir())
@@ -784,10 +783,10 @@ def _print_dataset(report: DatasetReport) -> None:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    from tools.cli import expect_path
     vocab, source = args.vocab_size, "--vocab-size"
     if vocab is None and args.tokenizer:
-        if not Path(args.tokenizer).is_file():
-            raise FileNotFoundError(f"tokenizer {args.tokenizer} not found (--tokenizer)")
+        expect_path(args.tokenizer, "file", "tokenizer", "--tokenizer takes a SentencePiece .model file")
         vocab, source = spm.SentencePieceProcessor(model_file=args.tokenizer).get_piece_size(), args.tokenizer
     if vocab is None:
         vocab, source = vocab_of_directory(args.dir), "the folder name"

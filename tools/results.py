@@ -261,9 +261,8 @@ def check_consistent(results: list[SeedResult]) -> None:
 
 def load_record(folder: str | Path) -> RecordResults:
     """All seeds of a record folder (one train log per seed) and its submission.json, if present."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"record folder {folder} does not exist (pass the folder holding the train logs)")
+    from tools.cli import expect_path  # imported here: tools.cli imports this module
+    folder = expect_path(folder, "folder", "record folder", "pass the folder holding the train logs")
     logs = record_logs(folder)
     if not logs:
         raise FileNotFoundError(f"record folder {folder}: no train logs (expected train_seed<N>.log per seed)")
