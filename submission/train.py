@@ -24,6 +24,10 @@ from submission.model import GPT, layer_schedule
 from submission.optim import build_optimizers
 
 H100_BF16_PEAK_FLOPS = 989e12  # dense bf16, SXM; MFU is quoted against it
+# What a run directory holds once a stage wrote to it (eval_*.json: one-off `pgolf eval` passes). Training into a
+# directory holding any of them would mix two runs (a new checkpoint beside the old artifact and score), so it is
+# refused unless OVERWRITE=1, which removes them first. console.log is `pgolf seeds`' (written before the child).
+RUN_FILES = ("train.log", "config.json", "checkpoint.pt", "model.pgz", "eval.json", "quantize.log")
 
 
 class Logger:
@@ -41,6 +45,65 @@ class Logger:
             print(line, flush=True)
         if self.file:
             self.file.write(line + "\n")
+
+
+def writable_check(path: Path, setting: str = "output") -> None:
+    """Before the work: make `path`'s folder and check a file can be written beside it, so a bad output location
+    fails at the start in one line naming it (issue 20: `--out` into a missing folder failed after the evaluation)."""
+    probe = path.with_name(f".{path.name}.probe{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"{setting} {path}: cannot write it ({err.strerror}: {err.filename}); pass a writable "
+                         f"{setting}") from None
+
+
+def claim_run_dir(run_dir: Path, overwrite: bool = False) -> None:
+    """Make RUN_DIR ready for a new run before any work: refuse one holding another run's files (RUN_FILES, eval_*)
+    unless `overwrite`, which removes them; create it and check it is writable. Errors are one line with the fix."""
+    old = [p for p in run_dir.glob("*") if p.name in RUN_FILES or p.name[:5] == "eval_"]
+    if old and not overwrite:
+        raise ValueError(f"RUN_DIR={run_dir} holds a run ({', '.join(sorted(p.name for p in old))}): pass a new "
+                         "RUN_DIR, or OVERWRITE=1 (`pgolf train --overwrite`) to delete that run and train in its "
+                         "place")
+    writable_check(run_dir / "train.log", "RUN_DIR")
+    for path in old:
+        path.unlink()
+
+
+def overwrite_asked(cli: dict[str, str]) -> bool:
+    """OVERWRITE=1 among the KEY=VALUE settings (popped: no config field, so it is not stored with the run), else in
+    the environment: train in a RUN_DIR that holds a run, deleting that run's files first (claim_run_dir)."""
+    return cli.pop("OVERWRITE", cli.pop("overwrite", os.environ.get("OVERWRITE", "0"))) == "1"
+
+
+def _tokenizer(path: str) -> tuple[spm.SentencePieceProcessor, dict]:
+    """The SentencePiece model and its identity, which checkpoints, artifacts, train.log and eval.json record: its
+    path, the sha256 of its bytes and its piece count (a tokenizer other than the model's scores a wrong BPB)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"tokenizer {path} not found (set TOKENIZER_PATH or run `pgolf data download`)")
+    data = Path(path).read_bytes()
+    sp = spm.SentencePieceProcessor(model_proto=data)
+    return sp, {"path": str(path), "sha256": hashlib.sha256(data).hexdigest(), "pieces": sp.get_piece_size()}
+
+
+def tokenizer_identity(path: str) -> dict:
+    """{path, sha256, pieces} of a SentencePiece model file (_tokenizer)."""
+    return _tokenizer(path)[1]
+
+
+def check_tokenizer(recorded: dict | None, used: dict, source, log, allow: bool = False) -> None:
+    """Refuse a tokenizer whose bytes differ from the one `source` (a checkpoint or artifact) records, unless `allow`;
+    a source from before identities were recorded is logged as unchecked."""
+    if not recorded:
+        log("tokenizer_unchecked", source=source)
+    elif recorded["sha256"] != used["sha256"] and not allow:
+        raise ValueError(f"tokenizer {used['path']} (sha256 {used['sha256'][:16]}, {used['pieces']} pieces) is not "
+                         f"the one {source} was made with: {recorded['path']} (sha256 {recorded['sha256'][:16]}, "
+                         f"{recorded['pieces']} pieces); pass that tokenizer (TOKENIZER_PATH, --tokenizer), or "
+                         "--allow-other-tokenizer to use this one on purpose")
 
 
 def _fmt(v) -> str:
@@ -171,13 +234,16 @@ def train_step(model: GPT, step_model, optimizers, batches, cfg: TrainConfig, sc
     return total
 
 
-def train(model_cfg: ModelConfig, cfg: TrainConfig, overrides: list[str] | None = None) -> Path:
-    """Train until the wallclock cap (or max_steps); write the run directory; return its path."""
+def train(model_cfg: ModelConfig, cfg: TrainConfig, overrides: list[str] | None = None,
+          overwrite: bool = False) -> Path:
+    """Train until the wallclock cap (or max_steps); write the run directory; return its path. A RUN_DIR holding
+    another run is refused unless `overwrite` (claim_run_dir)."""
     rank, world_size, device = setup_distributed()
     is_cuda = device.type == "cuda"
     run_dir = Path(cfg.run_dir or f"runs/{time.strftime('%Y%m%d_%H%M%S')}_seed{cfg.seed}")
+    tokenizer = _tokenizer(cfg.tokenizer_path)[1]
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        claim_run_dir(run_dir, overwrite)
     log = Logger(run_dir / "train.log", rank)
     per_rank = cfg.train_batch_tokens // world_size
     grad_accum = max(1, per_rank // cfg.micro_batch_tokens)
@@ -190,9 +256,11 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, overrides: list[str] | None 
         python=platform.python_version(), torch=torch.__version__, numpy=np.__version__, code_hash=code_hash())
     for line in overrides or []:
         log("override", setting=line.replace(" ", ""))
+    log("tokenizer", **tokenizer)
     if rank == 0:
         tmp = run_dir / "config.json.tmp"
-        tmp.write_text(json.dumps({"model": to_dict(model_cfg), "train": to_dict(cfg)}, indent=1))
+        tmp.write_text(json.dumps({"model": to_dict(model_cfg), "train": to_dict(cfg), "tokenizer": tokenizer},
+                                  indent=1))
         os.replace(tmp, run_dir / "config.json")
 
     torch.manual_seed(cfg.seed)
@@ -305,8 +373,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, overrides: list[str] | None 
     model.looping = loops  # the schedule the built model runs, which quantization and evaluation use
     acc = _validate(model, val_tokens, luts, cfg, rank, world_size)
     log("final_raw", val_loss=round(acc.val_loss, 6), val_bpb=round(acc.val_bpb, 6))
-    checkpoint = {"model_config": to_dict(model_cfg), "train_config": to_dict(cfg), "steps": step,
-                  "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, "ema_state_dict": None}
+    checkpoint = {"model_config": to_dict(model_cfg), "train_config": to_dict(cfg), "tokenizer": tokenizer,
+                  "steps": step, "ema_state_dict": None,
+                  "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
     if ema is not None:
         raw = copy.deepcopy(model.state_dict())
         model.load_state_dict(ema.state_dict_like(model))
@@ -328,10 +397,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, overrides: list[str] | None 
 
 
 def _byte_luts(cfg: TrainConfig, vocab_size: int):
-    if not Path(cfg.tokenizer_path).is_file():
-        raise FileNotFoundError(f"tokenizer {cfg.tokenizer_path} not found (set TOKENIZER_PATH or run "
-                                "`pgolf data download`)")
-    sp = spm.SentencePieceProcessor(model_file=cfg.tokenizer_path)
+    sp = _tokenizer(cfg.tokenizer_path)[0]
     if sp.get_piece_size() > vocab_size:
         raise ValueError(f"tokenizer {cfg.tokenizer_path} has {sp.get_piece_size()} pieces but the model's "
                          f"vocab_size is {vocab_size} (wrong tokenizer? set VOCAB_SIZE)")
@@ -346,6 +412,7 @@ def main(argv: list[str] | None = None) -> Path:
     """Entry: configs from defaults, then environment variables (upper-case field names), then KEY=VALUE args."""
     argv = sys.argv[1:] if argv is None else argv
     cli = parse_overrides(argv)
+    overwrite = overwrite_asked(cli)
     model_cfg, train_cfg = ModelConfig(), TrainConfig()
     changed = resolve(model_cfg, train_cfg, cli=cli)
-    return train(model_cfg, train_cfg, changed)
+    return train(model_cfg, train_cfg, changed, overwrite)

@@ -18,7 +18,7 @@ from pathlib import Path
 from eval.run import EvalConfig, apply_eval_overrides, evaluate
 from submission.config import ModelConfig, TrainConfig, packed, parse_overrides, resolve
 from submission.data import load_tokens
-from submission.train import Logger, _byte_luts, setup_distributed, train
+from submission.train import Logger, _byte_luts, overwrite_asked, setup_distributed, tokenizer_identity, train
 from tools.artifact import MODEL_FILENAME
 from tools.calibrate import CalibConfig
 from tools.gptq import QuantConfig
@@ -51,8 +51,8 @@ def evaluate_final(model, run_dir: Path, train_cfg: TrainConfig, eval_cfg: EvalC
     if rank:
         return
     done = read_training_done(run_dir)
-    result = {"seed": train_cfg.seed, **body, **unverified, "steps": int(done["steps"]),
-              "step_avg_ms": float(done["step_avg_ms"]), **sizes,
+    result = {"seed": train_cfg.seed, **body, **unverified, "tokenizer": tokenizer_identity(train_cfg.tokenizer_path),
+              "steps": int(done["steps"]), "step_avg_ms": float(done["step_avg_ms"]), **sizes,
               "stages": {**{k: round(v, 3) for k, v in stages.items()}, **body["stages"]}}
     tmp = run_dir / "eval.json.tmp"
     tmp.write_text(json.dumps(result, indent=1))
@@ -60,9 +60,11 @@ def evaluate_final(model, run_dir: Path, train_cfg: TrainConfig, eval_cfg: EvalC
 
 
 def main(argv: list[str] | None = None) -> Path:
-    """Configs from defaults, then environment variables (upper-case field names), then KEY=VALUE arguments."""
+    """Configs from defaults, then environment variables (upper-case field names), then KEY=VALUE arguments.
+    OVERWRITE=1 replaces a run already in RUN_DIR (refused otherwise)."""
     argv = sys.argv[1:] if argv is None else argv
     cli = parse_overrides(argv)
+    overwrite = overwrite_asked(cli)
     model_cfg, train_cfg, quant_cfg, calib_cfg, eval_cfg = ModelConfig(), TrainConfig(), QuantConfig(), CalibConfig(), \
         EvalConfig()
     eval_keys = {k for k in cli if k.lower() in {f.name for f in fields(EvalConfig)} or k.lower().startswith("ngram_")}
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> Path:
     changed = resolve(model_cfg, train_cfg, quant_cfg, calib_cfg, cli=cli) + changed
     quant_cfg, calib_cfg = QuantConfig(**asdict(quant_cfg)), CalibConfig(**asdict(calib_cfg))  # re-validate
     t0 = time.perf_counter()
-    run_dir = train(model_cfg, train_cfg, changed)
+    run_dir = train(model_cfg, train_cfg, changed, overwrite)
     stages = {"train": time.perf_counter() - t0}
     rank, world_size, device = setup_distributed()
     log = Logger(run_dir / "train.log", rank)

@@ -198,3 +198,20 @@ def test_the_speedrun_switches_are_packed_only_when_on_and_then_match_the_kit(da
     assert main(["quantize", str(tmp_path / "kit_run"), "--quiet", "--device", "cpu"]) == 0
     log = (tmp_path / "kit_run" / "quantize.log").read_text()
     assert f"Code size: {on.sizes.packed} bytes" in log, log[-500:]
+
+
+def test_the_pipelines_eval_json_names_the_tokenizer(tmp_path, monkeypatch):
+    """eval.json says which tokenizer scored the run (path, sha256 of its bytes, pieces), in the packed program too."""
+    import hashlib
+
+    from eval.run import EvalConfig
+
+    (tmp_path / "train.log").write_text("training_done steps:3 step_avg_ms:1.5\n")
+    monkeypatch.setattr(train_gpt, "packed", lambda: True)
+    monkeypatch.setattr(train_gpt, "load_tokens", lambda pattern, vocab_size: None)
+    monkeypatch.setattr(train_gpt, "evaluate", lambda *args, **kwargs: {"val_loss": 6.0, "val_bpb": 3.0, "stages": {}})
+    model = types.SimpleNamespace(cfg=config.ModelConfig(vocab_size=1024))
+    train_gpt.evaluate_final(model, tmp_path, config.TrainConfig(tokenizer_path=str(TOKENIZER)), EvalConfig(),
+                             lambda *a, **kv: None, 0, 1, {}, {})
+    assert json.loads((tmp_path / "eval.json").read_text())["tokenizer"] == {
+        "path": str(TOKENIZER), "sha256": hashlib.sha256(TOKENIZER.read_bytes()).hexdigest(), "pieces": 1024}

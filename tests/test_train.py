@@ -188,3 +188,99 @@ def test_depth_recurrence_switches_on_at_its_fraction_and_the_recipe_parts_train
     assert len(losses) == 20 and np.mean(losses[-5:]) < losses[0] - 0.5
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ckpt["model_config"]["num_loops"] == 1 and "skip_gates" in ckpt["ema_state_dict"]
+
+
+# ------------------------------------------------------------------------------- the run directory and tokenizer
+
+OLD_RUN = {"train.log": "seed:1\n", "config.json": "{}", "checkpoint.pt": "old", "model.pgz": "old",
+           "eval.json": '{"val_bpb": 1.2}', "eval_ttt-0_hash_embed-0.json": "{}"}
+
+
+def _old_run(run_dir: Path) -> None:
+    run_dir.mkdir(parents=True)
+    for name, text in OLD_RUN.items():
+        (run_dir / name).write_text(text)
+    (run_dir / "console.log").write_text("pgolf seeds writes this before the trainer starts\n")
+
+
+def _no_work(monkeypatch) -> None:
+    """Building the model or reading data fails the test: the run directory is checked before both."""
+    import submission.train as trainer
+
+    def work(*args, **kwargs):
+        raise RuntimeError("work started")
+    monkeypatch.setattr(trainer, "GPT", work)
+    monkeypatch.setattr(trainer, "load_tokens", work)
+
+
+def test_a_finished_run_directory_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    from submission import train_gpt
+
+    run_dir = tmp_path / "run"
+    _old_run(run_dir)
+    _no_work(monkeypatch)
+    monkeypatch.delenv("OVERWRITE", raising=False)
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["tools.train_cmd"])
+    settings = [f"RUN_DIR={run_dir}", f"TOKENIZER_PATH={ROOT / TOKENIZER}", "DATA_DIR=nowhere"]
+    assert cli.main(["train", *settings]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"pgolf train: error: RUN_DIR={run_dir} holds a run (checkpoint.pt, config.json, eval.json, "
+                   "eval_ttt-0_hash_embed-0.json, model.pgz, train.log): pass a new RUN_DIR, or OVERWRITE=1 (`pgolf "
+                   "train --overwrite`) to delete that run and train in its place\n")
+    with pytest.raises(ValueError, match=r"holds a run .*OVERWRITE=1"):  # the pipeline entry: the same refusal
+        train_gpt.main(settings)
+    assert {p.name: p.read_text() for p in run_dir.iterdir() if p.name != "console.log"} == OLD_RUN
+
+
+@pytest.mark.parametrize("how", ["flag", "setting", "env"])
+def test_overwrite_deletes_the_old_run_before_training_in_its_place(tmp_path, monkeypatch, how):
+    run_dir = tmp_path / "run"
+    _old_run(run_dir)
+    _no_work(monkeypatch)
+    monkeypatch.delenv("OVERWRITE", raising=False)
+    argv = ["train", f"RUN_DIR={run_dir}", f"TOKENIZER_PATH={ROOT / TOKENIZER}", "DATA_DIR=nowhere"]
+    if how == "flag":
+        argv.append("--overwrite")
+    elif how == "setting":
+        argv.append("OVERWRITE=1")
+    else:
+        monkeypatch.setenv("OVERWRITE", "1")
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["tools.train_cmd"])
+    assert cli.main(argv) == 2  # stopped at the model build by _no_work: after the run directory was claimed
+    # no stale artifact or score beside the new run's files; `pgolf seeds`' console.log is kept
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "console.log", "train.log"]
+    assert "seed:1\n" not in (run_dir / "train.log").read_text()
+    assert "overwrite" not in json.loads((run_dir / "config.json").read_text())["train"]  # no config field
+
+
+def test_an_unwritable_run_dir_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("")
+    _no_work(monkeypatch)
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["tools.train_cmd"])
+    run_dir = tmp_path / "file" / "run"
+    assert cli.main(["train", f"RUN_DIR={run_dir}", f"TOKENIZER_PATH={ROOT / TOKENIZER}"]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"pgolf train: error: RUN_DIR {run_dir}/train.log: cannot write it \([^)]+\); pass a "
+                        r"writable RUN_DIR\n", err), err
+
+
+def test_the_run_records_its_tokenizer(sample_shards, tmp_path):
+    """checkpoint.pt, config.json and train.log name the tokenizer: path, sha256 of its bytes, piece count."""
+    import hashlib
+
+    run_dir = tmp_path / "run"
+    train(ModelConfig(**MODEL), TrainConfig(**{**TRAIN, "max_steps": 2, "warmup_steps": 0}, data_dir=str(sample_shards),
+                                            tokenizer_path=str(ROOT / TOKENIZER), run_dir=str(run_dir)))
+    identity = {"path": str(ROOT / TOKENIZER), "sha256": hashlib.sha256((ROOT / TOKENIZER).read_bytes()).hexdigest(),
+                "pieces": 1024}
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["tokenizer"] == identity
+    assert json.loads((run_dir / "config.json").read_text())["tokenizer"] == identity
+    assert f"tokenizer path:{identity['path']} sha256:{identity['sha256']} pieces:1024\n" in \
+        (run_dir / "train.log").read_text()
+
+
+def test_overwrite_flag_reaches_the_trainer_as_a_setting(monkeypatch):
+    seen = []
+    monkeypatch.setattr(train_cmd, "main", seen.append)
+    args = _parser().parse_args(["train", "SEED=2", "--overwrite"])
+    assert args.func(args) == 0 and seen == [["SEED=2", "OVERWRITE=1"]]

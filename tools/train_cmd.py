@@ -64,7 +64,7 @@ def recipe_help() -> str:
 def check_overrides(overrides: list[str]) -> dict[str, str]:
     """KEY=VALUE strings -> {KEY: VALUE}; a malformed item or a key that names no config field is a ValueError
     naming it, with the closest field names. Values are parsed and checked by submission.config.resolve."""
-    known = {f.name for kind in CONFIGS for f in dataclasses.fields(kind)}
+    known = {f.name for kind in CONFIGS for f in dataclasses.fields(kind)} | {"overwrite"}  # run setting, no field
     parsed = {}
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -81,7 +81,7 @@ def check_overrides(overrides: list[str]) -> dict[str, str]:
 
 def _cmd(args: argparse.Namespace) -> int:
     check_overrides(args.overrides)
-    main(args.overrides)
+    main([*args.overrides, "OVERWRITE=1"] if args.overwrite else args.overrides)
     return 0
 
 
@@ -96,4 +96,7 @@ def add_commands(sub) -> None:
         epilog="\n\n".join([recipe_help(), *(field_help(kind) for kind in CONFIGS)]))
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides, e.g. NUM_LAYERS=4 MAX_STEPS=100 RUN_DIR=runs/try1")
+    p.add_argument("--overwrite", action="store_true",
+                   help="RUN_DIR holds a run (train.log, config.json, checkpoint.pt, model.pgz, eval.json, ...): delete "
+                        "its files and train in its place (refused otherwise; OVERWRITE=1 does the same)")
     p.set_defaults(func=_cmd)
