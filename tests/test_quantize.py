@@ -6,7 +6,7 @@ import math
 import subprocess
 import sys
 import textwrap
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from submission.config import ModelConfig, TrainConfig, to_dict
 from submission.data import write_shard
 from submission.model import GPT
+from submission.train import tokenizer_identity
 from tools.artifact import DECIMAL_CAP, MODEL_FILENAME, ArtifactError, pack_artifact, read_artifact, to_state_dict
 from tools.calibrate import CalibConfig
 from tools.gptq import QuantConfig, QuantTensor
@@ -58,9 +59,22 @@ def trained_like(cfg: ModelConfig, seed: int) -> GPT:
     return model
 
 
-def make_run(root: Path, train_time_s: float = 1.0, ema: bool = True) -> tuple[Path, TrainConfig]:
+def other_tokenizer(path: Path) -> Path:
+    """The sample tokenizer with two pieces' strings swapped: the same piece count, other bytes per token, so it
+    scores another BPB (issue 20's case: a same-size tokenizer was scored silently)."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(TOKENIZER.read_bytes())
+    proto.pieces[500].piece, proto.pieces[501].piece = proto.pieces[501].piece, proto.pieces[500].piece
+    path.write_bytes(proto.SerializeToString())
+    return path
+
+
+def make_run(root: Path, train_time_s: float = 1.0, ema: bool = True,
+             tokenizer: bool = True) -> tuple[Path, TrainConfig]:
     """A run directory as the trainer leaves it, with a random val shard (23 windows of 128 targets) and a tiny train
-    shard beside it."""
+    shard beside it. tokenizer=False: a checkpoint from before the tokenizer's identity was recorded."""
     run = root / "run"
     data = root / "data"
     run.mkdir(parents=True)
@@ -71,7 +85,8 @@ def make_run(root: Path, train_time_s: float = 1.0, ema: bool = True) -> tuple[P
     train_cfg = TrainConfig(data_dir=str(data), tokenizer_path=str(TOKENIZER), run_dir=str(run), seq_len=128,
                             val_batch_seqs=4)
     raw, averaged = trained_like(MODEL, 0), trained_like(MODEL, 1)
-    torch.save({"model_config": to_dict(MODEL), "train_config": to_dict(train_cfg), "steps": 7,
+    identity = {"tokenizer": tokenizer_identity(str(TOKENIZER))} if tokenizer else {}
+    torch.save({"model_config": to_dict(MODEL), "train_config": to_dict(train_cfg), "steps": 7, **identity,
                 "state_dict": raw.state_dict(), "ema_state_dict": averaged.state_dict() if ema else None},
                run / "checkpoint.pt")
     (run / "train.log").write_text(f"seed:1337\ntraining_done steps:7 train_time_s:{train_time_s} step_avg_ms:3.5\n")
@@ -126,6 +141,51 @@ def test_quantize_run_writes_the_artifact_and_logs_the_stage(quantized):
     before = reference_loss(averaged, val, 128)
     assert logged != before and abs(logged - before) < 0.05 * before
     assert read_artifact(path)[2]["calib_seqs"] == 2  # the calibration settings travel with the artifact
+    # and so does the checkpoint's tokenizer, which `pgolf eval` checks the one it is given against
+    assert read_artifact(path)[2]["tokenizer"] == tokenizer_identity(str(TOKENIZER))
+    assert not log.starting("tokenizer_unchecked")
+
+
+def test_a_tokenizer_other_than_the_checkpoints_is_refused_before_any_work(tmp_path):
+    run, train_cfg = make_run(tmp_path)
+    other = other_tokenizer(tmp_path / "other.model")
+    used, recorded = tokenizer_identity(str(other)), tokenizer_identity(str(TOKENIZER))
+    assert used["pieces"] == recorded["pieces"] == 1024 and used["sha256"] != recorded["sha256"]
+    log = Lines()
+    with pytest.raises(ValueError, match=rf"^tokenizer {other} \(sha256 {used['sha256'][:16]}, 1024 pieces\) is not "
+                                         rf"the one {run / 'checkpoint.pt'} was made with: {TOKENIZER} \(sha256 "
+                                         rf"{recorded['sha256'][:16]}, 1024 pieces\); pass that tokenizer .*"
+                                         r"--allow-other-tokenizer to use this one on purpose$"):
+        quantize_run(run, 0, QUANT, TINY_CALIB, log, replace(train_cfg, tokenizer_path=str(other)), progress=False)
+    assert not log.starting("calibration") and not (run / MODEL_FILENAME).exists()
+    # on purpose: quantized, and the artifact still names the model's own tokenizer
+    quantize_run(run, 0, QUANT, TINY_CALIB, log, replace(train_cfg, tokenizer_path=str(other)), progress=False,
+                 allow_other_tokenizer=True)
+    assert read_artifact(run / MODEL_FILENAME)[2]["tokenizer"] == recorded
+
+
+def test_a_checkpoint_without_a_tokenizer_identity_still_quantizes_and_says_so(tmp_path):
+    run, train_cfg = make_run(tmp_path, tokenizer=False)
+    log = Lines()
+    quantize_run(run, 0, QUANT, TINY_CALIB, log, train_cfg, progress=False)
+    assert log.starting("tokenizer_unchecked ") == [f"tokenizer_unchecked source:{run / 'checkpoint.pt'}"]
+    assert read_artifact(run / MODEL_FILENAME)[2]["tokenizer"] is None
+
+
+def test_an_unwritable_run_dir_is_refused_before_calibration(tmp_path, monkeypatch):
+    run, _ = make_run(tmp_path)
+    write_bytes = Path.write_bytes
+
+    def read_only(path, data):  # a read-only folder (chmod does not stop root, who runs CI here)
+        if path.parent == run:
+            raise PermissionError(13, "Permission denied", str(path))
+        return write_bytes(path, data)
+    monkeypatch.setattr(Path, "write_bytes", read_only)
+    log = Lines()
+    with pytest.raises(ValueError, match=rf"^RUN_DIR {run / MODEL_FILENAME}: cannot write it \(Permission denied: "
+                                         rf"{run}/\.model\.pgz\.probe\d+\); pass a writable RUN_DIR$"):
+        quantize_checkpoint(run, 0, QUANT, TINY_CALIB, log, torch.device("cpu"), progress=False)
+    assert not log.starting("calibration")
 
 
 def test_reload_in_a_fresh_process_gives_identical_logits(tmp_path):

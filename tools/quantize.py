@@ -17,7 +17,7 @@ from eval.flat import evaluate_flat
 from submission.config import ModelConfig, TrainConfig, from_dict, to_dict
 from submission.data import load_tokens
 from submission.model import GPT
-from submission.train import _byte_luts
+from submission.train import _byte_luts, check_tokenizer, tokenizer_identity, writable_check
 from tools.artifact import (DECIMAL_CAP, MODEL_FILENAME, ArtifactError, fit_to_budget, pack_artifact,
                             read_artifact, to_state_dict, write_artifact)
 from tools.calibrate import CalibConfig, calibrate
@@ -44,6 +44,7 @@ class Checkpoint:
     state_dict: dict[str, torch.Tensor]
     weights: str   # "ema" or "raw"
     steps: int
+    tokenizer: dict | None = None  # path, sha256, pieces of the tokenizer it was trained with (None: older kit)
 
 
 def load_checkpoint(run_dir: str | os.PathLike) -> Checkpoint:
@@ -59,7 +60,7 @@ def load_checkpoint(run_dir: str | os.PathLike) -> Checkpoint:
         raise ValueError(f"{path}: not a readable kit checkpoint ({type(err).__name__}: {err}); train again") from None
     ema = ckpt.get("ema_state_dict")
     return Checkpoint(model_cfg, train_cfg, ema if ema is not None else ckpt["state_dict"],
-                      "ema" if ema is not None else "raw", int(ckpt["steps"]))
+                      "ema" if ema is not None else "raw", int(ckpt["steps"]), ckpt.get("tokenizer"))
 
 
 def read_training_done(run_dir: str | os.PathLike) -> dict[str, str]:
@@ -128,15 +129,21 @@ def _log_gptq(log, report, quant_cfg: QuantConfig, cal, hessians: dict[str, torc
 
 
 def quantize_checkpoint(run_dir: str | os.PathLike, code_bytes: int, quant_cfg: QuantConfig, calib_cfg: CalibConfig,
-                        log, device: torch.device, data_dir: str | None = None, progress: bool = True
+                        log, device: torch.device, data_dir: str | None = None, progress: bool = True,
+                        tokenizer: dict | None = None, allow_other_tokenizer: bool = False
                         ) -> tuple[Path, dict[str, QuantTensor | torch.Tensor], threading.Thread]:
     """Calibrate, GPTQ and budget-fit the run's checkpoint; write RUN_DIR/model.pgz atomically.
 
+    `tokenizer` (tokenizer_identity of the one the caller scores with) must be the checkpoint's, unless
+    allow_other_tokenizer; the artifact records the checkpoint's identity, so `pgolf eval` can check it in turn.
     Returns the artifact's path, the tensors as packed, and a started thread that logs the torch.save + lzma-9
     baseline (a full-size lzma pass takes ~40 s of CPU that the caller can overlap with GPU work; join it).
     """
     run_dir = Path(run_dir)
     ckpt = load_checkpoint(run_dir)
+    if tokenizer:
+        check_tokenizer(ckpt.tokenizer, tokenizer, run_dir / "checkpoint.pt", log, allow_other_tokenizer)
+    writable_check(run_dir / MODEL_FILENAME, "RUN_DIR")
     log("quantize", run_dir=str(run_dir), weights=ckpt.weights, steps=ckpt.steps, code_bytes=code_bytes,
         device=str(device))
     model = GPT(ckpt.model_config).to(device)
@@ -166,7 +173,8 @@ def quantize_checkpoint(run_dir: str | os.PathLike, code_bytes: int, quant_cfg: 
     hessians = dict(cal.stats.hessians)
     if not quant_cfg.gptq_tied_embedding:
         hessians.pop("tok_emb.weight", None)
-    quant_record = {**asdict(quant_cfg), **asdict(calib_cfg)}
+    # the model's tokenizer rides in the artifact's quantization record (no format change; readers ignore the key)
+    quant_record = {**asdict(quant_cfg), **asdict(calib_cfg), "tokenizer": ckpt.tokenizer}
     model_config = to_dict(ckpt.model_config)
     pack_s, rounds = 0.0, 0
     while True:
@@ -192,7 +200,7 @@ def quantize_checkpoint(run_dir: str | os.PathLike, code_bytes: int, quant_cfg: 
             break
         log("clip_floor", model_bytes=len(blob), over_by=over, min_clip_sigma=round(floor, 3))
         quant_cfg = replace(quant_cfg, min_clip_sigma=floor)
-        quant_record = {**asdict(quant_cfg), **asdict(calib_cfg)}
+        quant_record = {**asdict(quant_cfg), **asdict(calib_cfg), "tokenizer": ckpt.tokenizer}
         rounds += 1
 
     t0 = time.perf_counter()
@@ -218,14 +226,15 @@ def quantize_checkpoint(run_dir: str | os.PathLike, code_bytes: int, quant_cfg: 
 
 def quantize_run(run_dir: str | os.PathLike, code_bytes: int, quant_cfg: QuantConfig | None = None,
                  calib_cfg: CalibConfig | None = None, log=print, train_cfg: TrainConfig | None = None,
-                 device: torch.device | str | None = None, progress: bool = True, wait_baseline: bool = True
-                 ) -> tuple[GPT, BPBAccumulator]:
+                 device: torch.device | str | None = None, progress: bool = True, wait_baseline: bool = True,
+                 allow_other_tokenizer: bool = False) -> tuple[GPT, BPBAccumulator]:
     """The pipeline's quantize stage on every rank: rank 0 writes RUN_DIR/model.pgz, then every rank reloads it from
     disk into a fresh GPT and scores it flat (`quantized_roundtrip_exact`). Returns (reloaded model, its score).
 
     train_cfg supplies data_dir, tokenizer_path, seq_len and val_batch_seqs (default: the checkpoint's).
     wait_baseline=False returns without waiting for the torch.save + lzma-9 baseline (~40 s of one CPU core on the
     record model); its line is then logged while the caller goes on (the pipeline's evaluation overlaps it).
+    train_cfg's tokenizer must be the one the checkpoint records, unless allow_other_tokenizer (quantize_checkpoint).
     """
     run_dir = Path(run_dir)
     quant_cfg, calib_cfg = quant_cfg or QuantConfig(), calib_cfg or CalibConfig()
@@ -236,7 +245,8 @@ def quantize_run(run_dir: str | os.PathLike, code_bytes: int, quant_cfg: QuantCo
     thread = None
     if rank == 0:
         _, _, thread = quantize_checkpoint(run_dir, code_bytes, quant_cfg, calib_cfg, log, device, train_cfg.data_dir,
-                                           progress)
+                                           progress, tokenizer_identity(train_cfg.tokenizer_path),
+                                           allow_other_tokenizer)
     if distributed:
         dist.barrier()
     path = run_dir / MODEL_FILENAME
