@@ -2,31 +2,34 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
 import sys
 from pathlib import Path
 
-import sentencepiece as spm
-
 from eval.bpb import build_byte_luts
 from eval.run import EvalConfig, apply_eval_overrides
 from eval.verify import evaluate_verified
-from submission.config import ModelConfig, TrainConfig, from_dict
+from submission.config import ModelConfig, TrainConfig, from_dict, to_dict
 from submission.data import load_tokens
 from submission.model import GPT
-from submission.train import Logger, configure_cuda, setup_distributed
+from submission.train import Logger, _tokenizer, check_tokenizer, configure_cuda, setup_distributed, writable_check
 from tools.artifact import CODE_FILENAME, MODEL_FILENAME, read_artifact, to_state_dict
+
+# A one-off pass's file name is made of its changed settings; past this length it is a hash of them instead.
+ONE_OFF_NAME_CHARS = 80
 
 
 def run_facts(root: Path) -> dict:
-    """What the run directory says about the run: its train config (config.json) and, from train.log, the seed
-    and the `training_done` steps and step_avg_ms."""
-    facts: dict = {"train": {}}
+    """What the run directory says about the run: its train and model configs (config.json) and, from train.log,
+    the seed and the `training_done` steps and step_avg_ms."""
+    facts: dict = {"train": {}, "model": None}
     config = root / "config.json"
     if config.is_file():
-        facts["train"] = json.loads(config.read_text()).get("train", {})
+        stored = json.loads(config.read_text())
+        facts["train"], facts["model"] = stored.get("train", {}), stored.get("model")
         if "seed" in facts["train"]:
             facts["seed"] = int(facts["train"]["seed"])
     log = root / "train.log"
@@ -80,6 +83,32 @@ def merge_verification(packed: dict, verified: dict) -> dict:
     return merged
 
 
+def one_off_name(differences: list[str]) -> str:
+    """eval_<changed settings>.json for a pass whose settings differ from the run's recorded ones, e.g.
+    eval_ttt-0_hash_embed-0.json for --no-ttt; a long list becomes eval_oneoff-<hash>.json."""
+    slug = re.sub(r"[^A-Za-z0-9.,_-]+", "", "_".join(differences))
+    if len(slug) > ONE_OFF_NAME_CHARS:
+        slug = "oneoff-" + hashlib.sha256(slug.encode()).hexdigest()[:12]
+    return f"eval_{slug}.json"
+
+
+def _setting(line: str) -> str:
+    """'ttt: True -> False (cli)' (apply_overrides' log line) -> 'ttt-0'."""
+    name, rest = line.split(":", 1)
+    new = rest.rsplit(" -> ", 1)[1].rsplit(" (", 1)[0]
+    return f"{name}-{ {'True': '1', 'False': '0'}.get(new, new)}"
+
+
+def model_config_differences(artifact_config: dict, run_config: dict | None) -> list[str]:
+    """'key (artifact vs config.json)' for each ModelConfig field where the artifact's stored config and the run's
+    config.json disagree (a model.pgz copied from another run); [] when config.json has no readable model config."""
+    try:
+        ours, theirs = to_dict(from_dict(ModelConfig, artifact_config)), to_dict(from_dict(ModelConfig, run_config))
+    except (TypeError, ValueError):
+        return []
+    return [f"{key} ({ours[key]} vs {theirs[key]})" for key in ours if ours[key] != theirs[key]]
+
+
 def run_eval(args: argparse.Namespace) -> int:
     """`pgolf eval`: load the artifact into a GPT built from its stored config, evaluate, write eval.json."""
     root = Path(args.run_dir)
@@ -103,7 +132,6 @@ def run_eval(args: argparse.Namespace) -> int:
         cli["ablation"] = "1"
     # Re-evaluating a run: start from the settings it was scored with (eval.json's "config"), so a verification
     # checks what the run did; KEY=VALUE overrides apply on top.
-    out_path = Path(args.out) if args.out else root / "eval.json"
     previous = _read_eval(root / "eval.json")
     stored = previous.get("config") if previous is not None else None
     try:
@@ -112,32 +140,52 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"{root / 'eval.json'}: its config does not fit this kit's EvalConfig ({e}): written by "
                          "another kit version? Move it away to evaluate with this kit's defaults") from None
     changed = apply_eval_overrides(cfg, cli, "cli")
-
-    rank, world_size, device = setup_distributed()
-    log = Logger(None, rank)
-    for line in changed:
-        log("override", setting=line.replace(" ", ""))
-    if device.type == "cuda":
-        configure_cuda()
     defaults = TrainConfig()
     tokenizer = args.tokenizer or facts["train"].get("tokenizer_path", defaults.tokenizer_path)
-    data_dir = args.data_dir or facts["train"].get("data_dir", defaults.data_dir)
-    tensors, model_config, _ = read_artifact(artifact)
+    run_data_dir = facts["train"].get("data_dir", defaults.data_dir)
+    data_dir = args.data_dir or run_data_dir
+    tensors, model_config, quant_config = read_artifact(artifact)
+    sp, used = _tokenizer(tokenizer)
+    rank, world_size, device = setup_distributed()
+    log = Logger(None, rank)
+    recorded = quant_config.get("tokenizer")
+    check_tokenizer(recorded, used, artifact, log, args.allow_other_tokenizer)
+    # A pass that differs from the run's recorded settings (eval settings, data, an allowed other tokenizer) is a
+    # one-off: it is written beside eval.json, which keeps the run's score and the settings later passes start from.
+    one_off = [_setting(line) for line in changed]
+    if Path(data_dir).resolve() != Path(run_data_dir).resolve():
+        one_off.append(f"data-{Path(data_dir).name}")
+    if recorded and recorded["sha256"] != used["sha256"]:
+        one_off.append(f"tokenizer-{used['sha256'][:8]}")
+    out_path = Path(args.out) if args.out else root / (one_off_name(one_off) if one_off else "eval.json")
+    if out_path.is_dir():
+        raise ValueError(f"--out {out_path} is a folder: pass a file path, e.g. --out {out_path / 'eval.json'}")
+    if rank == 0:
+        writable_check(out_path, "--out")
+    for line in changed:
+        log("override", setting=line.replace(" ", ""))
+    if one_off and not args.out:
+        log("eval_one_off", differs=",".join(one_off), path=str(out_path),
+            kept=f"{root / 'eval.json'}(the run's score and settings; --out it to replace them)")
+    differences = model_config_differences(model_config, facts["model"])
+    if differences and rank == 0:
+        print(f"pgolf eval: warning: {artifact}'s model config differs from {root / 'config.json'} in "
+              f"{', '.join(differences)}: scoring the artifact's own config (is model.pgz from another run?)",
+              file=sys.stderr)
+    if device.type == "cuda":
+        configure_cuda()
     model = GPT(from_dict(ModelConfig, model_config)).to(device)
     model.load_state_dict(to_state_dict(tensors, model.state_dict(), str(artifact)))
-    if not Path(tokenizer).is_file():
-        raise FileNotFoundError(f"tokenizer {tokenizer} not found (pass --tokenizer PATH)")
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
     if sp.get_piece_size() > model.cfg.vocab_size:
         raise ValueError(f"tokenizer {tokenizer} has {sp.get_piece_size()} pieces but the artifact's model has "
                          f"vocab_size {model.cfg.vocab_size} (wrong tokenizer? pass --tokenizer)")
     luts = build_byte_luts(sp, model.cfg.vocab_size)
     val_tokens = load_tokens(f"{data_dir}/fineweb_val_*.bin", model.cfg.vocab_size)
     log("eval_artifact", artifact=str(artifact), model_bytes=artifact.stat().st_size, val_tokens=len(val_tokens),
-        tokenizer=tokenizer)
+        tokenizer=tokenizer, tokenizer_sha256=used["sha256"][:16])
 
     body = evaluate_verified(model, val_tokens, luts, cfg, rank, world_size, progress=True, log=log)
-    out = {"seed": seed, **body, "bytes_model": artifact.stat().st_size}
+    out = {"seed": seed, **body, "tokenizer": used, "bytes_model": artifact.stat().st_size}
     for key in ("steps", "step_avg_ms"):
         if key in facts:
             out[key] = facts[key]
@@ -146,7 +194,8 @@ def run_eval(args: argparse.Namespace) -> int:
         out["bytes_code"] = code.stat().st_size
         out["bytes_total"] = out["bytes_code"] + out["bytes_model"]
     if rank == 0:
-        if previous is not None and "compliance_not_run" in previous and out_path == root / "eval.json":
+        if previous is not None and "compliance_not_run" in previous and out_path == root / "eval.json" and \
+                not one_off:
             out = merge_verification(previous, out)
             log("eval_merged", path=str(out_path), kept="the packed program's score", added="compliance,verification")
         write_json_atomic(out_path, out)
@@ -170,9 +219,14 @@ def add_commands(subparsers) -> None:
                    help="eval config overrides, right after RUN_DIR (argparse takes no positionals after options)")
     p.add_argument("--tokenizer", help="SentencePiece model (default: the run's config.json, else the recipe's)")
     p.add_argument("--data-dir", help="directory of fineweb_val_*.bin shards (default: as for --tokenizer)")
+    p.add_argument("--allow-other-tokenizer", action="store_true",
+                   help="score with a tokenizer other than the one the artifact records (refused otherwise: a wrong "
+                        "tokenizer gives a wrong BPB); written as a one-off, beside eval.json")
     p.add_argument("--no-ttt", action="store_true", help="no test-time training (and so no hash embedding)")
     p.add_argument("--ablation", action="store_true", help="also score flat, sliding, +ttt, ... (3 extra passes)")
     p.add_argument("--seed", type=int, help="seed to record when the directory has no config.json/train.log")
     p.add_argument("--out", help="output path (default: RUN_DIR/eval.json; when that holds a packed run's unverified "
-                                 "result, the score is kept and the compliance report added)")
+                                 "result, the score is kept and the compliance report added). A one-off pass (settings,"
+                                 " data or tokenizer other than the run's recorded ones, e.g. --no-ttt) goes to "
+                                 "RUN_DIR/eval_<changed settings>.json instead, so the run's score and settings stay")
     p.set_defaults(func=run_eval)
