@@ -315,3 +315,18 @@ def test_the_run_recipe_sets_quantization_defaults_and_the_tied_embedding_gets_g
     assert quant["clip_policy"] == "sdclip" and tensors["tok_emb.weight"].bits == 8
     W = ckpt["ema_state_dict"]["blocks.0.mlp.c_fc.weight"].float()
     assert torch.equal(tensors["blocks.0.mlp.c_fc.weight"].scales, (10.0 * W.std(dim=1) / 31).half())
+
+
+def test_pgolf_quantize_refuses_another_tokenizer_unless_the_flag_says_so(tmp_path):
+    run, _ = make_run(tmp_path)
+    other = other_tokenizer(tmp_path / "other.model")
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers())
+    settings = [str(run), f"TOKENIZER_PATH={other}", "PASSTHROUGH_MAX_NUMEL=1024", "CALIB_SEQS=2", "CALIB_SEQ_LEN=16",
+                "--code-bytes", "1000", "--device", "cpu", "--quiet"]
+    args = parser.parse_args(["quantize", *settings])
+    with pytest.raises(ValueError, match="--allow-other-tokenizer to use this one on purpose"):
+        args.func(args)
+    assert not (run / MODEL_FILENAME).exists()
+    args = parser.parse_args(["quantize", *settings, "--allow-other-tokenizer"])
+    assert args.func(args) == 0 and (run / MODEL_FILENAME).is_file()

@@ -152,8 +152,9 @@ def run_eval(args: argparse.Namespace) -> int:
     check_tokenizer(recorded, used, artifact, log, args.allow_other_tokenizer)
     # A pass that differs from the run's recorded settings (eval settings, data, an allowed other tokenizer) is a
     # one-off: it is written beside eval.json, which keeps the run's score and the settings later passes start from.
-    one_off = [_setting(line) for line in changed]
-    if Path(data_dir).resolve() != Path(run_data_dir).resolve():
+    # Without an eval.json nothing is recorded yet: the first pass is the run's own (unless the tokenizer differs).
+    one_off = [_setting(line) for line in changed] if previous is not None else []
+    if previous is not None and Path(data_dir).resolve() != Path(run_data_dir).resolve():
         one_off.append(f"data-{Path(data_dir).name}")
     if recorded and recorded["sha256"] != used["sha256"]:
         one_off.append(f"tokenizer-{used['sha256'][:8]}")

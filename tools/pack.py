@@ -87,7 +87,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     log = Logger(run_dir / "quantize.log", 0)
     for line in changed:
         log("override", setting=line.replace(" ", ""))
-    quantize_run(run_dir, code, quant_cfg, calib_cfg, log, train_cfg, args.device, progress=not args.quiet)
+    quantize_run(run_dir, code, quant_cfg, calib_cfg, log, train_cfg, args.device, progress=not args.quiet,
+                 allow_other_tokenizer=args.allow_other_tokenizer)
     return 0
 
 
@@ -110,6 +111,9 @@ def add_commands(subparsers) -> None:
                    help="code bytes to fit the model under (default: the packed size of submission/train_gpt.py "
                         "for the checkpoint's model settings)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--allow-other-tokenizer", action="store_true",
+                   help="quantize with a tokenizer (TOKENIZER_PATH) other than the one the checkpoint records, on "
+                        "purpose; the artifact still records the checkpoint's")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_quantize)
 
