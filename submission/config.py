@@ -153,6 +153,9 @@ class TrainConfig:
     train_batch_tokens: int = 786_432     # global tokens per optimizer step (8 GPUs x 48 x 2048 in the record)
     micro_batch_tokens: int = 98_304      # tokens per forward per GPU; grad_accum = global / (world * micro)
     seq_len: int = 2048
+    shuffle_windows: bool = False
+    """Training batches are windows of seq_len + 1 tokens in a seeded random order per epoch (PR #1460's loader)
+    instead of the token stream in order."""
     max_wallclock_seconds: float = 600.0  # training cap by the script's own timer (warmup/compile excluded)
     max_steps: int = 20_000               # safety bound; the wallclock cap normally ends training
     warmup_steps: int = 20                # compile/warmup steps, their model/optimizer state restored afterwards

@@ -94,14 +94,17 @@ class DataAccessError(RuntimeError):
 class TokenLoader:
     """Deterministic training batches for any world size and gradient accumulation.
 
-    Each optimizer step consumes one contiguous chunk of the token stream, cut into world_size * grad_accum
-    micro-batches of (micro_tokens + 1) tokens; rank r at accumulation step a takes micro-batch a * world + r.
-    The step's token set therefore depends only on the global batch, so 1 GPU with 8x accumulation sees
-    exactly what 8 GPUs see. Reads are logged; after close() any read raises DataAccessError.
+    In order (the default), each optimizer step consumes one contiguous chunk of the token stream, cut into
+    world_size * grad_accum micro-batches of (micro_tokens + 1) tokens; rank r at accumulation step a takes
+    micro-batch a * world + r. Shuffled, each step takes the next windows of seq_len + 1 tokens from the epoch's
+    seeded permutation of all windows (cut at a new seeded phase every epoch, never across a shard's end), micro-batch
+    m getting windows m * B .. m * B + B - 1. Either way the step's token set depends only on the global batch, so
+    1 GPU with 8x accumulation sees exactly what 8 GPUs see. Reads are logged; after close() any read raises
+    DataAccessError.
     """
 
     def __init__(self, pattern: str, global_tokens: int, seq_len: int, rank: int = 0, world_size: int = 1,
-                 grad_accum: int = 1, vocab_size: int | None = None):
+                 grad_accum: int = 1, vocab_size: int | None = None, shuffle: bool = False, seed: int = 0):
         micro = world_size * grad_accum
         if global_tokens % (micro * seq_len):
             raise ValueError(f"global batch {global_tokens} tokens is not divisible by world_size*grad_accum*seq_len"
@@ -115,6 +118,31 @@ class TokenLoader:
         self.tokens_read = 0
         self.last_read_time: float | None = None
         self.closed_at: float | None = None
+        self.shuffle, self.seed, self.epoch = shuffle, seed, -1
+        if shuffle:  # memory-mapped shards (checked once each) and the windows not yet taken this epoch
+            self.shards = [check_vocab(np.memmap(p, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(read_header(p),)),
+                                       vocab_size, p) for p in self.paths]
+            self.windows = np.empty((0, 2), dtype=np.int64)
+
+    def _epoch_windows(self) -> np.ndarray:
+        """[N, 2] (shard, offset) of every window of the next epoch, in its seeded random order."""
+        self.epoch += 1
+        rng = np.random.default_rng([self.seed, self.epoch])
+        phase = int(rng.integers(self.seq_len))
+        counts = [max(0, (len(shard) - 1 - phase) // self.seq_len) for shard in self.shards]
+        parts = [np.stack([np.full(n, i), phase + self.seq_len * np.arange(n)], 1) for i, n in enumerate(counts) if n]
+        if not parts:
+            raise ValueError(f"train shards {self.paths[0]}...: fewer than seq_len + 1 = {self.seq_len + 1} tokens "
+                             "per shard, no training window fits")
+        windows = np.concatenate(parts)
+        return windows[rng.permutation(len(windows))]
+
+    def _take_windows(self, n: int) -> np.ndarray:
+        """The next n windows' tokens [n, seq_len + 1], moving on to the next epoch's order when one runs out."""
+        while len(self.windows) < n:
+            self.windows = np.concatenate([self.windows, self._epoch_windows()])
+        take, self.windows = self.windows[:n], self.windows[n:]
+        return np.stack([self.shards[s][o:o + self.seq_len + 1] for s, o in take.tolist()])
 
     def _take(self, n: int) -> np.ndarray:
         parts = []
@@ -134,6 +162,14 @@ class TokenLoader:
         if self.closed_at is not None:
             raise DataAccessError(f"training data read {time.perf_counter() - self.closed_at:.1f}s after the "
                                   "training cap closed the loader (only data-free work may run after the cap)")
+        if self.shuffle:
+            rows = self.micro_tokens // self.seq_len
+            batch = self._take_windows(rows * self.world_size * self.grad_accum).astype(np.int64)
+            self.tokens_read += batch.size
+            self.last_read_time = time.perf_counter()
+            mine = [batch[m * rows:(m + 1) * rows] for m in (a * self.world_size + self.rank
+                                                               for a in range(self.grad_accum))]
+            return [(w[:, :-1], w[:, 1:]) for w in mine]
         span = self.micro_tokens + 1
         chunk = self._take(span * self.world_size * self.grad_accum)
         self.tokens_read += len(chunk)

@@ -278,7 +278,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, overrides: list[str] | None 
 
     def new_loader() -> TokenLoader:
         return TokenLoader(pattern, cfg.train_batch_tokens, cfg.seq_len, rank, world_size, grad_accum,
-                           model_cfg.vocab_size)
+                           model_cfg.vocab_size, cfg.shuffle_windows, cfg.seed)
 
     def step_fn(loader: TokenLoader, scale: float, step: int) -> torch.Tensor:
         return train_step(model, step_model, optimizers, loader.next_batch(), cfg, scale, step, world_size)

@@ -486,3 +486,36 @@ def test_a_path_of_the_wrong_kind_is_named_as_such(tmp_path):
         data.verify_dataset(shard, progress=False)
     with pytest.raises(IsADirectoryError, match="is a folder, expected a file"):
         data.build_shards([tmp_path], SP1024, tmp_path / "out", split="val", workers=1, progress=False)
+
+
+def test_shuffled_windows_cover_each_epoch_once_and_are_the_same_global_batch_for_any_world_size(tmp_path):
+    """SHUFFLE_WINDOWS: every window of an epoch is seq_len + 1 consecutive tokens of one shard, each start once per
+    epoch (a new phase the next epoch); seeded; the union of all ranks' micro-batches of a step does not depend on
+    how the global batch is split into ranks and accumulation steps."""
+    from submission.data import TokenLoader
+    write_shard(tmp_path / "fineweb_train_000000.bin", np.arange(1000) % 60000)
+    write_shard(tmp_path / "fineweb_train_000001.bin", 10_000 + np.arange(700))
+    pattern, seq = str(tmp_path / "fineweb_train_*.bin"), 16
+
+    def steps(world: int, accum: int, seed: int = 3, n: int = 5) -> list[np.ndarray]:
+        loaders = [TokenLoader(pattern, 8 * seq, seq, r, world, accum, shuffle=True, seed=seed) for r in range(world)]
+        out = []
+        for _ in range(n):
+            rows = [np.concatenate([x, y[:, -1:]], 1) for ld in loaders for x, y in ld.next_batch()]
+            out.append(np.concatenate(rows))
+        return out
+
+    one = steps(1, 1)
+    for world, accum in ((2, 1), (4, 2), (1, 8)):
+        for a, b in zip(one, steps(world, accum)):
+            assert sorted(map(tuple, a)) == sorted(map(tuple, b))
+    loader = TokenLoader(pattern, 8 * seq, seq, shuffle=True, seed=3)
+    windows = np.concatenate([loader.next_batch()[0][0] for _ in range(12)])  # 96 windows: the first epoch's ~104
+    assert ((windows[:, 1:] - windows[:, :-1]) == 1).all()  # consecutive tokens, never across the two shards
+    starts = windows[:, 0]
+    assert len(set(starts.tolist())) == len(starts)  # no window twice within the epoch
+    assert len(set((starts % 10_000 % seq).tolist())) == 1  # one phase per epoch
+    assert not np.array_equal(np.concatenate(one), np.concatenate(steps(1, 1, seed=4)))
+    loader.close()
+    with pytest.raises(Exception, match="after the training cap"):
+        loader.next_batch()

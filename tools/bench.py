@@ -32,7 +32,7 @@ def run_bench(model_cfg: ModelConfig, cfg: TrainConfig, steps: int, warmup: int,
     grad_accum = max(1, cfg.train_batch_tokens // world_size // cfg.micro_batch_tokens)
     try:
         loader = TokenLoader(f"{cfg.data_dir}/fineweb_train_*.bin", cfg.train_batch_tokens, cfg.seq_len, rank,
-                             world_size, grad_accum, model_cfg.vocab_size)
+                             world_size, grad_accum, model_cfg.vocab_size, cfg.shuffle_windows, cfg.seed)
         batches = loader.next_batch
         source = cfg.data_dir
     except FileNotFoundError:
