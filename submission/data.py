@@ -120,8 +120,8 @@ class TokenLoader:
         self.closed_at: float | None = None
         self.shuffle, self.seed, self.epoch = shuffle, seed, -1
         if shuffle:  # memory-mapped shards (checked once each) and the windows not yet taken this epoch
-            self.shards = [check_vocab(np.memmap(p, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(read_header(p),)),
-                                       vocab_size, p) for p in self.paths]
+            self.shards = [check_vocab(np.memmap(p, dtype="<u2", mode="r", offset=HEADER_BYTES,
+                                                 shape=(read_header(p),)), vocab_size, p) for p in self.paths]
             self.windows = np.empty((0, 2), dtype=np.int64)
 
     def _epoch_windows(self) -> np.ndarray:

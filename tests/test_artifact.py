@@ -360,3 +360,22 @@ def test_pack_rejects_bad_inputs(tensors):
         pack_artifact({"w": torch.zeros(1)}, {"x": float("nan")}, {})
     with pytest.raises(ValueError, match="cannot store"):
         pack_artifact({"w": np.zeros(3)}, {}, {})
+
+
+def test_lqer_factors_survive_packing_and_budget_fitting():
+    """A QuantTensor with LQER factors: the artifact stores them (float16 planes after the scales) and gives them
+    back bit-exact; fitting the budget zeroes codes but keeps the factors; malformed factors are refused."""
+    g = torch.Generator().manual_seed(7)
+    codes = (torch.randn(64, 48, generator=g) * 1.5).round().clamp(-31, 31).to(torch.int8)  # many +-1 codes
+    A, B = torch.randn(64, 4, generator=g).half(), torch.randn(4, 48, generator=g).half()
+    q = QuantTensor(codes, torch.rand(64, generator=g).half() + 0.01, 6, (A, B))
+    tensors = {"w": q, "plain": QuantTensor(codes.clone(), torch.ones(64).half(), 6)}
+    back, _, _ = unpack_artifact(pack_artifact(tensors, {}, {}))
+    assert torch.equal(back["w"].lowrank[0], A) and torch.equal(back["w"].lowrank[1], B)
+    assert back["plain"].lowrank is None
+    torch.testing.assert_close(back["w"].dequantize(), q.dequantize())
+    size = len(pack_artifact(tensors, {}, {}))
+    _, packed, report = fit_to_budget(tensors, None, 0, {}, {}, target=size - 100, progress=False)
+    assert sum(report.zeroed.values()) > 0 and torch.equal(packed["w"].lowrank[0], A)
+    with pytest.raises(ValueError, match=r"w: low-rank factors must be float16 \[64, r\] and \[r, 48\]"):
+        pack_artifact({"w": QuantTensor(codes, q.scales, 6, (A.float(), B))}, {}, {})

@@ -215,6 +215,7 @@ BAD_SETTINGS = [
     ({"CLIP_POLICY": "sd"}, r"^CLIP_POLICY='sd': choose one of search, sdclip"),
     ({"SDCLIP_SIGMAS": "0"}, r"^SDCLIP_SIGMAS=0.0: must be > 0"),
     ({"SDCLIP_EMBED_SIGMAS": "-1"}, r"^SDCLIP_EMBED_SIGMAS=-1.0: must be > 0"),
+    ({"LQER_RANK": "-1"}, r"^LQER_RANK=-1: must be in \[0, 256\] \(0 = off"),
     # CalibConfig
     ({"CALIB_SOURCE": "val"}, r"^CALIB_SOURCE='val': choose one of generated, train"),
     ({"CALIB_SEQS": "0"}, r"^CALIB_SEQS=0: must be >= 1"),

@@ -267,3 +267,32 @@ def test_quant_config_names_the_setting_as_typed(kw, message):
     with pytest.raises(ValueError, match=message):
         QuantConfig(**kw)
     QuantConfig(matrix_bits=2, embed_bits=8, passthrough_max_numel=0, max_damp_retries=0, clip_sigmas=())
+
+
+def test_lqer_factors_are_the_best_low_rank_correction_in_the_inputs_norm():
+    """LQER: A @ B minimizes the output error of E - A B over the calibration inputs (H = X^T X). It beats the plain
+    SVD truncation of E of the same rank in that norm, full rank removes the error, and quantize_state_dict stores the
+    factors so dequantize() adds them."""
+    from tools.gptq import lqer_factors
+    W = heavy_tailed_weights(96, 64, seed=51)
+    X = correlated_inputs(512, 64, seed=52)
+    H = X.T @ X
+    cfg = QuantConfig(clip_policy="sdclip", lqer_rank=4)
+    codes, scales, _ = gptq_quantize(W, H, 6, cfg)
+    E = W - dequantize(codes, scales)
+    A, B = lqer_factors(E, H, 4, damp=1e-6)
+    assert A.shape == (96, 4) and B.shape == (4, 64) and A.dtype == B.dtype == torch.float16
+    U, S, Vh = torch.linalg.svd(E.double(), full_matrices=False)
+    plain = (U[:, :4] * S[:4]) @ Vh[:4]
+    err = {name: h_weighted_error(E, corr.float(), H) for name, corr in
+           (("none", torch.zeros_like(E)), ("plain svd", plain), ("lqer", A.float() @ B.float()))}
+    assert err["lqer"] < err["plain svd"] < err["none"], err
+    full = lqer_factors(E, H, 64, damp=1e-6)
+    assert h_weighted_error(E, full[0].float() @ full[1].float(), H) < 1e-3 * err["none"]  # float16 factors only
+    tensors, _ = quantize_state_dict({"w": W}, {"w": H}, [], QuantConfig(clip_policy="sdclip", lqer_rank=4,
+                                                                            passthrough_max_numel=0), progress=False)
+    q = tensors["w"]
+    assert q.lowrank is not None and torch.equal(q.codes, codes)
+    torch.testing.assert_close(q.dequantize(), dequantize(codes, scales) + q.lowrank[0].float() @ q.lowrank[1].float())
+    assert h_weighted_error(W, q.dequantize(), H) < h_weighted_error(W, dequantize(codes, scales), H)
+    assert rtn_quantize(W, 6, cfg)[0].shape == W.shape  # no Hessian, no LQER: round to nearest as before

@@ -330,3 +330,20 @@ def test_pgolf_quantize_refuses_another_tokenizer_unless_the_flag_says_so(tmp_pa
     assert not (run / MODEL_FILENAME).exists()
     args = parser.parse_args(["quantize", *settings, "--allow-other-tokenizer"])
     assert args.func(args) == 0 and (run / MODEL_FILENAME).is_file()
+
+
+def test_lqer_rank_runs_through_the_quantize_stage_and_the_reload(tmp_path):
+    """LQER_RANK=2: every GPTQ matrix of the artifact carries its factors, and the reloaded model's weights are
+    codes * scales + A @ B (what the artifact holds, not the plain codes)."""
+    run, train_cfg = make_run(tmp_path)
+    log = Lines()
+    model, _ = quantize_run(run, 0, replace(QUANT, lqer_rank=2), TINY_CALIB, log, progress=False)
+    assert "lqer_rank:2" in log.starting("gptq ")[0]
+    tensors, _, quant = read_artifact(run / MODEL_FILENAME)
+    assert quant["lqer_rank"] == 2
+    gptq = [n for n, v in tensors.items() if isinstance(v, QuantTensor) and v.lowrank is not None]
+    assert len(gptq) == 13 and all(tensors[n].lowrank[0].shape[1] == 2 for n in gptq)
+    name = "blocks.0.mlp.c_fc.weight"
+    torch.testing.assert_close(model.state_dict()[name], tensors[name].dequantize())
+    assert not torch.allclose(model.state_dict()[name], tensors[name].dequantize() - tensors[name].lowrank[0].float()
+                              @ tensors[name].lowrank[1].float())

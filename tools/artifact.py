@@ -117,6 +117,15 @@ def _segments(name: str, value: QuantTensor | Tensor) -> tuple[dict, list[tuple[
         entry = {"kind": "quant", "bits": value.bits, "shape": list(codes.shape)}
         segs = [((0, value.bits), codes.detach().cpu().contiguous().numpy().tobytes())]
         segs += [((1, i), plane) for i, plane in enumerate(_byte_planes(scales))]
+        if value.lowrank is not None:  # LQER factors, float16 byte planes after the scales'
+            A, B = value.lowrank
+            if A.dtype != torch.float16 or B.dtype != torch.float16 or A.size(0) != codes.size(0) or \
+                    B.size(1) != codes.size(1) or A.size(1) != B.size(0):
+                raise ValueError(f"{name}: low-rank factors must be float16 [{codes.size(0)}, r] and [r, "
+                                 f"{codes.size(1)}], got {A.dtype} {list(A.shape)} and {B.dtype} {list(B.shape)}")
+            entry["rank"] = A.size(1)
+            segs += [((3 + f, i), plane) for f, factor in enumerate((A, B))
+                     for i, plane in enumerate(_byte_planes(factor))]
         return entry, segs
     if not isinstance(value, Tensor) or value.dtype not in DTYPE_NAMES:
         kind = value.dtype if isinstance(value, Tensor) else type(value).__name__
@@ -280,7 +289,8 @@ def _decode_tensor(name: str, entry: dict, payload: bytes, source: str) -> Quant
         segs.append(payload[offset:offset + length])
     if entry["kind"] == "quant":
         rows, cols = shape
-        expected = [rows * cols, rows, rows]
+        rank = entry.get("rank", 0)
+        expected = [rows * cols, rows, rows] + [rows * rank] * 2 * bool(rank) + [rank * cols] * 2 * bool(rank)
         if [len(s) for s in segs] != expected:
             raise ArtifactError(f"{source}: tensor {name} shape {shape} needs segments of {expected} bytes, found "
                                 f"{[len(s) for s in segs]}")
@@ -289,7 +299,9 @@ def _decode_tensor(name: str, entry: dict, payload: bytes, source: str) -> Quant
         if codes.numel() and int(codes.abs().max()) > qmax:
             raise ArtifactError(f"{source}: tensor {name} has codes up to {int(codes.abs().max())}, beyond "
                                 f"int{entry['bits']}'s +-{qmax}")
-        return QuantTensor(codes, _from_planes(segs[1:], torch.float16, [rows]), entry["bits"])
+        lowrank = (_from_planes(segs[3:5], torch.float16, [rows, rank]),
+                   _from_planes(segs[5:7], torch.float16, [rank, cols])) if rank else None
+        return QuantTensor(codes, _from_planes(segs[1:3], torch.float16, [rows]), entry["bits"], lowrank)
     dtype = DTYPES.get(entry["dtype"])
     if dtype is None:
         raise ArtifactError(f"{source}: tensor {name} has unknown dtype {entry['dtype']!r}")
@@ -487,7 +499,7 @@ def fit_to_budget(tensors: Mapping[str, QuantTensor | Tensor], hessian_diag: Map
     if code_bytes + len(blob) <= target:
         return blob, dict(tensors), report
 
-    quant = {n: QuantTensor(v.codes.detach().cpu().contiguous().clone(), v.scales.detach().cpu(), v.bits)
+    quant = {n: QuantTensor(v.codes.detach().cpu().contiguous().clone(), v.scales.detach().cpu(), v.bits, v.lowrank)
              for n, v in tensors.items() if isinstance(v, QuantTensor)}
     candidates = _PruneCandidates(quant, hessian_diag)
     report.candidates = len(candidates)

@@ -92,6 +92,8 @@ def torch_save_lzma_bytes(tensors: dict[str, QuantTensor | torch.Tensor]) -> int
     for name, value in tensors.items():
         if isinstance(value, QuantTensor):
             flat[name + ".q"], flat[name + ".scale"] = value.codes, value.scales
+            if value.lowrank is not None:
+                flat[name + ".lqer_a"], flat[name + ".lqer_b"] = value.lowrank
         else:
             flat[name] = value
     buf = io.BytesIO()
@@ -117,7 +119,8 @@ def _log_gptq(log, report, quant_cfg: QuantConfig, cal, hessians: dict[str, torc
     log("gptq", seconds=round(gptq_s, 2), gptq=methods.count("gptq"), rtn=methods.count("rtn"),
         fp16=methods.count("fp16"), damp_grown=len(retried),
         max_damp=max(retried.values(), default=quant_cfg.damp), min_calibration_tokens=min(cal.stats.tokens.values()),
-        clip_policy=quant_cfg.clip_policy, clip_sigmas=",".join(f"{k:g}" for k in quant_cfg.clip_sigmas),
+        clip_policy=quant_cfg.clip_policy, lqer_rank=quant_cfg.lqer_rank,
+        clip_sigmas=",".join(f"{k:g}" for k in quant_cfg.clip_sigmas),
         min_clip_sigma=round(quant_cfg.min_clip_sigma, 3))
     short = {n: h.size(0) for n, h in hessians.items() if cal.stats.tokens[n] < h.size(0)}
     if short:  # H = X^T X has rank <= tokens: the damping (QuantConfig.damp x mean diag) is what makes it invertible
