@@ -83,7 +83,8 @@ def _tokenizer(path: str) -> tuple[spm.SentencePieceProcessor, dict]:
     """The SentencePiece model and its identity, which checkpoints, artifacts, train.log and eval.json record: its
     path, the sha256 of its bytes and its piece count (a tokenizer other than the model's scores a wrong BPB)."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"tokenizer {path} not found (set TOKENIZER_PATH or run `pgolf data download`)")
+        raise FileNotFoundError(f"tokenizer {path}: {'a folder' if Path(path).is_dir() else 'not found'}, expected a "
+                                "SentencePiece .model file (set TOKENIZER_PATH or run `pgolf data download`)")
     data = Path(path).read_bytes()
     sp = spm.SentencePieceProcessor(model_proto=data)
     return sp, {"path": str(path), "sha256": hashlib.sha256(data).hexdigest(), "pieces": sp.get_piece_size()}

@@ -140,3 +140,12 @@ def test_an_artifact_from_another_run_is_scored_with_a_warning_naming_the_keys(r
     assert err == (f"pgolf eval: warning: {run / MODEL_FILENAME}'s model config differs from {run / 'config.json'} "
                    "in num_layers (2 vs 3), model_dim (64 vs 96): scoring the artifact's own config (is model.pgz "
                    "from another run?)\n")
+
+
+def test_a_file_given_as_the_run_directory_is_named_as_such(tmp_path, capsys):
+    from tools.cli import main
+    file = tmp_path / "model.pgz"
+    file.write_bytes(b"x")
+    assert main(["eval", str(file)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "run directory" in err and "model.pgz is a file, expected a folder" in err and "\n" not in err

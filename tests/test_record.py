@@ -361,3 +361,11 @@ def test_a_packed_run_verified_by_pgolf_eval_says_where_its_checks_ran(tmp_path,
     bpb42 = json.loads((runs[1] / "eval.json").read_text())["val_bpb"]
     assert f"seed 42 {bpb42 + 1e-5:.8f} vs {bpb42:.8f}" in text
     assert json.loads((folder / "submission.json").read_text())["compliance"] == {f"C{i}": True for i in range(1, 5)}
+
+
+def test_a_file_given_as_a_run_is_named_as_such(tmp_path):
+    from tools.record import collect_runs
+    file = tmp_path / "eval.json"
+    file.write_text("{}")
+    with pytest.raises(NotADirectoryError, match="eval.json is a file, expected a run directory"):
+        collect_runs([file])

@@ -284,3 +284,11 @@ def test_overwrite_flag_reaches_the_trainer_as_a_setting(monkeypatch):
     monkeypatch.setattr(train_cmd, "main", seen.append)
     args = _parser().parse_args(["train", "SEED=2", "--overwrite"])
     assert args.func(args) == 0 and seen == [["SEED=2", "OVERWRITE=1"]]
+
+
+def test_a_folder_given_as_the_tokenizer_is_named_as_such(tmp_path):
+    from submission.train import _tokenizer
+    with pytest.raises(FileNotFoundError, match=r": a folder, expected a SentencePiece .model file"):
+        _tokenizer(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"missing.model: not found, expected a SentencePiece"):
+        _tokenizer(str(tmp_path / "missing.model"))

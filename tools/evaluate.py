@@ -17,6 +17,7 @@ from submission.data import load_tokens
 from submission.model import GPT
 from submission.train import Logger, _tokenizer, check_tokenizer, configure_cuda, setup_distributed, writable_check
 from tools.artifact import CODE_FILENAME, MODEL_FILENAME, read_artifact, to_state_dict
+from tools.cli import expect_path
 
 # A one-off pass's file name is made of its changed settings; past this length it is a hash of them instead.
 ONE_OFF_NAME_CHARS = 80
@@ -111,7 +112,7 @@ def model_config_differences(artifact_config: dict, run_config: dict | None) -> 
 
 def run_eval(args: argparse.Namespace) -> int:
     """`pgolf eval`: load the artifact into a GPT built from its stored config, evaluate, write eval.json."""
-    root = Path(args.run_dir)
+    root = expect_path(args.run_dir, "folder", "run directory", f"pass the folder holding {MODEL_FILENAME}")
     artifact = root / MODEL_FILENAME
     if not artifact.is_file():
         raise FileNotFoundError(f"{artifact} not found: pass a run or artifact directory holding {MODEL_FILENAME} "

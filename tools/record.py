@@ -90,6 +90,9 @@ def collect_runs(paths: list[Path]) -> list[SeedRun]:
     """Each path is a run directory or a folder of them; every run needs eval.json, train.log and its model size."""
     runs = []
     for path in paths:
+        if path.is_file():
+            raise NotADirectoryError(f"{path} is a file, expected a run directory or a folder of them (pass "
+                                     "runs/exp/seed*)")
         found = run_dirs(path)
         if not found:
             raise FileNotFoundError(f"{path}: no eval.json here or in its subfolders (a seed that failed or is still "
