@@ -327,7 +327,7 @@ def test_pgolf_quantize_refuses_another_tokenizer_unless_the_flag_says_so(tmp_pa
     args = parser.parse_args(["quantize", *settings])
     with pytest.raises(ValueError, match="--allow-other-tokenizer to use this one on purpose"):
         args.func(args)
-    assert not (run / MODEL_FILENAME).exists()
+    assert not (run / MODEL_FILENAME).exists() and not (run / "quantize.log").exists()  # the run left as it was
     args = parser.parse_args(["quantize", *settings, "--allow-other-tokenizer"])
     assert args.func(args) == 0 and (run / MODEL_FILENAME).is_file()
 

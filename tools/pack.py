@@ -9,7 +9,7 @@ from pathlib import Path
 
 from submission.config import ModelConfig, apply_recipe, from_dict, resolve
 from submission.model import SWITCHES, uses_switches
-from submission.train import Logger
+from submission.train import Logger, check_tokenizer, tokenizer_identity
 from tools.artifact import CODE_FILENAME, DECIMAL_CAP, MODEL_FILENAME, read_contents
 from tools.bundle import BundleResult, bundle, write_bundle
 from tools.calibrate import CalibConfig
@@ -84,6 +84,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     quant_cfg, calib_cfg = QuantConfig(**asdict(quant_cfg)), CalibConfig(**asdict(calib_cfg))  # re-validate
     # the packed program this model ships with: a speedrun switch that is on adds its module's bytes
     code = args.code_bytes if args.code_bytes is not None else bundle_entry(ckpt.model_config).sizes.packed
+    if ckpt.tokenizer:  # refused before quantize.log is opened: a refused run leaves the run directory as it was
+        check_tokenizer(ckpt.tokenizer, tokenizer_identity(train_cfg.tokenizer_path), run_dir / "checkpoint.pt",
+                        print, args.allow_other_tokenizer)
     log = Logger(run_dir / "quantize.log", 0)
     for line in changed:
         log("override", setting=line.replace(" ", ""))
