@@ -310,7 +310,8 @@ def test_the_run_recipe_sets_quantization_defaults_and_the_tied_embedding_gets_g
     assert args.func(args) == 0
     log = (run / "quantize.log").read_text()
     assert "clip_policy:sdclip" in log and "quant:tok_emb.weight method:gptq_int8" in log
-    assert "setting:clip_policy:search->sdclip(recipe:sp8192)" in log and "setting:sdclip_sigmas:12.85->10.0(cli)" in log
+    assert "setting:clip_policy:search->sdclip(recipe:sp8192)" in log
+    assert "setting:sdclip_sigmas:12.85->10.0(cli)" in log
     tensors, _, quant = read_artifact(run / MODEL_FILENAME)
     assert quant["clip_policy"] == "sdclip" and tensors["tok_emb.weight"].bits == 8
     W = ckpt["ema_state_dict"]["blocks.0.mlp.c_fc.weight"].float()

@@ -97,6 +97,6 @@ def add_commands(sub) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides, e.g. NUM_LAYERS=4 MAX_STEPS=100 RUN_DIR=runs/try1")
     p.add_argument("--overwrite", action="store_true",
-                   help="RUN_DIR holds a run (train.log, config.json, checkpoint.pt, model.pgz, eval.json, ...): delete "
-                        "its files and train in its place (refused otherwise; OVERWRITE=1 does the same)")
+                   help="RUN_DIR holds a run (train.log, config.json, checkpoint.pt, model.pgz, eval.json, ...): "
+                        "delete its files and train in its place (refused otherwise; OVERWRITE=1 does the same)")
     p.set_defaults(func=_cmd)
