@@ -1,4 +1,4 @@
-"""Checks of conditions C1-C4 (CHALLENGE.md, issue #1017) on what the scoring stream actually did."""
+"""Checks of conditions C1-C4 (challenge issue #1017; the README's Legality section) on what the stream did."""
 from __future__ import annotations
 
 import torch

@@ -1,7 +1,7 @@
 """Legal n-gram blending: a full-vocabulary backoff distribution built from scored tokens, mixed or tilted into p."""
 from __future__ import annotations
 
-# What makes it legal (CHALLENGE.md, conditions C1-C4 of issue #1017):
+# What makes it legal (conditions C1-C4 of the challenge's issue #1017; the README's Legality section):
 # - C1 causal: q_t is built from the counts and the K-1 tokens before t; `context_windows` is the only place that
 #   reads the token stream for a prediction and it gathers positions t-1 .. t-K+1, never t.
 # - C2 normalized: q_t is a distribution over the whole vocabulary. Contexts may be merged by hashing, but each

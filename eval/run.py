@@ -14,7 +14,8 @@ from eval.stream import StageTimer, rope_scaled, score_stream, shard_targets, wi
 from eval.ttt import HashEmbedding, ScoreFirstTTT
 from submission.config import apply_overrides, check_env_typos, check_ranges
 
-# Full FineWeb validation set per vocabulary (CHALLENGE.md) and the evaluation budget it is projected onto.
+# Full FineWeb validation set per vocabulary (the challenge's published val shards) and the evaluation budget it
+# is projected onto.
 FULL_VAL_TOKENS = {1024: 62_021_632, 8192: 40_540_160}
 EVAL_GPUS = 8
 EVAL_LIMIT_S = 600.0
@@ -22,7 +23,7 @@ EVAL_LIMIT_S = 600.0
 
 @dataclass
 class EvalConfig:
-    """Evaluation settings; the defaults are the recommended recipe (figures from CHALLENGE.md's records)."""
+    """Evaluation settings; the defaults are the recommended recipe (figures from the challenge's records)."""
     context_len: int = 2048          # tokens per window and per TTT sequence: the record's training length
     stride: int = 64                 # new targets per window: ~1,984 tokens of context each, -0.024 BPB vs flat
     rope_scale: float = 1.0          # context_len / training length when evaluating longer (NTK RoPE scaling)

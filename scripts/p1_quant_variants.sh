@@ -19,7 +19,8 @@ if [ ! -f "$run/checkpoint.pt" ]; then
   rm -rf "$run"
   # shellcheck disable=SC2086  # the settings are KEY=VALUE words
   timeout "${P1_TIMEOUT:-420}" python3 -m tools.cli train TRAIN_BATCH_TOKENS=98304 MAX_WALLCLOCK_SECONDS=240 \
-    RUN_DIR="$run" $train > "$out/train_stdout.txt" 2>&1 || { echo "training failed"; tail -5 "$out/train_stdout.txt"; exit 1; }
+    RUN_DIR="$run" $train > "$out/train_stdout.txt" 2>&1 ||
+    { echo "training failed"; tail -5 "$out/train_stdout.txt"; exit 1; }
   cp "$run/train.log" "$run/config.json" "$out/"
 fi
 ema=$(grep -oP "^final_prequant val_loss:\S+ val_bpb:\K\S+" "$run/train.log" | tail -1)

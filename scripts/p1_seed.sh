@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One seed of proxy track P1 (../shared/docs/BENCHMARK.md) run with the PACKED submission, on the GPU machine:
+# One seed of proxy track P1 (one GPU, the benchmark corpus, 98,304 tokens/step, 240 s) run with the PACKED
+# submission, on the GPU machine:
 #   source .bench/prep.sh && scripts/p1_seed.sh SEED [KEY=VALUE ...]
 # Bundles submission/train_gpt.py into /tmp/p1/pack, runs that single file from its folder (train 240 s at
 # 98,304 tokens/step -> self-calibrated GPTQ -> model.pgz -> reload -> legal eval), then copies the run's

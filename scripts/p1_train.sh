@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Training only, proxy track P1 (../shared/docs/BENCHMARK.md: 1 x H100, 98,304 tokens/step, 240 s), for ablations
+# Training only, proxy track P1 (one GPU, the benchmark corpus, 98,304 tokens/step, 240 s), for ablations
 # measured before quantization (ms/step and the EMA val_bpb on the dev val), on the GPU machine:
 #   source .bench/prep.sh && scripts/p1_train.sh NAME [KEY=VALUE ...]
 # e.g. scripts/p1_train.sh key_offset KEY_OFFSET_LAST_N=11. Runs the kit's trainer (the same code the packed file

@@ -49,7 +49,7 @@ def packed() -> bool:
 
 @dataclass
 class ModelConfig:
-    """The 11-layer record model (CHALLENGE.md, "Reference figures"); every feature is on by default."""
+    """The 11-layer record model (PR #1019, 1.1147 BPB on FineWeb); every feature is on by default."""
     vocab_size: int = 1024
     num_layers: int = 11
     model_dim: int = 512

@@ -427,9 +427,11 @@ class GPT(nn.Module):
     def schedule(self) -> list[int]:
         return layer_schedule(self.cfg, self.looping)
 
-    def embed(self, idx: Tensor, extra_embed: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
-        """Token embedding (+ BigramHash, + an eval-time extra embedding), then SmearGate; before the first norm."""
-        prev, starts = previous_tokens(idx, cache), starts_of(idx, self.cfg.bos_id, cache)
+    def embed(self, idx: Tensor, extra_embed: Tensor | None = None, cache: KVCache | None = None,
+              context: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """Token embedding (+ BigramHash, + an eval-time extra embedding), then SmearGate; before the first norm.
+        context: (previous_tokens, starts_of) of idx when the caller has them already."""
+        prev, starts = context or (previous_tokens(idx, cache), starts_of(idx, self.cfg.bos_id, cache))
         x = self.tok_emb(idx)
         if self.bigram is not None:
             x = x + self.bigram(idx, prev, starts).to(x.dtype)
@@ -449,10 +451,10 @@ class GPT(nn.Module):
         if cache is not None and idx.size(1) != 1:
             raise ValueError(f"a KV-cached forward decodes one position per call, got {idx.size(1)}")
         dtype = torch.bfloat16 if idx.is_cuda else self.tok_emb.weight.dtype
-        extra = self.speedrun and self.speedrun.inputs(
-            lambda n: bigram_bucket(idx, n, cfg.bos_id, previous_tokens(idx, cache), starts_of(idx, cfg.bos_id, cache)),
-            starts_of(idx, cfg.bos_id, cache), cache is not None, dtype)
-        x = self.embed(idx, extra_embed, cache)
+        prev, starts = previous_tokens(idx, cache), starts_of(idx, cfg.bos_id, cache)
+        extra = self.speedrun and self.speedrun.inputs(lambda n: bigram_bucket(idx, n, cfg.bos_id, prev, starts),
+                                                       starts, cache is not None, dtype)
+        x = self.embed(idx, extra_embed, cache, (prev, starts))
         x = x0 = rms_norm(x).to(dtype)
         rope = rope_tables(idx.size(1), max(cfg.rope_dims, 2), cfg.rope_base, idx.device) if cache is None else None
         ve = None

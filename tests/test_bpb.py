@@ -40,7 +40,7 @@ def _bytes_decoded_per_segment(sp, ids):
 
     The decoder drops the U+2581 of the first piece of what it decodes, the space nobody wrote before a document's
     first word; cutting at boundary ids makes it do the same after an unknown id. That is the challenge's rule
-    (CHALLENGE.md "Metric"): boundary ids are worth 0 bytes and a leading space right after one is not counted.
+    (the README's "Metric"): boundary ids are worth 0 bytes and a leading space right after one is not counted.
     """
     total, run = 0, []
     for i in [*ids, None]:
@@ -67,7 +67,7 @@ def test_lut_bytes_equal_decoded_utf8(model, no_space_piece):
 
     Issue 2 (sp1024 counted 40 bytes fewer than the decoded text of these 30 docs): the shipped sp1024 has
     byte_fallback=false, so characters outside its vocabulary (in the sample: accented and Greek letters, CJK, even
-    [ ] < > = + _) become the unk id 3. CHALLENGE.md makes unk a boundary id like BOS: worth 0 bytes, and the next
+    [ ] < > = + _) become the unk id 3. The metric makes unk a boundary id like BOS: worth 0 bytes, and the next
     piece's leading space does not count ("1 if has_leading_space[y] and x is not a boundary token"), exactly as
     the challenge's own train_gpt.py computes it. So "x \u2713 (a)" -> x, \u2581, <unk>, \u2581(, a, ) counts the
     space before the unknown character but not the one after it. The gap was that 1 byte for each of the 40 unks

@@ -271,8 +271,9 @@ def _short_message(message: ast.expr, where: str) -> ast.expr | None:
 def _shorten_messages(tree: ast.Module, rel: str) -> int:
     """Replace the message of every `raise E("..." or f"...", ...)` by "<rel>:<line of the raise> <its values>".
 
-    The kit's messages name the file, the value and the fix (STYLE.md 8); their prose was 3.1 KB of the pipeline's
-    29.3 KB of lzma. The packed program keeps the exception type and the values; the kit at rel:line has the text.
+    The kit's messages name the file, the value and the fix (README: Bad input); their prose was 3.1 KB of the
+    pipeline's 29.3 KB of lzma. The packed program keeps the exception type and the values; the kit at rel:line has
+    the text.
     Run before anything moves a node, so the line is the kit file's. Assert messages, prints and logs stay as written.
     Returns how many messages were shortened."""
     count = 0
@@ -1211,7 +1212,7 @@ def _stub_tail() -> bytes:
 
 
 def _stub_base93(blob: bytes, codec: str = "lzma") -> bytes:
-    """Pure ASCII, so the file is valid UTF-8 as CHALLENGE.md counts code ("UTF-8 bytes of the submitted
+    """Pure ASCII, so the file is valid UTF-8 as the challenge counts code ("UTF-8 bytes of the submitted
     train_gpt.py") and as the challenge's own scripts measure it. 22.3% over the raw lzma bytes against base85's 25%,
     for ~90 more stub bytes (the loop; int.to_bytes is big-endian by default since Python 3.11): smaller than base85
     from ~3.4 KB of lzma up; on the kit's pipeline (26,490 lzma bytes) 596 bytes smaller."""

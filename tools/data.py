@@ -532,7 +532,7 @@ def verify_dataset(directory: str | os.PathLike, bos_id: int = 1, max_overlap_do
 
 # ---------------------------------------------------------------------------------------------------- download
 
-# The challenge's published data; sp8192 lives in a second repo (CHALLENGE.md, "Data format and download").
+# The challenge's published data; sp8192 lives in a second repo (the Hugging Face dataset kevclark/parameter-golf).
 DEFAULT_REPOS = {"sp1024": "willdepueoai/parameter-golf", "sp8192": "kevclark/parameter-golf"}
 REMOTE_ROOT = "datasets"  # every file of the export sits under this folder of the dataset repo
 

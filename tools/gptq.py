@@ -18,7 +18,7 @@ MIN_FP16_SCALE = 2.0 ** -24
 
 @dataclass
 class QuantConfig:
-    """How a trained model becomes integer codes. Defaults follow the record recipe (CHALLENGE.md, 1.1147 BPB)."""
+    """How a trained model becomes integer codes. Defaults follow the record recipe (PR #1019, 1.1147 BPB)."""
     matrix_bits: int = 6
     """Attention/MLP matrices: symmetric int6 codes in [-31, 31], one float16 scale per output row."""
     embed_bits: int = 8
