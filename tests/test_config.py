@@ -216,6 +216,10 @@ BAD_SETTINGS = [
     ({"SDCLIP_SIGMAS": "0"}, r"^SDCLIP_SIGMAS=0.0: must be > 0"),
     ({"SDCLIP_EMBED_SIGMAS": "-1"}, r"^SDCLIP_EMBED_SIGMAS=-1.0: must be > 0"),
     ({"LQER_RANK": "-1"}, r"^LQER_RANK=-1: must be in \[0, 256\] \(0 = off"),
+    ({"BIT_ALLOCATION": "1"}, r"^BIT_ALLOCATION=1 with CLIP_POLICY='search': .* set CLIP_POLICY=sdclip"),
+    ({"ALLOCATION_PROBES": "1,0"}, r"^ALLOCATION_PROBES=1.0,0.0: need positive multipliers"),
+    ({"ALLOCATION_GRID": "-1"}, r"^ALLOCATION_GRID=-1.0: need positive multipliers"),
+    ({"ALLOCATION_SEQS": "0"}, r"^ALLOCATION_SEQS=0: must be >= 1"),
     # CalibConfig
     ({"CALIB_SOURCE": "val"}, r"^CALIB_SOURCE='val': choose one of generated, train"),
     ({"CALIB_SEQS": "0"}, r"^CALIB_SEQS=0: must be >= 1"),

@@ -139,9 +139,10 @@ class Calibration:
     tokens: int
     data_seconds: float      # generating the sequences, or reading them from the train shards
     hessian_seconds: float
+    token_ids: Tensor | None = None  # the calibration sequences [N, T] (the bit allocation's probes score on them)
 
 
-def _synced_clock(device: torch.device) -> float:
+def synced_clock(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
@@ -150,9 +151,9 @@ def _synced_clock(device: torch.device) -> float:
 def calibrate(model: GPT, cfg: CalibConfig, data_dir: str = "", progress: bool = True) -> Calibration:
     """Calibration tokens (generated, or the train shards' first tokens) and the Hessians of a full forward on them."""
     device = model.tok_emb.weight.device
-    t0 = _synced_clock(device)
+    t0 = synced_clock(device)
     tokens = generate(model, cfg, progress=progress) if cfg.calib_source == "generated" else train_tokens(data_dir, cfg)
-    t1 = _synced_clock(device)
+    t1 = synced_clock(device)
     batches = [tokens[i:i + cfg.calib_batch_seqs].to(device) for i in range(0, len(tokens), cfg.calib_batch_seqs)]
 
     def forward(x: Tensor) -> Tensor:
@@ -160,5 +161,5 @@ def calibrate(model: GPT, cfg: CalibConfig, data_dir: str = "", progress: bool =
             return model.hidden(x)
     stats = collect_hessians(model, batches, hessian_modules(model), forward=forward, progress=progress,
                              outputs=head_hessian(model))
-    t2 = _synced_clock(device)
-    return Calibration(stats, cfg.calib_source, len(tokens), tokens.numel(), t1 - t0, t2 - t1)
+    t2 = synced_clock(device)
+    return Calibration(stats, cfg.calib_source, len(tokens), tokens.numel(), t1 - t0, t2 - t1, tokens)

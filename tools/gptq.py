@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typing
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -59,6 +59,16 @@ class QuantConfig:
     """LQER: each GPTQ'd matrix also stores a rank-r correction A @ B of its quantization error (float16 factors,
     r x (rows + cols) x 2 bytes), the best of its rank in the calibration inputs' norm; 0 off. The records claim
     ~0.009 BPB of the int6 cost back at rank 4; its bytes come out of the budget the codes would have had."""
+    bit_allocation: bool = False
+    """Spend the byte budget where the loss per byte is lowest (tools/allocate.py): each quantized matrix gets its own
+    SD-clip k, a multiplier from allocation_grid times the recipe's, chosen from its measured loss sensitivity and its
+    codes' entropy, so the model fills the cap with finer steps where they matter. Needs clip_policy "sdclip"."""
+    allocation_probes: tuple[float, ...] = (1.0, 1.5, 2.0)
+    """Multipliers of the recipe's clip at which each matrix is rounded alone to measure its loss sensitivity."""
+    allocation_grid: tuple[float, ...] = (0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.4, 1.6, 1.8, 2.0)
+    """The multipliers of the recipe's clip a matrix may get (finer steps below 1, coarser above)."""
+    allocation_seqs: int = 16
+    """Calibration sequences (the first ones) the sensitivity probes score on; at most calib_seqs."""
     gptq_tied_embedding: bool = False
     """GPTQ the tied embedding as the output head (the Hessian of the final hidden states) instead of rounding it to
     nearest: the head's logits are what the bytes are scored on, the input lookup tolerates the error better."""
@@ -70,7 +80,7 @@ class QuantConfig:
         "passthrough_max_numel": ">= 0", "block_size": ">= 1", "damp": "> 0",
         "damp_growth": ("> 1", " (each retry must damp more)"), "max_damp_retries": ">= 0",
         "min_clip_sigma": (">= 0", " (0 = no floor)"), "sdclip_sigmas": "> 0", "sdclip_embed_sigmas": "> 0",
-        "lqer_rank": ("[0, 256]", " (0 = off; the records used 4)")}
+        "lqer_rank": ("[0, 256]", " (0 = off; the records used 4)"), "allocation_seqs": ">= 1"}
 
     def __post_init__(self):
         check_ranges(self)
@@ -80,6 +90,15 @@ class QuantConfig:
         self.clip_sigmas = tuple(float(k) for k in self.clip_sigmas)
         if self.clip_policy not in CLIP_POLICIES:
             raise ValueError(f"CLIP_POLICY={self.clip_policy!r}: choose one of {', '.join(CLIP_POLICIES)}")
+        for key in ("allocation_probes", "allocation_grid"):
+            values = tuple(float(m) for m in getattr(self, key))
+            if not values or not all(within(m, "> 0") for m in values):
+                raise ValueError(f"{key.upper()}={','.join(map(str, getattr(self, key)))}: need positive multipliers "
+                                 f"of the recipe's clip (e.g. {key.upper()}=0.8,1,1.25)")
+            setattr(self, key, values)
+        if self.bit_allocation and self.clip_policy != "sdclip":
+            raise ValueError(f"BIT_ALLOCATION=1 with CLIP_POLICY={self.clip_policy!r}: the allocation scales SD "
+                             "clipping's k per matrix; set CLIP_POLICY=sdclip (RECIPE=sp8192 does)")
 
     def row_clips(self, embedding: bool = False) -> tuple[tuple[float, ...], bool]:
         """(clip candidates in row stds, whether they are searched: capped at absmax, absmax a candidate too)."""
@@ -372,13 +391,15 @@ class QuantReport:
 
 def quantize_state_dict(state_dict: Mapping[str, Tensor], hessians: Mapping[str, Tensor],
                         embedding_names: Iterable[str] = (), cfg: QuantConfig | None = None,
-                        progress: bool = True) -> tuple[dict[str, QuantTensor | Tensor], QuantReport]:
+                        progress: bool = True, tensor_sigmas: Mapping[str, float] | None = None
+                        ) -> tuple[dict[str, QuantTensor | Tensor], QuantReport]:
     """Quantize every tensor by the config's rules; the result goes straight to tools.artifact.pack_artifact.
 
     - fewer than cfg.passthrough_max_numel elements, or not a matrix: float tensors kept as float16, others as is;
     - a matrix with a Hessian: GPTQ (embed_bits when named in embedding_names, e.g. a tied head; else matrix_bits);
     - an embedding table without a Hessian: round-to-nearest at embed_bits;
     - any other matrix: round-to-nearest at matrix_bits (the report says it had no Hessian).
+    tensor_sigmas (name -> k) replaces SD clipping's k for those tensors (the bit allocation's choice).
     """
     cfg = cfg or QuantConfig()
     embedding_names = set(embedding_names)
@@ -397,14 +418,16 @@ def quantize_state_dict(state_dict: Mapping[str, Tensor], hessians: Mapping[str,
             continue
         embedding = name in embedding_names
         bits = cfg.embed_bits if embedding else cfg.matrix_bits
+        k = (tensor_sigmas or {}).get(name)
+        own = cfg if k is None else replace(cfg, sdclip_sigmas=k, sdclip_embed_sigmas=k)
         lowrank = None
         if name in hessians:
-            codes, scales, info = gptq_quantize(tensor, hessians[name], bits, cfg, embedding)
+            codes, scales, info = gptq_quantize(tensor, hessians[name], bits, own, embedding)
             if cfg.lqer_rank:
                 error = tensor.float().to(codes.device) - dequantize(codes, scales)
                 lowrank = tuple(f.cpu() for f in lqer_factors(error, hessians[name], cfg.lqer_rank, cfg.damp))
         else:
-            codes, scales, info = rtn_quantize(tensor, bits, cfg, embedding)
+            codes, scales, info = rtn_quantize(tensor, bits, own, embedding)
         out[name] = QuantTensor(codes.cpu(), scales.cpu(), bits, lowrank)
         report.methods[name] = f"{info['method']} int{bits}"
         report.infos[name] = info

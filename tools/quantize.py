@@ -20,7 +20,8 @@ from submission.model import GPT
 from submission.train import _byte_luts, check_tokenizer, tokenizer_identity, writable_check
 from tools.artifact import (DECIMAL_CAP, MODEL_FILENAME, ArtifactError, fit_to_budget, pack_artifact,
                             read_artifact, to_state_dict, write_artifact)
-from tools.calibrate import CalibConfig, calibrate
+from tools.allocate import Probe, allocate, probe, quantized_names, single_clip_bytes, tensor_sigmas
+from tools.calibrate import CalibConfig, calibrate, synced_clock
 from tools.gptq import QuantConfig, QuantTensor, quantize_state_dict
 
 # The challenge's training cap. Calibrating on train data is legal only inside it, whatever MAX_WALLCLOCK_SECONDS says.
@@ -34,6 +35,11 @@ MAX_FLOOR_ROUNDS = 6
 # Beyond this the int6 step exceeds half a std (16 sigma / 31): a model that needs more is too big for the cap, and
 # the budget fit's error says so instead of shipping noise.
 MAX_CLIP_FLOOR = 16.0
+# The bit allocation aims this share of the model under the cap (its byte prediction is an entropy estimate, re-scaled
+# by what each round measured), and stops within ALLOCATION_FILL of it; the prune fit closes any overshoot.
+ALLOCATION_SLACK = 0.001
+ALLOCATION_FILL = 0.003
+ALLOCATION_ROUNDS = 3
 
 
 @dataclass
@@ -153,11 +159,21 @@ def quantize_checkpoint(run_dir: str | os.PathLike, code_bytes: int, quant_cfg: 
     model.load_state_dict(ckpt.state_dict)
 
     cal = calibrate(model, calib_cfg, data_dir or ckpt.train_config.data_dir, progress)
-    total_s = cal.data_seconds + cal.hessian_seconds
     log("calibration", source=cal.source, seqs=cal.sequences, tokens=cal.tokens,
         temperature=calib_cfg.calib_temperature if cal.source == "generated" else "-", seed=calib_cfg.calib_seed,
-        data_s=round(cal.data_seconds, 2), hessian_s=round(cal.hessian_seconds, 2), calibration_s=round(total_s, 2),
-        hessians=len(cal.stats.hessians))
+        data_s=round(cal.data_seconds, 2), hessian_s=round(cal.hessian_seconds, 2),
+        calibration_s=round(cal.data_seconds + cal.hessian_seconds, 2), hessians=len(cal.stats.hessians))
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    # Tables looked up by token id (token, bigram, value, speedrun tables): at embed_bits, never int6; round to
+    # nearest, except the tied embedding as a head when gptq_tied_embedding (GPTQ with the final hidden states' H).
+    names = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)]
+    probes, probe_s = None, 0.0
+    if quant_cfg.bit_allocation:  # the sensitivity probes score calibration tokens: they count as calibration
+        t0 = synced_clock(device)
+        probes = probe(model, quantized_names(state, quant_cfg), set(names), quant_cfg,
+                       cal.token_ids[:quant_cfg.allocation_seqs], calib_cfg.calib_batch_seqs, progress)
+        probe_s = synced_clock(device) - t0
+    total_s = cal.data_seconds + cal.hessian_seconds + probe_s
     if cal.source == "train":
         train_s = float(read_training_done(run_dir).get("train_time_s", "nan"))
         within = train_s + total_s <= TRAIN_CAP_SECONDS
@@ -169,10 +185,6 @@ def quantize_checkpoint(run_dir: str | os.PathLike, code_bytes: int, quant_cfg: 
                                "training cap (train data may only be read inside it): lower MAX_WALLCLOCK_SECONDS "
                                f"by at least {train_s + total_s - TRAIN_CAP_SECONDS:.0f} s, or CALIB_SOURCE=generated")
 
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    # Tables looked up by token id (token, bigram, value, speedrun tables): at embed_bits, never int6; round to
-    # nearest, except the tied embedding as a head when gptq_tied_embedding (GPTQ with the final hidden states' H).
-    names = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)]
     hessians = dict(cal.stats.hessians)
     if not quant_cfg.gptq_tied_embedding:
         hessians.pop("tok_emb.weight", None)
@@ -180,18 +192,23 @@ def quantize_checkpoint(run_dir: str | os.PathLike, code_bytes: int, quant_cfg: 
     quant_record = {**asdict(quant_cfg), **asdict(calib_cfg), "tokenizer": ckpt.tokenizer}
     model_config = to_dict(ckpt.model_config)
     pack_s, rounds = 0.0, 0
-    while True:
+
+    def quantize_and_pack(sigmas: dict[str, float] | None = None, record: dict | None = None) -> tuple[dict, bytes]:
+        nonlocal pack_s
         t0 = time.perf_counter()
-        tensors, report = quantize_state_dict(state, hessians, names, quant_cfg, progress)
+        tensors, report = quantize_state_dict(state, hessians, names, quant_cfg, progress, sigmas)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        gptq_s = time.perf_counter() - t0
-        _log_gptq(log, report, quant_cfg, cal, hessians, gptq_s)
+        _log_gptq(log, report, quant_cfg, cal, hessians, time.perf_counter() - t0)
         t0 = time.perf_counter()
-        blob = pack_artifact(tensors, model_config, quant_record)
+        blob = pack_artifact(tensors, model_config, record or quant_record)
         pack_s += time.perf_counter() - t0
+        return tensors, blob
+
+    while True:
+        tensors, blob = quantize_and_pack()
         over = code_bytes + len(blob) - DECIMAL_CAP
-        if over <= PRUNE_REACH * len(blob) or rounds == MAX_FLOOR_ROUNDS:
+        if probes is not None or over <= PRUNE_REACH * len(blob) or rounds == MAX_FLOOR_ROUNDS:
             break
         # Too far over for zeroing +-1 codes: coarser steps on every row. Each doubling of a step saves ~1 bit per
         # code, so the floor grows by 2^(bits to save per code), from the rows' typical absmax/std at first.
@@ -205,6 +222,9 @@ def quantize_checkpoint(run_dir: str | os.PathLike, code_bytes: int, quant_cfg: 
         quant_cfg = replace(quant_cfg, min_clip_sigma=floor)
         quant_record = {**asdict(quant_cfg), **asdict(calib_cfg), "tokenizer": ckpt.tokenizer}
         rounds += 1
+    if probes is not None:
+        tensors, blob = _allocated(probes, quant_cfg, set(names), blob, code_bytes, quant_record, quantize_and_pack,
+                                   log, probe_s)
 
     t0 = time.perf_counter()
     hessian_diag = {n: h.diagonal() for n, h in hessians.items()}
@@ -225,6 +245,45 @@ def quantize_checkpoint(run_dir: str | os.PathLike, code_bytes: int, quant_cfg: 
     thread = threading.Thread(target=baseline)
     thread.start()
     return path, packed, thread
+
+
+def _allocated(probes: list[Probe], quant_cfg: QuantConfig, embedding_names: set[str], uniform_blob: bytes,
+               code_bytes: int, quant_record: dict, quantize_and_pack, log, probe_s: float):
+    """Re-quantize with per-matrix clips (tools/allocate.py) sized to the cap; returns (tensors, blob).
+
+    The allocation counts code bytes as entropies; the packed size moves by about as much from the single-clip
+    artifact, but not exactly (brotli sees more than a histogram, and GPTQ's codes are not RTN's). Each round takes
+    what the last one packed over or under the target off or onto the entropy budget; the fullest artifact that fits
+    (else the smallest) is kept, and the prune fit closes what is left.
+    """
+    cap = DECIMAL_CAP - code_bytes
+    target = cap - ALLOCATION_SLACK * len(uniform_blob)
+    grid = quant_cfg.allocation_grid
+    uniform_bytes = single_clip_bytes(probes, grid)
+    budget = uniform_bytes + target - len(uniform_blob)
+    best = None
+    for round_ in range(1, ALLOCATION_ROUNDS + 1):
+        alloc = allocate(probes, grid, budget)
+        sigmas = tensor_sigmas(alloc, quant_cfg, embedding_names)
+        record = {**quant_record, "tensor_sigmas": {n: round(k, 4) for n, k in sigmas.items()}}
+        tensors, blob = quantize_and_pack(sigmas, record)
+        counts = {m: list(alloc.multipliers.values()).count(m) for m in grid}
+        log("bit_allocation", round=round_, probe_s=round(probe_s, 2), model_bytes=len(blob),
+            single_clip_bytes=len(uniform_blob), entropy_budget_change=round(budget - uniform_bytes),
+            predicted_loss_change=f"{alloc.predicted_loss - alloc.uniform_loss:+.5f}",
+            multipliers=",".join(f"{m:g}x{n}" for m, n in counts.items() if n))
+        fits = len(blob) <= cap
+        if best is None or (fits, len(blob) if fits else -len(blob)) > (best[0], best[1] if best[0] else -best[1]):
+            best = (fits, len(blob), tensors, blob, alloc, record)
+        if fits and cap - len(blob) <= ALLOCATION_FILL * len(blob):
+            break
+        budget -= len(blob) - target
+    _, _, tensors, blob, alloc, record = best
+    quant_record.update(record)
+    for p in probes:
+        log(f"allocation:{p.name} loss_coef:{p.loss_coef:.3e} multiplier:{alloc.multipliers[p.name]:g} "
+            f"probe_losses:{','.join(f'{d:+.2e}' for d in p.probe_loss)}", file_only=True)
+    return tensors, blob
 
 
 def quantize_run(run_dir: str | os.PathLike, code_bytes: int, quant_cfg: QuantConfig | None = None,
