@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import linecache
 import os
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from submission import config, train_gpt
+from submission.config import RECIPES, ModelConfig
 from tools.artifact import MODEL_FILENAME, ArtifactError, pack_artifact
 from tools.bundle import VIRTUAL_FILENAME
 from tools.gptq import QuantTensor, rtn_quantize
@@ -158,8 +160,6 @@ SWITCHES_ON = ["KEY_OFFSET_LAST_N=1", "LAYER_BIGRAM_BUCKETS=128"]
 
 
 def test_the_speedrun_switches_are_packed_only_when_on_and_then_match_the_kit(data, tmp_path):
-    from submission.config import ModelConfig
-    from tools.pack import bundle_entry
     from dataclasses import asdict
 
     from tools.pack import optional_modules
@@ -215,3 +215,16 @@ def test_the_pipelines_eval_json_names_the_tokenizer(tmp_path, monkeypatch):
                              lambda *a, **kv: None, 0, 1, {}, {})
     assert json.loads((tmp_path / "eval.json").read_text())["tokenizer"] == {
         "path": str(TOKENIZER), "sha256": hashlib.sha256(TOKENIZER.read_bytes()).hexdigest(), "pieces": 1024}
+
+
+# The limit for the whole packed pipeline (train, calibration, GPTQ, bit allocation, budget fit, artifact,
+# reload, evaluation). Every code byte is a model byte less; brotli moves a few dozen bytes between Python versions.
+PACKED_LIMIT = 42_000
+
+
+def test_the_packed_program_stays_within_its_byte_limit():
+    for cfg in (ModelConfig(), ModelConfig(**{k: v for k, v in RECIPES["sp8192"].items()
+                                              if k in {f.name for f in dataclasses.fields(ModelConfig)}})):
+        packed = bundle_entry(cfg).sizes.packed
+        assert packed <= PACKED_LIMIT, (f"packed train_gpt.py is {packed:,} bytes, over the {PACKED_LIMIT:,} limit: "
+                                        "shrink what the entry imports before adding more")

@@ -35,8 +35,8 @@ MAX_FLOOR_ROUNDS = 6
 # Beyond this the int6 step exceeds half a std (16 sigma / 31): a model that needs more is too big for the cap, and
 # the budget fit's error says so instead of shipping noise.
 MAX_CLIP_FLOOR = 16.0
-# The bit allocation aims this share of the model under the cap (its byte prediction is an entropy estimate, re-scaled
-# by what each round measured), and stops within ALLOCATION_FILL of it; the prune fit closes any overshoot.
+# The bit allocation aims this share of the model under the cap (its byte prediction is an entropy estimate, corrected
+# by what each round packed), and stops once within ALLOCATION_FILL under it; the prune fit closes any overshoot.
 ALLOCATION_SLACK = 0.001
 ALLOCATION_FILL = 0.003
 ALLOCATION_ROUNDS = 3
