@@ -6,7 +6,7 @@ import math
 import subprocess
 import sys
 import textwrap
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -348,3 +348,14 @@ def test_lqer_rank_runs_through_the_quantize_stage_and_the_reload(tmp_path):
     torch.testing.assert_close(model.state_dict()[name], tensors[name].dequantize())
     assert not torch.allclose(model.state_dict()[name], tensors[name].dequantize() - tensors[name].lowrank[0].float()
                               @ tensors[name].lowrank[1].float())
+
+
+def test_pgolf_quantize_help_lists_every_quantization_and_calibration_setting():
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    add_commands(sub)
+    text = sub.choices["quantize"].format_help()
+    for kind in (QuantConfig, CalibConfig):
+        for f in fields(kind):
+            assert f"\n  {f.name.upper()} " in text, f.name
+    assert "ALLOCATION_GRID        float,...  0.6,0.7" in text  # a tuple's type and default, one line per field

@@ -103,10 +103,18 @@ def _cmd_pack(args: argparse.Namespace) -> int:
     return 0
 
 
+class _RawEpilogDefaults(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Options with their defaults, and the settings tables in the epilog as written (one line per field)."""
+
+
 def add_commands(subparsers) -> None:
+    from tools.train_cmd import field_help  # the settings tables of `pgolf train --help`, here for quantization
+
     p = subparsers.add_parser(
         "quantize", help="calibrate + GPTQ a run's checkpoint into RUN_DIR/model.pgz and score the reloaded artifact",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_RawEpilogDefaults,
+        epilog="The run's recipe (RECIPE in its config.json) sets these first; KEY=VALUE settings override them.\n\n"
+               + "\n\n".join(field_help(kind) for kind in (QuantConfig, CalibConfig)))
     p.add_argument("run_dir", help="run directory holding checkpoint.pt (log: RUN_DIR/quantize.log)")
     p.add_argument("settings", nargs="*", metavar="KEY=VALUE",
                    help="QuantConfig, CalibConfig or TrainConfig fields, e.g. CALIB_SEQS=32 DATA_DIR=data/x")

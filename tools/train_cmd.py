@@ -20,7 +20,7 @@ _FIELD_COMMENT = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.*)$")
 
 def _type_name(kind) -> str:
     args = typing.get_args(kind)
-    return ",".join(a.__name__ for a in args) if args else kind.__name__
+    return ",".join("..." if a is Ellipsis else a.__name__ for a in args) if args else kind.__name__
 
 
 def field_docs(kind) -> dict[str, str]:
