@@ -39,7 +39,6 @@ class Allocation:
     """The chosen multiplier per matrix and what the model predicts for it."""
     multipliers: dict[str, float]
     predicted_bytes: float      # sum of the chosen grid_bytes
-    uniform_bytes: float        # sum of grid_bytes at multiplier 1 (the recipe's single clip)
     predicted_loss: float       # sum of a_t m_t^2
     uniform_loss: float         # sum of a_t (all at 1)
 
@@ -161,8 +160,8 @@ def allocate(probes: Sequence[Probe], grid: Sequence[float], budget_bytes: float
         used += extra
         pos[t] = i
     chosen = {p.name: grid[hulls[t][pos[t]][2]] for t, p in enumerate(probes)}
-    return Allocation(chosen, used, single_clip_bytes(probes, grid),
-                      sum(p.loss_coef * chosen[p.name] ** 2 for p in probes), sum(p.loss_coef for p in probes))
+    return Allocation(chosen, used, sum(p.loss_coef * chosen[p.name] ** 2 for p in probes),
+                      sum(p.loss_coef for p in probes))
 
 
 def single_clip_bytes(probes: Sequence[Probe], grid: Sequence[float]) -> float:

@@ -223,8 +223,8 @@ def quantize_checkpoint(run_dir: str | os.PathLike, code_bytes: int, quant_cfg: 
         quant_record = {**asdict(quant_cfg), **asdict(calib_cfg), "tokenizer": ckpt.tokenizer}
         rounds += 1
     if probes is not None:
-        tensors, blob = _allocated(probes, quant_cfg, set(names), blob, code_bytes, quant_record, quantize_and_pack,
-                                   log, probe_s)
+        tensors, blob, quant_record = _allocated(probes, quant_cfg, set(names), blob, code_bytes, quant_record,
+                                                 quantize_and_pack, log, probe_s)
 
     t0 = time.perf_counter()
     hessian_diag = {n: h.diagonal() for n, h in hessians.items()}
@@ -249,7 +249,8 @@ def quantize_checkpoint(run_dir: str | os.PathLike, code_bytes: int, quant_cfg: 
 
 def _allocated(probes: list[Probe], quant_cfg: QuantConfig, embedding_names: set[str], uniform_blob: bytes,
                code_bytes: int, quant_record: dict, quantize_and_pack, log, probe_s: float):
-    """Re-quantize with per-matrix clips (tools/allocate.py) sized to the cap; returns (tensors, blob).
+    """Re-quantize with per-matrix clips (tools/allocate.py) sized to the cap; returns (tensors, blob, the artifact's
+    quantization record with each matrix's clip).
 
     The allocation counts code bytes as entropies; the packed size moves by about as much from the single-clip
     artifact, but not exactly (brotli sees more than a histogram, and GPTQ's codes are not RTN's). Each round takes
@@ -261,7 +262,7 @@ def _allocated(probes: list[Probe], quant_cfg: QuantConfig, embedding_names: set
     grid = quant_cfg.allocation_grid
     uniform_bytes = single_clip_bytes(probes, grid)
     budget = uniform_bytes + target - len(uniform_blob)
-    best = None
+    best, best_key = None, None
     for round_ in range(1, ALLOCATION_ROUNDS + 1):
         alloc = allocate(probes, grid, budget)
         sigmas = tensor_sigmas(alloc, quant_cfg, embedding_names)
@@ -273,17 +274,17 @@ def _allocated(probes: list[Probe], quant_cfg: QuantConfig, embedding_names: set
             predicted_loss_change=f"{alloc.predicted_loss - alloc.uniform_loss:+.5f}",
             multipliers=",".join(f"{m:g}x{n}" for m, n in counts.items() if n))
         fits = len(blob) <= cap
-        if best is None or (fits, len(blob) if fits else -len(blob)) > (best[0], best[1] if best[0] else -best[1]):
-            best = (fits, len(blob), tensors, blob, alloc, record)
+        key = (fits, len(blob) if fits else -len(blob))  # any fitting round beats any other; then the fuller
+        if best is None or key > best_key:
+            best, best_key = (tensors, blob, alloc, record), key
         if fits and cap - len(blob) <= ALLOCATION_FILL * len(blob):
             break
         budget -= len(blob) - target
-    _, _, tensors, blob, alloc, record = best
-    quant_record.update(record)
+    tensors, blob, alloc, record = best
     for p in probes:
         log(f"allocation:{p.name} loss_coef:{p.loss_coef:.3e} multiplier:{alloc.multipliers[p.name]:g} "
             f"probe_losses:{','.join(f'{d:+.2e}' for d in p.probe_loss)}", file_only=True)
-    return tensors, blob
+    return tensors, blob, record
 
 
 def quantize_run(run_dir: str | os.PathLike, code_bytes: int, quant_cfg: QuantConfig | None = None,
