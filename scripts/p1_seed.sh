@@ -13,15 +13,19 @@ out=${OUT:-$kit/p1_out}/seed$seed
 pack=/tmp/p1/pack run=/tmp/p1/seed$seed
 rm -rf "$run" && mkdir -p "$pack" "$out"
 # Bundled for these settings: a speedrun switch turned on packs submission/switches.py as well.
-python3 -c "import sys; from pathlib import Path; from submission.config import ModelConfig, resolve
+python3 -c "import sys; from pathlib import Path; from submission.config import ModelConfig, TrainConfig, resolve
 from tools.bundle import write_bundle; from tools.pack import bundle_entry
-m = ModelConfig(); resolve(m, cli={k: v for k, v in (a.split('=', 1) for a in sys.argv[2:]) if k.lower() in vars(m)})
+m, t = ModelConfig(), TrainConfig(); known = {*vars(m), *vars(t)}
+resolve(m, t, cli={k: v for k, v in (a.split('=', 1) for a in sys.argv[2:]) if k.lower() in known})
 r = bundle_entry(m); write_bundle(r, Path(sys.argv[1]))
 print(f'packed train_gpt.py: {r.sizes.packed} bytes, source sha256 {r.sha256[:16]}, modules {len(r.modules)}')" \
   "$pack" "$@"
 cd "$pack"
+# The benchmark corpus in the run's vocabulary: sp8192 (the default recipe) unless RECIPE=sp1024 is among the settings.
+data=$BENCH_DATA8 tokenizer=$BENCH_TOKENIZER8
+case " $* " in *" RECIPE=sp1024 "*) data=$BENCH_DATA tokenizer=$BENCH_TOKENIZER ;; esac
 rc=0
-timeout "${P1_TIMEOUT:-570}" python3 train_gpt.py DATA_DIR="$BENCH_DATA" TOKENIZER_PATH="$BENCH_TOKENIZER" \
+timeout "${P1_TIMEOUT:-570}" python3 train_gpt.py DATA_DIR="$data" TOKENIZER_PATH="$tokenizer" \
   TRAIN_BATCH_TOKENS=98304 MAX_WALLCLOCK_SECONDS=240 SEED="$seed" RUN_DIR="$run" "$@" > "$out/stdout.txt" 2>&1 || rc=$?
 cp train_gpt.py train_gpt.py.sha256 "$out/"
 for f in train.log eval.json config.json model.pgz; do

@@ -12,8 +12,11 @@ shift
 out=${OUT:-$(pwd)/p1_out}/$name
 run=/tmp/p1/train_$name
 rm -rf "$run" && mkdir -p "$out"
+# The benchmark corpus in the run's vocabulary: sp8192 (the default recipe) unless RECIPE=sp1024 is among the settings.
+data=$BENCH_DATA8 tokenizer=$BENCH_TOKENIZER8
+case " $* " in *" RECIPE=sp1024 "*) data=$BENCH_DATA tokenizer=$BENCH_TOKENIZER ;; esac
 rc=0
-timeout "${P1_TIMEOUT:-420}" python3 -m tools.cli train DATA_DIR="$BENCH_DATA" TOKENIZER_PATH="$BENCH_TOKENIZER" \
+timeout "${P1_TIMEOUT:-420}" python3 -m tools.cli train DATA_DIR="$data" TOKENIZER_PATH="$tokenizer" \
   TRAIN_BATCH_TOKENS=98304 MAX_WALLCLOCK_SECONDS=240 RUN_DIR="$run" "$@" > "$out/stdout.txt" 2>&1 || rc=$?
 if [ "$rc" = 0 ] && [ "${P1_QUANTIZE:-0}" = 1 ]; then
   timeout 300 python3 -m tools.cli quantize "$run" --quiet >> "$out/stdout.txt" 2>&1 || rc=$?

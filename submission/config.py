@@ -49,50 +49,52 @@ def packed() -> bool:
 
 @dataclass
 class ModelConfig:
-    """The 11-layer record model (PR #1019, 1.1147 BPB on FineWeb); every feature is on by default."""
-    vocab_size: int = 1024
+    """The 11-layer model of the SP8192 generation (PR #1460, 1.08269 BPB on FineWeb) with the kit's XSA, partial
+    RoPE and ramped EMA; RECIPE=sp1024 gives the March stack (PR #1019, 1.1147)."""
+    vocab_size: int = 8192
     num_layers: int = 11
     model_dim: int = 512
     num_heads: int = 8
     num_kv_heads: int = 4           # GQA: 2 query heads share each KV head
-    mlp_mult: float = 3.0           # hidden = 1536, LeakyReLU(0.5)^2
+    mlp_mult: float = 4.0           # hidden = 2048, LeakyReLU(0.5)^2
     logit_softcap: float = 30.0     # logits = c * tanh(z / c); 0 disables
     qk_norm: bool = True            # RMSNorm on q and k before RoPE
-    q_gain_init: float = 1.5        # learned per-head gain on q (after the norm)
+    q_gain_init: float = 4.0        # learned per-head gain on q (after the norm)
     xsa_last_n: int = 11            # XSA (remove the self-value component) on the last N layers: all 11 (or more)
     rope_dims: int = 16             # partial RoPE: rotate 16 of the 64 head dims, the rest stay position-free
     rope_base: float = 10000.0
     ln_scale: bool = True           # scale each block's norm output by 1/sqrt(layer + 1)
-    bigram_buckets: int = 3072      # BigramHash table rows; 0 disables
+    bigram_buckets: int = 0         # BigramHash table rows (sp1024: 3072); 0 disables
     bigram_dim: int = 112
     smear_gate: bool = True         # mix the previous position's embedding in, never across a BOS
-    value_embed_last_n: int = 2     # value embeddings added to v on the last N layers; 0 disables
+    value_embed_last_n: int = 0     # value embeddings added to v on the last N layers (sp1024: 2); 0 disables
     value_embed_dim: int = 128
     unet_skips: bool = True         # encoder half -> decoder half skip connections with learned weights
     resid_mix: bool = True          # each block mixes the residual with the initial embedding x0
     tie_embeddings: bool = True
     bos_id: int = 1
-    embed2: bool = True             # a second token embedding mixed in before every block (README "Recipe")
+    embed2: bool = False            # a second token embedding mixed in before every block (sp1024: on)
     # Speedrun switches (submission/switches.py; packed only when one is on), off: see the README's "Recipe"
     key_offset_last_n: int = 0      # partial key offset on the last N layers: unrotated key dims from position t-1
     key_offset_dims: int = 0        # how many of the unrotated head dims (the last ones) move; 0: all 48
     layer_bigram_buckets: int = 0   # bigram hash table added before every block (speedrun: 5 x vocab = 5120); 0 off
-    # The SP8192 generation (PR #1460 and later records; RECIPE=sp8192 turns them on)
+    # The SP8192 generation (PR #1460 and later records; RECIPE=sp1024 turns them off)
     loop_layers: tuple[int, int] = (4, 5)
     """Depth recurrence: the first and last layer (inclusive) of the span that runs 1 + num_loops times in a row."""
-    num_loops: int = 0
+    num_loops: int = 2
     """Extra passes over loop_layers once looping is on (TrainConfig.enable_looping_at); 0 disables. The repeated
     blocks share their weights: more compute per token, no more bytes."""
-    parallel_last_n: int = 0
+    parallel_last_n: int = 4
     """Parallel residuals on the last N layers: attention and MLP read the same normed input (0 disables)."""
-    skip_gates: bool = False
+    skip_gates: bool = True
     """Sigmoid-gated U-Net skips: x <- lerp(w * skip, x, sigmoid(g)) with g from 0, instead of x + w * skip."""
     orthogonal_init: bool = False
     """Matrices that do not start at zero start orthogonal (gain 1, PR #1460's init) instead of PyTorch's uniform
     +-1/sqrt(fan_in)."""
 
-    # A stored config (artifact, checkpoint) made before a feature existed lacks its field: it was made without it.
-    ABSENT_MEANS: typing.ClassVar[dict] = {"embed2": False}
+    # A stored config (artifact, checkpoint) made before a field existed lacks it: the value it was made with, for
+    # the fields whose default is not that value.
+    ABSENT_MEANS: typing.ClassVar[dict] = {"embed2": False, "num_loops": 0, "parallel_last_n": 0, "skip_gates": False}
     # Each number's allowed values (check_ranges); how fields must agree is checked in __post_init__.
     RANGES: typing.ClassVar[dict] = {
         "vocab_size": ("[2, 65536]", " (shards store token ids as uint16)"), "num_layers": ">= 1",
@@ -143,35 +145,36 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     """Training loop, optimizer and schedule. Batch sizes are global token counts; accumulation is derived."""
-    data_dir: str = "data/datasets/fineweb10B_sp1024"
-    tokenizer_path: str = "data/tokenizers/fineweb_1024_bpe.model"
+    data_dir: str = "data/datasets/fineweb10B_sp8192"
+    tokenizer_path: str = "data/tokenizers/fineweb_8192_bpe.model"
     run_dir: str = ""                     # default: runs/<timestamp>_seed<seed>
-    recipe: str = "sp1024"
-    """The named set of defaults the run started from (sp1024: these defaults; sp8192: the SP8192 generation; see
-    RECIPES); stored with the run, so quantizing its checkpoint uses the same recipe's settings."""
+    recipe: str = "sp8192"
+    """The named set of defaults the run started from (sp8192: these defaults, the SP8192 generation; sp1024: the
+    March 2026 stack; see RECIPES); stored with the run, so quantizing its checkpoint uses the same recipe's
+    settings."""
     seed: int = 1337
     train_batch_tokens: int = 786_432     # global tokens per optimizer step (8 GPUs x 48 x 2048 in the record)
     micro_batch_tokens: int = 98_304      # tokens per forward per GPU; grad_accum = global / (world * micro)
     seq_len: int = 2048
-    shuffle_windows: bool = False
+    shuffle_windows: bool = True
     """Training batches are windows of seq_len + 1 tokens in a seeded random order per epoch (PR #1460's loader)
-    instead of the token stream in order. On in the sp8192 recipe: at 500 steps (P1, one H200) raw val_bpb 1.4573
+    instead of the token stream in order (sp1024: in order). At 500 steps (P1, one H200) raw val_bpb 1.4573
     against 1.4794 in order, and the train loss matched the script's (-0.002 nats; +0.10 in order)."""
     max_wallclock_seconds: float = 600.0  # training cap by the script's own timer (warmup/compile excluded)
     max_steps: int = 20_000               # safety bound; the wallclock cap normally ends training
     warmup_steps: int = 20                # compile/warmup steps, their model/optimizer state restored afterwards
-    warmdown_frac: float = 0.5            # LR decays linearly to 0 over the last half of the time budget
-    matrix_lr: float = 0.025              # Muon, attention and MLP matrices
-    embed_lr: float = 0.035               # AdamW, tied token embedding and other tables
-    scalar_lr: float = 0.025              # AdamW, gains, gates, mixes
+    warmdown_frac: float = 0.667          # LR decays linearly to 0 over the last 2/3 of the time budget (sp1024: 0.5)
+    matrix_lr: float = 0.02               # Muon, attention and MLP matrices (sp1024: 0.025)
+    embed_lr: float = 0.03                # AdamW, tied token embedding and other tables (sp1024: 0.035)
+    scalar_lr: float = 0.02               # AdamW, gains, gates, mixes (sp1024: 0.025)
     muon_momentum: float = 0.99
     muon_momentum_start: float = 0.92
     muon_momentum_warmup_steps: int = 1500
     muon_ns_steps: int = 5
-    muon_row_normalize: bool = False
+    muon_row_normalize: bool = True
     """MuonEq-R: scale each row of the (Nesterov) update to unit norm before Newton-Schulz, so no row dominates
     the orthogonalization (PR #1460: about -0.001 BPB on FineWeb)."""
-    weight_decay: float = 0.04            # decoupled, Muon and AdamW matrices/tables
+    weight_decay: float = 0.085           # decoupled, Muon and AdamW matrices/tables (sp1024: 0.04)
     adam_betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 0.3
     ema_decay: float = 0.997              # 0 disables; applied at the end
@@ -184,6 +187,9 @@ class TrainConfig:
     val_every: int = 0                    # 0: validate only at the end (validation pauses the timer)
     val_batch_seqs: int = 32
     compile: bool = True                  # torch.compile on GPU (ignored on CPU)
+
+    # A stored config made before a field existed lacks it: the value it was made with, where the default differs.
+    ABSENT_MEANS: typing.ClassVar[dict] = {"recipe": "sp1024", "shuffle_windows": False, "muon_row_normalize": False}
 
     # Each number's allowed values (check_ranges); how fields must agree is checked in __post_init__.
     RANGES: typing.ClassVar[dict] = {
@@ -264,20 +270,19 @@ def apply_overrides(cfg, overrides: dict[str, str], source: str = "env") -> list
 # Named sets of defaults (RECIPE=name), as changes to the dataclass defaults, which are the default recipe's. Keys
 # are fields of ModelConfig, TrainConfig, QuantConfig (tools/gptq.py) or CalibConfig (tools/calibrate.py).
 RECIPES: dict[str, dict] = {
-    # The March 2026 stack (PR #1019, 1.1147 on FineWeb) with the kit's measured additions: the defaults.
-    "sp1024": {},
     # The SP8192 generation (PR #1460, 1.08269): 8192-token vocabulary, MLP 4x, layers 4-5 looped twice from half
     # of training, parallel residuals on the last 4 layers, gated skips, q gain 4, MuonEq-R, weight decay 0.085,
     # warmdown 2/3, matrix/scalar LR 0.02 and tied-embedding LR 0.03, shuffled training windows; BigramHash, value
     # embeddings and the second embedding off (their tables grow with the vocabulary); SD clipping and GPTQ on the
-    # tied embedding.
-    "sp8192": dict(
-        vocab_size=8192, mlp_mult=4.0, q_gain_init=4.0, num_loops=2, loop_layers=(4, 5), parallel_last_n=4,
-        skip_gates=True, bigram_buckets=0, value_embed_last_n=0, embed2=False,
-        data_dir="data/datasets/fineweb10B_sp8192", tokenizer_path="data/tokenizers/fineweb_8192_bpe.model",
-        matrix_lr=0.02, scalar_lr=0.02, embed_lr=0.03, weight_decay=0.085, warmdown_frac=0.667,
-        muon_row_normalize=True, enable_looping_at=0.5, shuffle_windows=True,
-        clip_policy="sdclip", gptq_tied_embedding=True),
+    # tied embedding. The defaults.
+    "sp8192": {},
+    # The March 2026 stack (PR #1019, 1.1147 on FineWeb) with the kit's measured additions, at 1024 tokens.
+    "sp1024": dict(
+        vocab_size=1024, mlp_mult=3.0, q_gain_init=1.5, num_loops=0, parallel_last_n=0, skip_gates=False,
+        bigram_buckets=3072, value_embed_last_n=2, embed2=True,
+        data_dir="data/datasets/fineweb10B_sp1024", tokenizer_path="data/tokenizers/fineweb_1024_bpe.model",
+        matrix_lr=0.025, scalar_lr=0.025, embed_lr=0.035, weight_decay=0.04, warmdown_frac=0.5,
+        muon_row_normalize=False, shuffle_windows=False, clip_policy="search", gptq_tied_embedding=False),
 }
 
 

@@ -174,6 +174,6 @@ def test_bit_allocation_fills_the_cap_with_per_matrix_clips(tmp_path):
 
 def test_bit_allocation_needs_sd_clipping():
     with pytest.raises(ValueError, match="CLIP_POLICY=sdclip"):
-        QuantConfig(bit_allocation=True)
+        QuantConfig(clip_policy="search", bit_allocation=True)
     with pytest.raises(ValueError, match="ALLOCATION_GRID"):
         QuantConfig(clip_policy="sdclip", bit_allocation=True, allocation_grid=(1.0, -2.0))

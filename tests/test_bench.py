@@ -12,7 +12,8 @@ from tools.bench import run_bench
 
 def test_bench_reports_throughput_phases_and_an_op_table(tmp_path):
     model_cfg = ModelConfig(num_layers=2, model_dim=64, num_heads=2, num_kv_heads=1, xsa_last_n=2, rope_dims=8,
-                            bigram_buckets=64, bigram_dim=16, value_embed_dim=16)
+                            bigram_buckets=64, bigram_dim=16, value_embed_dim=16, value_embed_last_n=2, embed2=True,
+                            num_loops=1, loop_layers=(1, 1), parallel_last_n=1, vocab_size=1024)
     cfg = TrainConfig(seq_len=64, train_batch_tokens=256, micro_batch_tokens=128, data_dir=str(tmp_path))
     result = run_bench(model_cfg, cfg, steps=3, warmup=1, profile_steps=1, top=4, trace=str(tmp_path / "t.json"))
     assert result["data"] == "random tokens" and result["steps"] == 3  # no shards in tmp_path
@@ -70,7 +71,8 @@ def test_ema_follows_the_live_weights_through_a_state_dict_load():
     from submission import model, train
     torch.manual_seed(0)
     net = model.GPT(model.ModelConfig(num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, xsa_last_n=2,
-                                      rope_dims=4, vocab_size=64, bigram_buckets=16, bigram_dim=8, value_embed_dim=8))
+                                      rope_dims=4, vocab_size=64, bigram_buckets=16, bigram_dim=8, value_embed_dim=8,
+                                      value_embed_last_n=2, num_loops=1, loop_layers=(1, 1), parallel_last_n=1))
     net.blocks[0].mlp_scale.data = net.blocks[0].mlp_scale.data.half()  # one tensor that is not fp32
     ema = train.EMA(net, 0.9)
     reference = {k: t.float().clone() for k, t in net.state_dict().items()}
@@ -113,8 +115,9 @@ def test_bench_cli_writes_a_curve_and_checks_another_against_it(tmp_path, capsys
     parser = argparse.ArgumentParser()
     add_commands(parser.add_subparsers())
     tiny = ["NUM_LAYERS=2", "MODEL_DIM=64", "NUM_HEADS=2", "NUM_KV_HEADS=1", "XSA_LAST_N=2", "ROPE_DIMS=8",
-            "BIGRAM_BUCKETS=64", "BIGRAM_DIM=16", "VALUE_EMBED_DIM=16", "SEQ_LEN=64", "TRAIN_BATCH_TOKENS=256",
-            "MICRO_BATCH_TOKENS=128", f"DATA_DIR={tmp_path}"]
+            "BIGRAM_BUCKETS=64", "BIGRAM_DIM=16", "VALUE_EMBED_DIM=16", "VALUE_EMBED_LAST_N=2", "EMBED2=1",
+            "NUM_LOOPS=1", "LOOP_LAYERS=1,1", "PARALLEL_LAST_N=1", "VOCAB_SIZE=1024", "SEQ_LEN=64",
+            "TRAIN_BATCH_TOKENS=256", "MICRO_BATCH_TOKENS=128", f"DATA_DIR={tmp_path}"]
     flags = ["--steps", "45", "--warmup", "5", "--profile-steps", "0"]
 
     def bench(*extra, overrides=()):
@@ -157,7 +160,8 @@ def test_qat_flag_variant_computes_the_buffer_blend_and_recompiles_on_toggle(mon
         lin.qat_on = True
         assert torch.equal(lin(x), ref_on) and not torch.equal(ref_on, ref_off)
     net = model.GPT(model.ModelConfig(num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, xsa_last_n=2,
-                                      rope_dims=4, vocab_size=64, bigram_buckets=16, bigram_dim=8, value_embed_dim=8))
+                                      rope_dims=4, vocab_size=64, bigram_buckets=16, bigram_dim=8, value_embed_dim=8,
+                                      value_embed_last_n=2, num_loops=1, loop_layers=(1, 1), parallel_last_n=1))
     for block in net.blocks:  # nonzero output projections, so the blocks' quantization reaches the loss
         torch.nn.init.normal_(block.mlp.c_proj.weight, std=0.1)
     compiled = torch.compile(net, backend="aot_eager")

@@ -489,15 +489,18 @@ def test_real_kit_entry_bundles_and_runs_without_the_kit(tmp_path):
                    and (n.module or "").split(".")[0] in ("submission", "eval", "tools")]
     assert not kit_imports
     assert result.sizes.packed < result.sizes.readable / 3
-    # Execute the packed file's definitions (not its main) with the kit packages made unimportable.
+    # Execute the packed file's definitions (not its main) with the kit packages made unimportable. A tiny model with
+    # every feature of both recipes on.
+    tiny = dict(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, bigram_buckets=16, bigram_dim=8,
+                value_embed_last_n=2, value_embed_dim=8, embed2=True, rope_dims=8, num_loops=1, loop_layers=(1, 1),
+                parallel_last_n=1)
     check = tmp_path / "check.py"
     check.write_text(textwrap.dedent(f"""
         import sys, runpy, torch
         for name in ("submission", "eval", "tools"):
             sys.modules[name] = None
         g = runpy.run_path({str(tmp_path / "train_gpt.py")!r}, run_name="bundle_check")
-        cfg = g["ModelConfig"](vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1,
-                               bigram_buckets=16, bigram_dim=8, value_embed_dim=8, rope_dims=8)
+        cfg = g["ModelConfig"](**{tiny!r})
         torch.manual_seed(0)
         model = g["GPT"](cfg)
         idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -520,8 +523,7 @@ def test_real_kit_entry_bundles_and_runs_without_the_kit(tmp_path):
                   == module.__name__ and f"{rel}: {k}" not in pruned}
         assert public <= bundled_names, (rel, public - bundled_names)
     assert "submission/train.py: main" in pruned  # the trainer's own entry; train_gpt.py's main replaces it
-    cfg = ModelConfig(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, bigram_buckets=16,
-                      bigram_dim=8, value_embed_dim=8, rope_dims=8)
+    cfg = ModelConfig(**tiny)
     torch.manual_seed(0)
     model = readable_model.GPT(cfg)
     idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))

@@ -14,15 +14,17 @@ from submission.model import GPT, CastedLinear, KVCache, plain_linears
 from tools.calibrate import CalibConfig, calibrate, generate, hessian_modules, train_tokens
 
 BOS = 1
-# Every feature on: GQA, XSA on some layers, partial RoPE, value embeddings on the last 2 of 5 layers (an odd count:
-# the last decoder block has no U-Net partner), BigramHash, SmearGate, second embedding, resid_mix, ln_scale,
-# qk_norm, softcap.
+# Every feature of the sp1024 stack on, at its q gain and MLP width: GQA, XSA on some layers, partial RoPE, value
+# embeddings on the last 2 of 5 layers (an odd count: the last decoder block has no U-Net partner), BigramHash,
+# SmearGate, second embedding, resid_mix, ln_scale, qk_norm, softcap.
 ALL_ON = ModelConfig(vocab_size=48, num_layers=5, model_dim=32, num_heads=4, num_kv_heads=2, xsa_last_n=3, rope_dims=4,
-                     bigram_buckets=16, bigram_dim=8, value_embed_last_n=2, value_embed_dim=8)
+                     bigram_buckets=16, bigram_dim=8, value_embed_last_n=2, value_embed_dim=8, embed2=True,
+                     q_gain_init=1.5, mlp_mult=3.0, num_loops=0, parallel_last_n=0, skip_gates=False)
 # Every optional feature off, an untied head, no RoPE, no softcap, MHA.
 ALL_OFF = ModelConfig(vocab_size=48, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=2, xsa_last_n=0, rope_dims=0,
                       bigram_buckets=0, smear_gate=False, value_embed_last_n=0, unet_skips=False, resid_mix=False,
-                      tie_embeddings=False, logit_softcap=0.0, qk_norm=False, ln_scale=False, embed2=False)
+                      tie_embeddings=False, logit_softcap=0.0, qk_norm=False, ln_scale=False, embed2=False,
+                      num_loops=0, parallel_last_n=0, skip_gates=False)
 # ...and the speedrun switches on top: key offset on the last 3 layers (2 of the 6 unrotated dims), per-layer bigram.
 SWITCHES = dataclasses.replace(ALL_ON, key_offset_last_n=3, key_offset_dims=2, layer_bigram_buckets=20)
 

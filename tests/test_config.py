@@ -7,14 +7,17 @@ import typing
 
 import pytest
 
-from submission.config import ModelConfig, TrainConfig, from_dict, resolve, to_dict
+from submission.config import RECIPES, ModelConfig, TrainConfig, from_dict, resolve, to_dict
+from tests.tiny import SP1024_MODEL
 
 
 def test_defaults_are_the_recipe():
     m, t = ModelConfig(), TrainConfig()
     assert (m.num_layers, m.model_dim, m.num_heads, m.num_kv_heads, m.head_dim) == (11, 512, 8, 4, 64)
-    assert (m.bigram_buckets, m.bigram_dim, m.rope_dims, m.xsa_last_n) == (3072, 112, 16, 11)
-    assert t.max_wallclock_seconds == 600.0 and t.train_batch_tokens == 786_432
+    assert (m.vocab_size, m.mlp_mult, m.loop_layers, m.num_loops, m.parallel_last_n) == (8192, 4.0, (4, 5), 2, 4)
+    assert (m.bigram_buckets, m.value_embed_last_n, m.embed2, m.rope_dims, m.xsa_last_n) == (0, 0, False, 16, 11)
+    assert t.max_wallclock_seconds == 600.0 and t.train_batch_tokens == 786_432 and t.recipe == "sp8192"
+    assert t.data_dir.endswith("sp8192") and t.tokenizer_path.endswith("fineweb_8192_bpe.model")
 
 
 def test_env_then_cli_precedence_and_log_lines():
@@ -46,13 +49,25 @@ def test_stored_config_round_trip_and_mismatch():
 
 
 def test_a_stored_config_from_before_a_feature_loads_without_it():
-    """embed2 became the default after artifacts were stored without the field (the P1 record's): such a config
-    must rebuild the model it was made with, not today's default."""
-    old = to_dict(ModelConfig())
-    del old["embed2"]
-    assert ModelConfig().embed2 and not from_dict(ModelConfig, old).embed2
-    assert from_dict(ModelConfig, to_dict(ModelConfig())).embed2  # a config that names it keeps its value
-    assert set(ModelConfig.ABSENT_MEANS) <= set(to_dict(ModelConfig()))  # only real fields
+    """Artifacts and checkpoints stored before a field existed (the P1 record's, every sp1024 run before the SP8192
+    generation) must rebuild what they were made with, not today's defaults: no loops, no parallel residuals, plain
+    skips, the sp1024 recipe's quantization."""
+    for kind in (ModelConfig, TrainConfig):
+        assert set(kind.ABSENT_MEANS) <= set(to_dict(kind()))  # only real fields
+        for field, then in kind.ABSENT_MEANS.items():
+            old = to_dict(kind(**{field: then}))
+            del old[field]
+            assert getattr(from_dict(kind, old), field) == then, field
+    old = to_dict(ModelConfig(**SP1024_MODEL))
+    for field in ("num_loops", "parallel_last_n", "skip_gates", "loop_layers", "orthogonal_init", "key_offset_last_n",
+                  "key_offset_dims", "layer_bigram_buckets", "embed2"):
+        del old[field]  # the fields a March 2026 artifact lacks
+    assert from_dict(ModelConfig, old) == ModelConfig(**{**SP1024_MODEL, "embed2": False})
+    old = to_dict(TrainConfig())
+    del old["recipe"]
+    assert from_dict(TrainConfig, old).recipe == "sp1024"  # quantized again with the sp1024 recipe's settings
+    data = to_dict(ModelConfig(num_loops=1, skip_gates=True))
+    assert from_dict(ModelConfig, data) == ModelConfig(num_loops=1, skip_gates=True)  # a stored value is kept
 
 
 def test_command_line_items_must_be_key_value():
@@ -64,6 +79,7 @@ def test_command_line_items_must_be_key_value():
 
 # ---------------------------------------------------------------------------------------------------- recipes
 
+
 def _all_configs():
     from tools.calibrate import CalibConfig
     from tools.gptq import QuantConfig
@@ -71,7 +87,6 @@ def _all_configs():
 
 
 def test_every_recipe_key_names_exactly_one_config_field_and_the_default_recipe_is_the_defaults():
-    from submission.config import RECIPES
     import dataclasses
     owners = {}
     for cfg in _all_configs():
@@ -85,16 +100,17 @@ def test_every_recipe_key_names_exactly_one_config_field_and_the_default_recipe_
 
 def test_recipe_sets_its_defaults_then_env_and_cli_override_them():
     m, t, q, c = _all_configs()
-    changed = resolve(m, t, q, c, env={"WARMDOWN_FRAC": "0.5"}, cli={"RECIPE": "sp8192", "NUM_LOOPS": "1"})
-    assert t.recipe == "sp8192" and m.vocab_size == 8192 and m.mlp_mult == 4.0 and m.loop_layers == (4, 5)
-    assert m.num_loops == 1 and t.warmdown_frac == 0.5  # the recipe's 2 and 0.667 overridden
-    assert m.parallel_last_n == 4 and m.skip_gates and t.muon_row_normalize and t.weight_decay == 0.085
-    assert q.clip_policy == "sdclip" and q.gptq_tied_embedding and not m.embed2 and m.bigram_buckets == 0
-    assert "num_loops: 0 -> 2 (recipe:sp8192)" in changed and "num_loops: 2 -> 1 (cli)" in changed
-    m, t = ModelConfig(), TrainConfig()
-    resolve(m, t, env={"RECIPE": "sp8192"})
-    assert t.recipe == "sp8192" and m.vocab_size == 8192
-    with pytest.raises(ValueError, match=r"RECIPE='sp4096': unknown recipe \(known: sp1024, sp8192\)"):
+    changed = resolve(m, t, q, c, env={"WARMDOWN_FRAC": "0.6"}, cli={"RECIPE": "sp1024", "BIGRAM_BUCKETS": "2048"})
+    assert t.recipe == "sp1024" and m.vocab_size == 1024 and m.mlp_mult == 3.0 and m.num_loops == 0
+    assert m.bigram_buckets == 2048 and t.warmdown_frac == 0.6  # the recipe's 3072 and 0.5 overridden
+    assert m.parallel_last_n == 0 and not m.skip_gates and not t.muon_row_normalize and t.weight_decay == 0.04
+    assert q.clip_policy == "search" and not q.gptq_tied_embedding and m.embed2 and m.value_embed_last_n == 2
+    assert t.data_dir.endswith("sp1024") and not t.shuffle_windows
+    assert "num_loops: 2 -> 0 (recipe:sp1024)" in changed and "bigram_buckets: 3072 -> 2048 (cli)" in changed
+    configs = _all_configs()
+    assert resolve(*configs, env={"RECIPE": "sp8192"}) == []
+    assert configs == _all_configs()  # the default recipe is the defaults
+    with pytest.raises(ValueError, match=r"RECIPE='sp4096': unknown recipe \(known: sp8192, sp1024\)"):
         resolve(ModelConfig(), TrainConfig(), env={}, cli={"RECIPE": "sp4096"})
 
 
@@ -102,7 +118,7 @@ def test_relations_between_fields_are_checked_on_the_final_values():
     with pytest.raises(ValueError, match="LOOP_LAYERS=9,11 NUM_LOOPS=2"):
         resolve(ModelConfig(), TrainConfig(), env={}, cli={"RECIPE": "sp8192", "LOOP_LAYERS": "9,11"})
     m = ModelConfig()
-    resolve(m, TrainConfig(), env={}, cli={"LOOP_LAYERS": "9,11"})  # no loops: the span is not used
+    resolve(m, TrainConfig(), env={}, cli={"NUM_LOOPS": "0", "LOOP_LAYERS": "9,11"})  # no loops: the span is unused
     assert m.loop_layers == (9, 11)
 
 
@@ -161,16 +177,17 @@ BAD_SETTINGS = [
     ({"VALUE_EMBED_LAST_N": "12"}, r"^VALUE_EMBED_LAST_N=12: must be in 0..NUM_LAYERS=11"),
     ({"KEY_OFFSET_LAST_N": "12"}, r"^KEY_OFFSET_LAST_N=12: must be in 0..NUM_LAYERS=11"),
     ({"PARALLEL_LAST_N": "12"}, r"^PARALLEL_LAST_N=12: must be in 0..NUM_LAYERS=11"),
-    ({"NUM_LAYERS": "1"}, r"^VALUE_EMBED_LAST_N=2: must be in 0..NUM_LAYERS=1"),
+    ({"NUM_LAYERS": "1"}, r"^PARALLEL_LAST_N=4: must be in 0..NUM_LAYERS=1"),
+    ({"RECIPE": "sp1024", "NUM_LAYERS": "1"}, r"^VALUE_EMBED_LAST_N=2: must be in 0..NUM_LAYERS=1"),
     ({"BIGRAM_BUCKETS": "1"}, r"^BIGRAM_BUCKETS=1: must be 0 \(off\) or >= 2"),
     ({"LAYER_BIGRAM_BUCKETS": "1"}, r"^LAYER_BIGRAM_BUCKETS=1: must be 0 \(off\) or >= 2"),
-    ({"BOS_ID": "1024"}, r"^BOS_ID=1024: must be a token id, below VOCAB_SIZE=1024"),
+    ({"BOS_ID": "8192"}, r"^BOS_ID=8192: must be a token id, below VOCAB_SIZE=8192"),
     ({"KEY_OFFSET_LAST_N": "1", "ROPE_DIMS": "64"}, r"^KEY_OFFSET_LAST_N=1: .* ROPE_DIMS=64 rotates all 64"),
     ({"NUM_LOOPS": "2", "LOOP_LAYERS": "9,11"}, r"^LOOP_LAYERS=9,11 NUM_LOOPS=2"),
     # TrainConfig: ranges
     ({"DATA_DIR": ""}, r"^DATA_DIR='': must name a path"),
     ({"TOKENIZER_PATH": ""}, r"^TOKENIZER_PATH='': must name a path"),
-    ({"RECIPE": "sp4096"}, r"^RECIPE='sp4096': unknown recipe \(known: sp1024, sp8192\)"),
+    ({"RECIPE": "sp4096"}, r"^RECIPE='sp4096': unknown recipe \(known: sp8192, sp1024\)"),
     ({"SEED": "-1"}, r"^SEED=-1: must be in \[0, 4294967296\) \(numpy seeds are 32-bit\)"),
     ({"SEED": "4294967296"}, r"^SEED=4294967296: must be in \[0, 4294967296\)"),
     ({"TRAIN_BATCH_TOKENS": "0"}, r"^TRAIN_BATCH_TOKENS=0: must be >= 1"),
@@ -216,7 +233,8 @@ BAD_SETTINGS = [
     ({"SDCLIP_SIGMAS": "0"}, r"^SDCLIP_SIGMAS=0.0: must be > 0"),
     ({"SDCLIP_EMBED_SIGMAS": "-1"}, r"^SDCLIP_EMBED_SIGMAS=-1.0: must be > 0"),
     ({"LQER_RANK": "-1"}, r"^LQER_RANK=-1: must be in \[0, 256\] \(0 = off"),
-    ({"BIT_ALLOCATION": "1"}, r"^BIT_ALLOCATION=1 with CLIP_POLICY='search': .* set CLIP_POLICY=sdclip"),
+    ({"BIT_ALLOCATION": "1", "CLIP_POLICY": "search"}, r"^BIT_ALLOCATION=1 with CLIP_POLICY='search': .* "
+                                                        r"set CLIP_POLICY=sdclip"),
     ({"ALLOCATION_PROBES": "1,0"}, r"^ALLOCATION_PROBES=1.0,0.0: need positive multipliers"),
     ({"ALLOCATION_GRID": "-1"}, r"^ALLOCATION_GRID=-1.0: need positive multipliers"),
     ({"ALLOCATION_SEQS": "0"}, r"^ALLOCATION_SEQS=0: must be >= 1"),
@@ -283,7 +301,7 @@ def test_every_field_of_every_config_has_a_bad_value_in_the_table():
 
 @pytest.mark.parametrize("settings", [
     {"ROPE_DIMS": "0"}, {"ROPE_DIMS": "64"},                  # no RoPE; RoPE on every head dim (tests' tiny models)
-    {"XSA_LAST_N": "20"}, {"NUM_LAYERS": "4"},                 # XSA on more layers than there are: all of them
+    {"XSA_LAST_N": "20"}, {"NUM_LAYERS": "6"},                 # XSA on more layers than there are: all of them
     {"NUM_KV_HEADS": "8"}, {"NUM_KV_HEADS": "1"}, {"BIGRAM_BUCKETS": "0"}, {"BIGRAM_BUCKETS": "2"},
     {"EMA_DECAY": "0"}, {"EMA_DECAY": "1"}, {"WARMDOWN_FRAC": "0"}, {"WARMDOWN_FRAC": "1"}, {"QAT_THRESHOLD": "0"},
     {"GRAD_CLIP": "0"}, {"VAL_EVERY": "0"}, {"SEED": "0"}, {"SEED": "4294967295"}, {"ADAM_BETAS": "0,0.999"},
@@ -296,7 +314,6 @@ def test_boundary_settings_are_accepted(settings):
 
 
 def test_every_recipe_resolves_and_the_checks_run_on_the_final_values():
-    from submission.config import RECIPES
     for name in RECIPES:
         configs = _all_configs()
         resolve(*configs, env={}, cli={"RECIPE": name})

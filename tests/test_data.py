@@ -420,11 +420,12 @@ def test_download_rejects_corrupt_remote_shard_and_offline_hub(hub, tmp_path, mo
 
 
 def test_download_cli(hub, tmp_path, capsys):
-    hub.publish("willdepueoai/parameter-golf", "sp1024", val=1, train=2)
+    """The default variant is the default recipe's vocabulary (sp8192)."""
+    hub.publish("kevclark/parameter-golf", "sp8192", val=1, train=2)
     rc = main(["data", "download", "--train-shards", "1", "--out", str(tmp_path), "--quiet"])
     out = capsys.readouterr().out
     assert rc == 0 and "download:ok fetched:5" in out and "train_shards:1" in out
-    shard_dir = tmp_path / "datasets/fineweb10B_sp1024"
+    shard_dir = tmp_path / "datasets/fineweb10B_sp8192"
     assert main(["data", "verify", str(shard_dir), "--quiet"]) == 0
     assert "verify:ok" in capsys.readouterr().out
 

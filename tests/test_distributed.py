@@ -17,8 +17,11 @@ from tools.results import train_loss_curve
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "data/sample/fineweb_1024_bpe.model"
+# Every feature of both recipes on at a tiny size (the sp8192 structure with layer 1 looped, the sp1024 tables), on
+# the sp1024 sample shards.
 TINY = ["NUM_LAYERS=2", "MODEL_DIM=64", "NUM_HEADS=2", "NUM_KV_HEADS=1", "XSA_LAST_N=2", "ROPE_DIMS=8",
-        "BIGRAM_BUCKETS=64", "BIGRAM_DIM=16", "VALUE_EMBED_DIM=16", "SEQ_LEN=128", "TRAIN_BATCH_TOKENS=4096",
+        "BIGRAM_BUCKETS=64", "BIGRAM_DIM=16", "VALUE_EMBED_DIM=16", "VALUE_EMBED_LAST_N=2", "EMBED2=1", "NUM_LOOPS=1",
+        "LOOP_LAYERS=1,1", "PARALLEL_LAST_N=1", "VOCAB_SIZE=1024", "SEQ_LEN=128", "TRAIN_BATCH_TOKENS=4096",
         "MICRO_BATCH_TOKENS=2048", "WARMUP_STEPS=0", "LOG_EVERY=1", "VAL_BATCH_SEQS=16", "SEED=3"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 

@@ -20,11 +20,13 @@ from eval.run import EvalConfig, apply_eval_overrides, evaluate
 from eval.stream import plan_windows, rope_scaled, score_stream, shard_targets, window_scores
 from submission.config import ModelConfig, to_dict
 from submission.model import GPT, rope_tables
+from tests.tiny import EVERY_FEATURE_2_LAYERS
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "data" / "sample" / "fineweb_1024_bpe.model"
-TINY = dict(num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, xsa_last_n=2, vocab_size=1024,
-            bigram_buckets=64, bigram_dim=16, value_embed_dim=16)
+# Every feature of both recipes on, at a size that scores in seconds on a CPU.
+TINY = dict(EVERY_FEATURE_2_LAYERS, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, xsa_last_n=2,
+            vocab_size=1024, bigram_buckets=64, bigram_dim=16, value_embed_dim=16)
 
 
 def tiny_model(seed: int = 0) -> GPT:

@@ -7,9 +7,16 @@ import torch.nn.functional as F
 
 from submission.config import ModelConfig
 from submission.model import GPT, apply_partial_rope, bigram_bucket, causal_attention, remove_self_value, rope_tables
+from tests.tiny import SP1024_MODEL
 
-TINY = dict(vocab_size=64, num_layers=4, model_dim=32, num_heads=4, num_kv_heads=2, xsa_last_n=4, rope_dims=4,
-            bigram_buckets=32, bigram_dim=8, value_embed_last_n=1, value_embed_dim=8)
+# The sp1024 model at a tiny size: most tests here check one of its mechanisms; the SP8192 structure's tests (depth
+# recurrence, parallel residuals, gated skips) switch theirs on.
+TINY = dict(SP1024_MODEL, vocab_size=64, num_layers=4, model_dim=32, num_heads=4, num_kv_heads=2, xsa_last_n=4,
+            rope_dims=4, bigram_buckets=32, bigram_dim=8, value_embed_last_n=1, value_embed_dim=8)
+# The SP8192 structure scaled to TINY's 4 layers: layers 1-2 looped once, parallel residuals on the last 2, gated
+# skips. Added to TINY, every feature of both recipes is on.
+SP8192_STRUCTURE = dict(num_loops=1, loop_layers=(1, 2), parallel_last_n=2, skip_gates=True)
+EVERY_FEATURE = pytest.mark.parametrize("structure", [{}, SP8192_STRUCTURE], ids=["sp1024", "every_feature"])
 
 
 def _model(**kw):
@@ -51,8 +58,9 @@ def test_xsa_removes_self_value_component():
     assert torch.allclose((out * vn).sum(-1), torch.zeros(2, 5, 4), atol=1e-5)
 
 
-def test_causality_of_logits():
-    model = _model()
+@EVERY_FEATURE
+def test_causality_of_logits(structure):
+    model = _model(**structure)
     x = torch.randint(0, 64, (1, 12))
     y = x.clone()
     y[0, 8:] = (y[0, 8:] + 1) % 64
@@ -60,8 +68,9 @@ def test_causality_of_logits():
         assert torch.allclose(model.logits(x)[0, :8], model.logits(y)[0, :8], atol=1e-6)
 
 
-def test_qat_changes_compiled_forward():
-    model = _model()
+@EVERY_FEATURE
+def test_qat_changes_compiled_forward(structure):
+    model = _model(**structure)
     compiled = torch.compile(model, backend="aot_eager")
     x = torch.randint(0, 64, (1, 12))
     with torch.no_grad():
@@ -171,7 +180,7 @@ def _same_weights(model, **kw):
 
 
 def test_unet_with_zero_skip_weights_is_the_plain_stack():
-    model = _model()
+    model = _model(skip_gates=False)  # plain skips: a gated one with zero weight still scales x by sigmoid(g)
     plain, unexpected = _same_weights(model, unet_skips=False)
     assert unexpected == ["skip_weights"]
     x = torch.randint(0, 64, (2, 12))
@@ -184,7 +193,7 @@ def test_unet_with_zero_skip_weights_is_the_plain_stack():
 def test_unet_feeds_encoder_outputs_to_the_decoder_in_mirrored_order():
     """Five layers: encoder blocks 0, 1; decoder block 2 adds w[0] * out(1), block 3 adds w[1] * out(0), block 4
     (no partner) adds nothing. Distinct weight rows make any other pairing give other logits."""
-    model = _model(num_layers=5, xsa_last_n=0, value_embed_last_n=0, embed2=False)
+    model = _model(num_layers=5, xsa_last_n=0, value_embed_last_n=0, embed2=False, skip_gates=False)  # x + w * skip
     assert model.skip_weights.shape == (2, 32)
     x = torch.randint(0, 64, (2, 12))
     cfg = model.cfg
@@ -273,7 +282,8 @@ def test_layer_schedule_runs_the_span_one_plus_num_loops_times():
     cfg = ModelConfig(num_layers=11, num_loops=2, loop_layers=(4, 5))
     assert layer_schedule(cfg, True) == [0, 1, 2, 3, 4, 5, 4, 5, 4, 5, 6, 7, 8, 9, 10]
     assert layer_schedule(cfg, False) == list(range(11))
-    assert layer_schedule(ModelConfig(num_layers=3, num_loops=1, loop_layers=(0, 2)), True) == [0, 1, 2, 0, 1, 2]
+    three = ModelConfig(num_layers=3, num_loops=1, loop_layers=(0, 2), parallel_last_n=0)  # the default 4 > 3 layers
+    assert layer_schedule(three, True) == [0, 1, 2, 0, 1, 2]
     with pytest.raises(ValueError, match="LOOP_LAYERS=4,11"):
         ModelConfig(num_loops=2, loop_layers=(4, 11))
     with pytest.raises(ValueError, match="PARALLEL_LAST_N=12"):

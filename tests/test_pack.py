@@ -26,9 +26,11 @@ from tools.pack import add_commands, bundle_entry, pack
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "data/sample/fineweb_1024_bpe.model"
 # 2 layers x 64, seq 128, 20 steps; 4 x 64 calibration tokens; matrices this small go through GPTQ only with a
-# lower passthrough size. EMA stays on, as in the recipe.
+# lower passthrough size. EMA stays on, as in the recipe. Every feature of both recipes on (the sp8192 structure with
+# layer 1 looped, the sp1024 tables), on the sp1024 sample.
 TINY = ["NUM_LAYERS=2", "MODEL_DIM=64", "NUM_HEADS=2", "NUM_KV_HEADS=1", "XSA_LAST_N=2", "ROPE_DIMS=8",
-        "BIGRAM_BUCKETS=64", "BIGRAM_DIM=16", "VALUE_EMBED_DIM=16", "SEQ_LEN=128", "TRAIN_BATCH_TOKENS=2048",
+        "BIGRAM_BUCKETS=64", "BIGRAM_DIM=16", "VALUE_EMBED_DIM=16", "VALUE_EMBED_LAST_N=2", "EMBED2=1", "NUM_LOOPS=1",
+        "LOOP_LAYERS=1,1", "PARALLEL_LAST_N=1", "VOCAB_SIZE=1024", "SEQ_LEN=128", "TRAIN_BATCH_TOKENS=2048",
         "MICRO_BATCH_TOKENS=2048", "MAX_STEPS=20", "WARMUP_STEPS=0", "LOG_EVERY=10", "VAL_BATCH_SEQS=16",
         "CALIB_SEQS=4", "CALIB_SEQ_LEN=64", "PASSTHROUGH_MAX_NUMEL=1024", "SEED=7"]
 
@@ -78,7 +80,7 @@ def test_packed_file_runs_the_pipeline_alone_and_matches_the_kit(data, tmp_path)
     assert sorted(p.name for p in alone.iterdir()) == ["train_gpt.py"]  # the run wrote only into RUN_DIR
     assert f"Code size: {code_bytes} bytes" in packed_lines  # packed: the running file's own size
     assert packed_lines[-1].startswith("final_eval_exact val_loss:")
-    assert any(line.startswith("gptq ") and "gptq:13" in line for line in packed_lines)
+    assert any(line.startswith("gptq ") and "gptq:14" in line for line in packed_lines)  # + the tied embedding
     for key in ("quantized_roundtrip_exact", "final_eval_exact"):
         assert value(packed_lines, key) == pytest.approx(value(kit_lines, key), abs=1e-6)
     assert (packed_run / "eval.json").is_file() and (packed_run / MODEL_FILENAME).is_file()
@@ -223,7 +225,7 @@ PACKED_LIMIT = 42_000
 
 
 def test_the_packed_program_stays_within_its_byte_limit():
-    for cfg in (ModelConfig(), ModelConfig(**{k: v for k, v in RECIPES["sp8192"].items()
+    for cfg in (ModelConfig(), ModelConfig(**{k: v for k, v in RECIPES["sp1024"].items()
                                               if k in {f.name for f in dataclasses.fields(ModelConfig)}})):
         packed = bundle_entry(cfg).sizes.packed
         assert packed <= PACKED_LIMIT, (f"packed train_gpt.py is {packed:,} bytes, over the {PACKED_LIMIT:,} limit: "

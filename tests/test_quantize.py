@@ -27,8 +27,11 @@ from tools.quantize import load_quantized, quantize_checkpoint, quantize_run
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "data/sample/fineweb_1024_bpe.model"
+# Every feature of both recipes on: layer 1 looped once, parallel residuals on it, gated skips, and the sp1024 tables
+# (BigramHash, value embeddings, second embedding).
 MODEL = ModelConfig(vocab_size=1024, num_layers=2, model_dim=64, num_heads=2, num_kv_heads=1, xsa_last_n=2,
-                    rope_dims=8, bigram_buckets=64, bigram_dim=16, value_embed_dim=16)
+                    rope_dims=8, bigram_buckets=64, bigram_dim=16, value_embed_last_n=2, value_embed_dim=16,
+                    embed2=True, num_loops=1, loop_layers=(1, 1), parallel_last_n=1)
 # Matrices of a 64-wide model are under the record's passthrough size; a lower one puts them through GPTQ.
 QUANT = QuantConfig(passthrough_max_numel=1024)
 # 2 x 16 generated tokens: far fewer than the 64 and 192 input dims, so every Hessian is rank-deficient.
@@ -124,9 +127,12 @@ def test_quantize_run_writes_the_artifact_and_logs_the_stage(quantized):
     assert log.starting("quantize ")[0].startswith(f"quantize run_dir:{run} weights:ema steps:7 code_bytes:1234")
     assert "calibration source:generated seqs:2 tokens:32 temperature:0.8" in log.lines[1]
     gptq = log.starting("gptq ")[0]
-    assert "gptq:13 rtn:4" in gptq and "min_calibration_tokens:32" in gptq  # 12 block matrices + bigram proj; 4 tables
-    assert "quant:tok_emb.weight method:rtn_int8" in log.lines  # the head's Hessian is used only when asked
-    assert log.starting("gptq_rank_deficient hessians:12 min_tokens:32 max_input_dims:192 damp:0.01")
+    # 12 block matrices, the bigram projection and the tied embedding (with the head's Hessian); 3 other tables
+    assert "gptq:14 rtn:3" in gptq and "min_calibration_tokens:32" in gptq
+    assert log.starting("quant:tok_emb.weight method:gptq_int8 ")
+    # 32 tokens against 64 input dims (256 for the MLP projections); the looped layer 1 sees each token twice, so
+    # fewer of its Hessians are rank-deficient
+    assert log.starting("gptq_rank_deficient hessians:8 min_tokens:32 max_input_dims:256 damp:0.01")
     assert log.starting("budget: target:16000000 code_bytes:1234")
     assert log.starting("artifact_vs_torch_save ")
     model_bytes = path.stat().st_size
@@ -225,9 +231,9 @@ def test_bad_artifacts_name_the_file(tmp_path, quantized):
     with pytest.raises(ArtifactError, match=rf"{foreign}: model config does not fit .*num_experts"):
         load_quantized(foreign)
     wider = tmp_path / "wider.pgz"
-    wider.write_bytes(pack_artifact(tensors, {**model_config, "mlp_mult": 4.0}, quant_config))
-    with pytest.raises(ArtifactError, match=rf"{wider}: tensor blocks.0.mlp.c_fc.weight is \[192, 64\] in the "
-                                            r"artifact but \[256, 64\] in the model"):
+    wider.write_bytes(pack_artifact(tensors, {**model_config, "mlp_mult": 5.0}, quant_config))
+    with pytest.raises(ArtifactError, match=rf"{wider}: tensor blocks.0.mlp.c_fc.weight is \[256, 64\] in the "
+                                            r"artifact but \[320, 64\] in the model"):
         load_quantized(wider)
 
 
@@ -277,18 +283,20 @@ def test_cli_quantize_logs_to_quantize_log(tmp_path):
 
 def test_clip_floor_rises_until_pruning_can_close_the_gap(tmp_path, monkeypatch):
     """Too far over the cap for zeroing +-1 codes, the stage raises QuantConfig.min_clip_sigma (coarser steps, fewer
-    bits) and re-quantizes; each rise is logged and the artifact that lands fits."""
+    bits) and re-quantizes; each rise is logged and the artifact that lands fits. With the clip search (sp1024), whose
+    clips start far below SD clipping's 12.85 sigma."""
     run, _ = make_run(tmp_path)
-    quantize_run(run, 0, QUANT, TINY_CALIB, Lines(), progress=False)
+    searched = replace(QUANT, clip_policy="search", gptq_tied_embedding=False)
+    quantize_run(run, 0, searched, TINY_CALIB, Lines(), progress=False)
     free = (run / MODEL_FILENAME).stat().st_size
-    coarse = QuantConfig(**{**asdict(QUANT), "min_clip_sigma": 12.0})
+    coarse = QuantConfig(**{**asdict(searched), "min_clip_sigma": 12.0})
     quantize_run(run, 0, coarse, TINY_CALIB, Lines(), progress=False)
     small = (run / MODEL_FILENAME).stat().st_size
     assert small < free - 2000  # the floor does shrink the codes
     monkeypatch.setattr(tools.quantize, "PRUNE_REACH", 0.0)  # this tiny model has too few +-1 codes to prune
     code_bytes = DECIMAL_CAP - (free + small) // 2
     log = Lines()
-    quantize_run(run, code_bytes, QUANT, TINY_CALIB, log, progress=False)
+    quantize_run(run, code_bytes, searched, TINY_CALIB, log, progress=False)
     floors = [float(f.split("min_clip_sigma:")[1]) for f in log.starting("clip_floor ")]
     assert floors and floors == sorted(floors) and floors[0] > 0
     logged = [float(line.split("min_clip_sigma:")[1].split()[0]) for line in log.starting("gptq ")]
@@ -297,25 +305,36 @@ def test_clip_floor_rises_until_pruning_can_close_the_gap(tmp_path, monkeypatch)
 
 
 def test_the_run_recipe_sets_quantization_defaults_and_the_tied_embedding_gets_gptq(tmp_path):
-    """`pgolf quantize` of a run trained with RECIPE=sp8192 uses that recipe's quantization: SD clipping, and GPTQ of
-    the tied embedding with the head's Hessian (the final hidden states'), at embed_bits; a KEY=VALUE still wins."""
-    run, train_cfg = make_run(tmp_path)
-    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
-    ckpt["train_config"]["recipe"] = "sp8192"
-    torch.save(ckpt, run / "checkpoint.pt")
+    """`pgolf quantize` uses the quantization of the recipe the run was trained with. The default (sp8192): SD
+    clipping, and GPTQ of the tied embedding with the head's Hessian (the final hidden states'), at embed_bits; a
+    KEY=VALUE still wins. A run of RECIPE=sp1024: the clip search, the embedding rounded to nearest."""
     parser = argparse.ArgumentParser()
     add_commands(parser.add_subparsers())
-    args = parser.parse_args(["quantize", str(run), "PASSTHROUGH_MAX_NUMEL=1024", "CALIB_SEQS=2", "CALIB_SEQ_LEN=16",
-                              "SDCLIP_SIGMAS=10", "--code-bytes", "1000", "--device", "cpu", "--quiet"])
+    settings = ["PASSTHROUGH_MAX_NUMEL=1024", "CALIB_SEQS=2", "CALIB_SEQ_LEN=16", "--code-bytes", "1000", "--device",
+                "cpu", "--quiet"]
+    run, train_cfg = make_run(tmp_path / "sp8192")
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ckpt["train_config"]["recipe"] == "sp8192"
+    args = parser.parse_args(["quantize", str(run), "SDCLIP_SIGMAS=10", *settings])
     assert args.func(args) == 0
     log = (run / "quantize.log").read_text()
     assert "clip_policy:sdclip" in log and "quant:tok_emb.weight method:gptq_int8" in log
-    assert "setting:clip_policy:search->sdclip(recipe:sp8192)" in log
     assert "setting:sdclip_sigmas:12.85->10.0(cli)" in log
     tensors, _, quant = read_artifact(run / MODEL_FILENAME)
     assert quant["clip_policy"] == "sdclip" and tensors["tok_emb.weight"].bits == 8
     W = ckpt["ema_state_dict"]["blocks.0.mlp.c_fc.weight"].float()
     assert torch.equal(tensors["blocks.0.mlp.c_fc.weight"].scales, (10.0 * W.std(dim=1) / 31).half())
+
+    run, _ = make_run(tmp_path / "sp1024")
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    ckpt["train_config"]["recipe"] = "sp1024"
+    torch.save(ckpt, run / "checkpoint.pt")
+    args = parser.parse_args(["quantize", str(run), *settings])
+    assert args.func(args) == 0
+    log = (run / "quantize.log").read_text()
+    assert "setting:clip_policy:sdclip->search(recipe:sp1024)" in log and "clip_policy:search" in log
+    assert "quant:tok_emb.weight method:rtn_int8" in log
+    assert read_artifact(run / MODEL_FILENAME)[2]["clip_policy"] == "search"
 
 
 def test_pgolf_quantize_refuses_another_tokenizer_unless_the_flag_says_so(tmp_path):
@@ -343,7 +362,7 @@ def test_lqer_rank_runs_through_the_quantize_stage_and_the_reload(tmp_path):
     tensors, _, quant = read_artifact(run / MODEL_FILENAME)
     assert quant["lqer_rank"] == 2
     gptq = [n for n, v in tensors.items() if isinstance(v, QuantTensor) and v.lowrank is not None]
-    assert len(gptq) == 13 and all(tensors[n].lowrank[0].shape[1] == 2 for n in gptq)
+    assert len(gptq) == 14 and all(tensors[n].lowrank[0].shape[1] == 2 for n in gptq)  # the tied embedding too
     name = "blocks.0.mlp.c_fc.weight"
     torch.testing.assert_close(model.state_dict()[name], tensors[name].dequantize())
     assert not torch.allclose(model.state_dict()[name], tensors[name].dequantize() - tensors[name].lowrank[0].float()

@@ -1,6 +1,6 @@
 """The speedrun techniques: the switches in submission/switches.py (partial key offset, per-layer bigram injection)
-and the second input embedding, which won its ablation and is part of the model (ModelConfig.embed2, on by default;
-off in SMALL so that each technique is tested against the model without it)."""
+and the second input embedding, which won its ablation and is part of the sp1024 model (ModelConfig.embed2, on in
+RECIPE=sp1024; off in SMALL so that each technique is tested against the model without it)."""
 from __future__ import annotations
 
 import pytest
@@ -10,10 +10,12 @@ from submission.config import ModelConfig, TrainConfig
 from submission.model import GPT, Attention, bigram_bucket, rope_tables, starts_of
 from submission.optim import build_optimizers
 from submission.switches import Speedrun, offset_keys
+from tests.tiny import SP1024_MODEL
 
 BOS = 1
-SMALL = dict(num_layers=3, model_dim=64, num_heads=2, num_kv_heads=1, xsa_last_n=3, rope_dims=8, vocab_size=64,
-             bigram_buckets=32, bigram_dim=16, value_embed_dim=16, value_embed_last_n=1, embed2=False)
+# The switches were built and measured on the sp1024 model: its features at a small size.
+SMALL = dict(SP1024_MODEL, num_layers=3, model_dim=64, num_heads=2, num_kv_heads=1, xsa_last_n=3, rope_dims=8,
+             vocab_size=64, bigram_buckets=32, bigram_dim=16, value_embed_dim=16, value_embed_last_n=1, embed2=False)
 
 
 def test_offset_keys_moves_only_the_unrotated_tail_and_never_at_position_0_or_a_bos():

@@ -648,7 +648,7 @@ def _manifest_plan(manifest: dict | None, dataset: str, variant: str, notes: lis
     return counts[0], counts[1], paths
 
 
-def download(variant: str = "sp1024", train_shards: int = 1, out: str | os.PathLike = "data",
+def download(variant: str = "sp8192", train_shards: int = 1, out: str | os.PathLike = "data",
              repo_id: str | None = None, progress: bool = True) -> DownloadReport:
     """Fetch the challenge's published data for a variant into `<out>/datasets/fineweb10B_<variant>/` (val shards
     and the first train_shards train shards) and `<out>/tokenizers/`.
@@ -820,7 +820,8 @@ def add_commands(sub) -> None:
                         description="Fetch val shards, the first N train shards and the tokenizer of a variant into "
                                     "<out>/datasets/fineweb10B_<variant>/ and <out>/tokenizers/. Resumable: valid "
                                     "files are kept, truncated ones fetched again.")
-    p.add_argument("--variant", choices=sorted(DEFAULT_REPOS), default="sp1024", help="tokenizer family (sp1024)")
+    p.add_argument("--variant", choices=sorted(DEFAULT_REPOS), default="sp8192",
+                   help="tokenizer family (sp8192: the default recipe's; sp1024: RECIPE=sp1024)")
     p.add_argument("--train-shards", type=int, required=True,
                    help="train shards to fetch (100M tokens, 200 MB each); val is always fetched whole")
     p.add_argument("--repo-id", default=None, help="Hugging Face dataset repo (default: " +

@@ -18,16 +18,17 @@ ROOT = Path(__file__).resolve().parents[1]
 # path of this machine.
 DEMO = Path("runs/demo")
 SAMPLE = Path("data/sample/sample_wiki.jsonl.xz")
-TOKENIZER = Path("data/sample/fineweb_1024_bpe.model")
+TOKENIZER = Path("data/sample/fineweb_8192_bpe.model")  # the default recipe's vocabulary
 SEEDS = "1337,42"
 RECORD_NAME = "Demo tiny CPU"
 # 5 of the sample's Wikipedia articles are ~25k validation tokens: enough for 3 score-first TTT chunks of 8,192.
 VAL_DOCS = 5
 
-# Every recipe feature stays on; only sizes shrink so that the whole demo (2 seeds, each training, quantizing and
-# evaluating) stays under 10 minutes on 2 CPU cores.
-MODEL = ["NUM_LAYERS=4", "MODEL_DIM=128", "NUM_HEADS=4", "NUM_KV_HEADS=2", "XSA_LAST_N=4", "BIGRAM_BUCKETS=512",
-         "BIGRAM_DIM=32", "VALUE_EMBED_DIM=32"]
+# The default recipe (sp8192) with every feature on; only sizes shrink (4 layers: layers 1-2 looped, parallel
+# residuals on the last 2) so that the whole demo (2 seeds, each training, quantizing and evaluating) stays under 10
+# minutes on 2 CPU cores.
+MODEL = ["NUM_LAYERS=4", "MODEL_DIM=128", "NUM_HEADS=4", "NUM_KV_HEADS=2", "XSA_LAST_N=4", "LOOP_LAYERS=1,2",
+         "PARALLEL_LAST_N=2"]
 TRAIN = ["SEQ_LEN=256", "TRAIN_BATCH_TOKENS=4096", "MICRO_BATCH_TOKENS=4096", "MAX_STEPS=100", "WARMUP_STEPS=2",
          "LOG_EVERY=20"]
 # 16 self-generated sequences of the training length instead of the record's 64 x 2048. A 128-wide model's

@@ -18,7 +18,8 @@ MIN_FP16_SCALE = 2.0 ** -24
 
 @dataclass
 class QuantConfig:
-    """How a trained model becomes integer codes. Defaults follow the record recipe (PR #1019, 1.1147 BPB)."""
+    """How a trained model becomes integer codes. Defaults follow the SP8192 recipe (PR #1460's SD clipping and GPTQ'd
+    tied embedding); RECIPE=sp1024 searches the clip per row (PR #1019)."""
     matrix_bits: int = 6
     """Attention/MLP matrices: symmetric int6 codes in [-31, 31], one float16 scale per output row."""
     embed_bits: int = 8
@@ -47,7 +48,7 @@ class QuantConfig:
     whose absmax is below it get coarser steps than their range needs: fewer bits per code for more error. Rows of a
     Muon-trained P1 model are close to Gaussian (absmax ~3-4 sigma): every candidate ended at absmax and the int6
     codes took ~5.3 bits each (18.0 MB). The quantize stage raises the floor until the model fits the cap."""
-    clip_policy: str = "search"
+    clip_policy: str = "sdclip"
     """"search": each row keeps the best of clip_sigmas (capped at its absmax) and absmax; "sdclip": one clip per
     row, k x std(row), not capped (PR #1460's SD clipping): k = sdclip_sigmas for matrices, sdclip_embed_sigmas for
     embedding tables. A clip beyond the absmax means coarser steps than the range needs: fewer bits per code."""
@@ -69,7 +70,7 @@ class QuantConfig:
     """The multipliers of the recipe's clip a matrix may get (finer steps below 1, coarser above)."""
     allocation_seqs: int = 16
     """Calibration sequences (the first ones) the sensitivity probes score on; at most calib_seqs."""
-    gptq_tied_embedding: bool = False
+    gptq_tied_embedding: bool = True
     """GPTQ the tied embedding as the output head (the Hessian of the final hidden states) instead of rounding it to
     nearest: the head's logits are what the bytes are scored on, the input lookup tolerates the error better."""
 
@@ -98,7 +99,7 @@ class QuantConfig:
             setattr(self, key, values)
         if self.bit_allocation and self.clip_policy != "sdclip":
             raise ValueError(f"BIT_ALLOCATION=1 with CLIP_POLICY={self.clip_policy!r}: the allocation scales SD "
-                             "clipping's k per matrix; set CLIP_POLICY=sdclip (RECIPE=sp8192 does)")
+                             "clipping's k per matrix; set CLIP_POLICY=sdclip (the default)")
 
     def row_clips(self, embedding: bool = False) -> tuple[tuple[float, ...], bool]:
         """(clip candidates in row stds, whether they are searched: capped at absmax, absmax a candidate too)."""

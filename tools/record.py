@@ -460,7 +460,7 @@ def readme(cfg: RecordConfig, runs: list[SeedRun], report: StatsReport, data: di
         parts += ["## Evaluation time", "",
                   _table(["seed"] + [f"{s} (s)" for s in stage_names] + ["projected full val, 8 GPUs (s)"], rows),
                   "", "Projection: the measured throughput scaled to the full FineWeb validation set "
-                  "(62,021,632 sp1024 tokens) on 8 GPUs; the evaluation cap is 600 s.", ""]
+                  "(40,540,160 sp8192 or 62,021,632 sp1024 tokens) on 8 GPUs; the evaluation cap is 600 s.", ""]
     ablations = [(run.result.seed, row) for run in runs for row in run.eval_data.get("ablation") or []]
     if ablations:
         rows = [[str(seed), str(row.get("name")), _fmt(row.get("val_loss"), ".8f"), _fmt(row.get("val_bpb"), ".8f"),
