@@ -99,3 +99,25 @@ def check_coverage(summaries: list[list[int]], num_targets: int) -> dict:
     if expected != num_targets + 1:
         return _verdict(False, f"targets {expected}..{num_targets} were never scored")
     return _verdict(True, f"each of the {num_targets:,} targets scored exactly once ({len(summaries)} shards)")
+
+
+def check_events_any_order(events: list[tuple[str, str, int, int]], first: int, end: int) -> dict:
+    """C3 for streams that score documents side by side (per-document TTT): segments may be scored in any order,
+    each target once, and every update may consume only tokens already scored (or before `first`, which precede
+    every target). An update's [lo, hi) are the tokens it read."""
+    scored = torch.zeros(end - first, dtype=torch.bool)
+    updates = 0
+    for kind, name, lo, hi in events:
+        a, b = max(lo, first) - first, max(hi, first) - first
+        if kind == "score":
+            if lo < first or hi > end or bool(scored[a:b].any()):
+                return _verdict(False, f"targets [{lo}, {hi}) scored twice or outside the stream [{first}, {end})")
+            scored[a:b] = True
+        elif hi > end or not bool(scored[a:b].all()):
+            missing = first + a + int((~scored[a:b]).nonzero()[0]) if hi <= end else end
+            return _verdict(False, f"update '{name}' consumed tokens [{lo}, {hi}) before token {missing} was scored "
+                            "(update before score)")
+        else:
+            updates += 1
+    return _verdict(True, f"{updates} updates, each after the scores of every token it consumed "
+                    f"({int(scored.sum())} of {end - first} targets scored)")

@@ -196,3 +196,21 @@ def test_c1_refuses_to_judge_a_run_that_is_not_reproducible():
 
     verdict = check_causality(noisy, tokens, 1, 100, [50], 7)
     assert not verdict["passed"] and "not reproducible" in verdict["detail"]
+
+
+def test_c3_in_any_order_lets_documents_interleave_and_catches_an_update_before_its_score():
+    """Per-document TTT scores documents side by side: chunk 2 of document B may come before chunk 1 of document A,
+    but an adapter step may read only tokens already scored (the deliberately illegal variant steps on a chunk,
+    then scores it)."""
+    from eval.compliance import check_events_any_order
+    legal = [("score", "", 1, 5), ("score", "", 9, 13), ("update", "lora", 1, 5), ("update", "lora", 9, 13),
+             ("score", "", 5, 9), ("score", "", 13, 17), ("update", "lora", 0, 9), ("update", "lora", 9, 17)]
+    assert check_events_any_order(legal, 1, 17)["passed"]
+    illegal = [("score", "", 1, 5), ("update", "lora", 5, 9), ("score", "", 5, 9)]
+    verdict = check_events_any_order(illegal, 1, 9)
+    assert not verdict["passed"] and "consumed tokens [5, 9) before token 5 was scored" in verdict["detail"]
+    partly = [("score", "", 1, 5), ("update", "lora", 1, 7)]
+    assert "before token 5 was scored" in check_events_any_order(partly, 1, 9)["detail"]
+    twice = [("score", "", 1, 5), ("score", "", 3, 7)]
+    assert "scored twice" in check_events_any_order(twice, 1, 9)["detail"]
+    assert "outside" in check_events_any_order([("score", "", 1, 12)], 1, 9)["detail"]

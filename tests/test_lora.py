@@ -1,0 +1,112 @@
+"""Per-document LoRA adapters (eval/lora.py): the model as it is at the start, rows that never mix, a reset that
+forgets, and an adapted layer's output checked against the formula."""
+import pytest
+import torch
+
+from eval.lora import BatchedLoRA, adapted_layers
+from submission.config import ModelConfig
+from submission.model import GPT
+from tests.tiny import EVERY_FEATURE_2_LAYERS
+
+TINY = dict(EVERY_FEATURE_2_LAYERS, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, xsa_last_n=2,
+            rope_dims=4, vocab_size=64, bigram_buckets=16, bigram_dim=8, value_embed_dim=8)
+
+
+def tiny_model() -> GPT:
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**TINY))
+    for p in model.parameters():  # off the zero init, so every layer's output matters
+        p.data += 0.05 * torch.randn_like(p)
+    return model.eval()
+
+
+def test_the_adapted_layers_are_every_blocks_attention_and_mlp_projections():
+    names = sorted(adapted_layers(tiny_model()))
+    assert names == sorted(f"blocks.{i}.{t}" for i in range(2)
+                           for t in ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
+    with pytest.raises(ValueError, match="match no linear layer"):
+        adapted_layers(tiny_model(), ("lm_head.nothing",))
+
+
+def test_fresh_adapters_leave_the_model_as_it_is():
+    model = tiny_model()
+    x = torch.randint(0, 64, (3, 12))
+    with torch.no_grad():
+        plain = model.logits(x)
+        with BatchedLoRA(model, rank=4, batch=3).attached():
+            adapted = model.logits(x)
+    torch.testing.assert_close(adapted, plain, rtol=0, atol=0)
+
+
+def test_an_adapted_layer_adds_x_a_transpose_b_transpose_for_its_row():
+    model = tiny_model()
+    lora = BatchedLoRA(model, rank=3, batch=2)
+    layer = lora.layers["blocks.1.mlp.c_fc"]
+    key = "blocks_1_mlp_c_fc"
+    with torch.no_grad():
+        lora.B[key].normal_()
+    x = torch.randn(2, 5, layer.in_features)
+    with torch.no_grad(), lora.attached():
+        out = layer(x)
+    for b in range(2):
+        want = x[b] @ layer.weight.T + x[b] @ lora.A[key][b].T @ lora.B[key][b].T
+        torch.testing.assert_close(out[b], want, rtol=1e-5, atol=1e-5)
+
+
+def test_rows_never_mix_and_the_loss_of_a_row_reaches_only_its_adapters():
+    model = tiny_model()
+    lora = BatchedLoRA(model, rank=4, batch=3)
+    x = torch.randint(0, 64, (3, 10))
+    with torch.no_grad():
+        for key in lora.keys:
+            lora.B[key].normal_(std=0.1)
+    with lora.attached():
+        before = model.logits(x).detach()
+        with torch.no_grad():
+            for key in lora.keys:  # another document's adapter changes
+                lora.B[key][2].normal_(std=0.1)
+        after = model.logits(x)
+        torch.testing.assert_close(after[:2], before[:2], rtol=0, atol=0)
+        assert not torch.allclose(after[2], before[2])
+        after[0].sum().backward()  # row 0's loss
+    for key in lora.keys:
+        assert lora.B[key].grad[0].abs().sum() > 0
+        assert not lora.B[key].grad[1:].any() and not lora.A[key].grad[1:].any()
+
+
+def test_rows_select_the_adapters_of_the_documents_still_running():
+    model = tiny_model()
+    lora = BatchedLoRA(model, rank=4, batch=3)
+    with torch.no_grad():
+        for key in lora.keys:
+            lora.B[key].normal_(std=0.1)
+    x = torch.randint(0, 64, (3, 8))
+    with torch.no_grad(), lora.attached():
+        every = model.logits(x)
+        lora.rows = torch.tensor([0, 2])
+        some = model.logits(x[[0, 2]])
+        lora.rows = torch.tensor([1])
+        with pytest.raises(ValueError, match="a batch of 3 rows for 1 adapters"):
+            model.logits(x)
+    torch.testing.assert_close(some, every[[0, 2]], rtol=1e-5, atol=1e-6)
+
+
+def test_reset_forgets_what_was_learned_and_detaching_restores_the_model():
+    model = tiny_model()
+    lora = BatchedLoRA(model, rank=4, batch=2)
+    first = {k: lora.A[k].detach().clone() for k in lora.keys}
+    with torch.no_grad():
+        for key in lora.keys:
+            lora.A[key].add_(1.0)
+            lora.B[key].normal_()
+    lora.reset()
+    for key in lora.keys:
+        assert torch.equal(lora.A[key], first[key]) and not lora.B[key].any()
+    x = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        plain = model.logits(x)
+        for key in lora.keys:
+            lora.B[key].normal_()
+        with lora.attached():
+            assert not torch.allclose(model.logits(x), plain)
+        torch.testing.assert_close(model.logits(x), plain, rtol=0, atol=0)  # hooks gone
