@@ -10,15 +10,61 @@ learned on one document reaches another.
 """
 from __future__ import annotations
 
+import dataclasses
+import time
+import typing
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from submission.config import apply_overrides, check_ranges
 from submission.model import CastedLinear
 
 # The layers the records adapted (PRs #1530, #1610): attention's q, k, v and output projections and the MLP's two.
 DEFAULT_TARGETS = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+@dataclass
+class LoraConfig:
+    """Per-document LoRA TTT (`pgolf eval RUN_DIR --lora-ttt`, settings as LORA_<FIELD>). Defaults follow the records
+    (PRs #1530, #1610, #1626): rank 64-96 on q/k/v/o and the MLP, AdamW about 1e-4, 32-token chunks, 64 documents
+    per batch. Not yet measured by the kit, so not yet part of the recipe: it runs in the kit, not the packed file."""
+    rank: int = 64
+    """Adapter rank per layer and document."""
+    lr: float = 1e-4
+    """AdamW learning rate of the adapters (fresh per batch of documents)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay of the adapters."""
+    chunk: int = 32
+    """Targets a document is scored in before each adapter step."""
+    batch_docs: int = 64
+    """Documents run side by side, each with its own adapter."""
+    context: int = 2048
+    """At most this many tokens of the document before a chunk are read (the training length)."""
+    compliance_tokens: int = 2048
+    """C1 re-runs the pass 4x on this many leading targets (with one cut in each half)."""
+
+    RANGES: typing.ClassVar[dict] = {"rank": ">= 1", "lr": ">= 0", "weight_decay": ">= 0", "chunk": ">= 1",
+                                     "batch_docs": ">= 1", "context": ">= 1", "compliance_tokens": ">= 2"}
+
+    def __post_init__(self):
+        check_ranges(self, "lora_")
+
+
+def apply_lora_overrides(cfg: LoraConfig, overrides: dict[str, str], source: str = "cli") -> list[str]:
+    """Set LoraConfig fields from LORA_<FIELD>=VALUE settings; 'lora_field: old -> new (source)' lines."""
+    known = {f.name for f in dataclasses.fields(cfg)}
+    fields = {}
+    for key, value in overrides.items():
+        name = key.lower().removeprefix("lora_")
+        if name not in known:
+            raise ValueError(f"unknown LoRA setting {key!r} (LORA_ + one of {', '.join(sorted(known))})")
+        fields[name] = value
+    changed = ["lora_" + line for line in apply_overrides(cfg, fields, source)]
+    cfg.__post_init__()
+    return changed
 
 
 def adapted_layers(model: nn.Module, targets: tuple[str, ...] = DEFAULT_TARGETS) -> dict[str, CastedLinear]:
@@ -83,3 +129,174 @@ class BatchedLoRA(nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
+
+
+def document_targets(tokens: Tensor, first: int, end: int, bos_id: int) -> list[tuple[int, int, int]]:
+    """The targets [first, end) cut into documents: (start, lo, hi) per document in position order, where `start`
+    is the position of its BOS (or 0 when the stream does not open with one) and [lo, hi) its targets, the tokens
+    after its BOS up to and including the next document's BOS (predicting where the document ends). A document
+    that began before `first` keeps its start: its earlier tokens are context, scored by the rank before."""
+    starts = (tokens[:end] == bos_id).nonzero().flatten().tolist()
+    if not starts or starts[0] != 0:
+        starts.insert(0, 0)
+    out = []
+    for i, start in enumerate(starts):
+        lo, hi = max(start + 1, first), min(starts[i + 1] + 1 if i + 1 < len(starts) else end, end)
+        if lo < hi:
+            out.append((start, lo, hi))
+    return out
+
+
+def score_documents(model, tokens: Tensor, first: int, end: int, *, rank: int, lr: float, chunk: int,
+                    batch_docs: int, context: int, weight_decay: float = 0.0, score_tokens: Tensor | None = None,
+                    step_before_score: bool = False, progress: bool = False):
+    """Per-document LoRA TTT over the targets [first, end) of `tokens` (1-D, on the model's device).
+
+    Documents (document_targets) go in batches of `batch_docs` consecutive ones, each row with a fresh adapter and
+    a fresh AdamW (lr, weight_decay). Each document's targets are taken `chunk` at a time: the chunk is scored from
+    the document's own prefix (at most `context` tokens back, never before its BOS: no other document is read), its
+    NLL recorded, and only then the adapter takes one step on that chunk's loss (skipped after a document's last
+    chunk: nothing would use it). The base weights never change. Returns eval.stream.StreamResult with the "model"
+    view; events allow eval.compliance.check_events_any_order (documents interleave).
+    score_tokens: the tokens targets are read from (default `tokens`), for the causality check.
+    step_before_score: the deliberately illegal variant (steps on a chunk, then scores it) that the checks catch."""
+    from tqdm import tqdm
+
+    from eval.stream import StreamResult, _check_rows
+
+    device = tokens.device
+    score_tokens = tokens if score_tokens is None else score_tokens
+    docs = document_targets(tokens, first, end, model.cfg.bos_id)
+    n = end - first
+    nll = torch.zeros(n, device=device)
+    coverage = torch.zeros(n, dtype=torch.int32, device=device)
+    norm: dict[str, Tensor] = {}
+    events: list[tuple[str, str, int, int]] = []
+    base = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in base:
+        p.requires_grad_(False)
+    lora = BatchedLoRA(model, rank, min(batch_docs, max(len(docs), 1)))
+    bar = tqdm(total=n, desc="lora ttt", unit="tok", unit_scale=True, disable=not progress, leave=False)
+    try:
+        with lora.attached():
+            for b0 in range(0, len(docs), batch_docs):
+                batch = docs[b0:b0 + batch_docs]
+                lora.reset()
+                optimizer = torch.optim.AdamW(lora.parameters(), lr=lr, weight_decay=weight_decay)
+                steps = max(-(-(hi - lo) // chunk) for _, lo, hi in batch)
+                for step in range(steps):
+                    rows, spans = [], []
+                    for row, (start, lo, hi) in enumerate(batch):
+                        c_lo = lo + step * chunk
+                        if c_lo < hi:
+                            c_hi = min(c_lo + chunk, hi)
+                            rows.append(row)
+                            spans.append((max(start, c_hi - 1 - context), c_lo, c_hi, c_hi < hi, lo))
+                    lora.rows = torch.tensor(rows, device=device)
+                    width = max(c_hi - 1 - w0 for w0, _, c_hi, *_ in spans)
+                    x = torch.zeros(len(rows), width, dtype=torch.long, device=device)  # right padding: causal
+                    for i, (w0, _, c_hi, *_) in enumerate(spans):
+                        x[i, :c_hi - 1 - w0] = tokens[w0:c_hi - 1]
+
+                    def chunk_nll():
+                        """Per active document, the NLL of its chunk's targets; and one full row for C2. The head
+                        and softmax run only at the chunk's positions."""
+                        out, row = [], None
+                        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                            h = model.hidden(x)
+                            for i, (w0, c_lo, c_hi, *_) in enumerate(spans):
+                                logp = torch.log_softmax(model.head(h[i, c_lo - 1 - w0:c_hi - 1 - w0]), -1)
+                                out.append(-logp.gather(-1, score_tokens[c_lo:c_hi, None]).squeeze(-1))
+                                row = logp[-1] if row is None else row
+                        return out, row
+
+                    def step_on(losses):
+                        live = [loss.mean() for loss, span in zip(losses, spans) if span[3] or step_before_score]
+                        if live:
+                            optimizer.zero_grad(set_to_none=True)
+                            torch.stack(live).sum().backward()
+                            optimizer.step()
+                        # what a step reads of the stream: its document's targets up to the chunk's end (the
+                        # document's BOS before them is context, the same for every target of the document)
+                        for (_, _, c_hi, more, lo) in spans:
+                            if more or step_before_score:
+                                events.append(("update", "lora", lo, c_hi))
+
+                    if step_before_score:  # illegal: the adapter learns the chunk it is about to score
+                        step_on(chunk_nll()[0])
+                    losses, row = chunk_nll()
+                    for (_, c_lo, c_hi, *_), loss in zip(spans, losses):
+                        nll[c_lo - first:c_hi - first] = loss.detach().float()
+                        coverage[c_lo - first:c_hi - first] += 1
+                        events.append(("score", "", c_lo, c_hi))
+                        bar.update(c_hi - c_lo)
+                    _check_rows(norm, "model", row.detach().float()[None])
+                    if not step_before_score:
+                        step_on(losses)
+    finally:
+        bar.close()
+        for p, flag in base:
+            p.requires_grad_(flag)
+    return StreamResult(first, end, {"model": nll}, coverage, norm, events)
+
+
+def evaluate_lora(model, val_tokens, luts, cfg: LoraConfig, rank: int = 0, world_size: int = 1,
+                  progress: bool = True, log=None) -> dict:
+    """Score the validation tokens with per-document LoRA TTT and verify the pass: the eval-JSON body (val_loss,
+    val_bpb, tokens, bytes, stages, compliance C1-C4, projection onto the full FineWeb val on 8 GPUs, config).
+    Ranks take contiguous shares of the targets; a document cut by a share boundary is context for the later rank
+    (as the sliding stream's windows are)."""
+    from eval.compliance import check_causality, check_coverage, check_events_any_order, check_normalization, \
+        coverage_summary
+    from eval.run import EVAL_GPUS, EVAL_LIMIT_S, FULL_VAL_TOKENS, distributed, view_scores
+    from eval.stream import shard_targets
+    from eval.verify import _deterministic
+
+    log = log or (lambda *fields, **kv: None)
+    device = next(model.parameters()).device
+    tokens = torch.as_tensor(val_tokens, dtype=torch.long).to(device)
+    num_targets = tokens.numel() - 1
+    first, end = shard_targets(num_targets, rank, world_size, 1)
+    settings = dict(rank=cfg.rank, lr=cfg.lr, chunk=cfg.chunk, batch_docs=cfg.batch_docs, context=cfg.context,
+                    weight_decay=cfg.weight_decay)
+    log("eval_lora_start", targets=num_targets, shard=f"[{first},{end})", world_size=world_size, **settings)
+    start = time.perf_counter()
+    result = score_documents(model, tokens, first, end, progress=progress and rank == 0, **settings)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    acc = view_scores(result, tokens, luts.to_torch(device))["model"]
+    log("eval_lora_ttt_exact", val_loss=f"{acc.val_loss:.8f}", val_bpb=f"{acc.val_bpb:.8f}", seconds=f"{seconds:.1f}")
+
+    start = time.perf_counter()
+    prefix_end = min(tokens.numel(), 1 + cfg.compliance_tokens)
+    half = max((prefix_end - 1) // 2, 1)
+    cuts = [1 + half // 2, min(1 + half + half // 2, prefix_end - 1)]
+    with _deterministic(device):
+        c1 = check_causality(lambda context, score: score_documents(model, context, 1, prefix_end,
+                                                                    score_tokens=score, **settings).nll,
+                             tokens[:prefix_end], 1, prefix_end, cuts, model.cfg.vocab_size)
+    summary = torch.tensor(coverage_summary(first, end, result.coverage), device=device)
+    c3 = check_events_any_order(result.events, first, end)
+    summaries = [summary.tolist()]
+    if distributed():
+        gathered = [torch.empty_like(summary) for _ in range(world_size)]
+        torch.distributed.all_gather(gathered, summary)
+        summaries = [g.tolist() for g in gathered]
+        flags = torch.tensor([float(c3["passed"])], device=device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
+        if c3["passed"] and not flags.item():
+            c3 = {"passed": False, "detail": "another rank's stream updated before scoring (see its log)"}
+    compliance = {"C1": c1, "C2": check_normalization(result.norm), "C3": c3,
+                  "C4": check_coverage(summaries, num_targets)}
+    log("eval_compliance", **{k: "pass" if v["passed"] else "FAIL" for k, v in compliance.items()})
+    full = FULL_VAL_TOKENS.get(model.cfg.vocab_size, FULL_VAL_TOKENS[1024])
+    projected = seconds * (full / EVAL_GPUS) / (acc.tokens / world_size)
+    projection = {"full_val_tokens": full, "gpus": EVAL_GPUS, "seconds": round(projected, 1),
+                  "over_limit": projected > EVAL_LIMIT_S}
+    log("eval_projection", full_val_tokens=full, gpus=EVAL_GPUS, seconds=projection["seconds"],
+        over_limit=str(projection["over_limit"]).lower())
+    log("final_eval_exact", val_loss=f"{acc.val_loss:.8f}", val_bpb=f"{acc.val_bpb:.8f}")
+    return {"val_loss": acc.val_loss, "val_bpb": acc.val_bpb, "tokens": acc.tokens, "bytes": acc.bytes,
+            "stages": {"lora_ttt": round(seconds, 3), "compliance": round(time.perf_counter() - start, 3)},
+            "compliance": compliance, "projection": projection, "config": {"lora": dataclasses.asdict(cfg)}}

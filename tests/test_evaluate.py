@@ -149,3 +149,26 @@ def test_a_file_given_as_the_run_directory_is_named_as_such(tmp_path, capsys):
     assert main(["eval", str(file)]) != 0
     err = capsys.readouterr().err.strip()
     assert "run directory" in err and "model.pgz is a file, expected a folder" in err and "\n" not in err
+
+
+def test_lora_ttt_is_a_verified_one_off_beside_the_run(run, capsys):
+    """`pgolf eval RUN --lora-ttt`: the per-document LoRA pass on the real artifact, C1-C4 checked (C3 in any
+    order), written beside eval.json, whose score stays; LORA_ settings name the file and need the flag."""
+    before = (run / "eval.json").read_bytes()
+    assert cli.main(["eval", str(run), "LORA_RANK=2", "LORA_BATCH_DOCS=4", "LORA_CHUNK=64", "LORA_CONTEXT=128",
+                     "LORA_LR=0.01", "LORA_COMPLIANCE_TOKENS=256", "--lora-ttt"]) == 0
+    out = capsys.readouterr().out
+    assert "eval_one_off differs:lora-ttt,lora_rank-2,lora_batch_docs-4," in out  # a long list: a hashed name
+    path = Path(re.search(r"^eval_written path:(\S+)$", out, re.M)[1])
+    assert path.parent == run and path.name != "eval.json"
+    assert (run / "eval.json").read_bytes() == before
+    result = json.loads(path.read_text())
+    assert {k: v["passed"] for k, v in result["compliance"].items()} == {"C1": True, "C2": True, "C3": True,
+                                                                            "C4": True}
+    assert result["tokens"] == 23 * 128 and result["config"]["lora"]["rank"] == 2
+    assert re.search(r"^eval_lora_ttt_exact val_loss:\S+ val_bpb:\S+ seconds:\S+$", out, re.M)
+    assert result["projection"]["gpus"] == 8
+    assert cli.main(["eval", str(run), "LORA_RANK=2"]) != 0
+    assert "LORA_ settings (lora_rank) without --lora-ttt" in capsys.readouterr().err
+    assert cli.main(["eval", str(run), "LORA_RANKK=2", "--lora-ttt"]) != 0
+    assert "unknown LoRA setting 'LORA_RANKK'" in capsys.readouterr().err

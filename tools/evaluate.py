@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from eval.bpb import build_byte_luts
+from eval.lora import LoraConfig, apply_lora_overrides, evaluate_lora
 from eval.run import EvalConfig, apply_eval_overrides
 from eval.verify import evaluate_verified
 from submission.config import ModelConfig, TrainConfig, from_dict, to_dict
@@ -127,6 +128,11 @@ def run_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"override {item!r}: expected KEY=VALUE, e.g. STRIDE=128 or NGRAM_ORDER=8")
         key, value = item.split("=", 1)
         cli[key] = value
+    lora_cfg = LoraConfig()
+    lora_changed = apply_lora_overrides(lora_cfg, {k: cli.pop(k) for k in list(cli) if k.lower().startswith("lora_")})
+    if lora_changed and not args.lora_ttt:
+        raise ValueError(f"LORA_ settings ({', '.join(line.split(':')[0] for line in lora_changed)}) without "
+                         "--lora-ttt: add --lora-ttt to run the per-document LoRA pass")
     if args.no_ttt:
         cli.update(ttt="0", hash_embed="0")
     if args.ablation:
@@ -155,6 +161,8 @@ def run_eval(args: argparse.Namespace) -> int:
     # one-off: it is written beside eval.json, which keeps the run's score and the settings later passes start from.
     # Without an eval.json nothing is recorded yet: the first pass is the run's own (unless the tokenizer differs).
     one_off = [_setting(line) for line in changed] if previous is not None else []
+    if args.lora_ttt:  # another evaluation than the run's: always beside its eval.json
+        one_off = ["lora-ttt", *one_off, *(_setting(line) for line in lora_changed)]
     if previous is not None and Path(data_dir).resolve() != Path(run_data_dir).resolve():
         one_off.append(f"data-{Path(data_dir).name}")
     if recorded and recorded["sha256"] != used["sha256"]:
@@ -164,7 +172,7 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out_path} is a folder: pass a file path, e.g. --out {out_path / 'eval.json'}")
     if rank == 0:
         writable_check(out_path, "--out")
-    for line in changed:
+    for line in changed + lora_changed:
         log("override", setting=line.replace(" ", ""))
     if one_off and not args.out:
         log("eval_one_off", differs=",".join(one_off), path=str(out_path),
@@ -186,7 +194,10 @@ def run_eval(args: argparse.Namespace) -> int:
     log("eval_artifact", artifact=str(artifact), model_bytes=artifact.stat().st_size, val_tokens=len(val_tokens),
         tokenizer=tokenizer, tokenizer_sha256=used["sha256"][:16])
 
-    body = evaluate_verified(model, val_tokens, luts, cfg, rank, world_size, progress=True, log=log)
+    if args.lora_ttt:
+        body = evaluate_lora(model, val_tokens, luts, lora_cfg, rank, world_size, progress=True, log=log)
+    else:
+        body = evaluate_verified(model, val_tokens, luts, cfg, rank, world_size, progress=True, log=log)
     out = {"seed": seed, **body, "tokenizer": used, "bytes_model": artifact.stat().st_size}
     for key in ("steps", "step_avg_ms"):
         if key in facts:
@@ -226,6 +237,10 @@ def add_commands(subparsers) -> None:
                         "tokenizer gives a wrong BPB); written as a one-off, beside eval.json")
     p.add_argument("--no-ttt", action="store_true", help="no test-time training (and so no hash embedding)")
     p.add_argument("--ablation", action="store_true", help="also score flat, sliding, +ttt, ... (3 extra passes)")
+    p.add_argument("--lora-ttt", action="store_true",
+                   help="score with per-document LoRA TTT instead (eval/lora.py; settings LORA_RANK, LORA_LR, "
+                        "LORA_CHUNK, LORA_BATCH_DOCS, LORA_CONTEXT, LORA_WEIGHT_DECAY, LORA_COMPLIANCE_TOKENS), "
+                        "checked C1-C4; written to RUN_DIR/eval_lora-ttt*.json beside eval.json")
     p.add_argument("--seed", type=int, help="seed to record when the directory has no config.json/train.log")
     p.add_argument("--out", help="output path (default: RUN_DIR/eval.json; when that holds a packed run's unverified "
                                  "result, the score is kept and the compliance report added). A one-off pass (settings,"
