@@ -1,9 +1,10 @@
-"""Per-document LoRA adapters for test-time training (issue 21): one low-rank adapter per sequence of a batch.
+"""Per-document LoRA test-time training: one low-rank adapter per document of a batch, and the scorer using them.
 
 Each row of a batch is one document with its own adapter on every chosen linear layer: the layer's output gains
-(x @ A_b^T) @ B_b^T for row b. B starts at zero, so until an adapter's first step the model scores exactly as
-without it; A starts random (std 1/sqrt(in)), so B's first gradient is not zero. The adapters ride on forward hooks:
-the model's code is unchanged, and a hooked layer inside the one q/k/v product is called on its own
+(x @ A_b^T) @ B_b^T for row b (optionally the output head too: the logits before the soft-cap gain the same). B
+starts at zero, so until an adapter's first step the model scores exactly as without it; A starts random (std
+1/sqrt(in)), so B's first gradient is not zero. The adapters ride on forward hooks (the head's on GPT.head's
+delta): the model's forward is unchanged, and a hooked layer inside the one q/k/v product is called on its own
 (submission/model.py's grouped_linear). Rows never mix: each row's output reads only its own A_b, B_b, and its loss
 reaches only them. reset() starts every row afresh, which the scorer does at each new batch of documents, so nothing
 learned on one document reaches another.
@@ -39,6 +40,8 @@ class LoraConfig:
     """AdamW weight decay of the adapters."""
     chunk: int = 32
     """Targets a document is scored in before each adapter step."""
+    head: bool = True
+    """An adapter on the output head too (its logits before the soft-cap), as the records had."""
     batch_docs: int = 64
     """Documents run side by side, each with its own adapter."""
     context: int = 2048
@@ -84,7 +87,7 @@ class BatchedLoRA(nn.Module):
     some documents of a batch have ended, the scorer runs only the others and their adapters stay in place."""
 
     def __init__(self, model: nn.Module, rank: int, batch: int, targets: tuple[str, ...] = DEFAULT_TARGETS,
-                 seed: int = 0):
+                 seed: int = 0, head: bool = False):
         super().__init__()
         if rank < 1 or batch < 1:
             raise ValueError(f"LoRA rank {rank} and batch {batch}: both must be >= 1")
@@ -96,6 +99,11 @@ class BatchedLoRA(nn.Module):
                                    for k, m in zip(self.keys, self.layers.values())})
         self.B = nn.ParameterDict({k: nn.Parameter(torch.empty(batch, m.out_features, rank, device=device))
                                    for k, m in zip(self.keys, self.layers.values())})
+        if head:  # the output head's adapter: [model_dim -> vocab], applied by the scorer through model.head's delta
+            dim, vocab = model.cfg.model_dim, model.cfg.vocab_size
+            self.keys.append("head")
+            self.A["head"] = nn.Parameter(torch.empty(batch, rank, dim, device=device))
+            self.B["head"] = nn.Parameter(torch.empty(batch, vocab, rank, device=device))
         self.rows: Tensor | None = None
         self.reset()
 
@@ -118,12 +126,19 @@ class BatchedLoRA(nn.Module):
                              "documents in the batch)")
         return torch.bmm(torch.bmm(x, A.transpose(1, 2).to(x.dtype)), B.transpose(1, 2).to(x.dtype))
 
+    def head_delta(self, i: int, h: Tensor) -> Tensor | None:
+        """The head adapter's addition to the logits of batch row i (hidden states h [T, D]); None without one."""
+        if "head" not in self.A:
+            return None
+        row = i if self.rows is None else int(self.rows[i])
+        return h @ self.A["head"][row].T.to(h.dtype) @ self.B["head"][row].T.to(h.dtype)
+
     @contextmanager
     def attached(self):
         """Inside, every adapted layer's output includes its rows' adapters (forward hooks, removed on exit)."""
         def hook(key):
             return lambda module, inputs, output: output + self.delta(key, inputs[0])
-        handles = [m.register_forward_hook(hook(k)) for k, m in zip(self.keys, self.layers.values())]
+        handles = [m.register_forward_hook(hook(k)) for k, m in zip(self.keys, self.layers.values())]  # not "head"
         try:
             yield self
         finally:
@@ -148,16 +163,17 @@ def document_targets(tokens: Tensor, first: int, end: int, bos_id: int) -> list[
 
 
 def score_documents(model, tokens: Tensor, first: int, end: int, *, rank: int, lr: float, chunk: int,
-                    batch_docs: int, context: int, weight_decay: float = 0.0, score_tokens: Tensor | None = None,
-                    step_before_score: bool = False, progress: bool = False):
+                    batch_docs: int, context: int, weight_decay: float = 0.0, head: bool = True,
+                    score_tokens: Tensor | None = None, step_before_score: bool = False, progress: bool = False):
     """Per-document LoRA TTT over the targets [first, end) of `tokens` (1-D, on the model's device).
 
     Documents (document_targets) go in batches of `batch_docs` consecutive ones, each row with a fresh adapter and
-    a fresh AdamW (lr, weight_decay). Each document's targets are taken `chunk` at a time: the chunk is scored from
-    the document's own prefix (at most `context` tokens back, never before its BOS: no other document is read), its
-    NLL recorded, and only then the adapter takes one step on that chunk's loss (skipped after a document's last
-    chunk: nothing would use it). The base weights never change. Returns eval.stream.StreamResult with the "model"
-    view; events allow eval.compliance.check_events_any_order (documents interleave).
+    a fresh AdamW (lr, weight_decay), on the block projections and (head=True) the output head. Each document's
+    targets are taken `chunk` at a time: the chunk is scored from the document's own prefix (at most `context`
+    tokens back, never before its BOS: no other document is read), its NLL recorded, and only then the adapter
+    takes one step on that chunk's loss (skipped after a document's last chunk: nothing would use it). The base
+    weights never change. Returns eval.stream.StreamResult with the "model" view; its events allow
+    eval.compliance.check_events_any_order (documents interleave).
     score_tokens: the tokens targets are read from (default `tokens`), for the causality check.
     step_before_score: the deliberately illegal variant (steps on a chunk, then scores it) that the checks catch."""
     from tqdm import tqdm
@@ -175,7 +191,7 @@ def score_documents(model, tokens: Tensor, first: int, end: int, *, rank: int, l
     base = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in base:
         p.requires_grad_(False)
-    lora = BatchedLoRA(model, rank, min(batch_docs, max(len(docs), 1)))
+    lora = BatchedLoRA(model, rank, min(batch_docs, max(len(docs), 1)), head=head)
     bar = tqdm(total=n, desc="lora ttt", unit="tok", unit_scale=True, disable=not progress, leave=False)
     try:
         with lora.attached():
@@ -205,7 +221,8 @@ def score_documents(model, tokens: Tensor, first: int, end: int, *, rank: int, l
                         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
                             h = model.hidden(x)
                             for i, (w0, c_lo, c_hi, *_) in enumerate(spans):
-                                logp = torch.log_softmax(model.head(h[i, c_lo - 1 - w0:c_hi - 1 - w0]), -1)
+                                h_i = h[i, c_lo - 1 - w0:c_hi - 1 - w0]
+                                logp = torch.log_softmax(model.head(h_i, lora.head_delta(i, h_i)), -1)
                                 out.append(-logp.gather(-1, score_tokens[c_lo:c_hi, None]).squeeze(-1))
                                 row = logp[-1] if row is None else row
                         return out, row
@@ -258,7 +275,7 @@ def evaluate_lora(model, val_tokens, luts, cfg: LoraConfig, rank: int = 0, world
     num_targets = tokens.numel() - 1
     first, end = shard_targets(num_targets, rank, world_size, 1)
     settings = dict(rank=cfg.rank, lr=cfg.lr, chunk=cfg.chunk, batch_docs=cfg.batch_docs, context=cfg.context,
-                    weight_decay=cfg.weight_decay)
+                    weight_decay=cfg.weight_decay, head=cfg.head)
     log("eval_lora_start", targets=num_targets, shard=f"[{first},{end})", world_size=world_size, **settings)
     start = time.perf_counter()
     result = score_documents(model, tokens, first, end, progress=progress and rank == 0, **settings)

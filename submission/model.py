@@ -485,10 +485,13 @@ class GPT(nn.Module):
             cache.advance(idx)
         return self.final_norm(x)
 
-    def head(self, h: Tensor) -> Tensor:
-        """Soft-capped logits in fp32 [..., V] from final hidden states (the tied embedding, or lm_head)."""
+    def head(self, h: Tensor, delta: Tensor | None = None) -> Tensor:
+        """Soft-capped logits in fp32 [..., V] from final hidden states (the tied embedding, or lm_head); `delta` is
+        added before the cap (a test-time adapter's, eval/lora.py)."""
         w = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         z = F.linear(h, w.to(h.dtype)).float()
+        if delta is not None:
+            z = z + delta.float()
         c = self.cfg.logit_softcap
         return c * torch.tanh(z / c) if c else z
 

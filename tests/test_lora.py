@@ -181,3 +181,19 @@ def test_lora_ttt_is_causal_and_the_illegal_variant_is_caught():
     events = _score(model, tokens, step_before_score=True).events
     verdict = check_events_any_order(events, 1, end)
     assert not verdict["passed"] and "update before score" in verdict["detail"]
+
+
+def test_the_head_adapter_adds_to_the_logits_before_the_cap_for_its_row_only():
+    model = tiny_model()
+    lora = BatchedLoRA(model, rank=3, batch=3, head=True)
+    h = torch.randn(4, 32)
+    assert not lora.head_delta(1, h).any()  # B starts at zero
+    with torch.no_grad():
+        lora.B["head"].normal_()
+    lora.rows = torch.tensor([2, 0])
+    delta = lora.head_delta(0, h)  # batch row 0 runs document 2
+    torch.testing.assert_close(delta, h @ lora.A["head"][2].T @ lora.B["head"][2].T)
+    c = model.cfg.logit_softcap
+    want = c * torch.tanh((h @ model.tok_emb.weight.T + delta) / c)
+    torch.testing.assert_close(model.head(h, delta), want, rtol=1e-5, atol=1e-5)
+    assert lora.head_delta(0, h).shape == (4, 64) and BatchedLoRA(model, 3, 3).head_delta(0, h) is None
