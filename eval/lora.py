@@ -42,6 +42,15 @@ class LoraConfig:
     """Targets a document is scored in before each adapter step."""
     head: bool = True
     """An adapter on the output head too (its logits before the soft-cap), as the records had."""
+    phases: int = 0
+    """Global phases: once phase_docs, 2 x phase_docs, ... documents are scored, one epoch of SGD on the base weights
+    over exactly those documents (the records: 3 phases, -0.0008 vs 1). 0: off until measured here."""
+    phase_docs: int = 2000
+    """Documents scored between global phases (the records' 2,000)."""
+    phase_lr: float = 1e-3
+    """SGD learning rate of a global phase."""
+    phase_momentum: float = 0.9
+    """SGD momentum of a global phase."""
     batch_docs: int = 64
     """Documents run side by side, each with its own adapter."""
     context: int = 2048
@@ -50,7 +59,9 @@ class LoraConfig:
     """C1 re-runs the pass 4x on this many leading targets (with one cut in each half)."""
 
     RANGES: typing.ClassVar[dict] = {"rank": ">= 1", "lr": ">= 0", "weight_decay": ">= 0", "chunk": ">= 1",
-                                     "batch_docs": ">= 1", "context": ">= 1", "compliance_tokens": ">= 2"}
+                                     "batch_docs": ">= 1", "context": ">= 1", "compliance_tokens": ">= 2",
+                                     "phases": ">= 0", "phase_docs": ">= 1", "phase_lr": ">= 0",
+                                     "phase_momentum": "[0, 1)"}
 
     def __post_init__(self):
         check_ranges(self, "lora_")
@@ -163,8 +174,10 @@ def document_targets(tokens: Tensor, first: int, end: int, bos_id: int) -> list[
 
 
 def score_documents(model, tokens: Tensor, first: int, end: int, *, rank: int, lr: float, chunk: int,
-                    batch_docs: int, context: int, weight_decay: float = 0.0, head: bool = True,
-                    score_tokens: Tensor | None = None, step_before_score: bool = False, progress: bool = False):
+                    batch_docs: int, context: int, weight_decay: float = 0.0, head: bool = True, phases: int = 0,
+                    phase_docs: int = 2000, phase_lr: float = 1e-3, phase_momentum: float = 0.9,
+                    score_tokens: Tensor | None = None,
+                    step_before_score: bool = False, progress: bool = False):
     """Per-document LoRA TTT over the targets [first, end) of `tokens` (1-D, on the model's device).
 
     Documents (document_targets) go in batches of `batch_docs` consecutive ones, each row with a fresh adapter and
@@ -172,8 +185,10 @@ def score_documents(model, tokens: Tensor, first: int, end: int, *, rank: int, l
     targets are taken `chunk` at a time: the chunk is scored from the document's own prefix (at most `context`
     tokens back, never before its BOS: no other document is read), its NLL recorded, and only then the adapter
     takes one step on that chunk's loss (skipped after a document's last chunk: nothing would use it). The base
-    weights never change. Returns eval.stream.StreamResult with the "model" view; its events allow
-    eval.compliance.check_events_any_order (documents interleave).
+    weights change only in `phases` global phases: once phase_docs, 2 x phase_docs, ... documents are scored (at the
+    end of the batch that reaches the count), one epoch of SGD (phase_lr, phase_momentum) over exactly the documents
+    scored so far; the model is restored afterwards. Returns eval.stream.StreamResult with the "model" view; its
+    events allow eval.compliance.check_events_any_order (documents interleave).
     score_tokens: the tokens targets are read from (default `tokens`), for the causality check.
     step_before_score: the deliberately illegal variant (steps on a chunk, then scores it) that the checks catch."""
     from tqdm import tqdm
@@ -191,11 +206,15 @@ def score_documents(model, tokens: Tensor, first: int, end: int, *, rank: int, l
     base = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in base:
         p.requires_grad_(False)
-    lora = BatchedLoRA(model, rank, min(batch_docs, max(len(docs), 1)), head=head)
+    # Nothing here may depend on how many documents follow (C1 caught a phase schedule that did): always
+    # batch_docs adapters, and phases after fixed document counts.
+    lora = BatchedLoRA(model, rank, batch_docs, head=head)
+    phase_at = [k * phase_docs for k in range(1, phases + 1)]
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()} if phases else None
     bar = tqdm(total=n, desc="lora ttt", unit="tok", unit_scale=True, disable=not progress, leave=False)
     try:
-        with lora.attached():
-            for b0 in range(0, len(docs), batch_docs):
+        for b0 in range(0, len(docs), batch_docs):
+            with lora.attached():
                 batch = docs[b0:b0 + batch_docs]
                 lora.reset()
                 optimizer = torch.optim.AdamW(lora.parameters(), lr=lr, weight_decay=weight_decay)
@@ -250,11 +269,53 @@ def score_documents(model, tokens: Tensor, first: int, end: int, *, rank: int, l
                     _check_rows(norm, "model", row.detach().float()[None])
                     if not step_before_score:
                         step_on(losses)
+            done = b0 + len(batch)
+            if phase_at and done >= phase_at[0] and done < len(docs):  # on the base weights, the documents so far
+                phase_at.pop(0)
+                global_phase(model, tokens, docs[:done], lr=phase_lr, momentum=phase_momentum, context=context,
+                             batch_seqs=batch_docs)
+                events.extend(("update", "phase", lo, hi) for _, lo, hi in docs[:done])
     finally:
         bar.close()
         for p, flag in base:
             p.requires_grad_(flag)
+        if initial is not None:
+            model.load_state_dict(initial)
     return StreamResult(first, end, {"model": nll}, coverage, norm, events)
+
+
+def global_phase(model, tokens: Tensor, docs: list[tuple[int, int, int]], *, lr: float, momentum: float,
+                 context: int, batch_seqs: int) -> None:
+    """One epoch of SGD with momentum on the base weights (no adapters attached) over documents already scored:
+    the next-token loss of each document's targets, in pieces of at most `context` targets read from inside the
+    document only, `batch_seqs` pieces per step (right-padded; the padding is never a target)."""
+    device = tokens.device
+    pieces = [(max(start, b - 1 - context), a, b) for start, lo, hi in docs
+              for a, b in ((a, min(a + context, hi)) for a in range(lo, hi, context))]
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum)
+    try:
+        for i in range(0, len(pieces), batch_seqs):
+            group = pieces[i:i + batch_seqs]
+            width = max(b - 1 - w0 for w0, _, b in group)
+            x = torch.zeros(len(group), width, dtype=torch.long, device=device)
+            y = torch.full((len(group), width), -100, dtype=torch.long, device=device)
+            for j, (w0, a, b) in enumerate(group):
+                x[j, :b - 1 - w0] = tokens[w0:b - 1]
+                y[j, a - 1 - w0:b - 1 - w0] = tokens[a:b]
+            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                z = model.logits(x)
+            loss = torch.nn.functional.cross_entropy(z.flatten(0, 1).float(), y.flatten(), ignore_index=-100)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+            p.grad = None
 
 
 def evaluate_lora(model, val_tokens, luts, cfg: LoraConfig, rank: int = 0, world_size: int = 1,
@@ -275,7 +336,8 @@ def evaluate_lora(model, val_tokens, luts, cfg: LoraConfig, rank: int = 0, world
     num_targets = tokens.numel() - 1
     first, end = shard_targets(num_targets, rank, world_size, 1)
     settings = dict(rank=cfg.rank, lr=cfg.lr, chunk=cfg.chunk, batch_docs=cfg.batch_docs, context=cfg.context,
-                    weight_decay=cfg.weight_decay, head=cfg.head)
+                    weight_decay=cfg.weight_decay, head=cfg.head, phases=cfg.phases, phase_docs=cfg.phase_docs,
+                    phase_lr=cfg.phase_lr, phase_momentum=cfg.phase_momentum)
     log("eval_lora_start", targets=num_targets, shard=f"[{first},{end})", world_size=world_size, **settings)
     start = time.perf_counter()
     result = score_documents(model, tokens, first, end, progress=progress and rank == 0, **settings)

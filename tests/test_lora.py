@@ -197,3 +197,27 @@ def test_the_head_adapter_adds_to_the_logits_before_the_cap_for_its_row_only():
     want = c * torch.tanh((h @ model.tok_emb.weight.T + delta) / c)
     torch.testing.assert_close(model.head(h, delta), want, rtol=1e-5, atol=1e-5)
     assert lora.head_delta(0, h).shape == (4, 64) and BatchedLoRA(model, 3, 3).head_delta(0, h) is None
+
+
+def test_a_global_phase_trains_the_base_weights_on_exactly_the_documents_scored_before_it():
+    """phases=1 every 3 documents, 5 documents in batches of 2: after the second batch (4 documents) one epoch of
+    SGD on the base weights over those 4; the fifth document is scored with the new weights, the first four exactly
+    as without the phase. Legal (C1, C3) and the model is restored. (C1 caught an earlier schedule that placed the
+    phases by the total document count: a count that depends on tokens not yet scored.)"""
+    from eval.compliance import check_causality, check_events_any_order
+    model = tiny_model()
+    tokens = _stream()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = _score(model, tokens).nll["model"]
+    phased = _score(model, tokens, phases=1, phase_docs=3, phase_lr=0.05)  # reached by the second batch
+    fifth = 87  # the fifth document's first target (its BOS is at 86)
+    assert torch.equal(phased.nll["model"][:fifth - 1], plain[:fifth - 1])
+    assert not torch.allclose(phased.nll["model"][fifth - 1:], plain[fifth - 1:])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert check_events_any_order(phased.events, 1, tokens.numel())["passed"]
+    phase_updates = [e for e in phased.events if e[1] == "phase"]
+    assert [(lo, hi) for _, _, lo, hi in phase_updates] == [(1, 25), (25, 33), (33, 74), (74, 87)]
+    def run(context, score):
+        return _score(model, context, score_tokens=score, phases=1, phase_docs=3, phase_lr=0.05).nll
+
+    assert check_causality(run, tokens, 1, tokens.numel(), [30, 60, 100], 64)["passed"]
