@@ -1,4 +1,5 @@
-"""Tests for tools/data.py: build vs the reference prep_shards.py, tokenizer settings, verify/info, download."""
+"""Tests for tools/data.py: build vs the reference prep_shards.py, tokenizer settings, the tune split, verify/info,
+download."""
 from __future__ import annotations
 
 import gzip
@@ -49,6 +50,21 @@ def write_xz(path: Path, lines: list[str]) -> Path:
 
 def files_of(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def split_docs(folder: Path, split: str) -> list[tuple[int, ...]]:
+    """A split's documents read independently of tools/data.py: the shards' tokens in name order, cut before
+    every BOS (1)."""
+    tokens = np.concatenate([read_shard(p) for p in sorted(folder.glob(f"fineweb_{split}_*.bin"))] or [[]])
+    return [tuple(d.tolist()) for d in np.split(tokens, np.flatnonzero(tokens == 1)) if d.size]
+
+
+def raw_sha256(folder: Path, split: str) -> str:
+    """sha256 of a split's token bytes straight from the files (everything after each header, shards in order)."""
+    h = hashlib.sha256()
+    for path in sorted(folder.glob(f"fineweb_{split}_*.bin")):
+        h.update(path.read_bytes()[HEADER_BYTES:])
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------- build
@@ -141,11 +157,219 @@ def test_build_cli_prints_fingerprint(tmp_path, capsys):
     assert rc == 2 and "missing.jsonl not found" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["download", "build", "tokenizer", "verify", "info"])
+@pytest.mark.parametrize("command", ["download", "build", "tokenizer", "split", "verify", "info"])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["data", command, "--help"])
     assert exit_info.value.code == 0 and len(capsys.readouterr().out) > 400
+
+
+# ---------------------------------------------------------------------------------------------------- tune split
+
+def test_build_tune_docs_are_the_documents_after_val_and_not_in_train(tmp_path):
+    report = data.build_shards([SAMPLE], SP1024, tmp_path, val_docs=10, tune_docs=20, shard_tokens=200_000, workers=1,
+                               progress=False)
+    sp = spm.SentencePieceProcessor(model_file=str(SP1024))
+    expected = [tuple([1] + sp.encode(json.loads(line)["text"])) for line in sample_lines()]
+    val, tune, train = (split_docs(tmp_path, s) for s in ("val", "tune", "train"))
+    assert (val, tune, train) == (expected[:10], expected[10:30], expected[30:])
+    assert not set(tune) & set(train) and not set(tune) & set(val)
+    assert report.docs == {"val": 10, "train": 217, "tune": 20}
+    assert report.tokens["tune"] == sum(map(len, tune)) and report.shards["tune"] == ["fineweb_tune_000000.bin"]
+    assert report.tune_fingerprint == raw_sha256(tmp_path, "tune") != report.val_fingerprint
+    assert len(report.shards["train"]) > 1  # the train shards are cut as before, after the tune documents
+
+
+def test_build_tune_docs_errors_and_stale_tune_shards(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="tune_docs -1 must be >= 0"):
+        data.build_shards([SAMPLE], SP1024, out, val_docs=10, tune_docs=-1, workers=1, progress=False)
+    with pytest.raises(ValueError, match="with split 'val'"):
+        data.build_shards([SAMPLE], SP1024, out, split="val", tune_docs=5, workers=1, progress=False)
+    with pytest.raises(ValueError, match=r"--tune-docs 10 after 240 val documents needs 250 documents but \S*"
+                                         r"sample_wiki\.jsonl\.xz hold only 247; pass --tune-docs 7 or fewer"):
+        data.build_shards([SAMPLE], SP1024, out, val_docs=240, tune_docs=10, workers=1, progress=False)
+    assert list(out.iterdir()) == []  # nothing written, no staging folder
+    data.build_shards([SAMPLE], SP1024, out, val_docs=10, tune_docs=5, workers=1, progress=False)
+    # A train split rebuilt beside old tune shards would share documents with them: they count as existing shards.
+    with pytest.raises(ValueError, match="already has 3 val/train/tune shards"):
+        data.build_shards([SAMPLE], SP1024, out, val_docs=10, workers=1, progress=False)
+    report = data.build_shards([SAMPLE], SP1024, out, val_docs=10, overwrite=True, workers=1, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["fineweb_train_000000.bin", "fineweb_val_000000.bin"]
+    assert report.tune_fingerprint is None and "tune" not in report.docs
+    plain = tmp_path / "plain"
+    data.build_shards([SAMPLE], SP1024, plain, val_docs=10, tune_docs=0, workers=1, progress=False)
+    assert files_of(plain) == files_of(out)  # tune_docs=0 changes nothing
+
+
+def test_split_moves_the_last_train_documents_into_tune(tmp_path):
+    data.build_shards([SAMPLE], SP1024, tmp_path, val_docs=10, shard_tokens=200_000, workers=1, progress=False)
+    before, val_files = split_docs(tmp_path, "train"), (tmp_path / "fineweb_val_000000.bin").read_bytes()
+    train_shards = sorted(p.name for p in tmp_path.glob("fineweb_train_*.bin"))
+    last_shard_docs = np.count_nonzero(read_shard(tmp_path / train_shards[-1]) == 1)
+    n = 60
+    assert n > last_shard_docs + 1  # the cut lies in an earlier shard than the last
+    report = data.split_tune(tmp_path, n, shard_tokens=200_000)
+    train, tune = split_docs(tmp_path, "train"), split_docs(tmp_path, "tune")
+    assert train + tune == before and tune == before[-n:] and len(train) == 237 - n
+    assert (report.tune_docs, report.train_docs) == (n, 237 - n)
+    assert report.tune_tokens == sum(map(len, tune)) and report.train_tokens == sum(map(len, train))
+    assert report.tune_fingerprint == raw_sha256(tmp_path, "tune")
+    assert report.removed == [train_shards[-1]] and report.rewritten == [train_shards[-2]]
+    assert report.train_shards == train_shards[:-1] == sorted(p.name for p in tmp_path.glob("fineweb_train_*.bin"))
+    assert report.tune_shards == ["fineweb_tune_000000.bin", "fineweb_tune_000001.bin"]  # 200,000 tokens each
+    assert (tmp_path / "fineweb_val_000000.bin").read_bytes() == val_files
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder or temp file left
+    verified = data.verify_dataset(tmp_path, progress=False)
+    assert verified.ok and verified.tune.docs == n and verified.tune_fingerprint == report.tune_fingerprint
+    snapshot = files_of(tmp_path)
+    with pytest.raises(ValueError, match="already has 2 tune shards .*delete fineweb_tune_"):
+        data.split_tune(tmp_path, 5)
+    assert files_of(tmp_path) == snapshot
+
+
+def test_split_cuts_at_a_document_start_across_shard_boundaries(tmp_path):
+    write_shard(tmp_path / "fineweb_train_000000.bin", [1, 2, 3, 1, 4])  # [1, 4] continues in the next shard
+    write_shard(tmp_path / "fineweb_train_000001.bin", [5, 6, 1, 7])
+    report = data.split_tune(tmp_path, 2)
+    assert read_shard(tmp_path / "fineweb_tune_000000.bin").tolist() == [1, 4, 5, 6, 1, 7]
+    assert read_shard(tmp_path / "fineweb_train_000000.bin").tolist() == [1, 2, 3]
+    assert not (tmp_path / "fineweb_train_000001.bin").exists()
+    assert (report.rewritten, report.removed, report.train_docs, report.train_tokens) == (
+        ["fineweb_train_000000.bin"], ["fineweb_train_000001.bin"], 1, 3)
+
+    cut_at_start = tmp_path / "b"
+    cut_at_start.mkdir()
+    for i, part in enumerate([[1, 2, 3], [1, 4, 5], [1, 6]]):
+        write_shard(cut_at_start / f"fineweb_train_{i:06d}.bin", part)
+    report = data.split_tune(cut_at_start, 2)  # the cut is shard 1's first token: that shard goes whole
+    assert sorted(p.name for p in cut_at_start.iterdir()) == ["fineweb_train_000000.bin", "fineweb_tune_000000.bin"]
+    assert read_shard(cut_at_start / "fineweb_tune_000000.bin").tolist() == [1, 4, 5, 1, 6]
+    assert report.rewritten == [] and report.removed == ["fineweb_train_000001.bin", "fineweb_train_000002.bin"]
+
+
+def test_split_refuses_to_empty_train_and_leaves_the_files_unchanged(tmp_path):
+    data.build_shards([SAMPLE], SP1024, tmp_path, val_docs=10, shard_tokens=200_000, workers=1, progress=False)
+    snapshot = files_of(tmp_path)
+    for n in (237, 500):
+        with pytest.raises(ValueError, match=r"--tune-docs \d+ but the train split in \S+ holds 237 documents "
+                                             r"\(BOS 1\) and must keep at least one; pass --tune-docs 236 or fewer"):
+            data.split_tune(tmp_path, n)
+    with pytest.raises(ValueError, match="--tune-docs 0 must be >= 1"):
+        data.split_tune(tmp_path, 0)
+    assert files_of(tmp_path) == snapshot  # no shard changed, no staging folder
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    write_shard(cut / "fineweb_train_000000.bin", [5, 6, 1, 7, 8, 1, 9])  # starts inside a document
+    with pytest.raises(ValueError, match="holds 2 documents"):
+        data.split_tune(cut, 2)  # train would keep only the cut-off [5, 6]
+    data.split_tune(cut, 1)
+    assert read_shard(cut / "fineweb_train_000000.bin").tolist() == [5, 6, 1, 7, 8]
+
+
+def test_verify_reports_tune_and_fails_on_tune_overlap(tmp_path, capsys):
+    build = data.build_shards([SAMPLE], SP1024, tmp_path, val_docs=10, tune_docs=20, workers=1, progress=False)
+    report = data.verify_dataset(tmp_path, progress=False)
+    assert (report.tune.docs, report.tune.tokens, report.tune.shards) == (20, build.tokens["tune"],
+                                                                          ["fineweb_tune_000000.bin"])
+    assert report.tune_fingerprint == build.tune_fingerprint and report.ok
+    assert (report.tune_train_overlap_docs, report.tune_val_overlap_docs, report.overlap_docs) == (0, 0, 0)
+
+    tune_path, train_path = tmp_path / "fineweb_tune_000000.bin", tmp_path / "fineweb_train_000000.bin"
+    tune, train = read_shard(tune_path), read_shard(train_path)
+    starts = np.flatnonzero(tune == 1)
+    cut = np.flatnonzero(train == 1)[50]
+    write_shard(train_path, np.concatenate([train[:cut], tune[starts[3]:starts[4]], train[cut:]]))
+    report = data.verify_dataset(tmp_path, progress=False)
+    assert (report.tune_train_overlap_docs, report.tune_val_overlap_docs, report.overlap_docs) == (1, 0, 0)
+    assert not report.ok and "1 of 20 tune documents also appear verbatim in train" in report.problems[0]
+    assert data.verify_dataset(tmp_path, max_overlap_docs=1, progress=False).ok
+    assert main(["data", "verify", str(tmp_path), "--quiet"]) == 1
+    captured = capsys.readouterr()
+    assert "tune_docs:20" in captured.out and "tune_train_overlap_docs:1" in captured.out
+    assert f"tune_fingerprint:{build.tune_fingerprint}" in captured.out and "verify:fail" in captured.out
+    assert "tune documents also appear verbatim in train" in captured.err
+
+    write_shard(train_path, train)
+    val = read_shard(tmp_path / "fineweb_val_000000.bin")
+    write_shard(tune_path, np.concatenate([tune, val[np.flatnonzero(val == 1)[2]:np.flatnonzero(val == 1)[3]]]))
+    report = data.verify_dataset(tmp_path, progress=False)
+    assert (report.tune_train_overlap_docs, report.tune_val_overlap_docs, report.tune.docs) == (0, 1, 21)
+    assert not report.ok and "1 of 21 tune documents also appear verbatim in val" in report.problems[0]
+    assert main(["data", "info", str(tmp_path), "--quiet", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["tune_val_overlap_docs"] == 1 and info["tune"]["docs"] == 21 and info["ok"] is False
+
+
+def test_the_trainer_never_reads_tune_shards(tmp_path, monkeypatch):
+    """The trainer's own shard pattern (captured from submission.train) matches train shards only, so a folder with
+    a tune split trains on exactly the batches of the same folder without it."""
+    import submission.train as trainer
+    from submission.config import ModelConfig, TrainConfig
+    from submission.data import TokenLoader
+
+    with_tune = tmp_path / "with_tune"
+    data.build_shards([SAMPLE], SP1024, with_tune, val_docs=10, shard_tokens=200_000, workers=1, progress=False)
+    data.split_tune(with_tune, 40)
+    without = tmp_path / "without"
+    without.mkdir()
+    for path in with_tune.glob("fineweb_[vt][ar]*_*.bin"):  # val and train, not tune
+        shutil.copyfile(path, without / path.name)
+    assert len(list(with_tune.glob("fineweb_tune_*.bin"))) == 1 and not list(without.glob("fineweb_tune_*"))
+
+    patterns = []
+
+    class Captured(Exception):
+        pass
+
+    class Recording(TokenLoader):
+        def __init__(self, pattern, *args, **kwargs):
+            patterns.append(pattern)
+            raise Captured
+
+    monkeypatch.setattr(trainer, "TokenLoader", Recording)
+    with pytest.raises(Captured):
+        trainer.train(ModelConfig(vocab_size=1024, num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2,
+                                  xsa_last_n=4, rope_dims=8, loop_layers=(1, 2), parallel_last_n=2),
+                      TrainConfig(data_dir=str(with_tune), tokenizer_path=str(SP1024), run_dir=str(tmp_path / "run"),
+                                  seq_len=64, train_batch_tokens=1024, micro_batch_tokens=1024, max_steps=1))
+    pattern = patterns[0]
+    assert pattern.startswith(str(with_tune))
+    loaders = [TokenLoader(pattern.replace(str(with_tune), str(folder), 1), 4096, 64, shuffle=shuffle)
+               for folder in (with_tune, without) for shuffle in (False, True)]
+    assert [Path(p).name for p in loaders[0].paths] == sorted(p.name for p in without.glob("fineweb_train_*"))
+    for a, b in ((loaders[0], loaders[2]), (loaders[1], loaders[3])):
+        for _ in range(300):  # in order: 300 * 4097 tokens, past the train split's end (the loader wraps around)
+            for (xa, ya), (xb, yb) in zip(a.next_batch(), b.next_batch(), strict=True):
+                np.testing.assert_array_equal(xa, xb)
+                np.testing.assert_array_equal(ya, yb)
+
+
+def test_tune_cli_build_split_and_verify(tmp_path, capsys):
+    built = tmp_path / "built"
+    assert main(["data", "build", str(SAMPLE), "--tokenizer", str(SP1024), "--out", str(built), "--split", "train",
+                 "--tune-docs", "5", "--workers", "1", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "tune_docs:5" in out and "train_docs:242" in out and "val_docs" not in out
+    assert f"tune_fingerprint:{raw_sha256(built, 'tune')}" in out
+    assert main(["data", "split", str(built), "--tune-docs", "3"]) == 2
+    assert "already has 1 tune shards" in capsys.readouterr().err
+    assert main(["data", "build", str(SAMPLE), "--tokenizer", str(SP1024), "--out", str(tmp_path / "x"), "--split",
+                 "val", "--tune-docs", "5", "--quiet"]) == 2
+    assert "with split 'val'" in capsys.readouterr().err
+
+    folder = tmp_path / "downloaded"
+    data.build_shards([SAMPLE], SP1024, folder, val_docs=10, workers=1, progress=False)
+    assert main(["data", "split", str(folder), "--tune-docs", "0"]) == 2
+    assert "--tune-docs 0 must be >= 1" in capsys.readouterr().err
+    assert main(["data", "split", str(folder), "--tune-docs", "4", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "tune_docs:4\n" in out and "train_docs:233\n" in out and "split:ok" in out
+    assert f"tune_fingerprint:{raw_sha256(folder, 'tune')}" in out
+    assert "train_shard_rewritten:fineweb_train_000000.bin" in out
+    assert main(["data", "verify", str(folder), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "tune_docs:4\n" in out and "tune_train_overlap_docs:0" in out and "verify:ok" in out
 
 
 # ---------------------------------------------------------------------------------------------------- tokenizer

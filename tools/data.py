@@ -1,4 +1,5 @@
-"""`pgolf data`: download the challenge's shards, build shards from documents, train a tokenizer, verify a dataset."""
+"""`pgolf data`: download the challenge's shards, build shards from documents, train a tokenizer, hold out a tune
+split, verify a dataset."""
 from __future__ import annotations
 
 import argparse
@@ -23,9 +24,13 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.utils import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 from tqdm import tqdm
 
-from submission.data import TOKENS_PER_SHARD, ShardError, read_header, read_shard, shard_paths, write_shard
+from submission.data import (HEADER_BYTES, TOKENS_PER_SHARD, ShardError, read_header, read_shard, shard_paths,
+                             write_shard)
 
 SPLITS = ("val", "train")
+# Held-out training documents for choosing evaluation settings (issue 21): never trained on (the trainer globs only
+# fineweb_train_*.bin) and never the val set, so tuning cannot fit the score it is judged by.
+TUNE = "tune"
 
 
 def _bar(progress: bool, **kwargs) -> tqdm:
@@ -129,12 +134,16 @@ def _encode_chunk(task: tuple[str, list[str]]) -> tuple[str, np.ndarray, int]:
     return split, np.array(ids, dtype=np.uint16), len(texts)
 
 
-def _tasks(texts: Iterator[str], split: str | None, val_docs: int | None) -> Iterator[tuple[str, list[str]]]:
-    """Chunks of documents tagged with their split; a chunk never straddles the val/train boundary."""
+def _tasks(texts: Iterator[str], split: str | None, val_docs: int | None,
+           tune_docs: int = 0) -> Iterator[tuple[str, list[str]]]:
+    """Chunks of documents tagged with their split: the first val_docs val (none with split), the next tune_docs
+    tune, the rest split or train. A chunk never straddles a split boundary."""
+    val_end = 0 if split else val_docs
+    tune_end = val_end + tune_docs
     chunk: list[str] = []
     chunk_split = None
     for index, text in enumerate(texts):
-        doc_split = split or ("val" if index < val_docs else "train")
+        doc_split = "val" if index < val_end else TUNE if index < tune_end else split or "train"
         if chunk and (doc_split != chunk_split or len(chunk) == DOC_CHUNK):
             yield chunk_split, chunk
             chunk = []
@@ -191,26 +200,32 @@ class _ShardWriter:
 @dataclass
 class BuildReport:
     """What `build_shards` wrote: per written split the document count, token count and shard file names;
-    val_fingerprint is sha256 of the val tokens (as `pgolf data verify` computes it), None without val."""
+    val_fingerprint is sha256 of the val tokens (as `pgolf data verify` computes it), None without val;
+    tune_fingerprint the same of the tune tokens, None without a tune split (it identifies the documents a setting
+    was tuned on, as val_fingerprint identifies the scored ones)."""
     out: str
     tokenizer: str
     docs: dict[str, int]
     tokens: dict[str, int]
     shards: dict[str, list[str]]
     val_fingerprint: str | None
+    tune_fingerprint: str | None = None
 
 
 def build_shards(docs: Iterable[str | os.PathLike], tokenizer: str | os.PathLike, out: str | os.PathLike, *,
                  split: str | None = None, val_docs: int | None = None, val_fraction: float | None = None,
-                 workers: int | None = None, shard_tokens: int = TOKENS_PER_SHARD, overwrite: bool = False,
-                 progress: bool = True) -> BuildReport:
+                 tune_docs: int = 0, workers: int | None = None, shard_tokens: int = TOKENS_PER_SHARD,
+                 overwrite: bool = False, progress: bool = True) -> BuildReport:
     """Tokenize documents into challenge shards `fineweb_<split>_%06d.bin` in out.
 
     Exactly one of: split ("val" or "train": every document goes there), val_docs (the first N documents are
-    val, the rest train) or val_fraction (the first round(F * total) documents are val). Splits are by whole
-    document, so no document is in both. Output is byte-identical to the reference prep_shards.py. Shards are
-    staged in a hidden folder inside out and renamed into place only when every document was encoded, so bad
-    input leaves nothing behind; existing shards of a written split are an error unless overwrite.
+    val, the rest train) or val_fraction (the first round(F * total) documents are val). tune_docs N > 0 sends the
+    next N documents (after val; the first N with split="train") to a third split, tune (fineweb_tune_*.bin): held-out
+    training documents to choose evaluation settings on, so they are not in train. Splits are by whole document, so
+    no document is in two. Output is byte-identical to the reference prep_shards.py. Shards are staged in a hidden
+    folder inside out and renamed into place only when every document was encoded, so bad input leaves nothing
+    behind; existing shards of a written split are an error unless overwrite (writing train also counts existing
+    tune shards: left beside a new train split they would hold train documents).
     """
     docs = _existing_files(docs, "documents file")
     tokenizer, out = Path(tokenizer), Path(out)
@@ -222,6 +237,11 @@ def build_shards(docs: Iterable[str | os.PathLike], tokenizer: str | os.PathLike
         raise ValueError(f"val_docs {val_docs} must be >= 0")
     if val_fraction is not None and not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction {val_fraction} must be strictly between 0 and 1")
+    if tune_docs < 0:
+        raise ValueError(f"tune_docs {tune_docs} must be >= 0 (--tune-docs: documents after val held out for tuning)")
+    if tune_docs and split == "val":
+        raise ValueError(f"tune_docs {tune_docs} with split 'val': tune documents come out of train; use --split "
+                         "train, --val-docs or --val-fraction")
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens {shard_tokens} must be >= 1")
     sp = _load_tokenizer(tokenizer)
@@ -235,17 +255,18 @@ def build_shards(docs: Iterable[str | os.PathLike], tokenizer: str | os.PathLike
     total = count_documents(docs) if val_fraction is not None else None
     if val_fraction is not None:
         val_docs = round(val_fraction * total)
-    written = (split,) if split else SPLITS
+    written = ((split,) if split else SPLITS) + ((TUNE,) if tune_docs else ())
+    replaced = written + ((TUNE,) if "train" in written and not tune_docs else ())
     out.mkdir(parents=True, exist_ok=True)
-    existing = [p for s in written for p in sorted(out.glob(f"fineweb_{s}_*.bin"))]
+    existing = [p for s in replaced for p in sorted(out.glob(f"fineweb_{s}_*.bin"))]
     if existing and not overwrite:
-        raise ValueError(f"{out} already has {len(existing)} {'/'.join(written)} shards ({existing[0].name}, ...); "
+        raise ValueError(f"{out} already has {len(existing)} {'/'.join(replaced)} shards ({existing[0].name}, ...); "
                          "pass --overwrite to replace them or choose another --out")
 
     staging = Path(tempfile.mkdtemp(prefix=".build-", dir=out))
     try:
         writers = {s: _ShardWriter(staging, s, shard_tokens) for s in written}
-        tasks = _tasks(iter_documents(docs), split, val_docs)
+        tasks = _tasks(iter_documents(docs), split, val_docs, tune_docs)
         with _bar(progress, total=total, unit="doc", desc="build") as bar:
             if workers == 1:
                 _init_encoder(str(tokenizer))
@@ -267,6 +288,11 @@ def build_shards(docs: Iterable[str | os.PathLike], tokenizer: str | os.PathLike
         if val_docs is not None and writers["val"].docs < val_docs:
             raise ValueError(f"--val-docs {val_docs} but {', '.join(map(str, docs))} hold only "
                              f"{writers['val'].docs} documents")
+        if tune_docs and writers[TUNE].docs < tune_docs:
+            held = sum(w.docs for w in writers.values())
+            raise ValueError(f"--tune-docs {tune_docs} after {val_docs or 0} val documents needs "
+                             f"{(val_docs or 0) + tune_docs} documents but {', '.join(map(str, docs))} hold only "
+                             f"{held}; pass --tune-docs {held - (val_docs or 0)} or fewer")
         for path in existing:
             path.unlink()
         for writer in writers.values():
@@ -278,7 +304,8 @@ def build_shards(docs: Iterable[str | os.PathLike], tokenizer: str | os.PathLike
         out=str(out), tokenizer=str(tokenizer),
         docs={s: w.docs for s, w in writers.items()}, tokens={s: w.tokens for s, w in writers.items()},
         shards={s: w.names for s, w in writers.items()},
-        val_fingerprint=writers["val"].sha256.hexdigest() if "val" in writers and writers["val"].tokens else None)
+        val_fingerprint=writers["val"].sha256.hexdigest() if "val" in writers and writers["val"].tokens else None,
+        tune_fingerprint=writers[TUNE].sha256.hexdigest() if TUNE in writers else None)
 
 
 # ---------------------------------------------------------------------------------------------------- tokenizer
@@ -390,7 +417,11 @@ class OverlapExample:
 @dataclass
 class DatasetReport:
     """Shard statistics, the val fingerprint (sha256 of the val tokens as uint16 little-endian, all val shards
-    in order) and the train/val document overlap; problems lists what makes `pgolf data verify` fail."""
+    in order) and the train/val document overlap; problems lists what makes `pgolf data verify` fail.
+
+    With a tune split (fineweb_tune_*.bin, held-out training documents for choosing evaluation settings): its
+    statistics, tune_fingerprint (computed as val_fingerprint) and the tune documents also found verbatim in train
+    (tuning on trained text flatters a setting) and in val (tuning on scored text is fitting the score)."""
     directory: str
     bos_id: int
     val: SplitStats
@@ -399,6 +430,10 @@ class DatasetReport:
     overlap_docs: int
     overlap_examples: list[OverlapExample]
     problems: list[str]
+    tune: SplitStats = field(default_factory=SplitStats)
+    tune_fingerprint: str | None = None
+    tune_train_overlap_docs: int = 0
+    tune_val_overlap_docs: int = 0
 
     @property
     def ok(self) -> bool:
@@ -466,8 +501,10 @@ def vocab_of_directory(directory: str | os.PathLike) -> int | None:
 
 def verify_dataset(directory: str | os.PathLike, bos_id: int = 1, max_overlap_docs: int = 0, max_examples: int = 5,
                    progress: bool = True, vocab_size: int | None = None) -> DatasetReport:
-    """Check every shard the trainer would load from directory and compare val with train document by document.
-    With vocab_size, every token id must be below it (a problem names the split, the largest id and the vocabulary).
+    """Check every shard the trainer would load from directory and compare val with train document by document;
+    tune shards, when present, are checked too and their documents compared with train and val (each overlap is
+    allowed max_overlap_docs documents). With vocab_size, every token id must be below it (a problem names the split,
+    the largest id and the vocabulary).
 
     Raises ShardError listing every invalid shard (bad magic/version, size not matching the header) and
     FileNotFoundError when the directory holds no shards. Overlap and an unusable val stream are reported in
@@ -475,14 +512,14 @@ def verify_dataset(directory: str | os.PathLike, bos_id: int = 1, max_overlap_do
     """
     from tools.cli import expect_path  # imported here: tools.cli imports this module
     directory = expect_path(directory, "folder", "dataset directory", "the folder holding fineweb_*_*.bin shards")
-    paths = {split: _split_paths(directory, split) for split in SPLITS}
+    paths = {split: _split_paths(directory, split) for split in SPLITS + (TUNE,)}
     if not any(paths.values()):
         nested = sorted(p.name for p in (directory / "datasets").glob("fineweb10B_*") if p.is_dir())
         hint = (f" (downloads live one level down: {directory / 'datasets' / nested[0]})" if nested
                 else " (run `pgolf data download` or `pgolf data build`)")
         raise FileNotFoundError(f"no fineweb_val_*.bin or fineweb_train_*.bin shards in {directory}{hint}")
     errors, total = [], 0
-    for path in paths["val"] + paths["train"]:
+    for path in paths["val"] + paths[TUNE] + paths["train"]:
         try:
             total += read_header(path)
         except ShardError as err:
@@ -490,16 +527,20 @@ def verify_dataset(directory: str | os.PathLike, bos_id: int = 1, max_overlap_do
     if errors:
         raise ShardError("\n".join(errors))
 
-    val, train = SplitStats(shards=[Path(p).name for p in paths["val"]]), SplitStats(
-        shards=[Path(p).name for p in paths["train"]])
-    sha256 = hashlib.sha256()
+    val, tune, train = (SplitStats(shards=[Path(p).name for p in paths[s]]) for s in ("val", TUNE, "train"))
+    sha256, tune_sha256 = hashlib.sha256(), hashlib.sha256()
     val_docs: dict[bytes, list[int]] = {}
+    tune_docs: dict[bytes, list[int]] = {}  # digest -> tune document indices, compared with val and train
     examples: list[OverlapExample] = []
     matched: set[bytes] = set()
+    tune_matched: set[bytes] = set()
     with _bar(progress, total=total, unit="tok", unit_scale=True, desc="verify") as bar:
         lengths = set()
         for digest, length, index, _, _ in _documents(paths["val"], bos_id, val, bar, sha256=sha256):
             val_docs.setdefault(digest, []).append(index)
+            lengths.add(length)
+        for digest, length, index, _, _ in _documents(paths[TUNE], bos_id, tune, bar, sha256=tune_sha256):
+            tune_docs.setdefault(digest, []).append(index)
             lengths.add(length)
         keep = np.fromiter(lengths, dtype=np.int64, count=len(lengths))
         for digest, length, _, shard, offset in _documents(paths["train"], bos_id, train, bar, keep_lengths=keep):
@@ -507,7 +548,11 @@ def verify_dataset(directory: str | os.PathLike, bos_id: int = 1, max_overlap_do
                 if len(examples) < max_examples and digest not in matched:
                     examples.append(OverlapExample(val_docs[digest][0], shard, offset, length))
                 matched.add(digest)
+            if digest in tune_docs:
+                tune_matched.add(digest)
     overlap = sum(len(val_docs[d]) for d in matched)
+    tune_train = sum(len(tune_docs[d]) for d in tune_matched)
+    tune_val = sum(len(indices) for d, indices in tune_docs.items() if d in val_docs)
 
     problems = []
     if not val.shards:
@@ -517,7 +562,12 @@ def verify_dataset(directory: str | os.PathLike, bos_id: int = 1, max_overlap_do
     elif val.tokens_before_first_bos:
         problems.append(f"val stream starts with {val.tokens_before_first_bos} tokens before the first BOS "
                         f"{bos_id}: its first document is cut (missing shard or wrong --bos-id?)")
-    for split, stats in (("val", val), ("train", train)):
+    if tune.shards and not tune.docs:
+        problems.append(f"tune stream has no BOS token {bos_id} (wrong --bos-id?)")
+    elif tune.tokens_before_first_bos:
+        problems.append(f"tune stream starts with {tune.tokens_before_first_bos} tokens before the first BOS "
+                        f"{bos_id}: its first document is cut (missing shard or wrong --bos-id?)")
+    for split, stats in (("val", val), (TUNE, tune), ("train", train)):
         if vocab_size is not None and stats.tokens and stats.max_token_id >= vocab_size:
             problems.append(f"{split} shards hold token id {stats.max_token_id}, outside the vocabulary of "
                             f"{vocab_size} (tokenized with another tokenizer? check --tokenizer/--vocab-size, or "
@@ -525,9 +575,121 @@ def verify_dataset(directory: str | os.PathLike, bos_id: int = 1, max_overlap_do
     if overlap > max_overlap_docs:
         problems.append(f"{overlap} of {val.docs} val documents also appear verbatim in train (allowed "
                         f"{max_overlap_docs}): a train/val leak; rebuild with a document-level split")
+    for count, other, harm in ((tune_train, "train", "settings tuned on trained text"),
+                               (tune_val, "val", "settings tuned on the scored text")):
+        if count > max_overlap_docs:
+            problems.append(f"{count} of {tune.docs} tune documents also appear verbatim in {other} (allowed "
+                            f"{max_overlap_docs}): {harm}; rebuild with --tune-docs or re-split with `pgolf data "
+                            "split`")
     return DatasetReport(directory=str(directory), bos_id=bos_id, val=val, train=train,
                          val_fingerprint=sha256.hexdigest() if val.shards else None, overlap_docs=overlap,
-                         overlap_examples=examples, problems=problems)
+                         overlap_examples=examples, problems=problems, tune=tune,
+                         tune_fingerprint=tune_sha256.hexdigest() if tune.shards else None,
+                         tune_train_overlap_docs=tune_train, tune_val_overlap_docs=tune_val)
+
+
+# ---------------------------------------------------------------------------------------------------- split
+
+@dataclass
+class SplitReport:
+    """What `split_tune` did: the documents, tokens and shards of the new tune split and its fingerprint (sha256
+    of the tune tokens, as `pgolf data verify` computes tune_fingerprint), what the train split keeps, and the
+    train shards rewritten shorter or removed."""
+    directory: str
+    tune_docs: int
+    tune_tokens: int
+    tune_shards: list[str]
+    tune_fingerprint: str
+    train_docs: int
+    train_tokens: int
+    train_shards: list[str]
+    rewritten: list[str]
+    removed: list[str]
+
+
+def split_tune(directory: str | os.PathLike, tune_docs: int, bos_id: int = 1,
+               shard_tokens: int = TOKENS_PER_SHARD) -> SplitReport:
+    """Move the last tune_docs documents of the train split (a document starts at a BOS, as verify counts them) into
+    a tune split, fineweb_tune_%06d.bin: held-out training documents to choose evaluation settings on, for data that
+    exists only as shards (the challenge's downloads have no text to rebuild from with --tune-docs).
+
+    The train shard holding the cut is rewritten shorter (removed if the cut is its first token) and the train
+    shards after it are removed. Loss-free: the tune shards are written to a hidden folder and renamed into place
+    before any train shard changes, and the shortened shard replaces the old one by rename, so an interruption leaves
+    every document in train or tune (at worst in both, which verify reports as tune/train overlap). Refused when tune
+    shards exist or when train would keep no document.
+    """
+    from tools.cli import expect_path  # imported here: tools.cli imports this module
+    directory = expect_path(directory, "folder", "dataset directory", "the folder holding fineweb_*_*.bin shards")
+    if tune_docs < 1:
+        raise ValueError(f"--tune-docs {tune_docs} must be >= 1 (documents moved from the end of train into tune)")
+    if shard_tokens < 1:
+        raise ValueError(f"shard_tokens {shard_tokens} must be >= 1")
+    existing = _split_paths(directory, TUNE)
+    if existing:
+        raise ValueError(f"{directory} already has {len(existing)} tune shards ({Path(existing[0]).name}, ...): keep "
+                         "that split, or delete fineweb_tune_*.bin (their documents then leave the dataset) and split "
+                         "again")
+    paths = _split_paths(directory, "train")
+    if not paths:
+        raise FileNotFoundError(f"no fineweb_train_*.bin shards in {directory} to split (run `pgolf data download` "
+                                "or `pgolf data build`)")
+    errors, sizes = [], []
+    for path in paths:
+        try:
+            sizes.append(read_header(path))
+        except ShardError as err:
+            errors.append(str(err))
+    if errors:
+        raise ShardError("\n".join(errors))
+
+    # Walk back from the last shard to the tune_docs-th last BOS: the cut (shard index, offset).
+    tail: list[np.ndarray] = []  # the shards from the cut's to the last, read
+    found, cut = 0, None
+    for index in range(len(paths) - 1, -1, -1):
+        tokens = read_shard(paths[index])
+        tail.insert(0, tokens)
+        starts = np.flatnonzero(tokens == bos_id)
+        if found + starts.size >= tune_docs:
+            cut = index, int(starts[starts.size - (tune_docs - found)])
+            break
+        found += starts.size
+    kept_docs = 0 if cut is None else int(np.count_nonzero(tail[0][:cut[1]] == bos_id)) + sum(
+        int(np.count_nonzero(np.memmap(p, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n,)) == bos_id))
+        for p, n in zip(paths[:cut[0]], sizes) if n)
+    if cut is None or not kept_docs:
+        held = found if cut is None else tune_docs
+        raise ValueError(f"--tune-docs {tune_docs} but the train split in {directory} holds {held} documents (BOS "
+                         f"{bos_id}) and must keep at least one; pass --tune-docs {held - 1} or fewer")
+
+    index, offset = cut
+    staging = Path(tempfile.mkdtemp(prefix=".split-", dir=directory))
+    try:
+        writer = _ShardWriter(staging, TUNE, shard_tokens)
+        for i, tokens in enumerate(tail):
+            part = tokens[offset:] if i == 0 else tokens
+            writer.add(part, int(np.count_nonzero(part == bos_id)))
+        writer.close()
+        shortened = Path(paths[index]).name
+        if offset:
+            write_shard(staging / shortened, tail[0][:offset])
+        for name in writer.names:  # tune first: from here on every document is in tune, train or both
+            os.replace(staging / name, directory / name)
+        rewritten, removed = ([shortened], []) if offset else ([], [shortened])
+        if offset:
+            os.replace(staging / shortened, paths[index])
+        else:
+            Path(paths[index]).unlink()
+        for path in paths[index + 1:]:
+            Path(path).unlink()
+            removed.append(Path(path).name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    kept = [Path(p).name for p in paths[:index + (1 if offset else 0)]]
+    return SplitReport(directory=str(directory), tune_docs=writer.docs, tune_tokens=writer.tokens,
+                       tune_shards=writer.names, tune_fingerprint=writer.sha256.hexdigest(), train_docs=kept_docs,
+                       train_tokens=sum(sizes[:index]) + offset, train_shards=kept, rewritten=rewritten,
+                       removed=removed)
 
 
 # ---------------------------------------------------------------------------------------------------- download
@@ -739,8 +901,8 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
 def _cmd_build(args: argparse.Namespace) -> int:
     report = build_shards(args.docs, args.tokenizer, args.out, split=args.split, val_docs=args.val_docs,
-                          val_fraction=args.val_fraction, workers=args.workers, shard_tokens=args.shard_tokens,
-                          overwrite=args.overwrite, progress=not args.quiet)
+                          val_fraction=args.val_fraction, tune_docs=args.tune_docs, workers=args.workers,
+                          shard_tokens=args.shard_tokens, overwrite=args.overwrite, progress=not args.quiet)
     if args.json:
         _print_json(report)
         return 0
@@ -749,6 +911,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
               f"{split}_shards:{len(report.shards[split])}")
     if report.val_fingerprint:
         print(f"val_fingerprint:{report.val_fingerprint}")
+    if report.tune_fingerprint:
+        print(f"tune_fingerprint:{report.tune_fingerprint}")
     print(f"build:ok out:{report.out}")
     return 0
 
@@ -768,9 +932,26 @@ def _cmd_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_split(args: argparse.Namespace) -> int:
+    report = split_tune(args.dir, args.tune_docs, bos_id=args.bos_id, shard_tokens=args.shard_tokens)
+    if args.json:
+        _print_json(report)
+        return 0
+    print(f"tune_docs:{report.tune_docs}\ntune_tokens:{report.tune_tokens}\ntune_shards:{len(report.tune_shards)}\n"
+          f"tune_fingerprint:{report.tune_fingerprint}")
+    for name in report.rewritten:
+        print(f"train_shard_rewritten:{name}")
+    for name in report.removed:
+        print(f"train_shard_removed:{name}")
+    print(f"train_docs:{report.train_docs}\ntrain_tokens:{report.train_tokens}\n"
+          f"train_shards:{len(report.train_shards)}")
+    print(f"split:ok dir:{report.directory} next:pgolf data verify {report.directory}")
+    return 0
+
+
 def _print_dataset(report: DatasetReport) -> None:
     print(f"dir:{report.directory}\nbos_id:{report.bos_id}")
-    for split in SPLITS:
+    for split in SPLITS + ((TUNE,) if report.tune.shards else ()):
         stats: SplitStats = getattr(report, split)
         print(f"{split}_shards:{len(stats.shards)}\n{split}_tokens:{stats.tokens}\n{split}_docs:{stats.docs}\n"
               f"{split}_max_token_id:{stats.max_token_id}")
@@ -780,6 +961,9 @@ def _print_dataset(report: DatasetReport) -> None:
     for ex in report.overlap_examples:
         print(f"overlap_example:val_doc={ex.val_doc} train_shard={ex.train_shard} train_offset={ex.train_offset} "
               f"tokens={ex.tokens}")
+    if report.tune.shards:
+        print(f"tune_fingerprint:{report.tune_fingerprint}\ntune_train_overlap_docs:{report.tune_train_overlap_docs}\n"
+              f"tune_val_overlap_docs:{report.tune_val_overlap_docs}")
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -802,14 +986,16 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print(f"vocab_checked:{vocab} (from {source})" if vocab else "vocab_checked:no (pass --tokenizer or "
               "--vocab-size to check the ids)")
         if strict:
-            print(f"verify:{'ok' if report.ok else 'fail'} val_fingerprint:{report.val_fingerprint or 'none'}")
+            print(f"verify:{'ok' if report.ok else 'fail'} val_fingerprint:{report.val_fingerprint or 'none'}"
+                  + (f" tune_fingerprint:{report.tune_fingerprint}" if report.tune_fingerprint else ""))
     return 1 if strict and not report.ok else 0
 
 
 def add_commands(sub) -> None:
     data = sub.add_parser("data", help="get, build, tokenize and verify challenge datasets",
                           description="Challenge data: download the published shards, build shards from your own "
-                                      "documents, train a tokenizer, verify shards and the train/val split.")
+                                      "documents, train a tokenizer, split a tune set off train, verify shards and "
+                                      "the splits.")
     cmds = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -841,6 +1027,9 @@ def add_commands(sub) -> None:
     split.add_argument("--split", choices=SPLITS, help="write every document to this split")
     split.add_argument("--val-docs", type=int, help="first N documents to val, the rest to train")
     split.add_argument("--val-fraction", type=float, help="first round(F * documents) to val, the rest to train")
+    p.add_argument("--tune-docs", type=int, default=0,
+                   help="the next N documents after val (the first N with --split train) to a tune split "
+                        "(fineweb_tune_*.bin), held out of train to choose evaluation settings on (default 0: none)")
     p.add_argument("--workers", type=int, default=None, help="encoding processes (default: all cores)")
     p.add_argument("--shard-tokens", type=int, default=TOKENS_PER_SHARD,
                    help=f"tokens per shard (default: the challenge's {TOKENS_PER_SHARD:,})")
@@ -864,16 +1053,32 @@ def add_commands(sub) -> None:
     common(p)
     p.set_defaults(func=_cmd_tokenizer)
 
-    for name, summary in (("verify", "check shards and the train/val split; exit 1 on a problem"),
-                          ("info", "report shard statistics, val fingerprint and train/val overlap")):
+    p = cmds.add_parser("split", help="move the last N train documents into a tune split (for downloaded shards)",
+                        description="Move the last N documents of the train split (each starts at a BOS) into "
+                                    "fineweb_tune_%06d.bin: held-out training documents to choose evaluation settings "
+                                    "on, never trained on. The train shard holding the cut is rewritten shorter and "
+                                    "later train shards removed; tune shards are in place before train changes, so "
+                                    "no document is lost. Refused when tune shards exist.")
+    p.add_argument("dir", help="folder with fineweb_train_*.bin shards")
+    p.add_argument("--tune-docs", type=int, required=True, help="documents to move from the end of train into tune")
+    p.add_argument("--bos-id", type=int, default=1, help="BOS token id that starts each document (default 1)")
+    p.add_argument("--shard-tokens", type=int, default=TOKENS_PER_SHARD,
+                   help=f"tokens per tune shard (default: the challenge's {TOKENS_PER_SHARD:,})")
+    common(p)  # --quiet is accepted for uniform scripts; the split has no progress bar
+    p.set_defaults(func=_cmd_split)
+
+    for name, summary in (("verify", "check shards and the train/val/tune splits; exit 1 on a problem"),
+                          ("info", "report shard statistics, fingerprints and overlap between splits")):
         p = cmds.add_parser(name, help=summary,
                             description=summary[0].upper() + summary[1:] + ". Checks every shard's header and "
                             "size, counts tokens and documents (BOS), prints val_fingerprint (sha256 of the val "
-                            "tokens, uint16 little-endian, shards in order) and val documents found in train.")
-        p.add_argument("dir", help="folder with fineweb_{val,train}_*.bin shards")
+                            "tokens, uint16 little-endian, shards in order) and val documents found in train; with "
+                            "tune shards also tune_fingerprint and tune documents found in train or val.")
+        p.add_argument("dir", help="folder with fineweb_{val,train,tune}_*.bin shards")
         p.add_argument("--bos-id", type=int, default=1, help="BOS token id that starts each document (default 1)")
         p.add_argument("--max-overlap-docs", type=int, default=0,
-                       help="val documents allowed to appear in train before verify fails (default 0)")
+                       help="documents allowed to appear in two splits (val in train, tune in train, tune in val; "
+                            "each counted apart) before verify fails (default 0)")
         p.add_argument("--examples", type=int, default=5, help="overlapping documents to list (default 5)")
         p.add_argument("--tokenizer", help="SentencePiece model the shards should match: every id must be below its "
                                            "piece count (default: the vocabulary a fineweb10B_spN folder name says)")
