@@ -14,12 +14,13 @@ from __future__ import annotations
 import dataclasses
 import time
 import typing
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from eval.ngram import NgramBlender, NgramConfig
 from submission.config import apply_overrides, check_ranges
 from submission.model import CastedLinear
 
@@ -33,7 +34,8 @@ class LoraConfig:
     (PRs #1530, #1610, #1626): rank 64-96 on q/k/v/o and the MLP, AdamW about 1e-4, 32-token chunks, 64 documents
     per batch. Not yet measured by the kit, so not yet part of the recipe: it runs in the kit, not the packed file."""
     rank: int = 64
-    """Adapter rank per layer and document."""
+    """Adapter rank per layer and document. 0: no adapter, which is document-masked scoring alone (each chunk read
+    from its own document's prefix only), to measure what the masking does apart from the adapters."""
     lr: float = 1e-4
     """AdamW learning rate of the adapters (fresh per batch of documents)."""
     weight_decay: float = 0.0
@@ -55,10 +57,14 @@ class LoraConfig:
     """Documents run side by side, each with its own adapter."""
     context: int = 2048
     """At most this many tokens of the document before a chunk are read (the training length)."""
+    ngram: bool = True
+    """Blend the recipe's n-gram (EvalConfig's NGRAM_ settings) into the adapted distribution; its counts learn once
+    per batch of documents, after the batch is scored. The score is then the blend; the adapted model alone is
+    reported too."""
     compliance_tokens: int = 2048
     """C1 re-runs the pass 4x on this many leading targets (with one cut in each half)."""
 
-    RANGES: typing.ClassVar[dict] = {"rank": ">= 1", "lr": ">= 0", "weight_decay": ">= 0", "chunk": ">= 1",
+    RANGES: typing.ClassVar[dict] = {"rank": ">= 0", "lr": ">= 0", "weight_decay": ">= 0", "chunk": ">= 1",
                                      "batch_docs": ">= 1", "context": ">= 1", "compliance_tokens": ">= 2",
                                      "phases": ">= 0", "phase_docs": ">= 1", "phase_lr": ">= 0",
                                      "phase_momentum": "[0, 1)"}
@@ -173,10 +179,23 @@ def document_targets(tokens: Tensor, first: int, end: int, bos_id: int) -> list[
     return out
 
 
+def _chunk_spans(batch: list[tuple[int, int, int]], step: int, chunk: int, context: int):
+    """For step `step` of a batch: the rows (documents) that still have targets, and per row (window start,
+    chunk lo, chunk hi, whether more chunks follow, the document's first target)."""
+    rows, spans = [], []
+    for row, (start, lo, hi) in enumerate(batch):
+        c_lo = lo + step * chunk
+        if c_lo < hi:
+            c_hi = min(c_lo + chunk, hi)
+            rows.append(row)
+            spans.append((max(start, c_hi - 1 - context), c_lo, c_hi, c_hi < hi, lo))
+    return rows, spans
+
+
 def score_documents(model, tokens: Tensor, first: int, end: int, *, rank: int, lr: float, chunk: int,
                     batch_docs: int, context: int, weight_decay: float = 0.0, head: bool = True, phases: int = 0,
                     phase_docs: int = 2000, phase_lr: float = 1e-3, phase_momentum: float = 0.9,
-                    score_tokens: Tensor | None = None,
+                    ngram: NgramConfig | None = None, score_tokens: Tensor | None = None,
                     step_before_score: bool = False, progress: bool = False):
     """Per-document LoRA TTT over the targets [first, end) of `tokens` (1-D, on the model's device).
 
@@ -184,22 +203,28 @@ def score_documents(model, tokens: Tensor, first: int, end: int, *, rank: int, l
     a fresh AdamW (lr, weight_decay), on the block projections and (head=True) the output head. Each document's
     targets are taken `chunk` at a time: the chunk is scored from the document's own prefix (at most `context`
     tokens back, never before its BOS: no other document is read), its NLL recorded, and only then the adapter
-    takes one step on that chunk's loss (skipped after a document's last chunk: nothing would use it). The base
-    weights change only in `phases` global phases: once phase_docs, 2 x phase_docs, ... documents are scored (at the
-    end of the batch that reaches the count), one epoch of SGD (phase_lr, phase_momentum) over exactly the documents
-    scored so far; the model is restored afterwards. Returns eval.stream.StreamResult with the "model" view; its
-    events allow eval.compliance.check_events_any_order (documents interleave).
+    takes one step on that chunk's loss (skipped after a document's last chunk: nothing would use it). rank 0: no
+    adapter, i.e. document-masked sliding scoring alone (a window of up to `context` tokens per `chunk` targets).
+    The base weights change only in `phases` global phases: once phase_docs, 2 x phase_docs, ... documents are
+    scored (at the end of the batch that reaches the count), one epoch of SGD (phase_lr, phase_momentum) over
+    exactly the documents scored so far; the model is restored afterwards.
+    ngram: also the "blend" view, the n-gram of eval/ngram.py blended into the adapted distribution. Its counts
+    and mixing weights learn once per batch, after the batch is scored: within a batch the documents interleave,
+    so an update per chunk would let an earlier document's later chunk read a later document's tokens (C1).
+    Returns eval.stream.StreamResult ("model" view, and "blend"); its events allow
+    eval.compliance.check_events_any_order (documents interleave).
     score_tokens: the tokens targets are read from (default `tokens`), for the causality check.
     step_before_score: the deliberately illegal variant (steps on a chunk, then scores it) that the checks catch."""
     from tqdm import tqdm
 
-    from eval.stream import StreamResult, _check_rows
+    from eval.stream import StreamResult
 
     device = tokens.device
     score_tokens = tokens if score_tokens is None else score_tokens
     docs = document_targets(tokens, first, end, model.cfg.bos_id)
     n = end - first
-    nll = torch.zeros(n, device=device)
+    views = ("model", "blend") if ngram is not None else ("model",)
+    nll = {view: torch.zeros(n, device=device) for view in views}
     coverage = torch.zeros(n, dtype=torch.int32, device=device)
     norm: dict[str, Tensor] = {}
     events: list[tuple[str, str, int, int]] = []
@@ -208,46 +233,45 @@ def score_documents(model, tokens: Tensor, first: int, end: int, *, rank: int, l
         p.requires_grad_(False)
     # Nothing here may depend on how many documents follow (C1 caught a phase schedule that did): always
     # batch_docs adapters, and phases after fixed document counts.
-    lora = BatchedLoRA(model, rank, batch_docs, head=head)
+    lora = BatchedLoRA(model, rank, batch_docs, head=head) if rank else None
+    blender = NgramBlender(model.cfg.vocab_size, ngram, device) if ngram is not None else None
     phase_at = [k * phase_docs for k in range(1, phases + 1)]
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()} if phases else None
-    bar = tqdm(total=n, desc="lora ttt", unit="tok", unit_scale=True, disable=not progress, leave=False)
+    bar = tqdm(total=n, desc="lora ttt" if rank else "documents", unit="tok", unit_scale=True,
+               disable=not progress, leave=False)
     try:
         for b0 in range(0, len(docs), batch_docs):
-            with lora.attached():
-                batch = docs[b0:b0 + batch_docs]
-                lora.reset()
-                optimizer = torch.optim.AdamW(lora.parameters(), lr=lr, weight_decay=weight_decay)
-                steps = max(-(-(hi - lo) // chunk) for _, lo, hi in batch)
-                for step in range(steps):
-                    rows, spans = [], []
-                    for row, (start, lo, hi) in enumerate(batch):
-                        c_lo = lo + step * chunk
-                        if c_lo < hi:
-                            c_hi = min(c_lo + chunk, hi)
-                            rows.append(row)
-                            spans.append((max(start, c_hi - 1 - context), c_lo, c_hi, c_hi < hi, lo))
-                    lora.rows = torch.tensor(rows, device=device)
+            batch = docs[b0:b0 + batch_docs]
+            with lora.attached() if lora is not None else nullcontext():
+                if lora is not None:
+                    lora.reset()
+                    optimizer = torch.optim.AdamW(lora.parameters(), lr=lr, weight_decay=weight_decay)
+                for step in range(max(-(-(hi - lo) // chunk) for _, lo, hi in batch)):
+                    rows, spans = _chunk_spans(batch, step, chunk, context)
                     width = max(c_hi - 1 - w0 for w0, _, c_hi, *_ in spans)
                     x = torch.zeros(len(rows), width, dtype=torch.long, device=device)  # right padding: causal
                     for i, (w0, _, c_hi, *_) in enumerate(spans):
                         x[i, :c_hi - 1 - w0] = tokens[w0:c_hi - 1]
+                    if lora is not None:
+                        lora.rows = torch.tensor(rows, device=device)
 
-                    def chunk_nll():
-                        """Per active document, the NLL of its chunk's targets; and one full row for C2. The head
-                        and softmax run only at the chunk's positions."""
-                        out, row = [], None
+                    def chunk_logp():
+                        """Per active document, the log-probabilities [chunk, V] at its chunk's targets (the head and
+                        softmax run only there)."""
                         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
                             h = model.hidden(x)
+                            out = []
                             for i, (w0, c_lo, c_hi, *_) in enumerate(spans):
                                 h_i = h[i, c_lo - 1 - w0:c_hi - 1 - w0]
-                                logp = torch.log_softmax(model.head(h_i, lora.head_delta(i, h_i)), -1)
-                                out.append(-logp.gather(-1, score_tokens[c_lo:c_hi, None]).squeeze(-1))
-                                row = logp[-1] if row is None else row
-                        return out, row
+                                delta = lora.head_delta(i, h_i) if lora is not None else None
+                                out.append(torch.log_softmax(model.head(h_i, delta), -1))
+                        return out
 
-                    def step_on(losses):
-                        live = [loss.mean() for loss, span in zip(losses, spans) if span[3] or step_before_score]
+                    def step_on(logps):
+                        if lora is None:
+                            return
+                        live = [-logp.gather(-1, score_tokens[c_lo:c_hi, None]).mean()
+                                for logp, (_, c_lo, c_hi, more, _) in zip(logps, spans) if more or step_before_score]
                         if live:
                             optimizer.zero_grad(set_to_none=True)
                             torch.stack(live).sum().backward()
@@ -259,16 +283,16 @@ def score_documents(model, tokens: Tensor, first: int, end: int, *, rank: int, l
                                 events.append(("update", "lora", lo, c_hi))
 
                     if step_before_score:  # illegal: the adapter learns the chunk it is about to score
-                        step_on(chunk_nll()[0])
-                    losses, row = chunk_nll()
-                    for (_, c_lo, c_hi, *_), loss in zip(spans, losses):
-                        nll[c_lo - first:c_hi - first] = loss.detach().float()
-                        coverage[c_lo - first:c_hi - first] += 1
-                        events.append(("score", "", c_lo, c_hi))
-                        bar.update(c_hi - c_lo)
-                    _check_rows(norm, "model", row.detach().float()[None])
+                        step_on(chunk_logp())
+                    with torch.no_grad() if lora is None else nullcontext():
+                        logps = chunk_logp()
+                    record_scores(logps, spans, tokens, score_tokens, first, nll, coverage, norm, events, blender)
+                    bar.update(sum(c_hi - c_lo for _, c_lo, c_hi, *_ in spans))
                     if not step_before_score:
-                        step_on(losses)
+                        step_on(logps)
+            if blender is not None:  # the batch is scored: the n-gram may count it
+                blender.update(tokens, torch.arange(batch[0][1], batch[-1][2], device=device))
+                events.append(("update", "ngram", batch[0][1], batch[-1][2]))
             done = b0 + len(batch)
             if phase_at and done >= phase_at[0] and done < len(docs):  # on the base weights, the documents so far
                 phase_at.pop(0)
@@ -281,7 +305,26 @@ def score_documents(model, tokens: Tensor, first: int, end: int, *, rank: int, l
             p.requires_grad_(flag)
         if initial is not None:
             model.load_state_dict(initial)
-    return StreamResult(first, end, {"model": nll}, coverage, norm, events)
+    return StreamResult(first, end, nll, coverage, norm, events)
+
+
+@torch.no_grad()
+def record_scores(logps: list[Tensor], spans, tokens: Tensor, score_tokens: Tensor, first: int, nll: dict,
+                  coverage: Tensor, norm: dict, events: list, blender: NgramBlender | None) -> None:
+    """Score one step's chunks: each document's NLL per view ("model"; "blend" with the n-gram), coverage, the
+    events, and one full row per view into the normalization check (C2)."""
+    from eval.stream import _check_rows
+
+    positions = torch.cat([torch.arange(c_lo, c_hi, device=tokens.device) for _, c_lo, c_hi, *_ in spans])
+    rows = {"model": torch.cat(logps).detach().float()}
+    if blender is not None:
+        rows.update(blender.views(rows["model"], tokens, positions, tokens[positions]))
+    targets = score_tokens[positions, None]
+    for view, logp in rows.items():
+        nll[view][positions - first] = -logp.gather(-1, targets).squeeze(-1)
+        _check_rows(norm, view, logp[-1:])
+    coverage[positions - first] += 1
+    events.extend(("score", "", c_lo, c_hi) for _, c_lo, c_hi, *_ in spans)
 
 
 def global_phase(model, tokens: Tensor, docs: list[tuple[int, int, int]], *, lr: float, momentum: float,
@@ -319,9 +362,11 @@ def global_phase(model, tokens: Tensor, docs: list[tuple[int, int, int]], *, lr:
 
 
 def evaluate_lora(model, val_tokens, luts, cfg: LoraConfig, rank: int = 0, world_size: int = 1,
-                  progress: bool = True, log=None) -> dict:
+                  progress: bool = True, log=None, ngram: NgramConfig | None = None) -> dict:
     """Score the validation tokens with per-document LoRA TTT and verify the pass: the eval-JSON body (val_loss,
     val_bpb, tokens, bytes, stages, compliance C1-C4, projection onto the full FineWeb val on 8 GPUs, config).
+    The score is the n-gram blend when cfg.ngram (with `ngram`'s settings, default NgramConfig()), else the adapted
+    model; "views" holds both.
     Ranks take contiguous shares of the targets; a document cut by a share boundary is context for the later rank
     (as the sliding stream's windows are)."""
     from eval.compliance import check_causality, check_coverage, check_events_any_order, check_normalization, \
@@ -338,14 +383,20 @@ def evaluate_lora(model, val_tokens, luts, cfg: LoraConfig, rank: int = 0, world
     settings = dict(rank=cfg.rank, lr=cfg.lr, chunk=cfg.chunk, batch_docs=cfg.batch_docs, context=cfg.context,
                     weight_decay=cfg.weight_decay, head=cfg.head, phases=cfg.phases, phase_docs=cfg.phase_docs,
                     phase_lr=cfg.phase_lr, phase_momentum=cfg.phase_momentum)
-    log("eval_lora_start", targets=num_targets, shard=f"[{first},{end})", world_size=world_size, **settings)
+    log("eval_lora_start", targets=num_targets, shard=f"[{first},{end})", world_size=world_size, ngram=cfg.ngram,
+        **settings)
+    settings["ngram"] = (ngram or NgramConfig()) if cfg.ngram else None
     start = time.perf_counter()
     result = score_documents(model, tokens, first, end, progress=progress and rank == 0, **settings)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    acc = view_scores(result, tokens, luts.to_torch(device))["model"]
-    log("eval_lora_ttt_exact", val_loss=f"{acc.val_loss:.8f}", val_bpb=f"{acc.val_bpb:.8f}", seconds=f"{seconds:.1f}")
+    scores = view_scores(result, tokens, luts.to_torch(device))
+    names = {"model": "lora_ttt" if cfg.rank else "documents", "blend": "ngram"}
+    for view, view_acc in scores.items():
+        log(f"eval_{names[view]}_exact", val_loss=f"{view_acc.val_loss:.8f}", val_bpb=f"{view_acc.val_bpb:.8f}")
+    acc = scores["blend" if cfg.ngram else "model"]
+    log("eval_stage", stage="lora_ttt", seconds=round(seconds, 3))
 
     start = time.perf_counter()
     prefix_end = min(tokens.numel(), 1 + cfg.compliance_tokens)
@@ -378,4 +429,7 @@ def evaluate_lora(model, val_tokens, luts, cfg: LoraConfig, rank: int = 0, world
     log("final_eval_exact", val_loss=f"{acc.val_loss:.8f}", val_bpb=f"{acc.val_bpb:.8f}")
     return {"val_loss": acc.val_loss, "val_bpb": acc.val_bpb, "tokens": acc.tokens, "bytes": acc.bytes,
             "stages": {"lora_ttt": round(seconds, 3), "compliance": round(time.perf_counter() - start, 3)},
-            "compliance": compliance, "projection": projection, "config": {"lora": dataclasses.asdict(cfg)}}
+            "compliance": compliance, "projection": projection,
+            "views": {names[view]: {"val_loss": a.val_loss, "val_bpb": a.val_bpb} for view, a in scores.items()},
+            "config": {"lora": dataclasses.asdict(cfg),
+                       "ngram": dataclasses.asdict(settings["ngram"]) if settings["ngram"] else None}}

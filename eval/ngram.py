@@ -487,16 +487,21 @@ class NgramBlender:
         self._pending: list[tuple[torch.Tensor, ...]] = []
 
     @torch.no_grad()
-    def views(self, model_logprobs: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor) -> dict:
+    def views(self, model_logprobs: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
+              targets: torch.Tensor) -> dict:
         """Blended (and tilted) log-probabilities [N, V] for positions from the model's [N, V] log-probabilities
-        and the prefix. Calls for one chunk may be split; update() must then receive exactly those positions. Until
-        then the blender keeps references to model_logprobs and q (2 x N x V floats) to read them at the targets."""
+        and the prefix. Calls for one chunk may be split; update() must then receive exactly those positions.
+        targets: the tokens at `positions` that update() will learn from; the views do not read them, they only pick
+        what the update needs (p and q at each target) so that no [N, V] rows are held until then."""
         prediction = self.model.predict(tokens, positions)
         logp = model_logprobs.float()
         features = mixing_features(model_entropy(logp), prediction.context_count, prediction.context_order,
                                    self.cfg.order)
         hint, informed = ngram_hint(prediction.q), prediction.context_order > 0
-        self._pending.append((positions, features, model_logprobs, prediction.q, hint, informed))
+        t = targets.to(logp.device).long()[:, None]
+        self._pending.append((positions, features, logp.gather(1, t)[:, 0], prediction.q.gather(1, t)[:, 0].log(),
+                              torch.stack([logp.gather(1, hint[:, None])[:, 0], (hint == t[:, 0]).float()],
+                                          1)[informed]))
         out = {"blend": blend(logp, prediction.q, self.mixer.alpha(features))}
         if self.tilt:
             out["tilt"] = tilt(logp, hint, torch.where(informed, self.beta.to(logp.dtype), 0.0))
@@ -504,10 +509,13 @@ class NgramBlender:
 
     @torch.no_grad()
     def update(self, tokens: torch.Tensor, positions: torch.Tensor) -> None:
-        """Learn from scored positions (ascending and contiguous, exactly those predicted since the last update):
-        counts for the n-gram, then refits of the mixing weights and the tilt on p and q at the scored tokens."""
-        predicted = torch.cat([p.to(positions.device) for p, *_ in self._pending]) if self._pending else None
-        if predicted is None or not torch.equal(predicted, positions):
+        """Learn from scored positions (ascending and contiguous; exactly those predicted since the last update, which
+        may have come in any order): counts for the n-gram, then refits of the mixing weights and the tilt on p and
+        q at the scored tokens."""
+        predicted, features, logp, logq, tilt_rows = (torch.cat(x) for x in zip(*self._pending)) if self._pending \
+            else [None] * 5
+        order = None if predicted is None else predicted.to(positions.device).argsort()
+        if order is None or not torch.equal(predicted.to(positions.device)[order], positions):
             raise RuntimeError(f"NgramBlender.update: positions {positions.tolist()[:4]}... are not the ones "
                                "predicted since the last update (predict a chunk, score it, then update it once)")
         start = int(positions[0])
@@ -515,20 +523,12 @@ class NgramBlender:
             raise RuntimeError(f"NgramBlender.update: positions starting at {start} are not contiguous "
                                "(update with the chunk's positions in stream order)")
         targets = tokens[positions.to(tokens.device)].to(self.model.device).long()
-        features, logp, logq, tilt_rows = [], [], [], []
-        for (_, piece_features, piece_logp, piece_q, piece_hint, informed), piece_targets in zip(
-                self._pending, targets.split([p.numel() for p, *_ in self._pending])):
-            features.append(piece_features)
-            piece_logp = piece_logp.float()
-            logp.append(piece_logp.gather(1, piece_targets[:, None]).squeeze(1))
-            logq.append(torch.log(piece_q.gather(1, piece_targets[:, None]).squeeze(1)))
-            tilt_rows.append(torch.stack([piece_logp.gather(1, piece_hint[:, None]).squeeze(1),
-                                          (piece_hint == piece_targets).float()], 1)[informed])
         self._pending = []
+        order = order.to(features.device)
         self.model.update(targets, tokens[max(0, start - self.cfg.order + 1):start])
-        self.mixer.update(torch.cat(features), torch.cat(logp), torch.cat(logq))
+        self.mixer.update(features[order], logp[order], logq[order])
         if self.tilt:
-            self.tilt_history = torch.cat([self.tilt_history, *tilt_rows])[-self.cfg.mix_fit_window:]
+            self.tilt_history = torch.cat([self.tilt_history, tilt_rows])[-self.cfg.mix_fit_window:]
             if self.tilt_history.numel():
                 self.beta = fit_tilt_beta(self.tilt_history[:, 0], self.tilt_history[:, 1], self.beta,
                                           self.cfg.mix_fit_iters)

@@ -190,7 +190,8 @@ def score_stream(model, tokens: torch.Tensor, first: int, end: int, *, context: 
                     positions = torch.arange(c_lo + a, c_lo + b, device=device)
                     views = {"model": rows[a:b]}
                     for adapter in adapters.values():
-                        views.update(adapter.views(rows[a:b], tokens[:c_hi - 1], positions))
+                        views.update(adapter.views(rows[a:b], tokens[:c_hi - 1], positions,
+                                                   tokens[c_lo + a:c_lo + b]))
                     targets = score_tokens[c_lo + a:c_lo + b, None]
                     checked = torch.linspace(0, b - a - 1, min(NORM_ROWS, b - a), device=device).long()
                     for view, logp in views.items():

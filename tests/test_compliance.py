@@ -44,13 +44,12 @@ def tiny_model() -> GPT:
 # ---------------------------------------------------------------- deliberately illegal adapters
 
 class ReadsTheTarget:
-    """Raises the probability of the token at the predicted position itself (its target), then renormalizes:
-    every row is a proper distribution, but p_t depends on x_t."""
+    """Raises the probability of the token at the predicted position itself (its target, which views() is handed
+    only to keep what update() needs), then renormalizes: every row is a proper distribution, but p_t depends on
+    x_t."""
 
-    def views(self, model_logprobs, tokens, positions):
-        available = positions < tokens.numel()
-        target = tokens[positions.clamp_max(tokens.numel() - 1)]
-        boost = torch.zeros_like(model_logprobs).scatter_(1, target[:, None], 3.0) * available[:, None]
+    def views(self, model_logprobs, tokens, positions, targets):
+        boost = torch.zeros_like(model_logprobs).scatter_(1, targets[:, None], 3.0)
         return {"cheat": torch.log_softmax(model_logprobs + boost, -1)}
 
     def update(self, tokens, positions):
@@ -63,7 +62,7 @@ class UpdatesBeforeScoring:
     def __init__(self):
         self.counts = torch.ones(VOCAB)
 
-    def views(self, model_logprobs, tokens, positions):
+    def views(self, model_logprobs, tokens, positions, targets):
         self.counts += torch.bincount(tokens[int(positions[0]):], minlength=VOCAB)
         q = (self.counts / self.counts.sum()).expand(positions.numel(), VOCAB)
         return {"cheat": blend(model_logprobs, q, torch.full((positions.numel(),), 0.5))}
@@ -81,7 +80,7 @@ class HashedGoldCache:
         self.pairs = torch.zeros(buckets)
         self.prev = torch.zeros(VOCAB)
 
-    def views(self, model_logprobs, tokens, positions):
+    def views(self, model_logprobs, tokens, positions, targets):
         prev = tokens[positions - 1]
         keys = (prev[:, None] * 2039 + torch.arange(VOCAB)[None, :]) % self.buckets
         q = self.pairs[keys] / self.prev[prev].clamp_min(1)[:, None]

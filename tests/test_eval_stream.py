@@ -153,7 +153,7 @@ class SpyAdapter:
     def __init__(self, log):
         self.log = log
 
-    def views(self, model_logprobs, tokens, positions):
+    def views(self, model_logprobs, tokens, positions, targets):
         self.log.append(("views", tokens.numel(), int(positions[0]), int(positions[-1]) + 1))
         return {"spy": model_logprobs}
 

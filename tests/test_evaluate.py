@@ -166,7 +166,11 @@ def test_lora_ttt_is_a_verified_one_off_beside_the_run(run, capsys):
     assert {k: v["passed"] for k, v in result["compliance"].items()} == {"C1": True, "C2": True, "C3": True,
                                                                             "C4": True}
     assert result["tokens"] == 23 * 128 and result["config"]["lora"]["rank"] == 2
-    assert re.search(r"^eval_lora_ttt_exact val_loss:\S+ val_bpb:\S+ seconds:\S+$", out, re.M)
+    assert re.search(r"^eval_lora_ttt_exact val_loss:\S+ val_bpb:\S+$", out, re.M)
+    assert re.search(r"^eval_ngram_exact val_loss:\S+ val_bpb:\S+$", out, re.M)  # the n-gram on top: the score
+    # the score is the blend (here one document, so the n-gram has counted nothing before scoring it)
+    assert result["val_bpb"] == result["views"]["ngram"]["val_bpb"] and set(result["views"]) == {"ngram", "lora_ttt"}
+    assert result["config"]["ngram"]["order"] == 12
     assert result["projection"]["gpus"] == 8
     assert cli.main(["eval", str(run), "LORA_RANK=2"]) != 0
     assert "LORA_ settings (lora_rank) without --lora-ttt" in capsys.readouterr().err

@@ -221,3 +221,65 @@ def test_a_global_phase_trains_the_base_weights_on_exactly_the_documents_scored_
         return _score(model, context, score_tokens=score, phases=1, phase_docs=3, phase_lr=0.05).nll
 
     assert check_causality(run, tokens, 1, tokens.numel(), [30, 60, 100], 64)["passed"]
+
+
+def test_rank_zero_is_document_masked_scoring_each_target_from_its_own_document():
+    """LORA_RANK=0: no adapter. Every target is scored by the frozen model from a window inside its own document:
+    at most `context` tokens back from its chunk's end, never before the document's BOS (reference: one forward per
+    target over exactly that window)."""
+    from eval.lora import document_targets
+    model = tiny_model()
+    tokens = _stream()
+    chunk, context = 5, 16
+    result = _score(model, tokens, rank=0, chunk=chunk, context=context)
+    expected = torch.zeros(tokens.numel() - 1)
+    with torch.no_grad():
+        for start, lo, hi in document_targets(tokens, 1, tokens.numel(), 1):
+            for p in range(lo, hi):
+                c_hi = min(lo + (p - lo) // chunk * chunk + chunk, hi)
+                w0 = max(start, c_hi - 1 - context)
+                logp = torch.log_softmax(model.logits(tokens[None, w0:p]), -1)[0, -1]
+                expected[p - 1] = -logp[tokens[p]]
+    torch.testing.assert_close(result.nll["model"], expected, rtol=1e-5, atol=1e-5)
+    assert result.coverage.tolist() == [1] * (tokens.numel() - 1)
+    assert not [e for e in result.events if e[0] == "update"]  # nothing learns
+    # an adapter that never steps scores the same: what rank 0 leaves out is exactly the learning
+    torch.testing.assert_close(_score(model, tokens, lr=0.0).nll["model"], result.nll["model"], rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_the_ngram_on_lora_learns_per_batch_so_no_document_reads_a_later_one(monkeypatch):
+    """The n-gram blend over the adapted distribution ("blend" view). Documents of a batch interleave, so the n-gram
+    counts a batch only once it is scored: C1 passes with a cut inside the second document of a batch while the
+    first is still being scored. Counting each chunk as soon as it is scored reads a later document (C1 fails)."""
+    import eval.lora as lora_module
+    from eval.compliance import check_causality, check_events_any_order
+    from eval.ngram import NgramConfig
+    model = tiny_model()
+    tokens = _stream()  # documents of 23, 7, 40, 12 and 30 tokens; batches of 2: (23, 7), (40, 12), (30)
+    end = tokens.numel()
+    ngram = NgramConfig(order=3, bos_id=1)
+    result = _score(model, tokens, ngram=ngram)
+    assert set(result.nll) == {"model", "blend"} and not torch.equal(result.nll["model"], result.nll["blend"])
+    assert check_events_any_order(result.events, 1, end)["passed"]
+    assert ("update", "ngram", 1, 33) in result.events  # the first batch, once scored
+    # before the first batch is counted the blend weight is 0: the first batch scores as the adapted model alone
+    torch.testing.assert_close(result.nll["blend"][:32], result.nll["model"][:32], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(result.nll["blend"][32:], result.nll["model"][32:])
+    cuts = [28, 80]  # inside the short second document of the first and of the second batch
+
+    def run(context, score):
+        return _score(model, context, score_tokens=score, ngram=ngram).nll
+
+    assert check_causality(run, tokens, 1, end, cuts, 64)["passed"]
+    record = lora_module.record_scores
+
+    def count_each_chunk(logps, spans, tokens, *args):
+        record(logps, spans, tokens, *args)
+        blender = args[-1]
+        for _, c_lo, c_hi, *_ in spans:  # the wrong design: count the chunk now, mid-batch
+            blender.model.update(tokens[c_lo:c_hi], tokens[max(0, c_lo - 2):c_lo])
+
+    monkeypatch.setattr(lora_module, "record_scores", count_each_chunk)
+    verdict = check_causality(run, tokens, 1, end, cuts, 64)
+    assert not verdict["passed"]

@@ -342,14 +342,14 @@ def test_blender_tilt_view_starts_untilted_and_learns_from_scored_hints(real_tok
     vocab = 1024
     blender = NgramBlender(vocab, NgramConfig(order=4), tilt=True)
     logp = torch.log_softmax(torch.zeros(2000, vocab), -1)
-    first = blender.views(logp, real_tokens, torch.arange(1, 2001))
+    first = blender.views(logp, real_tokens, torch.arange(1, 2001), real_tokens[1:2001])
     assert set(first) == {"blend", "tilt"} and torch.equal(first["tilt"], logp)  # beta = 0 before any update
     blender.update(real_tokens, torch.arange(1, 2001))
     assert blender.beta == 0  # nothing was counted while the first chunk was predicted: its hints were ties
-    blender.views(logp[:1000], real_tokens, torch.arange(2001, 3001))
+    blender.views(logp[:1000], real_tokens, torch.arange(2001, 3001), real_tokens[2001:3001])
     blender.update(real_tokens, torch.arange(2001, 3001))
     assert blender.beta > 0  # a uniform model under-predicts the n-gram's most likely token
-    later = blender.views(logp[:500], real_tokens, torch.arange(3001, 3501))
+    later = blender.views(logp[:500], real_tokens, torch.arange(3001, 3501), real_tokens[3001:3501])
     assert (torch.logsumexp(later["tilt"].double(), -1) - 0).abs().max() < 1e-5
     assert not torch.equal(later["tilt"], logp[:500])
 
@@ -372,7 +372,7 @@ def test_blender_refuses_updates_for_positions_it_did_not_predict():
     logp = torch.log_softmax(torch.zeros(8, 20), -1)
     with pytest.raises(RuntimeError, match="not the ones predicted"):
         blender.update(tokens, torch.arange(1, 9))
-    blender.views(logp, tokens, torch.arange(1, 9))
+    blender.views(logp, tokens, torch.arange(1, 9), tokens[1:9])
     with pytest.raises(RuntimeError, match="not the ones predicted"):
         blender.update(tokens, torch.arange(1, 10))
     blender.update(tokens, torch.arange(1, 9))
@@ -390,7 +390,7 @@ def test_blending_lowers_nll_of_a_weak_model_on_later_text(real_tokens):
     for start, end in stream_chunks(50_000, (4096,)):
         positions = torch.arange(10_000 + start, 10_000 + end)
         logp = unigram.expand(positions.numel(), vocab)
-        out = blender.views(logp, real_tokens, positions)["blend"]
+        out = blender.views(logp, real_tokens, positions, real_tokens[positions])["blend"]
         assert (torch.logsumexp(out.double(), -1)).abs().max() < 1e-5
         targets = real_tokens[positions][:, None]
         if start >= 25_000:
@@ -417,3 +417,29 @@ def test_config_names_the_setting_as_typed(kw, message):
     with pytest.raises(ValueError, match=message):
         NgramConfig(**kw)
     NgramConfig(order=1, discount=1.0, hash_modulus=(1 << 47) - 1, bos_id=0, mix_weights=(0.0, 0.0, 0.0, 0.0))
+
+
+def test_blender_learns_the_same_from_pieces_predicted_out_of_order(real_tokens):
+    """Per-document LoRA predicts a batch's documents interleaved (a chunk of each in turn) and updates the n-gram
+    once per batch: pieces arriving in any order must teach it exactly what the same pieces in stream order do."""
+    vocab = 1024
+    logp = torch.log_softmax(torch.randn(3000, vocab, generator=torch.Generator().manual_seed(0)), -1)
+    pieces = [(1, 700), (700, 1500), (1500, 3001)]
+    blenders = []
+    for order in (pieces, pieces[::-1]):
+        blender = NgramBlender(vocab, NgramConfig(order=4), tilt=True)
+        blender.views(logp[:200], real_tokens, torch.arange(3001, 3201), real_tokens[3001:3201])
+        with pytest.raises(RuntimeError, match="not the ones predicted"):
+            blender.update(real_tokens, torch.arange(3001, 3202))
+        blender = NgramBlender(vocab, NgramConfig(order=4), tilt=True)
+        for a, b in order:
+            blender.views(logp[a - 1:b - 1], real_tokens, torch.arange(a, b), real_tokens[a:b])
+        blender.update(real_tokens, torch.arange(1, 3001))
+        blenders.append(blender)
+    first, second = blenders
+    assert first.model.tokens_counted == second.model.tokens_counted == 3000
+    positions = torch.arange(3001, 3101)
+    views = [b.views(logp[:100], real_tokens, positions, real_tokens[3001:3101]) for b in blenders]
+    assert torch.allclose(views[0]["blend"], views[1]["blend"], atol=1e-6)
+    assert torch.allclose(views[0]["tilt"], views[1]["tilt"], atol=1e-6)
+    assert not torch.equal(views[0]["blend"], logp[:100])  # the blend is not the model: the n-gram learned

@@ -16,7 +16,8 @@ from eval.verify import evaluate_verified
 from submission.config import ModelConfig, TrainConfig, from_dict, to_dict
 from submission.data import load_tokens
 from submission.model import GPT
-from submission.train import Logger, _tokenizer, check_tokenizer, configure_cuda, setup_distributed, writable_check
+from submission.runtime import (Logger, check_tokenizer, configure_cuda, load_tokenizer, setup_distributed,
+                                writable_check)
 from tools.artifact import CODE_FILENAME, MODEL_FILENAME, read_artifact, to_state_dict
 from tools.cli import expect_path
 
@@ -152,7 +153,7 @@ def run_eval(args: argparse.Namespace) -> int:
     run_data_dir = facts["train"].get("data_dir", defaults.data_dir)
     data_dir = args.data_dir or run_data_dir
     tensors, model_config, quant_config = read_artifact(artifact)
-    sp, used = _tokenizer(tokenizer)
+    sp, used = load_tokenizer(tokenizer)
     rank, world_size, device = setup_distributed()
     log = Logger(None, rank)
     recorded = quant_config.get("tokenizer")
@@ -195,7 +196,8 @@ def run_eval(args: argparse.Namespace) -> int:
         tokenizer=tokenizer, tokenizer_sha256=used["sha256"][:16])
 
     if args.lora_ttt:
-        body = evaluate_lora(model, val_tokens, luts, lora_cfg, rank, world_size, progress=True, log=log)
+        body = evaluate_lora(model, val_tokens, luts, lora_cfg, rank, world_size, progress=True, log=log,
+                             ngram=cfg.ngram_config)
     else:
         body = evaluate_verified(model, val_tokens, luts, cfg, rank, world_size, progress=True, log=log)
     out = {"seed": seed, **body, "tokenizer": used, "bytes_model": artifact.stat().st_size}
@@ -238,9 +240,11 @@ def add_commands(subparsers) -> None:
     p.add_argument("--no-ttt", action="store_true", help="no test-time training (and so no hash embedding)")
     p.add_argument("--ablation", action="store_true", help="also score flat, sliding, +ttt, ... (3 extra passes)")
     p.add_argument("--lora-ttt", action="store_true",
-                   help="score with per-document LoRA TTT instead (eval/lora.py; settings LORA_RANK, LORA_LR, "
-                        "LORA_CHUNK, LORA_BATCH_DOCS, LORA_CONTEXT, LORA_WEIGHT_DECAY, LORA_COMPLIANCE_TOKENS), "
-                        "checked C1-C4; written to RUN_DIR/eval_lora-ttt*.json beside eval.json")
+                   help="score with per-document LoRA TTT instead (eval/lora.py; settings LORA_<FIELD>: RANK (0: no "
+                        "adapter, document-masked scoring alone), LR, CHUNK, BATCH_DOCS, CONTEXT, WEIGHT_DECAY, HEAD, "
+                        "PHASES, PHASE_DOCS, PHASE_LR, PHASE_MOMENTUM, NGRAM (the n-gram blend on top, with the NGRAM_ "
+                        "settings), COMPLIANCE_TOKENS), checked C1-C4; written to RUN_DIR/eval_lora-ttt*.json beside "
+                        "eval.json")
     p.add_argument("--seed", type=int, help="seed to record when the directory has no config.json/train.log")
     p.add_argument("--out", help="output path (default: RUN_DIR/eval.json; when that holds a packed run's unverified "
                                  "result, the score is kept and the compliance report added). A one-off pass (settings,"
