@@ -74,7 +74,8 @@ class ModelConfig:
     tie_embeddings: bool = True
     bos_id: int = 1
     embed2: bool = False            # a second token embedding mixed in before every block (sp1024: on)
-    # Speedrun switches (submission/switches.py; packed only when one is on), off: see the README's "Recipe"
+    # Speedrun switches (submission/switches.py; packed only when one is on), off: docs/MEASUREMENTS.md, "Speedrun
+    # techniques, measured"
     key_offset_last_n: int = 0      # partial key offset on the last N layers: unrotated key dims from position t-1
     key_offset_dims: int = 0        # how many of the unrotated head dims (the last ones) move; 0: all 48
     layer_bigram_buckets: int = 0   # bigram hash table added before every block (speedrun: 5 x vocab = 5120); 0 off

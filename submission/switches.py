@@ -1,7 +1,7 @@
 """Two NanoGPT-speedrun techniques as model switches, off by default (ModelConfig: key_offset_last_n,
 layer_bigram_buckets): partial key offset and a bigram hash embedding injected before every block. The third one
 measured, a second token embedding mixed in before every block, won its P1 ablation and is part of the model
-(submission/model.py, ModelConfig.embed2); the README's "Recipe" section has the table.
+(submission/model.py, ModelConfig.embed2); docs/MEASUREMENTS.md ("Speedrun techniques, measured") has the table.
 
 The model imports this module only when a switch is on (submission/model.py `switches`), and the bundler packs it
 only when the bundled configuration turns one on (tools/bundle.py, optional modules), so a submission with them off
