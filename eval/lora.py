@@ -362,18 +362,16 @@ def global_phase(model, tokens: Tensor, docs: list[tuple[int, int, int]], *, lr:
 
 
 def evaluate_lora(model, val_tokens, luts, cfg: LoraConfig, rank: int = 0, world_size: int = 1,
-                  progress: bool = True, log=None, ngram: NgramConfig | None = None) -> dict:
+                  progress: bool = True, log=None, ngram: NgramConfig | None = None, verify: bool = True) -> dict:
     """Score the validation tokens with per-document LoRA TTT and verify the pass: the eval-JSON body (val_loss,
     val_bpb, tokens, bytes, stages, compliance C1-C4, projection onto the full FineWeb val on 8 GPUs, config).
     The score is the n-gram blend when cfg.ngram (with `ngram`'s settings, default NgramConfig()), else the adapted
-    model; "views" holds both.
+    model; "views" holds both. verify=False skips C1-C4 (for choosing settings on the tuning split, where no score
+    is reported).
     Ranks take contiguous shares of the targets; a document cut by a share boundary is context for the later rank
     (as the sliding stream's windows are)."""
-    from eval.compliance import check_causality, check_coverage, check_events_any_order, check_normalization, \
-        coverage_summary
-    from eval.run import EVAL_GPUS, EVAL_LIMIT_S, FULL_VAL_TOKENS, distributed, view_scores
+    from eval.run import EVAL_GPUS, EVAL_LIMIT_S, FULL_VAL_TOKENS, view_scores
     from eval.stream import shard_targets
-    from eval.verify import _deterministic
 
     log = log or (lambda *fields, **kv: None)
     device = next(model.parameters()).device
@@ -399,7 +397,35 @@ def evaluate_lora(model, val_tokens, luts, cfg: LoraConfig, rank: int = 0, world
     log("eval_stage", stage="lora_ttt", seconds=round(seconds, 3))
 
     start = time.perf_counter()
-    prefix_end = min(tokens.numel(), 1 + cfg.compliance_tokens)
+    compliance = verify_documents(model, tokens, result, settings, cfg.compliance_tokens, world_size, log) \
+        if verify else None
+    stages = {"lora_ttt": round(seconds, 3), "compliance": round(time.perf_counter() - start, 3)} if verify else \
+        {"lora_ttt": round(seconds, 3)}
+    full = FULL_VAL_TOKENS.get(model.cfg.vocab_size, FULL_VAL_TOKENS[1024])
+    projected = seconds * (full / EVAL_GPUS) / (acc.tokens / world_size)
+    projection = {"full_val_tokens": full, "gpus": EVAL_GPUS, "seconds": round(projected, 1),
+                  "over_limit": projected > EVAL_LIMIT_S}
+    log("eval_projection", full_val_tokens=full, gpus=EVAL_GPUS, seconds=projection["seconds"],
+        over_limit=str(projection["over_limit"]).lower())
+    log("final_eval_exact", val_loss=f"{acc.val_loss:.8f}", val_bpb=f"{acc.val_bpb:.8f}")
+    return {"val_loss": acc.val_loss, "val_bpb": acc.val_bpb, "tokens": acc.tokens, "bytes": acc.bytes,
+            "stages": stages, **({"compliance": compliance} if verify else {}), "projection": projection,
+            "views": {names[view]: {"val_loss": a.val_loss, "val_bpb": a.val_bpb} for view, a in scores.items()},
+            "config": {"lora": dataclasses.asdict(cfg),
+                       "ngram": dataclasses.asdict(settings["ngram"]) if settings["ngram"] else None}}
+
+
+def verify_documents(model, tokens: Tensor, result, settings: dict, compliance_tokens: int, world_size: int,
+                     log) -> dict:
+    """C1-C4 of a per-document pass: C1 re-runs it 4x on the first compliance_tokens targets with a cut in each
+    half; C3 in any order (documents interleave); C4 over every rank's coverage."""
+    from eval.compliance import check_causality, check_coverage, check_events_any_order, check_normalization, \
+        coverage_summary
+    from eval.run import distributed
+    from eval.verify import _deterministic
+
+    device, first, end, num_targets = tokens.device, result.first, result.end, tokens.numel() - 1
+    prefix_end = min(tokens.numel(), 1 + compliance_tokens)
     half = max((prefix_end - 1) // 2, 1)
     cuts = [1 + half // 2, min(1 + half + half // 2, prefix_end - 1)]
     with _deterministic(device):
@@ -420,16 +446,4 @@ def evaluate_lora(model, val_tokens, luts, cfg: LoraConfig, rank: int = 0, world
     compliance = {"C1": c1, "C2": check_normalization(result.norm), "C3": c3,
                   "C4": check_coverage(summaries, num_targets)}
     log("eval_compliance", **{k: "pass" if v["passed"] else "FAIL" for k, v in compliance.items()})
-    full = FULL_VAL_TOKENS.get(model.cfg.vocab_size, FULL_VAL_TOKENS[1024])
-    projected = seconds * (full / EVAL_GPUS) / (acc.tokens / world_size)
-    projection = {"full_val_tokens": full, "gpus": EVAL_GPUS, "seconds": round(projected, 1),
-                  "over_limit": projected > EVAL_LIMIT_S}
-    log("eval_projection", full_val_tokens=full, gpus=EVAL_GPUS, seconds=projection["seconds"],
-        over_limit=str(projection["over_limit"]).lower())
-    log("final_eval_exact", val_loss=f"{acc.val_loss:.8f}", val_bpb=f"{acc.val_bpb:.8f}")
-    return {"val_loss": acc.val_loss, "val_bpb": acc.val_bpb, "tokens": acc.tokens, "bytes": acc.bytes,
-            "stages": {"lora_ttt": round(seconds, 3), "compliance": round(time.perf_counter() - start, 3)},
-            "compliance": compliance, "projection": projection,
-            "views": {names[view]: {"val_loss": a.val_loss, "val_bpb": a.val_bpb} for view, a in scores.items()},
-            "config": {"lora": dataclasses.asdict(cfg),
-                       "ngram": dataclasses.asdict(settings["ngram"]) if settings["ngram"] else None}}
+    return compliance

@@ -283,3 +283,14 @@ def test_the_ngram_on_lora_learns_per_batch_so_no_document_reads_a_later_one(mon
     monkeypatch.setattr(lora_module, "record_scores", count_each_chunk)
     verdict = check_causality(run, tokens, 1, end, cuts, 64)
     assert not verdict["passed"]
+
+
+def test_rank_zero_on_one_document_is_the_sliding_stream():
+    """Without a BOS inside, document-masked scoring with chunk = stride reads exactly the windows of the sliding
+    stream (eval/stream.py), so the two scorers must agree target by target."""
+    from eval.stream import score_stream
+    model = tiny_model()
+    tokens = torch.randint(2, 64, (200,), generator=torch.Generator().manual_seed(4))
+    sliding = score_stream(model, tokens, 1, 200, context=32, stride=8, chunk=200, batch_windows=4).nll["model"]
+    documents = _score(model, tokens, rank=0, chunk=8, context=32, batch_docs=1).nll["model"]
+    torch.testing.assert_close(documents, sliding, rtol=1e-5, atol=1e-5)

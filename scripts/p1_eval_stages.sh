@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Every evaluation stage's gain on ONE P1 artifact, on the GPU machine:
+#   source .bench/prep.sh && scripts/p1_eval_stages.sh RUN_DIR [PASS ...]
+# RUN_DIR holds model.pgz (e.g. /tmp/p1/seed1337 after scripts/p1_seed.sh). Each PASS is a quoted list of
+# `pgolf eval` arguments scored as a one-off beside the run's eval.json; without any, the stages of issue 21:
+#   --ablation                                     flat, sliding, +ttt, +hash_embed, +ngram (the stream's stages)
+#   --lora-ttt LORA_RANK=0 LORA_NGRAM=0 LORA_CHUNK=64   document-masked sliding windows alone (stride 64)
+#   --lora-ttt LORA_NGRAM=0                        per-document LoRA TTT
+#   --lora-ttt                                     LoRA TTT + the n-gram blend
+#   --lora-ttt LORA_PHASES=1 / 2 / 3               + global phases
+# Prints per pass its val_bpb views, C1-C4 and the 8-GPU full-val projection. Logs go to $OUT/eval_stages/.
+set -uo pipefail
+run=${1:?usage: scripts/p1_eval_stages.sh RUN_DIR [PASS ...]}
+shift
+out=${OUT:-$(pwd)/p1_out}/eval_stages
+mkdir -p "$out"
+if [ $# -eq 0 ]; then
+  set -- "--ablation" "--lora-ttt LORA_RANK=0 LORA_NGRAM=0 LORA_CHUNK=64" "--lora-ttt LORA_NGRAM=0" "--lora-ttt" \
+    "--lora-ttt LORA_PHASES=1" "--lora-ttt LORA_PHASES=2" "--lora-ttt LORA_PHASES=3"
+fi
+echo "| pass | views (val_bpb) | final | C1-C4 | 8-GPU projection s |"
+echo "|---|---|---|---|---|"
+i=0
+for pass in "$@"; do
+  i=$((i + 1))
+  json=$out/pass$i.json
+  # shellcheck disable=SC2086  # a pass is words: flags and KEY=VALUE settings
+  timeout "${PASS_TIMEOUT:-540}" python3 -m tools.cli eval "$run" $pass --out "$json" > "$out/pass$i.txt" 2>&1
+  cp "$out/pass$i.txt" "$out/pass$i.log" 2>/dev/null
+  python3 - "$json" "$pass" <<'EOF'
+import json, sys
+from pathlib import Path
+path, name = Path(sys.argv[1]), sys.argv[2]
+if not path.is_file():
+    print(f"| {name} | failed (see {path.with_suffix('.txt')}) | | | |")
+    sys.exit()
+r = json.loads(path.read_text())
+views = r.get("views") or {row["name"]: row["val_bpb"] for row in r.get("ablation", [])}
+views = {k: (v["val_bpb"] if isinstance(v, dict) else v) for k, v in views.items()}
+checks = "".join("p" if c["passed"] else "F" for c in r.get("compliance", {}).values()) or "-"
+print(f"| {name} | {' '.join(f'{k} {v:.5f}' for k, v in views.items())} | {r['val_bpb']:.5f} | {checks} | "
+      f"{r['projection']['seconds']} |")
+EOF
+done
