@@ -215,8 +215,7 @@ def score_documents(model, tokens: Tensor, first: int, end: int, *, rank: int, l
     eval.compliance.check_events_any_order (documents interleave).
     score_tokens: the tokens targets are read from (default `tokens`), for the causality check.
     step_before_score: the deliberately illegal variant (steps on a chunk, then scores it) that the checks catch."""
-    from tqdm import tqdm
-
+    from eval.progress import progress_bar
     from eval.stream import StreamResult
 
     device = tokens.device
@@ -237,8 +236,8 @@ def score_documents(model, tokens: Tensor, first: int, end: int, *, rank: int, l
     blender = NgramBlender(model.cfg.vocab_size, ngram, device) if ngram is not None else None
     phase_at = [k * phase_docs for k in range(1, phases + 1)]
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()} if phases else None
-    bar = tqdm(total=n, desc="lora ttt" if rank else "documents", unit="tok", unit_scale=True,
-               disable=not progress, leave=False)
+    bar = progress_bar(total=n, desc="lora ttt" if rank else "documents", unit="tok", unit_scale=True,
+                       disable=not progress, leave=False)
     try:
         for b0 in range(0, len(docs), batch_docs):
             batch = docs[b0:b0 + batch_docs]

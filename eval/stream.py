@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+
+from eval.progress import packable_progress_bar
 
 # Rows per chunk and view whose full distribution is materialized and checked for normalization (C2).
 NORM_ROWS = 8
@@ -148,7 +149,8 @@ def score_stream(model, tokens: torch.Tensor, first: int, end: int, *, context: 
         with timer("compile"), torch.no_grad():
             x = tokens[:context].expand(batch_windows, -1).contiguous()
             compiled(model, extra, x, stride, None if rows_mode else x[:, -stride:].contiguous())
-    bar = tqdm(total=n_shard, desc=desc, unit="tok", unit_scale=True, disable=not progress, leave=False)
+    bar = packable_progress_bar(total=n_shard, desc=desc, unit="tok", unit_scale=True, disable=not progress,
+                                leave=False)
 
     def run_batch(i: int, j: int, last: int, fn, c_lo: int, rows):
         st, lo, hi = starts[i:j], lows[i:j], highs[i:j]

@@ -150,7 +150,7 @@ def test_record_folder_has_every_file_and_passes_the_check(tmp_path, three_seeds
     assert "No reference record was given" in text and "| 42 | flat |" in text
 
     # readable plots: the loss curves hold every step of every seed, in a figure of the size set in plots.py
-    assert png_size(folder / "loss_curves.png") == (1320, 504)
+    assert png_size(folder / "loss_curves.png") == (1320, 912)  # 3 seeds: a third panel, each seed against the rest
     assert png_size(folder / "val_bpb_by_seed.png") == (840, 504)
     assert [s for s, _ in train_loss_curve((folder / "train_seed42.log").read_text().splitlines())] == \
         list(range(1, STEPS + 1))

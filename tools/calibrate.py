@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
+from eval.progress import packable_progress_bar
 from submission.config import check_ranges, within
 from submission.data import read_shard, shard_paths
 from submission.model import GPT, CastedLinear, KVCache, plain_linears
@@ -96,7 +96,7 @@ def generate(model: GPT, cfg: CalibConfig, cuda_graph: bool = True, progress: bo
             run = graph.replay
         tokens.fill_(bos)
         cache.reset()
-        for t in tqdm(range(length - 1), desc="calibration decode", unit="tok", disable=not progress):
+        for t in packable_progress_bar(range(length - 1), desc="calibration decode", unit="tok", disable=not progress):
             if t % chunk == 0:  # Gumbel noise -log(E), E ~ Exp(1), for the next `chunk` positions
                 noise.exponential_(generator=gen).log_().neg_()
             run()

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
+from eval.progress import packable_progress_bar
 from submission.config import check_ranges, within
 
 # Smallest positive float16 (a subnormal): the floor for a stored row scale, so an all-zero or tiny row never gets a
@@ -203,7 +203,7 @@ def collect_hessians(model: nn.Module, batches: Iterable, modules: Mapping[str, 
     count = 0
     try:
         with torch.no_grad():
-            for batch in tqdm(batches, desc="gptq hessians", unit="batch", disable=not progress):
+            for batch in packable_progress_bar(batches, desc="gptq hessians", unit="batch", disable=not progress):
                 forward(batch)
                 count += 1
     finally:
@@ -409,7 +409,8 @@ def quantize_state_dict(state_dict: Mapping[str, Tensor], hessians: Mapping[str,
         raise ValueError(f"quantize_state_dict: embedding names {sorted(unknown)} are not in the state dict")
     out: dict[str, QuantTensor | Tensor] = {}
     report = QuantReport()
-    for name, tensor in tqdm(list(state_dict.items()), desc="quantize", unit="tensor", disable=not progress):
+    tensors = list(state_dict.items())
+    for name, tensor in packable_progress_bar(tensors, desc="quantize", unit="tensor", disable=not progress):
         tensor = tensor.detach()
         if tensor.ndim != 2 or tensor.numel() < cfg.passthrough_max_numel:
             if tensor.is_floating_point():

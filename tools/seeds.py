@@ -20,6 +20,7 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
+from eval.progress import progress_bar
 from tools.cli import expect_output
 from tools.results import ResultFormatError, SeedResult, load_run, parse_eval_json
 from tools.stats import build_report, format_report
@@ -355,8 +356,8 @@ class SeedRunner:
         parallel = min(len(groups), len(todo))
         tqdm.write(f"seeds_to_run:{','.join(str(s) for s, _ in todo)} parallel:{parallel} "
                    f"gpu_groups:{';'.join(','.join(g) for g in groups) if groups != [None] else 'inherited'}")
-        # disable=None: the bar only on a terminal; in a log file its redraws would garble the streamed lines
-        with tqdm(total=len(todo), desc="seeds", unit="seed", disable=None) as bar, \
+        # a bar on a terminal (tqdm.write prints above it); in a log, a `progress:seeds done:<n>/<total>` line per seed
+        with progress_bar(total=len(todo), desc="seeds", unit="seed") as bar, \
                 ThreadPoolExecutor(parallel) as pool:
             futures = [pool.submit(task, seed, run_dir) for seed, run_dir in todo]
             try:

@@ -7,8 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
+from eval.progress import progress_bar
 from tools.artifact import CODE_FILENAME, DECIMAL_CAP, MODEL_FILENAME, compress, read_contents
 from tools.cli import expect_path
 from tools.gptq import QuantTensor
@@ -68,8 +67,8 @@ def size_report(artifact_path: str | os.PathLike, code_path: str | os.PathLike, 
     entries = contents.header["tensors"]
     datas = [b"".join(contents.payload[o:o + n] for o, n in entry["segments"]) for entry in entries.values()]
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        sizes = list(tqdm(pool.map(lambda data: len(compress(data, compressor)), datas), total=len(datas),
-                          desc="size shares", unit="tensor", disable=not progress))
+        sizes = list(progress_bar(pool.map(lambda data: len(compress(data, compressor)), datas),
+                                  total=len(datas), desc="size shares", unit="tensor", disable=not progress))
     alone = dict(zip(entries, sizes))
     norm = len(blob) / max(sum(alone.values()), 1)
     shares = []
