@@ -18,8 +18,8 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
+from eval.progress import packable_progress_bar
 from submission.model import GPT, plain_linears
 from tools.gptq import QuantConfig, dequantize, rtn_quantize
 
@@ -88,7 +88,7 @@ def probe(model: GPT, names: Sequence[str], embedding_names: set[str], cfg: Quan
     try:
         with plain_linears(model):
             base = probe_loss(model, tokens, batch_seqs)
-            for name in tqdm(names, desc="bit allocation probes", unit="matrix", disable=not progress):
+            for name in packable_progress_bar(names, desc="bit allocation probes", unit="matrix", disable=not progress):
                 param = model.get_parameter(name)
                 kept = param.detach().clone()
                 embedding = name in embedding_names

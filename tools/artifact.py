@@ -15,8 +15,8 @@ import brotli
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
+from eval.progress import packable_progress_bar
 from tools.gptq import QuantTensor, qmax_for
 
 # The challenge's cap on code bytes + compressed model bytes: decimal, not MiB (16 * 1024 * 1024 = 16,777,216 is a
@@ -505,7 +505,8 @@ def fit_to_budget(tensors: Mapping[str, QuantTensor | Tensor], hessian_diag: Map
     report.candidates = len(candidates)
     efficiency = FIT_PRIOR_EFFICIENCY  # compressed bytes saved / per-row prediction; re-measured every round
     done = 0
-    bar = tqdm(total=code_bytes + len(blob) - target, desc="fit to budget", unit="B", disable=not progress)
+    bar = packable_progress_bar(total=code_bytes + len(blob) - target, desc="fit to budget", unit="B",
+                                disable=not progress)
     while code_bytes + len(blob) > target:
         if done == len(candidates) or report.rounds == max_rounds:
             bar.close()

@@ -22,7 +22,7 @@ import numpy as np
 import sentencepiece as spm
 from huggingface_hub import hf_hub_download
 from huggingface_hub.utils import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
-from tqdm import tqdm
+from eval.progress import progress_bar
 
 from submission.data import (HEADER_BYTES, TOKENS_PER_SHARD, ShardError, read_header, read_shard, shard_paths,
                              write_shard)
@@ -33,9 +33,9 @@ SPLITS = ("val", "train")
 TUNE = "tune"
 
 
-def _bar(progress: bool, **kwargs) -> tqdm:
-    # disable=None lets tqdm hide the bar when stderr is not a terminal (CI logs stay readable).
-    return tqdm(disable=None if progress else True, **kwargs)
+def _bar(progress: bool, **kwargs):
+    # off a terminal (a log, CI) a few `progress:...` lines instead of the bar's redraws
+    return progress_bar(disable=not progress, **kwargs)
 
 
 def _shard_name(split: str, index: int) -> str:
@@ -440,7 +440,7 @@ class DatasetReport:
         return not self.problems
 
 
-def _documents(paths: list[str], bos_id: int, stats: SplitStats, bar: tqdm, keep_lengths: np.ndarray | None = None,
+def _documents(paths: list[str], bos_id: int, stats: SplitStats, bar, keep_lengths: np.ndarray | None = None,
                sha256=None) -> Iterator[tuple[bytes, int, int, str, int]]:
     """Walk a split's stream document by document (a document runs from a BOS to the next one, across shard
     boundaries); fill stats and yield (blake2b digest, length, doc index, shard name, offset) of each document,
