@@ -63,40 +63,40 @@ FIT_TOLERANCE = 1e-10
 @dataclass
 class NgramConfig:
     """The n-gram predictor and its mixing rule; defaults are the recipe."""
-    # Max order K: contexts of up to K-1 previous tokens (order 1 = unigram, order 0 = the uniform base).
-    # Measured on the benchmark dev val (sp1024, 1.57M tokens, H100), blending into a static Kneser-Ney 4-gram
-    # trained on the 61.7M train tokens (4.726 bits/token), score-first chunks of 32,768: gain in bits/token
-    # K=2 0.022, 3 0.042, 4 0.048, 6 0.056, 8 0.058, 12 0.061, 16 0.063; memory per 1.57M tokens 47 MB (K=4),
-    # 188 MB (8), 335 MB (12), 483 MB (16). 12 is where the gain per doubling of K halves; 11 tokens of context
-    # (~28 bytes) lock onto verbatim repeats, the part a 2048-token transformer cannot see across documents.
     order: int = 12
-    # "witten_bell": P(w|c) = (c(c,w) + T(c) P_lower(w)) / (N(c) + T(c)), T = distinct next tokens, N = count.
-    # "kneser_ney": interpolated absolute discounting with Kneser-Ney continuation counts for the lower orders.
-    # Kneser-Ney won at every K in the measurement above (K=12: 0.061 vs 0.049 bits/token; alone, K=4 on 400K
-    # tokens: 6.46 vs 6.88 bits/token).
+    """Max order K: contexts of up to K-1 previous tokens (order 1 = unigram, order 0 = the uniform base). Measured on
+    the benchmark dev val (sp1024, 1.57M tokens, H100), blending into a static Kneser-Ney 4-gram trained on the
+    61.7M train tokens (4.726 bits/token), score-first chunks of 32,768: gain in bits/token K=2 0.022, 3 0.042, 4
+    0.048, 6 0.056, 8 0.058, 12 0.061, 16 0.063; memory per 1.57M tokens 47 MB (K=4), 188 MB (8), 335 MB (12), 483
+    MB (16). 12 is where the gain per doubling of K halves; 11 tokens of context (~28 bytes) lock onto verbatim
+    repeats, the part a 2048-token transformer cannot see across documents."""
     smoothing: str = "kneser_ney"
-    # Absolute discount D for "kneser_ney", in (0, 1]; 0.75 is the discount Church & Gale (1991) measured between
-    # training and held-out counts (the value Jurafsky & Martin use for interpolated Kneser-Ney).
+    """"witten_bell": P(w|c) = (c(c,w) + T(c) P_lower(w)) / (N(c) + T(c)), T = distinct next tokens, N = count.
+    "kneser_ney": interpolated absolute discounting with Kneser-Ney continuation counts for the lower orders.
+    Kneser-Ney won at every K in the measurement above (K=12: 0.061 vs 0.049 bits/token; alone, K=4 on 400K tokens:
+    6.46 vs 6.88 bits/token)."""
     discount: float = 0.75
-    # Uniform mass mixed in last: q >= floor / V for every token whatever the counts, so log q stays finite in
-    # float32 even after K products of backoff weights; costs at most -log(1 - floor) ~ 1e-6 nats where q is right.
+    """Absolute discount D for "kneser_ney", in (0, 1]; 0.75 is the discount Church & Gale (1991) measured between
+    training and held-out counts (the value Jurafsky & Martin use for interpolated Kneser-Ney)."""
     floor: float = 1e-6
-    # Contexts of order n are keyed by their base-V value modulo this prime: exact while V^(n-1) < hash_modulus,
-    # hashed beyond. Lower it only to test collisions; it must satisfy hash_modulus * V < 2^63.
+    """Uniform mass mixed in last: q >= floor / V for every token whatever the counts, so log q stays finite in float32
+    even after K products of backoff weights; costs at most -log(1 - floor) ~ 1e-6 nats where q is right."""
     hash_modulus: int = HASH_MODULUS
-    # Document boundary: a context never reaches back past the most recent BOS (the BOS itself is context).
+    """Contexts of order n are keyed by their base-V value modulo this prime: exact while V^(n-1) < hash_modulus,
+    hashed beyond. Lower it only to test collisions; it must satisfy hash_modulus * V < 2^63."""
     bos_id: int = 1
-    # Mixing a_t = sigmoid(w . f_t), f_t = (1, model entropy in nats, log1p(context count), matched order / K).
-    # None: w is the maximum-likelihood fit of the blended score on the last mix_fit_window scored tokens,
-    # refitted after every update, and a_t = 0 before the first scored chunk (no evidence yet). Measured fits
-    # (dev val, K=12): w ~ (-4.7, 0.22, 0.28, 4.3): more n-gram weight where the model is unsure and where a long,
-    # often-seen context matched. A 4-tuple fixes w instead (no refits).
+    """Document boundary: a context never reaches back past the most recent BOS (the BOS itself is context)."""
     mix_weights: tuple[float, float, float, float] | None = None
-    # Gauss-Newton (BHHH) iterations per refit; each refit starts from the previous weights, so a few suffice.
+    """Mixing a_t = sigmoid(w . f_t), f_t = (1, model entropy in nats, log1p(context count), matched order / K). None:
+    w is the maximum-likelihood fit of the blended score on the last mix_fit_window scored tokens, refitted after
+    every update, and a_t = 0 before the first scored chunk (no evidence yet). Measured fits (dev val, K=12): w ~
+    (-4.7, 0.22, 0.28, 4.3): more n-gram weight where the model is unsure and where a long, often-seen context
+    matched. A 4-tuple fixes w instead (no refits)."""
     mix_fit_iters: int = 10
-    # The refit uses the most recent scored tokens only: bounds its cost per chunk (4 weights need far fewer) and
-    # follows the n-gram as its counts grow, which shifts how much q deserves.
+    """Gauss-Newton (BHHH) iterations per refit; each refit starts from the previous weights, so a few suffice."""
     mix_fit_window: int = 1 << 20
+    """The refit uses the most recent scored tokens only: bounds its cost per chunk (4 weights need far fewer) and
+    follows the n-gram as its counts grow, which shifts how much q deserves."""
 
     # Each number's allowed values (submission.config.check_ranges; settings NGRAM_<FIELD>); the others are checked
     # in __post_init__.

@@ -24,33 +24,55 @@ EVAL_LIMIT_S = 600.0
 @dataclass
 class EvalConfig:
     """Evaluation settings; the defaults are the recommended recipe (figures from the challenge's records)."""
-    context_len: int = 2048          # tokens per window and per TTT sequence: the record's training length
-    stride: int = 64                 # new targets per window: ~1,984 tokens of context each, -0.024 BPB vs flat
-    rope_scale: float = 1.0          # context_len / training length when evaluating longer (NTK RoPE scaling)
-    batch_windows: int = 64          # windows per forward (one static shape when compiled)
-    # torch.compile the scoring forward (CUDA only). H100, record model, 1.57M tokens, stride 64: 14.1 s compiled
-    # + 41.6 s to compile once, vs 40.0 s eager; a rank of an 8-GPU eval scores ~7.75M tokens, so it pays.
+    context_len: int = 2048
+    """tokens per window and per TTT sequence: the record's training length"""
+    stride: int = 64
+    """new targets per window: ~1,984 tokens of context each, -0.024 BPB vs flat"""
+    rope_scale: float = 1.0
+    """context_len / training length when evaluating longer (NTK RoPE scaling)"""
+    batch_windows: int = 64
+    """windows per forward (one static shape when compiled)"""
     eval_compile: bool = True
-    chunk_tokens: int = 32_768       # score-first chunk: adapters learn from a chunk once it is scored
-    ttt: bool = True                 # score-first TTT: -0.0025 BPB in the record
+    """torch.compile the scoring forward (CUDA only). H100, record model, 1.57M tokens, stride 64: 14.1 s compiled +
+    41.6 s to compile once, vs 40.0 s eager; a rank of an 8-GPU eval scores ~7.75M tokens, so it pays."""
+    chunk_tokens: int = 32_768
+    """score-first chunk: adapters learn from a chunk once it is scored"""
+    ttt: bool = True
+    """score-first TTT: -0.0025 BPB in the record"""
     ttt_epochs: int = 3
-    ttt_lr: float = 0.002            # SGD; cosine over the chunks
+    """Passes of score-first TTT over each scored chunk."""
+    ttt_lr: float = 0.002
+    """SGD; cosine over the chunks"""
     ttt_momentum: float = 0.9
-    ttt_grad_clip: float = 1.0       # global grad-norm clip per step; 0 disables
-    ttt_batch_seqs: int = 32         # sequences per step: a 32,768-token chunk is one step per epoch
-    ttt_params: str = "all"          # "all" or comma-separated parameter name prefixes
-    hash_embed: bool = True          # eval-time (prev, cur) hash embedding trained by TTT: -0.0004 BPB
+    """SGD momentum of score-first TTT."""
+    ttt_grad_clip: float = 1.0
+    """global grad-norm clip per step; 0 disables"""
+    ttt_batch_seqs: int = 32
+    """sequences per step: a 32,768-token chunk is one step per epoch"""
+    ttt_params: str = "all"
+    """"all" or comma-separated parameter name prefixes"""
+    hash_embed: bool = True
+    """eval-time (prev, cur) hash embedding trained by TTT: -0.0004 BPB"""
     hash_buckets: int = 16_384
-    hash_lr_mult: float = 10.0       # the hash table's LR relative to ttt_lr
-    ngram: bool = True               # blend a full-vocabulary n-gram of scored tokens into p
-    ngram_score: str = "blend"       # the view that is the score, fixed before evaluating (C4): "blend" or "tilt"
+    """Rows of the eval-time hash embedding."""
+    hash_lr_mult: float = 10.0
+    """the hash table's LR relative to ttt_lr"""
+    ngram: bool = True
+    """blend a full-vocabulary n-gram of scored tokens into p"""
+    ngram_score: str = "blend"
+    """The view that is the score, fixed before evaluating (C4): "blend" or "tilt"."""
     ngram_config: NgramConfig = field(default_factory=NgramConfig)
+    """The n-gram's own settings, as NGRAM_<FIELD> (eval/ngram.py)."""
     # Verification (eval/verify.py), run by the kit (`pgolf eval`, `python -m submission.train_gpt`); the packed
     # program never runs it and logs that it did not.
-    compliance: bool = True          # check C1-C4 on this run; C1 re-runs the stream on a short prefix
-    compliance_chunks: int = 2       # C1 prefix: this many chunks of compliance_chunk_tokens, one cut in each
-    compliance_chunk_tokens: int = 4096  # C1 runs the full stream 4x on the prefix: 6.5 s on an H100
-    ablation: bool = False           # also score flat, sliding and +ttt passes (3 extra passes over the data)
+    compliance: bool = True
+    """check C1-C4 on this run; C1 re-runs the stream on a short prefix"""
+    compliance_chunks: int = 2
+    """C1 prefix: this many chunks of compliance_chunk_tokens, one cut in each"""
+    compliance_chunk_tokens: int = 4096
+    """C1 runs the full stream 4x on the prefix: 6.5 s on an H100"""
+    ablation: bool = False
+    """also score flat, sliding and +ttt passes (3 extra passes over the data)"""
 
     # Each number's allowed values (submission.config.check_ranges); how fields agree is checked in validate().
     RANGES: typing.ClassVar[dict] = {

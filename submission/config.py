@@ -52,33 +52,59 @@ class ModelConfig:
     """The 11-layer model of the SP8192 generation (PR #1460, 1.08269 BPB on FineWeb) with the kit's XSA, partial
     RoPE and ramped EMA; RECIPE=sp1024 gives the March stack (PR #1019, 1.1147)."""
     vocab_size: int = 8192
+    """Tokenizer pieces = embedding rows (sp1024: 1024); must match the tokenizer's."""
     num_layers: int = 11
+    """Transformer blocks (before depth recurrence repeats some of them)."""
     model_dim: int = 512
+    """Residual stream width."""
     num_heads: int = 8
-    num_kv_heads: int = 4           # GQA: 2 query heads share each KV head
-    mlp_mult: float = 4.0           # hidden = 2048, LeakyReLU(0.5)^2
-    logit_softcap: float = 30.0     # logits = c * tanh(z / c); 0 disables
-    qk_norm: bool = True            # RMSNorm on q and k before RoPE
-    q_gain_init: float = 4.0        # learned per-head gain on q (after the norm)
-    xsa_last_n: int = 11            # XSA (remove the self-value component) on the last N layers: all 11 (or more)
-    rope_dims: int = 16             # partial RoPE: rotate 16 of the 64 head dims, the rest stay position-free
+    """Query heads; head_dim = model_dim / num_heads = 64."""
+    num_kv_heads: int = 4
+    """GQA: 2 query heads share each KV head"""
+    mlp_mult: float = 4.0
+    """hidden = 2048, LeakyReLU(0.5)^2"""
+    logit_softcap: float = 30.0
+    """logits = c * tanh(z / c); 0 disables"""
+    qk_norm: bool = True
+    """RMSNorm on q and k before RoPE"""
+    q_gain_init: float = 4.0
+    """learned per-head gain on q (after the norm)"""
+    xsa_last_n: int = 11
+    """XSA (remove the self-value component) on the last N layers: all 11 (or more)"""
+    rope_dims: int = 16
+    """partial RoPE: rotate 16 of the 64 head dims, the rest stay position-free"""
     rope_base: float = 10000.0
-    ln_scale: bool = True           # scale each block's norm output by 1/sqrt(layer + 1)
-    bigram_buckets: int = 0         # BigramHash table rows (sp1024: 3072); 0 disables
+    """RoPE base frequency."""
+    ln_scale: bool = True
+    """scale each block's norm output by 1/sqrt(layer + 1)"""
+    bigram_buckets: int = 0
+    """BigramHash table rows (sp1024: 3072); 0 disables"""
     bigram_dim: int = 112
-    smear_gate: bool = True         # mix the previous position's embedding in, never across a BOS
-    value_embed_last_n: int = 0     # value embeddings added to v on the last N layers (sp1024: 2); 0 disables
+    """BigramHash embedding width, projected to model_dim."""
+    smear_gate: bool = True
+    """mix the previous position's embedding in, never across a BOS"""
+    value_embed_last_n: int = 0
+    """value embeddings added to v on the last N layers (sp1024: 2); 0 disables"""
     value_embed_dim: int = 128
-    unet_skips: bool = True         # encoder half -> decoder half skip connections with learned weights
-    resid_mix: bool = True          # each block mixes the residual with the initial embedding x0
+    """Value embedding width, projected to the KV width."""
+    unet_skips: bool = True
+    """encoder half -> decoder half skip connections with learned weights"""
+    resid_mix: bool = True
+    """each block mixes the residual with the initial embedding x0"""
     tie_embeddings: bool = True
+    """The output head is the token embedding (no separate lm_head)."""
     bos_id: int = 1
-    embed2: bool = False            # a second token embedding mixed in before every block (sp1024: on)
+    """The document-start token id: features that read t-1 and the n-gram stop there."""
+    embed2: bool = False
+    """a second token embedding mixed in before every block (sp1024: on)"""
     # Speedrun switches (submission/switches.py; packed only when one is on), off: docs/MEASUREMENTS.md, "Speedrun
     # techniques, measured"
-    key_offset_last_n: int = 0      # partial key offset on the last N layers: unrotated key dims from position t-1
-    key_offset_dims: int = 0        # how many of the unrotated head dims (the last ones) move; 0: all 48
-    layer_bigram_buckets: int = 0   # bigram hash table added before every block (speedrun: 5 x vocab = 5120); 0 off
+    key_offset_last_n: int = 0
+    """partial key offset on the last N layers: unrotated key dims from position t-1"""
+    key_offset_dims: int = 0
+    """how many of the unrotated head dims (the last ones) move; 0: all 48"""
+    layer_bigram_buckets: int = 0
+    """bigram hash table added before every block (speedrun: 5 x vocab = 5120); 0 off"""
     # The SP8192 generation (PR #1460 and later records; RECIPE=sp1024 turns them off)
     loop_layers: tuple[int, int] = (4, 5)
     """Depth recurrence: the first and last layer (inclusive) of the span that runs 1 + num_loops times in a row."""
@@ -147,47 +173,75 @@ class ModelConfig:
 class TrainConfig:
     """Training loop, optimizer and schedule. Batch sizes are global token counts; accumulation is derived."""
     data_dir: str = "data/datasets/fineweb10B_sp8192"
+    """Folder of fineweb_train_*.bin / fineweb_val_*.bin shards."""
     tokenizer_path: str = "data/tokenizers/fineweb_8192_bpe.model"
-    run_dir: str = ""                     # default: runs/<timestamp>_seed<seed>
+    """SentencePiece model: byte counts for val_bpb, recorded with the run."""
+    run_dir: str = ""
+    """default: runs/<timestamp>_seed<seed>"""
     recipe: str = "sp8192"
     """The named set of defaults the run started from (sp8192: these defaults, the SP8192 generation; sp1024: the
     March 2026 stack; see RECIPES); stored with the run, so quantizing its checkpoint uses the same recipe's
     settings."""
     seed: int = 1337
-    train_batch_tokens: int = 786_432     # global tokens per optimizer step (8 GPUs x 48 x 2048 in the record)
-    micro_batch_tokens: int = 98_304      # tokens per forward per GPU; grad_accum = global / (world * micro)
+    """Seeds the init, the window order and calibration sampling."""
+    train_batch_tokens: int = 786_432
+    """global tokens per optimizer step (8 GPUs x 48 x 2048 in the record)"""
+    micro_batch_tokens: int = 98_304
+    """tokens per forward per GPU; grad_accum = global / (world * micro)"""
     seq_len: int = 2048
+    """Tokens per training sequence."""
     shuffle_windows: bool = True
     """Training batches are windows of seq_len + 1 tokens in a seeded random order per epoch (PR #1460's loader)
     instead of the token stream in order (sp1024: in order). At 500 steps (P1, one H200) raw val_bpb 1.4573
     against 1.4794 in order, and the train loss matched the script's (-0.002 nats; +0.10 in order)."""
-    max_wallclock_seconds: float = 600.0  # training cap by the script's own timer (warmup/compile excluded)
-    max_steps: int = 20_000               # safety bound; the wallclock cap normally ends training
-    warmup_steps: int = 20                # compile/warmup steps, their model/optimizer state restored afterwards
-    warmdown_frac: float = 0.667          # LR decays linearly to 0 over the last 2/3 of the time budget (sp1024: 0.5)
-    matrix_lr: float = 0.02               # Muon, attention and MLP matrices (sp1024: 0.025)
-    embed_lr: float = 0.03                # AdamW, tied token embedding and other tables (sp1024: 0.035)
-    scalar_lr: float = 0.02               # AdamW, gains, gates, mixes (sp1024: 0.025)
+    max_wallclock_seconds: float = 600.0
+    """training cap by the script's own timer (warmup/compile excluded)"""
+    max_steps: int = 20_000
+    """safety bound; the wallclock cap normally ends training"""
+    warmup_steps: int = 20
+    """compile/warmup steps, their model/optimizer state restored afterwards"""
+    warmdown_frac: float = 0.667
+    """LR decays linearly to 0 over the last 2/3 of the time budget (sp1024: 0.5)"""
+    matrix_lr: float = 0.02
+    """Muon, attention and MLP matrices (sp1024: 0.025)"""
+    embed_lr: float = 0.03
+    """AdamW, tied token embedding and other tables (sp1024: 0.035)"""
+    scalar_lr: float = 0.02
+    """AdamW, gains, gates, mixes (sp1024: 0.025)"""
     muon_momentum: float = 0.99
+    """Muon momentum after the warmup below."""
     muon_momentum_start: float = 0.92
+    """Muon momentum at step 0, raised linearly to muon_momentum."""
     muon_momentum_warmup_steps: int = 1500
+    """Steps over which Muon's momentum rises."""
     muon_ns_steps: int = 5
+    """Newton-Schulz iterations that orthogonalize each Muon update."""
     muon_row_normalize: bool = True
     """MuonEq-R: scale each row of the (Nesterov) update to unit norm before Newton-Schulz, so no row dominates
     the orthogonalization (PR #1460: about -0.001 BPB on FineWeb)."""
-    weight_decay: float = 0.085           # decoupled, Muon and AdamW matrices/tables (sp1024: 0.04)
+    weight_decay: float = 0.085
+    """decoupled, Muon and AdamW matrices/tables (sp1024: 0.04)"""
     adam_betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas (embeddings, scalars)."""
     grad_clip: float = 0.3
-    ema_decay: float = 0.997              # 0 disables; applied at the end
+    """Global gradient-norm clip per step; 0 disables."""
+    ema_decay: float = 0.997
+    """0 disables; applied at the end"""
     enable_looping_at: float = 0.5
     """Depth recurrence (ModelConfig.num_loops) switches on at this fraction of training (time or steps); before it
     every block runs once, which is cheaper while the model is far from converged."""
-    qat_threshold: float = 0.15           # late QAT: int6 fake-quant once the LR scale falls below this; 0 disables
+    qat_threshold: float = 0.15
+    """late QAT: int6 fake-quant once the LR scale falls below this; 0 disables"""
     qat_bits: int = 6
+    """Bits of the late-QAT fake quantization (the artifact's int6)."""
     log_every: int = 50
-    val_every: int = 0                    # 0: validate only at the end (validation pauses the timer)
+    """Steps between train.log loss lines."""
+    val_every: int = 0
+    """0: validate only at the end (validation pauses the timer)"""
     val_batch_seqs: int = 32
-    compile: bool = True                  # torch.compile on GPU (ignored on CPU)
+    """Sequences per forward of the in-training validation (flat, seq_len windows)."""
+    compile: bool = True
+    """torch.compile on GPU (ignored on CPU)"""
 
     # A stored config made before a field existed lacks it: the value it was made with, where the default differs.
     ABSENT_MEANS: typing.ClassVar[dict] = {"recipe": "sp1024", "shuffle_windows": False, "muon_row_normalize": False}

@@ -1,6 +1,7 @@
 """tools/cli.py: the `pgolf` command's argument handling shared by every subcommand."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -139,3 +140,26 @@ def test_an_os_error_is_one_line_naming_the_file(monkeypatch, capsys):
     monkeypatch.setattr("tools.size._cmd_size", denied)
     assert main(["size", "runs/x"]) == 2
     assert capsys.readouterr().err == "pgolf size: error: [Errno 13] Permission denied: 'runs/x/eval.json'\n"
+
+
+def test_every_setting_has_one_field_docstring():
+    """Settings are documented one way, a docstring right below the field, which `--help` lists (issue: three
+    styles had grown)."""
+    import inspect
+    import textwrap
+
+    from eval.lora import LoraConfig
+    from eval.ngram import NgramConfig
+    from eval.run import EvalConfig
+    from submission.config import ModelConfig, TrainConfig
+    from tools.calibrate import CalibConfig
+    from tools.gptq import QuantConfig
+    from tools.train_cmd import field_docs
+    for kind in (ModelConfig, TrainConfig, QuantConfig, CalibConfig, EvalConfig, NgramConfig, LoraConfig):
+        docs = field_docs(kind)
+        assert [f.name for f in dataclasses.fields(kind) if not docs.get(f.name)] == [], kind.__name__
+        source = textwrap.dedent(inspect.getsource(kind))
+        fields = {f.name for f in dataclasses.fields(kind)}
+        trailing = [line for line in source.splitlines() if ":" in line and "#" in line
+                    and line.split(":")[0].strip() in fields]
+        assert trailing == [], f"{kind.__name__}: a comment beside a field instead of its docstring: {trailing}"

@@ -6,7 +6,6 @@ import ast
 import dataclasses
 import difflib
 import inspect
-import re
 import textwrap
 import typing
 
@@ -15,7 +14,6 @@ from submission.train import main
 
 CONFIGS = (ModelConfig, TrainConfig)
 # `name: type = default  # comment` in a config class body: the comment is the field's documentation
-_FIELD_COMMENT = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.*)$")
 
 
 def _type_name(kind) -> str:
@@ -25,9 +23,9 @@ def _type_name(kind) -> str:
 
 def field_docs(kind) -> dict[str, str]:
     """Each field's documentation in the class source: the string literal right below it (a field docstring, joined
-    into one line), else the comment beside it."""
+    into one line), the kit's one style of documenting a setting."""
     source = textwrap.dedent(inspect.getsource(kind))
-    docs = dict(m.groups() for m in map(_FIELD_COMMENT.match, source.splitlines()) if m)
+    docs = {}
     body = ast.parse(source).body[0].body
     for node, after in zip(body, body[1:]):
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr) \
