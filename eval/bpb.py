@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from submission.runtime import read_tokenizer
+
 
 @dataclass
 class ByteLUTs:
@@ -46,6 +48,16 @@ def build_byte_luts(sp, vocab_size: int | None = None) -> ByteLUTs:
             piece = piece[1:]
         base[i] = len(piece.encode("utf-8"))
     return ByteLUTs(base, space, boundary)
+
+
+def byte_luts(tokenizer_path: str, vocab_size: int) -> ByteLUTs:
+    """build_byte_luts of the SentencePiece model file at `tokenizer_path` for a model of `vocab_size` ids; a tokenizer
+    with more pieces than that is refused (the wrong tokenizer for this model)."""
+    sp = read_tokenizer(tokenizer_path)[0]
+    if sp.get_piece_size() > vocab_size:
+        raise ValueError(f"tokenizer {tokenizer_path} has {sp.get_piece_size()} pieces but the model's "
+                         f"vocab_size is {vocab_size} (wrong tokenizer? set VOCAB_SIZE)")
+    return build_byte_luts(sp, vocab_size)
 
 
 def token_bytes_torch(luts: tuple[torch.Tensor, torch.Tensor, torch.Tensor], prev: torch.Tensor,

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from eval.ngram import NgramBlender, NgramConfig
-from submission.config import apply_overrides, check_ranges
+from submission.config import check_ranges
 from submission.model import CastedLinear
 
 # The layers the records adapted (PRs #1530, #1610): attention's q, k, v and output projections and the MLP's two.
@@ -64,6 +64,7 @@ class LoraConfig:
     compliance_tokens: int = 2048
     """C1 re-runs the pass 4x on this many leading targets (with one cut in each half)."""
 
+    PREFIX: typing.ClassVar[str] = "lora_"  # settings are LORA_<FIELD> (submission.config.settings_index)
     RANGES: typing.ClassVar[dict] = {"rank": ">= 0", "lr": ">= 0", "weight_decay": ">= 0", "chunk": ">= 1",
                                      "batch_docs": ">= 1", "context": ">= 1", "compliance_tokens": ">= 2",
                                      "phases": ">= 0", "phase_docs": ">= 1", "phase_lr": ">= 0",
@@ -71,20 +72,6 @@ class LoraConfig:
 
     def __post_init__(self):
         check_ranges(self, "lora_")
-
-
-def apply_lora_overrides(cfg: LoraConfig, overrides: dict[str, str], source: str = "cli") -> list[str]:
-    """Set LoraConfig fields from LORA_<FIELD>=VALUE settings; 'lora_field: old -> new (source)' lines."""
-    known = {f.name for f in dataclasses.fields(cfg)}
-    fields = {}
-    for key, value in overrides.items():
-        name = key.lower().removeprefix("lora_")
-        if name not in known:
-            raise ValueError(f"unknown LoRA setting {key!r} (LORA_ + one of {', '.join(sorted(known))})")
-        fields[name] = value
-    changed = ["lora_" + line for line in apply_overrides(cfg, fields, source)]
-    cfg.__post_init__()
-    return changed
 
 
 def adapted_layers(model: nn.Module, targets: tuple[str, ...] = DEFAULT_TARGETS) -> dict[str, CastedLinear]:

@@ -98,8 +98,8 @@ class NgramConfig:
     """The refit uses the most recent scored tokens only: bounds its cost per chunk (4 weights need far fewer) and
     follows the n-gram as its counts grow, which shifts how much q deserves."""
 
-    # Each number's allowed values (submission.config.check_ranges; settings NGRAM_<FIELD>); the others are checked
-    # in __post_init__.
+    PREFIX: typing.ClassVar[str] = "ngram_"  # settings are NGRAM_<FIELD> (submission.config.settings_index)
+    # Each number's allowed values (submission.config.check_ranges); the others are checked in __post_init__.
     RANGES: typing.ClassVar[dict] = {
         "order": (">= 1", " (1 = unigram; the recipe uses 12)"),
         "discount": ("(0, 1]", " so every seen count stays >= 0 after discounting (the recipe uses 0.75)"),

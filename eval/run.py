@@ -12,7 +12,7 @@ from eval.bpb import BPBAccumulator, ByteLUTs, token_bytes_torch
 from eval.ngram import NgramBlender, NgramConfig
 from eval.stream import StageTimer, rope_scaled, score_stream, shard_targets, window_scores
 from eval.ttt import HashEmbedding, ScoreFirstTTT
-from submission.config import apply_overrides, check_env_typos, check_ranges
+from submission.config import check_ranges
 
 # Full FineWeb validation set per vocabulary (the challenge's published val shards) and the evaluation budget it
 # is projected onto.
@@ -101,31 +101,6 @@ class EvalConfig:
             raise ValueError(f"TTT_PARAMS={self.ttt_params!r}: name 'all' or comma-separated parameter name "
                              "prefixes (e.g. TTT_PARAMS=blocks.9,blocks.10)")
         self.ngram_config.__post_init__()
-
-
-def apply_eval_overrides(cfg: EvalConfig, overrides: dict[str, str], source: str = "cli") -> list[str]:
-    """Set EvalConfig fields, and NgramConfig fields as NGRAM_<FIELD> (e.g. NGRAM_ORDER=8), from strings, then
-    validate the result; return 'name: old -> new (source)' lines. Unknown keys are errors unless source == "env",
-    where only an upper-case variable that looks like a misspelt setting is (check_env_typos)."""
-    own = {f.name for f in dataclasses.fields(cfg)} - {"ngram_config"}
-    hints = typing.get_type_hints(NgramConfig)
-    nested_names = {name for name, kind in hints.items() if kind in (int, float, str, bool)}
-    top, nested = {}, {}
-    for key, value in overrides.items():
-        name = key.lower()
-        if name in own:
-            top[key] = value
-        elif name.startswith("ngram_") and name[6:] in nested_names:
-            nested[name[6:]] = value
-        elif source != "env":
-            raise ValueError(f"unknown eval setting {key!r} (EvalConfig: {', '.join(sorted(own))}; n-gram: "
-                             f"{', '.join('ngram_' + n for n in sorted(nested_names))})")
-    if source == "env":
-        check_env_typos(overrides, own | {"ngram_" + n for n in nested_names})
-    changed = apply_overrides(cfg, top, source)
-    changed += ["ngram_" + line for line in apply_overrides(cfg.ngram_config, nested, source)]
-    cfg.validate()
-    return changed
 
 
 def distributed() -> bool:

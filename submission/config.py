@@ -299,29 +299,6 @@ def _parse(value: str, kind, name: str):
         raise ValueError(f"{name}={value!r}: expected {kind.__name__}") from None
 
 
-def apply_overrides(cfg, overrides: dict[str, str], source: str = "env") -> list[str]:
-    """Set fields named (case-insensitively) in `overrides`; return 'name: old -> new' lines for the log.
-
-    Keys that name no field are ignored when source == "env" (the environment holds unrelated variables) and are an
-    error otherwise. Values are parsed to the field's type or rejected with the field named.
-    """
-    fields = {f.name: f for f in dataclasses.fields(cfg)}
-    hints = typing.get_type_hints(type(cfg))
-    changed = []
-    for key, raw in overrides.items():
-        name = key.lower()
-        if name not in fields:
-            if source != "env":
-                raise ValueError(f"unknown {type(cfg).__name__} field {key!r} (known: {', '.join(fields)})")
-            continue
-        old = getattr(cfg, name)
-        new = raw if not isinstance(raw, str) else _parse(raw, hints[name], key)
-        if new != old:
-            setattr(cfg, name, new)
-            changed.append(f"{name}: {old} -> {new} ({source})")
-    return changed
-
-
 # Named sets of defaults (RECIPE=name), as changes to the dataclass defaults, which are the default recipe's. Keys
 # are fields of ModelConfig, TrainConfig, QuantConfig (tools/gptq.py) or CalibConfig (tools/calibrate.py).
 RECIPES: dict[str, dict] = {
@@ -341,16 +318,40 @@ RECIPES: dict[str, dict] = {
 }
 
 
+def settings_index(*configs) -> dict[str, tuple[object, str]]:
+    """Every setting's name (lower case) -> (the config that owns it, its field). A field holding a config is walked:
+    its fields are named with that config's PREFIX (NgramConfig: ngram_order), so one tree of configs (a Settings
+    object, or any few configs) answers every KEY=VALUE. The first config that has a name owns it."""
+    index: dict[str, tuple[object, str]] = {}
+    for cfg in configs:
+        for f in dataclasses.fields(cfg):
+            value = getattr(cfg, f.name)
+            if dataclasses.is_dataclass(value):
+                index = {**settings_index(value), **index}
+            else:
+                index.setdefault(getattr(cfg, "PREFIX", "") + f.name, (cfg, f.name))
+    return index
+
+
+def set_setting(index: dict, key: str, value, source: str) -> list[str]:
+    """Set one indexed setting from its string (or a typed value); its 'key: old -> new (source)' line, [] when
+    unchanged. A value that does not parse is an error naming KEY."""
+    cfg, name = index[key.lower()]
+    old = getattr(cfg, name)
+    new = _parse(value, typing.get_type_hints(type(cfg))[name], key.upper()) if isinstance(value, str) else value
+    if new == old:
+        return []
+    setattr(cfg, name, new)
+    return [f"{key.lower()}: {old} -> {new} ({source})"]
+
+
 def apply_recipe(name: str, *configs, source: str = "recipe") -> list[str]:
-    """Set the recipe's values on the fields the given configs own; 'name: old -> new (recipe)' lines."""
+    """Set the recipe's values on the settings the given configs own; 'name: old -> new (recipe)' lines."""
     if name not in RECIPES:
         raise ValueError(f"RECIPE={name!r}: unknown recipe (known: {', '.join(RECIPES)})")
-    changed = []
-    for key, value in RECIPES[name].items():
-        owners = [c for c in configs if key in {f.name for f in dataclasses.fields(c)}]
-        if owners:
-            changed += apply_overrides(owners[0], {key: value}, f"{source}:{name}")
-    return changed
+    index = settings_index(*configs)
+    return [line for key, value in RECIPES[name].items() if key in index
+            for line in set_setting(index, key, value, f"{source}:{name}")]
 
 
 # How close (difflib's ratio) a name must be to a setting to be taken for its misspelling: NUM_LAYRES (0.9), SEQ_LNE
@@ -382,34 +383,35 @@ def check_env_typos(env: dict[str, str], known) -> None:
 
 
 def resolve(*configs, env: dict[str, str] | None = None, cli: dict[str, str] | None = None) -> list[str]:
-    """Apply a recipe named by RECIPE (CLI, else environment), then environment variables (upper-case field names,
-    the challenge's habit), then CLI overrides; then every config's checks on the final values. An environment
-    variable that looks like a misspelt setting is an error (check_env_typos); one far from every setting is ignored."""
+    """The one way settings are set, on a tree of configs (a Settings object, or any configs): a recipe named by
+    RECIPE (CLI, else environment), then environment variables (upper-case setting names, the challenge's habit),
+    then CLI overrides; then every config's checks on the final values. Returns 'name: old -> new (source)' lines.
+    An unknown CLI key is an error naming the closest settings; an environment variable that looks like a misspelt
+    setting is one too (check_env_typos), one far from every setting is ignored."""
     env = dict(os.environ) if env is None else env
-    known = {f.name for c in configs for f in dataclasses.fields(c)}
-    check_env_typos(env, known)
+    index = settings_index(*configs)
+    check_env_typos(env, index)
     recipe = next((v for k, v in (cli or {}).items() if k.lower() == "recipe"), env.get("RECIPE"))
-    changed = apply_recipe(recipe, *configs) if recipe else []
-    for cfg in configs:
-        changed += apply_overrides(cfg, {k: v for k, v in env.items() if k.isupper()}, "env")
+    changed = apply_recipe(recipe, *configs) if recipe and "recipe" in index else []  # TrainConfig.recipe's
+    changed += [line for key, value in env.items() if key.isupper() and key.lower() in index
+                for line in set_setting(index, key, value, "env")]
     for key, value in (cli or {}).items():
-        owners = [c for c in configs if key.lower() in {f.name for f in dataclasses.fields(c)}]
-        if not owners:
-            close = difflib.get_close_matches(key.lower(), list(known), n=3)
+        if key.lower() not in index:
+            close = difflib.get_close_matches(key.lower(), list(index), n=3)
             raise ValueError(f"unknown setting {key!r}" + (f": did you mean {' or '.join(c.upper() for c in close)}?"
-                                                           if close else ""))
-        changed += apply_overrides(owners[0], {key: value}, "cli")
-    for cfg in configs:  # the checks that relate fields to each other, on the final values
-        if hasattr(cfg, "__post_init__"):
-            cfg.__post_init__()
+                                                           if close else f" (`--help` lists the settings)"))
+        changed += set_setting(index, key, value, "cli")
+    for cfg in {id(c): c for c, _ in index.values()}.values():  # cross-field checks, on the final values
+        (getattr(cfg, "validate", None) or getattr(cfg, "__post_init__", lambda: None))()
     return changed
 
 
 def parse_overrides(argv: list[str]) -> dict[str, str]:
-    """KEY=VALUE command-line items as a dict; anything else is an error (a silently ignored typo costs a run)."""
+    """The kit's one KEY=VALUE parser: command-line items as a dict (a later KEY wins; a value may hold '='); anything
+    else is an error (a silently ignored typo costs a run)."""
     bad = [a for a in argv if "=" not in a or a.startswith("=")]
     if bad:
-        raise ValueError(f"expected KEY=VALUE settings, got {bad} (e.g. SEED=42; `pgolf train --help` lists the keys)")
+        raise ValueError(f"expected KEY=VALUE settings, got {bad} (e.g. SEED=42; the command's --help lists the keys)")
     return dict(a.split("=", 1) for a in argv)
 
 

@@ -1,8 +1,7 @@
-"""The training loop: time-capped schedule, Muon + AdamW, EMA, late QAT, multi-GPU, run directory and key:value log."""
+"""The training loop: time-capped schedule, Muon + AdamW, EMA, late QAT, multi-GPU, run directory and train.log."""
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import platform
@@ -11,53 +10,23 @@ import time
 from pathlib import Path
 
 import numpy as np
-import sentencepiece as spm
 import torch
 import torch.distributed as dist
-from torch._inductor import config as inductor_config
 
-from eval.bpb import build_byte_luts
+from eval.bpb import byte_luts
 from eval.flat import evaluate_flat
-from submission.config import ModelConfig, TrainConfig, packed, parse_overrides, resolve, to_dict
+from submission.config import ModelConfig, TrainConfig, parse_overrides, resolve, to_dict
 from submission.data import TokenLoader, load_tokens
+from submission.ema import EMA
 from submission.model import GPT, layer_schedule
 from submission.optim import build_optimizers
+from submission.runtime import Logger, code_hash, configure_cuda, read_tokenizer, setup_distributed, writable_check
 
 H100_BF16_PEAK_FLOPS = 989e12  # dense bf16, SXM; MFU is quoted against it
 # What a run directory holds once a stage wrote to it (eval_*.json: one-off `pgolf eval` passes). Training into a
 # directory holding any of them would mix two runs (a new checkpoint beside the old artifact and score), so it is
 # refused unless OVERWRITE=1, which removes them first. console.log is `pgolf seeds`' (written before the child).
 RUN_FILES = ("train.log", "config.json", "checkpoint.pt", "model.pgz", "eval.json", "quantize.log")
-
-
-class Logger:
-    """`key:value` lines to stdout and RUN_DIR/train.log, rank 0 only; `file_only` lines skip stdout."""
-
-    def __init__(self, path: Path | None, rank: int):
-        self.rank = rank
-        self.file = open(path, "a", buffering=1) if path is not None and rank == 0 else None
-
-    def __call__(self, *fields: str, file_only: bool = False, **kv) -> None:
-        if self.rank:
-            return
-        line = " ".join([*fields, *(f"{k}:{_fmt(v)}" for k, v in kv.items())])
-        if not file_only:
-            print(line, flush=True)
-        if self.file:
-            self.file.write(line + "\n")
-
-
-def writable_check(path: Path, setting: str = "output") -> None:
-    """Before the work: make `path`'s folder and check a file can be written beside it, so a bad output location
-    fails at the start in one line naming it (issue 20: `--out` into a missing folder failed after the evaluation)."""
-    probe = path.with_name(f".{path.name}.probe{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise ValueError(f"{setting} {path}: cannot write it ({err.strerror}: {err.filename}); pass a writable "
-                         f"{setting}") from None
 
 
 def claim_run_dir(run_dir: Path, overwrite: bool = False) -> None:
@@ -79,79 +48,6 @@ def overwrite_asked(cli: dict[str, str]) -> bool:
     return cli.pop("OVERWRITE", cli.pop("overwrite", os.environ.get("OVERWRITE", "0"))) == "1"
 
 
-def _tokenizer(path: str) -> tuple[spm.SentencePieceProcessor, dict]:
-    """The SentencePiece model and its identity, which checkpoints, artifacts, train.log and eval.json record: its
-    path, the sha256 of its bytes and its piece count (a tokenizer other than the model's scores a wrong BPB)."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"tokenizer {path}: {'a folder' if Path(path).is_dir() else 'not found'}, expected a "
-                                "SentencePiece .model file (set TOKENIZER_PATH or run `pgolf data download`)")
-    data = Path(path).read_bytes()
-    sp = spm.SentencePieceProcessor(model_proto=data)
-    return sp, {"path": str(path), "sha256": hashlib.sha256(data).hexdigest(), "pieces": sp.get_piece_size()}
-
-
-def tokenizer_identity(path: str) -> dict:
-    """{path, sha256, pieces} of a SentencePiece model file (_tokenizer)."""
-    return _tokenizer(path)[1]
-
-
-def check_tokenizer(recorded: dict | None, used: dict, source, log, allow: bool = False) -> None:
-    """Refuse a tokenizer whose bytes differ from the one `source` (a checkpoint or artifact) records, unless `allow`;
-    a source from before identities were recorded is logged as unchecked."""
-    if not recorded:
-        log("tokenizer_unchecked", source=source)
-    elif recorded["sha256"] != used["sha256"] and not allow:
-        raise ValueError(f"tokenizer {used['path']} (sha256 {used['sha256'][:16]}, {used['pieces']} pieces) is not "
-                         f"the one {source} was made with: {recorded['path']} (sha256 {recorded['sha256'][:16]}, "
-                         f"{recorded['pieces']} pieces); pass that tokenizer (TOKENIZER_PATH, --tokenizer), or "
-                         "--allow-other-tokenizer to use this one on purpose")
-
-
-def _fmt(v) -> str:
-    return f"{v:.6g}" if isinstance(v, float) else str(v)
-
-
-def code_hash() -> str:
-    """sha256 of the code that runs: the kit's submission/, eval/ and tools/ sources sorted by path, or, inside the
-    packed single file (no kit beside it), the script's own bytes."""
-    if packed():
-        return "packed:" + hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
-    root = Path(__file__).resolve().parents[1]
-    paths = sorted(p for d in ("submission", "eval", "tools") for p in root.glob(f"{d}/*.py"))
-    h = hashlib.sha256()
-    for path in paths:
-        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def configure_cuda() -> None:
-    """TF32 matmuls and SDPA's cuDNN backend: measured 405 TF/s vs 267 TF/s for the flash backend at
-    48 x 2048, head dim 64 (H100). Inductor's mix-order reductions off: one kernel for a row reduction and column
-    sums made the first block's backward a 4.5 ms kernel (13 inputs, 5 column sums; P1 step 83.90 ms without
-    them, 87.81 with, H100, torch 2.11)."""
-    inductor_config.triton.mix_order_reduction = False
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cuda.enable_cudnn_sdp(True)
-    torch.backends.cuda.enable_flash_sdp(False)
-    torch.backends.cuda.enable_mem_efficient_sdp(False)
-
-
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is one process on cuda:0 or the CPU."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device
-                                if device.type == "cuda" else None)
-    return rank, world_size, device
-
-
 def matmul_flops_per_token(model: GPT, seq_len: int) -> float:
     """Forward + backward FLOPs per token: 6 x matrix parameters (+ tied head) + causal attention, counting each
     block as often as the layer schedule runs it (depth recurrence, as at the end of training)."""
@@ -170,33 +66,6 @@ def matmul_flops_per_token(model: GPT, seq_len: int) -> float:
 def lr_scale(progress: float, warmdown_frac: float) -> float:
     """1 until the warmdown starts, then linear to 0 at the end of training (progress 0..1)."""
     return 1.0 if progress < 1 - warmdown_frac else max(0.0, (1 - progress) / warmdown_frac)
-
-
-class EMA:
-    """Exponential moving average of all weights in fp32, updated every step.
-
-    The decay ramps as min(decay, (1 + step) / (10 + step)): a fixed 0.997 averages over ~330 steps, which in a
-    short run mixes in the random init (a 76-step CPU run lost 0.8 BPB to it).
-    """
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay, self.updates = decay, 0
-        state = model.state_dict()
-        self.shadow = {k: v.detach().float().clone() for k, v in state.items()}
-        # The live tensors, collected once: parameters and buffers keep their identity through training (loading a
-        # state dict copies in place). A state_dict() per step cost 0.5-0.6 ms of the P1 step (H100).
-        self.live, self.cast = list(state.values()), any(v.dtype != torch.float32 for v in state.values())
-        self.targets = list(self.shadow.values())
-
-    @torch.no_grad()
-    def update(self) -> None:
-        self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        live = [t.float() for t in self.live] if self.cast else self.live
-        torch._foreach_lerp_(self.targets, live, 1 - decay)
-
-    def state_dict_like(self, model: torch.nn.Module) -> dict:
-        return {k: self.shadow[k].to(v.dtype) for k, v in model.state_dict().items()}
 
 
 def train_step(model: GPT, step_model, optimizers, batches, cfg: TrainConfig, scale: float, step: int,
@@ -242,7 +111,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, overrides: list[str] | None 
     rank, world_size, device = setup_distributed()
     is_cuda = device.type == "cuda"
     run_dir = Path(cfg.run_dir or f"runs/{time.strftime('%Y%m%d_%H%M%S')}_seed{cfg.seed}")
-    tokenizer = _tokenizer(cfg.tokenizer_path)[1]
+    tokenizer = read_tokenizer(cfg.tokenizer_path)[1]
     if rank == 0:
         claim_run_dir(run_dir, overwrite)
     log = Logger(run_dir / "train.log", rank)
@@ -309,7 +178,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, overrides: list[str] | None 
         if cfg.qat_threshold else "off", tokens_per_step=cfg.train_batch_tokens,
         looping_starts_at_s=round(cfg.enable_looping_at * cfg.max_wallclock_seconds, 1) if loops else "off")
     val_tokens = load_tokens(f"{cfg.data_dir}/fineweb_val_*.bin", model_cfg.vocab_size)
-    luts = _byte_luts(cfg, model_cfg.vocab_size)
+    luts = byte_luts(cfg.tokenizer_path, model_cfg.vocab_size)
 
     loader = new_loader()
     losses = torch.zeros(cfg.max_steps, device=device)
@@ -395,14 +264,6 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, overrides: list[str] | None 
     if world_size > 1:
         dist.barrier()
     return run_dir
-
-
-def _byte_luts(cfg: TrainConfig, vocab_size: int):
-    sp = _tokenizer(cfg.tokenizer_path)[0]
-    if sp.get_piece_size() > vocab_size:
-        raise ValueError(f"tokenizer {cfg.tokenizer_path} has {sp.get_piece_size()} pieces but the model's "
-                         f"vocab_size is {vocab_size} (wrong tokenizer? set VOCAB_SIZE)")
-    return build_byte_luts(sp, vocab_size)
 
 
 def _validate(model, val_tokens, luts, cfg: TrainConfig, rank: int, world_size: int):

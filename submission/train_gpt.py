@@ -1,9 +1,9 @@
 """Challenge entry point: train -> quantize (self-calibrated GPTQ, model.pgz) -> reload from the bytes -> evaluate.
 
-`torchrun --nproc_per_node=N submission/train_gpt.py [KEY=VALUE ...]`; KEY is any ModelConfig, TrainConfig,
-QuantConfig, CalibConfig or EvalConfig field, or NGRAM_<field> of the n-gram (upper case also read from the
-environment). tools/bundle.py packs this file and
-everything it imports into the single train_gpt.py a record ships.
+`torchrun --nproc_per_node=N submission/train_gpt.py [KEY=VALUE ...]`; KEY is any setting of Settings (upper case
+also read from the environment). This is the composition root: the one module (with the kit's commands) that may
+import from submission/, eval/ and tools/ alike. tools/bundle.py packs it and everything it imports into the single
+train_gpt.py a record ships.
 """
 from __future__ import annotations
 
@@ -12,17 +12,31 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from eval.run import EvalConfig, apply_eval_overrides, evaluate
+from eval.bpb import byte_luts
+from eval.run import EvalConfig, evaluate
 from submission.config import ModelConfig, TrainConfig, packed, parse_overrides, resolve
 from submission.data import load_tokens
-from submission.train import Logger, _byte_luts, overwrite_asked, setup_distributed, tokenizer_identity, train
+from submission.runtime import Logger, setup_distributed, tokenizer_identity
+from submission.train import overwrite_asked, train
 from tools.artifact import MODEL_FILENAME
 from tools.calibrate import CalibConfig
 from tools.gptq import QuantConfig
 from tools.quantize import quantize_run, read_training_done
+
+
+@dataclass
+class Settings:
+    """Every setting of a run, one tree by area; KEY=VALUE names any field of any area (the n-gram's as
+    NGRAM_<FIELD>), resolved by submission.config.resolve."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
 
 def counted_code_bytes(model_cfg: ModelConfig) -> int:
     """Counted code bytes. Packed: this script's own size, exactly what is submitted. In the kit: the size the packed
@@ -39,7 +53,7 @@ def evaluate_final(model, run_dir: Path, train_cfg: TrainConfig, eval_cfg: EvalC
     In the kit it is verified as well (eval/verify.py: compliance C1-C4, ablation; imported lazily, so it is never
     packed); the packed program says where to verify it instead, whatever COMPLIANCE and ABLATION are."""
     val_tokens = load_tokens(f"{train_cfg.data_dir}/fineweb_val_*.bin", model.cfg.vocab_size)
-    luts = _byte_luts(train_cfg, model.cfg.vocab_size)
+    luts = byte_luts(train_cfg.tokenizer_path, model.cfg.vocab_size)
     unverified = {}
     if packed():
         unverified["compliance_not_run"] = f"packed program: verify in the kit with `pgolf eval {run_dir}`"
@@ -60,18 +74,13 @@ def evaluate_final(model, run_dir: Path, train_cfg: TrainConfig, eval_cfg: EvalC
 
 
 def main(argv: list[str] | None = None) -> Path:
-    """Configs from defaults, then environment variables (upper-case field names), then KEY=VALUE arguments.
-    OVERWRITE=1 replaces a run already in RUN_DIR (refused otherwise)."""
-    argv = sys.argv[1:] if argv is None else argv
-    cli = parse_overrides(argv)
+    """Settings from the defaults (a recipe), then environment variables (upper-case names), then KEY=VALUE
+    arguments. OVERWRITE=1 replaces a run already in RUN_DIR (refused otherwise)."""
+    cli = parse_overrides(sys.argv[1:] if argv is None else argv)
     overwrite = overwrite_asked(cli)
-    model_cfg, train_cfg, quant_cfg, calib_cfg, eval_cfg = ModelConfig(), TrainConfig(), QuantConfig(), CalibConfig(), \
-        EvalConfig()
-    eval_keys = {k for k in cli if k.lower() in {f.name for f in fields(EvalConfig)} or k.lower().startswith("ngram_")}
-    changed = apply_eval_overrides(eval_cfg, {k: v for k, v in os.environ.items() if k.isupper()}, "env")
-    changed += apply_eval_overrides(eval_cfg, {k: cli.pop(k) for k in eval_keys})
-    changed = resolve(model_cfg, train_cfg, quant_cfg, calib_cfg, cli=cli) + changed
-    quant_cfg, calib_cfg = QuantConfig(**asdict(quant_cfg)), CalibConfig(**asdict(calib_cfg))  # re-validate
+    s = Settings()
+    changed = resolve(s, cli=cli)
+    model_cfg, train_cfg, quant_cfg, calib_cfg, eval_cfg = s.model, s.train, s.quant, s.calib, s.eval
     t0 = time.perf_counter()
     run_dir = train(model_cfg, train_cfg, changed, overwrite)
     stages = {"train": time.perf_counter() - t0}

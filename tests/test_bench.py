@@ -68,13 +68,14 @@ def test_ema_follows_the_live_weights_through_a_state_dict_load():
     them, so it must still see every change. Reference: the ramped-decay lerp over a fresh state_dict() per step."""
     import torch
 
-    from submission import model, train
+    from submission import model
+    from submission.ema import EMA
     torch.manual_seed(0)
     net = model.GPT(model.ModelConfig(num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, xsa_last_n=2,
                                       rope_dims=4, vocab_size=64, bigram_buckets=16, bigram_dim=8, value_embed_dim=8,
                                       value_embed_last_n=2, num_loops=1, loop_layers=(1, 1), parallel_last_n=1))
     net.blocks[0].mlp_scale.data = net.blocks[0].mlp_scale.data.half()  # one tensor that is not fp32
-    ema = train.EMA(net, 0.9)
+    ema = EMA(net, 0.9)
     reference = {k: t.float().clone() for k, t in net.state_dict().items()}
     initial = {k: t.clone() for k, t in net.state_dict().items()}
     g = torch.Generator().manual_seed(1)

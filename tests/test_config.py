@@ -132,14 +132,12 @@ def _eval_keys():
 
 
 def _apply(settings: dict[str, str]) -> None:
-    """Apply KEY=VALUE settings the way the commands do: eval settings through apply_eval_overrides, the others
-    through resolve over the four training-side configs."""
-    from eval.run import EvalConfig, apply_eval_overrides
+    """Apply KEY=VALUE settings the way the commands do: through resolve, over the eval settings when they are all
+    eval settings (`pgolf eval`), else over the four training-side configs."""
+    from eval.run import EvalConfig
     own, nested = _eval_keys()
-    if all(k.lower() in own | nested for k in settings):
-        apply_eval_overrides(EvalConfig(), settings)
-    else:
-        resolve(*_all_configs(), env={}, cli=settings)
+    resolve(*([EvalConfig()] if all(k.lower() in own | nested for k in settings) else _all_configs()), env={},
+            cli=settings)
 
 
 # Every bad setting a user can type, with the one-line message it must give: the setting as typed, the allowed values.
@@ -372,9 +370,9 @@ def test_a_misspelt_setting_in_the_environment_is_an_error(env, message):
     ({"TTT_CHUNK_TOKENS": "65536"}, "did you mean CHUNK_TOKENS"),     # the records' name for it
 ])
 def test_a_misspelt_eval_setting_in_the_environment_is_an_error(env, message):
-    from eval.run import EvalConfig, apply_eval_overrides
+    from eval.run import EvalConfig
     with pytest.raises(ValueError, match=message):
-        apply_eval_overrides(EvalConfig(), {"HOME": "/root", **env}, "env")
+        resolve(EvalConfig(), env={"HOME": "/root", **env})
 
 
 def _kit_keys() -> dict[str, str]:
@@ -389,7 +387,7 @@ def _kit_keys() -> dict[str, str]:
 
 
 def test_unrelated_variables_and_settings_of_other_stages_are_left_alone():
-    from eval.run import EvalConfig, apply_eval_overrides
+    from eval.run import EvalConfig
     unrelated = {k: "x" for k in (*UNRELATED_ENV, *os.environ) if k.isupper() and k.lower() not in _kit_keys()}
     unrelated["num_layres"] = "3"  # lower case: never a setting
     other = {k.upper(): "1" for k, owner in _kit_keys().items() if owner not in ("ModelConfig", "TrainConfig")}
@@ -397,7 +395,7 @@ def test_unrelated_variables_and_settings_of_other_stages_are_left_alone():
     assert resolve(m, t, env={**unrelated, **other}) == []  # `pgolf train` with quantize/eval settings exported
     resolve(*_all_configs(), env=unrelated)
     training = {k.upper(): "1" for k, owner in _kit_keys().items() if owner != "EvalConfig"}
-    assert apply_eval_overrides(EvalConfig(), {**unrelated, **training}, "env") == []
+    assert resolve(EvalConfig(), env={**unrelated, **training}) == []
 
 
 def test_lookalike_settings_are_exactly_those_near_another_configs_setting():

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 
 from eval.bpb import build_byte_luts
 from eval.flat import evaluate_flat
-from eval.run import EvalConfig, apply_eval_overrides, evaluate
+from eval.run import EvalConfig, evaluate
 from eval.stream import plan_windows, rope_scaled, score_stream, shard_targets, window_scores
-from submission.config import ModelConfig, to_dict
+from submission.config import ModelConfig, resolve, to_dict
 from submission.model import GPT, rope_tables
 from tests.tiny import EVERY_FEATURE_2_LAYERS
 
@@ -219,15 +219,16 @@ def test_evaluate_returns_the_contract_body_and_runs_no_verification(real_tokens
 
 def test_eval_overrides_reach_nested_ngram_fields_and_are_validated():
     cfg = EvalConfig()
-    changed = apply_eval_overrides(cfg, {"STRIDE": "128", "NGRAM_ORDER": "8", "ngram_score": "tilt"})
+    changed = resolve(cfg, env={}, cli={"STRIDE": "128", "NGRAM_ORDER": "8", "ngram_score": "tilt"})
     assert (cfg.stride, cfg.ngram_config.order, cfg.ngram_score) == (128, 8, "tilt") and len(changed) == 3
-    with pytest.raises(ValueError, match="unknown eval setting"):
-        apply_eval_overrides(EvalConfig(), {"STRIDEX": "1"})
+    assert "ngram_order: 12 -> 8 (cli)" in changed
+    with pytest.raises(ValueError, match="unknown setting 'STRIDEX': did you mean STRIDE"):
+        resolve(EvalConfig(), env={}, cli={"STRIDEX": "1"})
     with pytest.raises(ValueError, match="order"):
-        apply_eval_overrides(EvalConfig(), {"NGRAM_ORDER": "0"})
+        resolve(EvalConfig(), env={}, cli={"NGRAM_ORDER": "0"})
     with pytest.raises(ValueError, match="needs ttt"):
-        apply_eval_overrides(EvalConfig(), {"TTT": "0"})
-    assert apply_eval_overrides(EvalConfig(), {"PATH": "/bin", "TTT": "0", "HASH_EMBED": "0"}, "env")
+        resolve(EvalConfig(), env={}, cli={"TTT": "0"})
+    assert resolve(EvalConfig(), env={"PATH": "/bin", "TTT": "0", "HASH_EMBED": "0"})
     rebuilt = EvalConfig(**dataclasses.asdict(cfg))  # as eval.json stores it
     assert rebuilt == cfg and rebuilt.ngram_config.order == 8
 

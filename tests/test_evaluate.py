@@ -13,7 +13,7 @@ import pytest
 import tools.evaluate
 from eval.run import EvalConfig
 from submission.config import to_dict
-from submission.train import tokenizer_identity
+from submission.runtime import tokenizer_identity
 from tests.test_quantize import MODEL, QUANT, TINY_CALIB, TOKENIZER, Lines, make_run, other_tokenizer
 from tools import cli
 from tools.artifact import MODEL_FILENAME
@@ -74,7 +74,7 @@ def test_a_one_off_pass_is_written_beside_the_run_and_changes_neither_its_score_
 
 @pytest.mark.parametrize("argv, name", [(["STRIDE=32"], "eval_stride-32.json"),
                                         (["--ablation"], "eval_ablation-1.json"),
-                                        (["NGRAM_ORDER=3", "TTT_LR=0.01"], "eval_ttt_lr-0.01_ngram_order-3.json")])
+                                        (["NGRAM_ORDER=3", "TTT_LR=0.01"], "eval_ngram_order-3_ttt_lr-0.01.json")])
 def test_every_setting_that_differs_from_the_runs_is_a_one_off(run, fake_eval, argv, name):
     before = (run / "eval.json").read_bytes()
     assert cli.main(["eval", str(run), *argv]) == 0
@@ -175,4 +175,4 @@ def test_lora_ttt_is_a_verified_one_off_beside_the_run(run, capsys):
     assert cli.main(["eval", str(run), "LORA_RANK=2"]) != 0
     assert "LORA_ settings (lora_rank) without --lora-ttt" in capsys.readouterr().err
     assert cli.main(["eval", str(run), "LORA_RANKK=2", "--lora-ttt"]) != 0
-    assert "unknown LoRA setting 'LORA_RANKK'" in capsys.readouterr().err
+    assert "unknown setting 'LORA_RANKK': did you mean LORA_RANK" in capsys.readouterr().err

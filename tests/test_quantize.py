@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from submission.config import ModelConfig, TrainConfig, to_dict
 from submission.data import write_shard
 from submission.model import GPT
-from submission.train import tokenizer_identity
+from submission.runtime import tokenizer_identity
 from tools.artifact import DECIMAL_CAP, MODEL_FILENAME, ArtifactError, pack_artifact, read_artifact, to_state_dict
 from tools.calibrate import CalibConfig
 from tools.gptq import QuantConfig, QuantTensor

@@ -151,7 +151,7 @@ def test_missing_paths_are_clear(tmp_path):
 
 
 def kit_log(seed: int, loss: float, bpb: float) -> list[str]:
-    """Lines as submission/train.py's Logger and the pipeline write them."""
+    """Lines as submission/runtime.py's Logger and the pipeline write them."""
     return [f"seed:{seed}", "run run_dir:runs/x world_size:1 device:cpu torch:2.13.0",
             "step:1 train_loss:6.93", "step:2 train_loss:6.41", "step:2 train_time_s:1.2 step_avg_ms:600.0",
             "training_done steps:2 train_time_s:1.2 step_avg_ms:600.0 data_reads_after_cap:0",

@@ -144,7 +144,7 @@ def test_gpu_groups_split_the_visible_devices(monkeypatch):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(overrides=["SEED=3"]), "SEED and RUN_DIR are set per seed"),
-    (dict(overrides=["max_steps"]), "is not KEY=VALUE"),
+    (dict(overrides=["max_steps"]), r"expected KEY=VALUE settings, got \[.max_steps.\]"),
     (dict(command="{python} x.py {sed}"), "bad template"),
     (dict(seeds=[1, 2, 1]), "lists 1 more than once"),
 ])

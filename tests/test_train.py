@@ -135,7 +135,7 @@ def test_help_lists_every_config_field_with_type_and_default(capsys):
             args = typing.get_args(hints[name])
             shown_type = ",".join(a.__name__ for a in args) if isinstance(value, tuple) else type_name
             assert re.search(rf"^  {name.upper()} +{re.escape(shown_type)} +{re.escape(shown)}( |$)", out, re.M), name
-    assert "GQA: 2 query heads share each KV head" in out  # the comment beside the field in config.py
+    assert "GQA: 2 query heads share each KV head" in out  # the field's docstring in config.py
     # a field documented by the string below it: its first sentence, on the field's line
     assert re.search(r"^  NUM_LOOPS +int +2 +Extra passes over loop_layers once looping is on", out, re.M)
 
@@ -147,7 +147,7 @@ def test_unknown_key_is_a_clear_error_before_training(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "unknown setting 'NUM_LAYER'" in err and "did you mean NUM_LAYERS" in err and "--help" in err
     assert cli.main(["train", "MAX_STEPS"]) == 2
-    assert "'MAX_STEPS' is not KEY=VALUE" in capsys.readouterr().err
+    assert "expected KEY=VALUE settings, got ['MAX_STEPS']" in capsys.readouterr().err
 
 
 def test_bad_value_is_rejected_before_the_run_directory_exists(tmp_path):
@@ -168,7 +168,7 @@ def test_configure_cuda_turns_inductor_mix_order_reductions_off():
     """They fused the first block's backward into one 4.5 ms kernel (P1, H100): the trainer turns them off."""
     from torch._inductor import config as inductor_config
 
-    from submission.train import configure_cuda
+    from submission.runtime import configure_cuda
     before = inductor_config.triton.mix_order_reduction
     try:
         inductor_config.triton.mix_order_reduction = True
@@ -291,8 +291,8 @@ def test_overwrite_flag_reaches_the_trainer_as_a_setting(monkeypatch):
 
 
 def test_a_folder_given_as_the_tokenizer_is_named_as_such(tmp_path):
-    from submission.train import _tokenizer
+    from submission.runtime import read_tokenizer
     with pytest.raises(FileNotFoundError, match=r": a folder, expected a SentencePiece .model file"):
-        _tokenizer(str(tmp_path))
+        read_tokenizer(str(tmp_path))
     with pytest.raises(FileNotFoundError, match=r"missing.model: not found, expected a SentencePiece"):
-        _tokenizer(str(tmp_path / "missing.model"))
+        read_tokenizer(str(tmp_path / "missing.model"))

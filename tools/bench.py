@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from submission.config import ModelConfig, TrainConfig, resolve
+from submission.config import ModelConfig, TrainConfig, parse_overrides, resolve
 from submission.data import TokenLoader
+from submission.ema import EMA
 from submission.model import GPT
 from submission.optim import build_optimizers
-from submission.train import (EMA, H100_BF16_PEAK_FLOPS, configure_cuda, matmul_flops_per_token,
-                              setup_distributed, train_step)
+from submission.runtime import configure_cuda, setup_distributed
+from submission.train import H100_BF16_PEAK_FLOPS, matmul_flops_per_token, train_step
 from tools.cli import path_arg
 
 
@@ -202,7 +203,7 @@ def read_curve(path: Path) -> list[float]:
 def _cmd(args: argparse.Namespace) -> int:
     model_cfg, cfg = ModelConfig(), TrainConfig()
     reference = read_curve(args.against) if args.against else None  # a bad file fails before the bench runs
-    for line in resolve(model_cfg, cfg, cli=dict(a.split("=", 1) for a in args.overrides)):
+    for line in resolve(model_cfg, cfg, cli=parse_overrides(args.overrides)):
         print(f"override {line}")
     if args.trace and not args.profile_steps:
         raise ValueError("--trace needs --profile-steps > 0 (the trace is the profiled steps')")

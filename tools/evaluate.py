@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import hashlib
 import json
 import os
@@ -10,15 +11,16 @@ import sys
 from pathlib import Path
 
 from eval.bpb import build_byte_luts
-from eval.lora import LoraConfig, apply_lora_overrides, evaluate_lora
-from eval.run import EvalConfig, apply_eval_overrides
+from eval.lora import LoraConfig, evaluate_lora
+from eval.run import EvalConfig
 from eval.verify import evaluate_verified
-from submission.config import ModelConfig, TrainConfig, from_dict, to_dict
+from submission.config import ModelConfig, TrainConfig, from_dict, parse_overrides, resolve, to_dict
 from submission.data import load_tokens
 from submission.model import GPT
-from submission.runtime import (Logger, check_tokenizer, configure_cuda, load_tokenizer, setup_distributed,
+from submission.runtime import (Logger, check_tokenizer, configure_cuda, read_tokenizer, setup_distributed,
                                 writable_check)
 from tools.artifact import CODE_FILENAME, MODEL_FILENAME, read_artifact, to_state_dict
+from tools.train_cmd import settings_help
 from tools.cli import expect_path
 
 # A one-off pass's file name is made of its changed settings; past this length it is a hash of them instead.
@@ -96,7 +98,7 @@ def one_off_name(differences: list[str]) -> str:
 
 
 def _setting(line: str) -> str:
-    """'ttt: True -> False (cli)' (apply_overrides' log line) -> 'ttt-0'."""
+    """'ttt: True -> False (cli)' (resolve's log line) -> 'ttt-0'."""
     name, rest = line.split(":", 1)
     new = rest.rsplit(" -> ", 1)[1].rsplit(" (", 1)[0]
     return f"{name}-{ {'True': '1', 'False': '0'}.get(new, new)}"
@@ -123,14 +125,13 @@ def run_eval(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else facts.get("seed")
     if seed is None:
         raise ValueError(f"{root}: no seed in config.json or train.log; pass --seed N (eval.json records it)")
-    cli = {}
-    for item in args.overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r}: expected KEY=VALUE, e.g. STRIDE=128 or NGRAM_ORDER=8")
-        key, value = item.split("=", 1)
-        cli[key] = value
+    cli = parse_overrides(args.overrides)
+    if (args.grid or args.tune_tokens) and not args.tune:
+        raise ValueError("--grid and --tune-tokens shape a --tune search: add --tune (or drop them)")
+    if args.settings:  # chosen on the tuning split (tune.json); KEY=VALUE on the command line wins
+        cli = {**read_settings(args.settings), **cli}
     lora_cfg = LoraConfig()
-    lora_changed = apply_lora_overrides(lora_cfg, {k: cli.pop(k) for k in list(cli) if k.lower().startswith("lora_")})
+    lora_changed = resolve(lora_cfg, env={}, cli={k: cli.pop(k) for k in list(cli) if k.lower().startswith("lora_")})
     if lora_changed and not args.lora_ttt:
         raise ValueError(f"LORA_ settings ({', '.join(line.split(':')[0] for line in lora_changed)}) without "
                          "--lora-ttt: add --lora-ttt to run the per-document LoRA pass")
@@ -147,13 +148,13 @@ def run_eval(args: argparse.Namespace) -> int:
     except TypeError as e:
         raise ValueError(f"{root / 'eval.json'}: its config does not fit this kit's EvalConfig ({e}): written by "
                          "another kit version? Move it away to evaluate with this kit's defaults") from None
-    changed = apply_eval_overrides(cfg, cli, "cli")
+    changed = resolve(cfg, env={}, cli=cli)
     defaults = TrainConfig()
     tokenizer = args.tokenizer or facts["train"].get("tokenizer_path", defaults.tokenizer_path)
     run_data_dir = facts["train"].get("data_dir", defaults.data_dir)
     data_dir = args.data_dir or run_data_dir
     tensors, model_config, quant_config = read_artifact(artifact)
-    sp, used = load_tokenizer(tokenizer)
+    sp, used = read_tokenizer(tokenizer)
     rank, world_size, device = setup_distributed()
     log = Logger(None, rank)
     recorded = quant_config.get("tokenizer")
@@ -169,6 +170,9 @@ def run_eval(args: argparse.Namespace) -> int:
     if recorded and recorded["sha256"] != used["sha256"]:
         one_off.append(f"tokenizer-{used['sha256'][:8]}")
     out_path = Path(args.out) if args.out else root / (one_off_name(one_off) if one_off else "eval.json")
+    if args.tune:
+        out_path = Path(args.out) if args.out else root / ("tune_lora.json" if args.lora_ttt else "tune.json")
+        one_off = []
     if out_path.is_dir():
         raise ValueError(f"--out {out_path} is a folder: pass a file path, e.g. --out {out_path / 'eval.json'}")
     if rank == 0:
@@ -191,6 +195,8 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"tokenizer {tokenizer} has {sp.get_piece_size()} pieces but the artifact's model has "
                          f"vocab_size {model.cfg.vocab_size} (wrong tokenizer? pass --tokenizer)")
     luts = build_byte_luts(sp, model.cfg.vocab_size)
+    if args.tune:  # before val is read: nothing here looks at it
+        return run_tune(args, model, luts, cfg, lora_cfg, data_dir, out_path, rank, world_size, log)
     val_tokens = load_tokens(f"{data_dir}/fineweb_val_*.bin", model.cfg.vocab_size)
     log("eval_artifact", artifact=str(artifact), model_bytes=artifact.stat().st_size, val_tokens=len(val_tokens),
         tokenizer=tokenizer, tokenizer_sha256=used["sha256"][:16])
@@ -222,12 +228,54 @@ def run_eval(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def read_settings(path: str) -> dict[str, str]:
+    """The settings a tune.json chose (its "settings": every searched setting at its best value)."""
+    file = Path(path)
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+        settings = data["settings"]
+        if not isinstance(settings, dict):
+            raise TypeError("not an object")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--settings {file}: not found (pgolf eval RUN_DIR --tune writes RUN_DIR/tune.json)")\
+            from None
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise ValueError(f"--settings {file}: not a tune.json with a \"settings\" object ({e!r}); pass the file "
+                         "pgolf eval RUN_DIR --tune wrote") from None
+    return {str(k).upper(): str(v) for k, v in settings.items()}
+
+
+def run_tune(args, model, luts, cfg, lora_cfg, data_dir: str, out_path: Path, rank: int, world_size: int,
+             log) -> int:
+    """`pgolf eval RUN_DIR --tune`: the coordinate search on the tuning split (tools/tune.py), its table on stdout and
+    its result in tune.json (tune_lora.json with --lora-ttt)."""
+    from tools import tune
+
+    pattern = f"{data_dir}/fineweb_tune_*.bin"
+    if not glob.glob(pattern):
+        raise FileNotFoundError(f"no tuning split {pattern}: hold documents out of train first, e.g. pgolf data split "
+                                f"{data_dir} --tune-docs 500 (settings are chosen there, never on val)")
+    tokens = load_tokens(pattern, model.cfg.vocab_size)
+    if args.tune_tokens:
+        tokens = tokens[:args.tune_tokens + 1]
+    grid = tune.parse_grid(args.grid, cfg, lora_cfg, tune.LORA_GRID if args.lora_ttt else tune.STREAM_GRID)
+    log("tune_start", split=pattern, tokens=len(tokens), settings=",".join(grid),
+        trials_at_most=1 + sum(map(len, grid.values())))
+    result = tune.tune(model, tokens, luts, cfg, lora_cfg if args.lora_ttt else None, grid, rank, world_size, log)
+    if rank == 0:
+        print(tune.table(result))
+        write_json_atomic(out_path, result)
+        log("tune_written", path=str(out_path), apply=f"pgolf eval RUN_DIR --settings {out_path}")
+    return 0
+
+
 def add_commands(subparsers) -> None:
     p = subparsers.add_parser(
         "eval", help="score model.pgz with the legal eval recipe (sliding, TTT, hash embed, n-gram) -> eval.json",
         description="Evaluate a run's artifact. Multi-GPU: torchrun --nproc_per_node=N -m tools.cli eval RUN_DIR. "
                     "Eval settings: KEY=VALUE for any EvalConfig field (STRIDE=128, CHUNK_TOKENS=8192, ...) or "
-                    "n-gram field as NGRAM_<FIELD> (NGRAM_ORDER=8). Exit status 1 if a compliance check fails.")
+                    "n-gram field as NGRAM_<FIELD> (NGRAM_ORDER=8). Exit status 1 if a compliance check fails.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=settings_help(EvalConfig, LoraConfig))
     p.add_argument("run_dir", help=f"run or artifact directory holding {MODEL_FILENAME} (and optionally "
                                    f"config.json, train.log, {CODE_FILENAME})")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -245,6 +293,17 @@ def add_commands(subparsers) -> None:
                         "PHASES, PHASE_DOCS, PHASE_LR, PHASE_MOMENTUM, NGRAM (the n-gram blend on top, with the NGRAM_ "
                         "settings), COMPLIANCE_TOKENS), checked C1-C4; written to RUN_DIR/eval_lora-ttt*.json beside "
                         "eval.json")
+    p.add_argument("--tune", action="store_true",
+                   help="choose the eval settings on the tuning split (DATA_DIR/fineweb_tune_*.bin), never on val: a "
+                        "coordinate search over --grid, one pass per trial; prints the table and writes "
+                        "RUN_DIR/tune.json (tune_lora.json with --lora-ttt: LoRA's settings)")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="with --tune: search this setting over these values (repeatable; given, only the --grid "
+                        "settings are searched; default: tools/tune.py's grid for the stream or for --lora-ttt)")
+    p.add_argument("--tune-tokens", type=int, default=0, metavar="N",
+                   help="with --tune: score only the first N tuning tokens per trial (0: all)")
+    p.add_argument("--settings", metavar="TUNE_JSON",
+                   help="apply the settings a --tune run chose (KEY=VALUE arguments still win)")
     p.add_argument("--seed", type=int, help="seed to record when the directory has no config.json/train.log")
     p.add_argument("--out", help="output path (default: RUN_DIR/eval.json; when that holds a packed run's unverified "
                                  "result, the score is kept and the compliance report added). A one-off pass (settings,"

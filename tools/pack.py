@@ -7,9 +7,9 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from submission.config import ModelConfig, apply_recipe, from_dict, resolve
+from submission.config import ModelConfig, apply_recipe, from_dict, parse_overrides, resolve
 from submission.model import SWITCHES, uses_switches
-from submission.train import Logger, check_tokenizer, tokenizer_identity
+from submission.runtime import Logger, check_tokenizer, tokenizer_identity
 from tools.artifact import CODE_FILENAME, DECIMAL_CAP, MODEL_FILENAME, read_contents
 from tools.bundle import BundleResult, bundle, write_bundle
 from tools.calibrate import CalibConfig
@@ -34,13 +34,6 @@ def bundle_entry(model_config: ModelConfig | dict | None = None) -> BundleResult
     """The packed single-file program of the pipeline entry (its size is the code bytes the challenge counts), with
     what `model_config` needs."""
     return bundle(ENTRY, KIT_ROOT, optional=optional_modules(model_config))
-
-
-def parse_overrides(items: list[str]) -> dict[str, str]:
-    bad = [item for item in items if "=" not in item]
-    if bad:
-        raise ValueError(f"settings must be KEY=VALUE (e.g. CALIB_SEQS=32 MATRIX_BITS=6), got {bad}")
-    return dict(item.split("=", 1) for item in items)
 
 
 def pack(run_dir: str | os.PathLike, out: str | os.PathLike, progress: bool = True) -> tuple[BundleResult, SizeReport]:
@@ -108,13 +101,13 @@ class _RawEpilogDefaults(argparse.RawDescriptionHelpFormatter, argparse.Argument
 
 
 def add_commands(subparsers) -> None:
-    from tools.train_cmd import field_help  # the settings tables of `pgolf train --help`, here for quantization
+    from tools.train_cmd import settings_help  # the settings tables of `pgolf train --help`, here for quantization
 
     p = subparsers.add_parser(
         "quantize", help="calibrate + GPTQ a run's checkpoint into RUN_DIR/model.pgz and score the reloaded artifact",
         formatter_class=_RawEpilogDefaults,
         epilog="The run's recipe (RECIPE in its config.json) sets these first; KEY=VALUE settings override them.\n\n"
-               + "\n\n".join(field_help(kind) for kind in (QuantConfig, CalibConfig)))
+               + settings_help(QuantConfig, CalibConfig))
     p.add_argument("run_dir", help="run directory holding checkpoint.pt (log: RUN_DIR/quantize.log)")
     p.add_argument("settings", nargs="*", metavar="KEY=VALUE",
                    help="QuantConfig, CalibConfig or TrainConfig fields, e.g. CALIB_SEQS=32 DATA_DIR=data/x")

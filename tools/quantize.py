@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from eval.bpb import BPBAccumulator
+from eval.bpb import BPBAccumulator, byte_luts
 from eval.flat import evaluate_flat
 from submission.config import ModelConfig, TrainConfig, from_dict, to_dict
 from submission.data import load_tokens
 from submission.model import GPT
-from submission.train import _byte_luts, check_tokenizer, tokenizer_identity, writable_check
+from submission.runtime import check_tokenizer, tokenizer_identity, writable_check
 from tools.artifact import (DECIMAL_CAP, MODEL_FILENAME, ArtifactError, fit_to_budget, pack_artifact,
                             read_artifact, to_state_dict, write_artifact)
 from tools.allocate import Probe, allocate, probe, quantized_names, single_clip_bytes, tensor_sigmas
@@ -315,7 +315,7 @@ def quantize_run(run_dir: str | os.PathLike, code_bytes: int, quant_cfg: QuantCo
     path = run_dir / MODEL_FILENAME
     model = load_quantized(path, device)
     val_tokens = load_tokens(f"{train_cfg.data_dir}/fineweb_val_*.bin", model.cfg.vocab_size)
-    luts = _byte_luts(train_cfg, model.cfg.vocab_size)
+    luts = byte_luts(train_cfg.tokenizer_path, model.cfg.vocab_size)
     t0 = time.perf_counter()
     acc = evaluate_flat(model, val_tokens, luts, train_cfg.seq_len, train_cfg.val_batch_seqs, rank, world_size)
     if thread is not None and wait_baseline:

@@ -21,6 +21,7 @@ from typing import BinaryIO
 from tqdm import tqdm
 
 from eval.progress import progress_bar
+from submission.config import parse_overrides
 from tools.cli import expect_output
 from tools.results import ResultFormatError, SeedResult, load_run, parse_eval_json
 from tools.stats import build_report, format_report
@@ -35,7 +36,6 @@ TEMPLATE_FIELDS = ("python", "seed", "run_dir", "nproc")
 # interleaved output of several seeds readable while still showing that each is moving.
 PROGRESS_EVERY_S = 10.0
 CONSOLE_LOG = "console.log"       # the child's stdout + stderr (tracebacks land here, not in train.log)
-OVERRIDE = re.compile(r"^[A-Za-z_]\w*=")
 RESERVED_KEYS = ("SEED", "RUN_DIR")
 # OUT/settings.json: what defines every seed's run (settings, command, processes per seed), so that a resume with
 # other settings is refused instead of reporting seeds that ran with the old ones as finished.
@@ -73,11 +73,9 @@ def validate(cfg: SeedsConfig) -> None:
     duplicates = sorted({s for s in cfg.seeds if cfg.seeds.count(s) > 1})
     if duplicates:
         raise ValueError(f"--seeds lists {', '.join(map(str, duplicates))} more than once (each seed runs once)")
-    for item in cfg.overrides:
-        if not OVERRIDE.match(item):
-            raise ValueError(f"override {item!r} is not KEY=VALUE (e.g. MAX_STEPS=100)")
-        if item.split("=", 1)[0].upper() in RESERVED_KEYS:
-            raise ValueError(f"override {item!r}: SEED and RUN_DIR are set per seed by `pgolf seeds` (use --seeds "
+    for key, value in parse_overrides(cfg.overrides).items():
+        if key.upper() in RESERVED_KEYS:
+            raise ValueError(f"override {key}={value}: SEED and RUN_DIR are set per seed by `pgolf seeds` (use --seeds "
                              "and --out)")
     if cfg.gpus_per_seed < 0:
         raise ValueError(f"--gpus-per-seed {cfg.gpus_per_seed} is negative (0 runs plain processes)")
@@ -120,8 +118,7 @@ def run_settings(cfg: SeedsConfig, env: dict[str, str] | None = None) -> dict:
     env = dict(os.environ) if env is None else env
     names = setting_names()
     settings = {key: value for key, value in env.items() if key in names}
-    for item in cfg.overrides:
-        key, value = item.split("=", 1)
+    for key, value in parse_overrides(cfg.overrides).items():
         settings[key.upper()] = value  # a later override of the same key wins, as in the pipeline
     return {"settings": dict(sorted(settings.items())),
             "command": cfg.command or (PIPELINE_TORCHRUN if cfg.gpus_per_seed else PIPELINE),

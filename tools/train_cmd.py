@@ -9,7 +9,7 @@ import inspect
 import textwrap
 import typing
 
-from submission.config import RECIPES, ModelConfig, TrainConfig
+from submission.config import RECIPES, ModelConfig, TrainConfig, parse_overrides
 from submission.train import main
 
 CONFIGS = (ModelConfig, TrainConfig)
@@ -35,18 +35,35 @@ def field_docs(kind) -> dict[str, str]:
 
 
 def field_help(kind) -> str:
-    """One line per field of a config dataclass: KEY, type, default and its documentation (field_docs)."""
+    """One line per setting of a config dataclass: KEY (with the class's PREFIX, e.g. NGRAM_ORDER), type, default and
+    its documentation (field_docs). A field holding another config is listed as that config's own table."""
     comments = field_docs(kind)
     hints = typing.get_type_hints(kind)
+    prefix = getattr(kind, "PREFIX", "").upper()
     rows = []
     for f in dataclasses.fields(kind):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if dataclasses.is_dataclass(default):
+            continue
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else repr(default) if isinstance(
             default, str) else str(default)
-        rows.append((f.name.upper(), _type_name(hints[f.name]), shown, comments.get(f.name, "")))
+        rows.append((prefix + f.name.upper(), _type_name(hints[f.name]), shown, comments.get(f.name, "")))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = [f"  {k:<{widths[0]}}  {t:<{widths[1]}}  {d:<{widths[2]}}  {c}".rstrip() for k, t, d, c in rows]
     return f"{kind.__name__}: {inspect.getdoc(kind).splitlines()[0]}\n" + "\n".join(lines)
+
+
+def settings_help(*kinds) -> str:
+    """The settings tables of a tree of configs: each config's, then those of the configs its fields hold (the
+    n-gram's under EvalConfig), as submission.config.settings_index names them."""
+    tables = []
+    for kind in kinds:
+        tables.append(field_help(kind))
+        nested = [type(f.default_factory()) for f in dataclasses.fields(kind)
+                  if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory())]
+        if nested:
+            tables.append(settings_help(*nested))
+    return "\n\n".join(tables)
 
 
 def recipe_help() -> str:
@@ -63,17 +80,13 @@ def check_overrides(overrides: list[str]) -> dict[str, str]:
     """KEY=VALUE strings -> {KEY: VALUE}; a malformed item or a key that names no config field is a ValueError
     naming it, with the closest field names. Values are parsed and checked by submission.config.resolve."""
     known = {f.name for kind in CONFIGS for f in dataclasses.fields(kind)} | {"overwrite"}  # run setting, no field
-    parsed = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"{item!r} is not KEY=VALUE (e.g. NUM_LAYERS=4; `pgolf train --help` lists the keys)")
+    parsed = parse_overrides(overrides)
+    for key in parsed:
         if key.lower() not in known:
             close = difflib.get_close_matches(key.lower(), known, n=3)
             hint = f"did you mean {', '.join(c.upper() for c in close)}? " if close else ""
             raise ValueError(f"unknown setting {key!r}: {hint}`pgolf train --help` lists the ModelConfig and "
                              "TrainConfig fields")
-        parsed[key] = value
     return parsed
 
 
@@ -91,7 +104,7 @@ def add_commands(sub) -> None:
                     "after a field apply first, then KEY=VALUE arguments (keys are case-insensitive). Every change "
                     "is logged as an `override` line in RUN_DIR/train.log. For several GPUs run the same through "
                     "torchrun: `torchrun --nproc_per_node=8 submission/train_gpt.py KEY=VALUE ...`.",
-        epilog="\n\n".join([recipe_help(), *(field_help(kind) for kind in CONFIGS)]))
+        epilog="\n\n".join([recipe_help(), settings_help(*CONFIGS)]))
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides, e.g. NUM_LAYERS=4 MAX_STEPS=100 RUN_DIR=runs/try1")
     p.add_argument("--overwrite", action="store_true",

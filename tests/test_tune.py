@@ -1,0 +1,123 @@
+"""`pgolf eval RUN_DIR --tune`: the coordinate search, its grid, and the command on a tiny run's tuning split."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tools.evaluate
+from eval.lora import LoraConfig
+from eval.run import EvalConfig
+from submission.data import write_shard
+from tests.test_evaluate import scored_run  # noqa: F401 (the fixture)
+from tools import cli
+from tools.tune import canonical, coordinate_search, fingerprint, parse_grid
+
+
+def test_coordinate_search_takes_each_settings_best_value_in_turn_and_scores_nothing_twice():
+    calls = []
+
+    def score(s):  # separable with one interaction: b's best depends on a
+        calls.append(dict(s))
+        return (float(s["a"]) - 2) ** 2 + (float(s["b"]) - float(s["a"])) ** 2
+
+    best, value, trials = coordinate_search(score, {"a": "0", "b": "0"}, {"a": ["0", "1", "2", "3"],
+                                                                         "b": ["0", "1", "2"]})
+    # a first, with b at 0: a=1 (1 + 1 = 2) beats a=2 (0 + 4); then b with a=1: b=1
+    assert best == {"a": "1", "b": "1"} and value == 1.0
+    assert len(calls) == len({tuple(sorted(c.items())) for c in calls}) == 1 + 3 + 2  # start, a=1..3, b=1..2
+    assert [t.setting for t in trials] == [None, "a", "a", "a", "b", "b"]
+
+
+def test_a_tie_keeps_the_value_it_had():
+    best, _, _ = coordinate_search(lambda s: 1.0, {"a": "x"}, {"a": ["y", "x", "z"]})
+    assert best == {"a": "x"}
+
+
+def test_the_grid_is_parsed_into_the_configs_values():
+    cfg, lora = EvalConfig(), LoraConfig()
+    grid = parse_grid(["LORA_LR=1e-4,0.0001,2e-4", "ngram_order=8"], cfg, lora, {"TTT_LR": ["0.001"]})
+    assert grid == {"LORA_LR": ["0.0001", "0.0002"], "NGRAM_ORDER": ["8"]}  # one value per number; only these
+    assert parse_grid([], cfg, lora, {"TTT_LR": ["0.001", "1e-3"]}) == {"TTT_LR": ["0.001"]}
+    assert canonical(cfg, lora, "NGRAM_ORDER") == "12" and canonical(cfg, lora, "TTT_EPOCHS") == "3"
+    with pytest.raises(ValueError, match="unknown setting 'TTT_LRR': did you mean TTT_LR"):
+        parse_grid(["TTT_LRR=0.1"], cfg, lora, {})
+    with pytest.raises(ValueError, match="expected KEY=V1,V2"):
+        parse_grid(["TTT_LR"], cfg, lora, {})
+    with pytest.raises(ValueError, match="NGRAM_ORDER"):
+        parse_grid(["NGRAM_ORDER=0"], cfg, lora, {})
+
+
+@pytest.fixture
+def tune_run(scored_run, tmp_path, monkeypatch):  # noqa: F811
+    """A scored run whose data holds a tuning split of short documents, and a load_tokens that refuses val."""
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["tools.evaluate"])
+    run = tmp_path / "run"
+    shutil.copytree(scored_run, run)
+    data = Path(json.loads((run / "config.json").read_text())["train"]["data_dir"])
+    rng = np.random.default_rng(3)
+    docs = [np.r_[1, rng.integers(2, 64, rng.integers(20, 120))] for _ in range(30)]
+    tune_path = data / "fineweb_tune_000000.bin"
+    write_shard(tune_path, np.concatenate(docs).astype(np.uint16))
+    load = tools.evaluate.load_tokens
+
+    def no_val(pattern, vocab_size=None):
+        assert "fineweb_val" not in pattern, "the tuning search read val"
+        return load(pattern, vocab_size)
+
+    monkeypatch.setattr(tools.evaluate, "load_tokens", no_val)
+    yield run
+    tune_path.unlink()
+
+
+def test_tune_searches_the_tuning_split_only_and_its_settings_apply(tune_run, capsys, monkeypatch):
+    before = (tune_run / "eval.json").read_bytes()
+    assert cli.main(["eval", str(tune_run), "--tune", "--grid", "TTT_LR=0.001,0.01", "--grid", "NGRAM_ORDER=2,3",
+                     "--tune-tokens", "1500"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads((tune_run / "tune.json").read_text())
+    tokens = tools.evaluate.load_tokens(str(next(Path(json.loads((tune_run / "config.json").read_text())["train"][
+        "data_dir"]).glob("fineweb_tune_*.bin"))))[:1501]
+    assert result["tune_fingerprint"] == fingerprint(tokens) and result["tune_tokens"] == 1501
+    assert result["kind"] == "stream" and set(result["settings"]) == {"TTT_LR", "NGRAM_ORDER"}
+    assert len(result["trials"]) == 5  # the start, then two values of each (the start's values score once)
+    best = min(t["val_bpb"] for t in result["trials"])
+    assert result["chosen_bpb"] == best <= result["start_bpb"]
+    assert re.search(r"^\| start \| TTT_LR=0.002 NGRAM_ORDER=12 \| [\d.]+ \| \+0\.000000 \|$", out, re.M)
+    assert len(re.findall(r"^tune_trial setting:\S+ value:\S+ val_bpb:[\d.]+ seconds:[\d.]+$", out, re.M)) == 5
+    assert (tune_run / "eval.json").read_bytes() == before  # the run's score is untouched
+    # the chosen settings apply to a later pass (a one-off beside eval.json, named by what changed)
+    seen = []
+    monkeypatch.setattr(tools.evaluate, "evaluate_verified",
+                        lambda model, tokens, luts, cfg, *a, **k: seen.append(cfg) or {"val_bpb": 1.0, "config": {}})
+    monkeypatch.setattr(tools.evaluate, "load_tokens", lambda pattern, vocab_size=None: np.ones(10, np.int64))
+    assert cli.main(["eval", str(tune_run), "--settings", str(tune_run / "tune.json"), "TTT_LR=0.005"]) == 0
+    assert seen[0].ngram_config.order == int(result["settings"]["NGRAM_ORDER"]) and seen[0].ttt_lr == 0.005
+
+
+def test_tune_without_a_tuning_split_says_how_to_make_one(scored_run, tmp_path, monkeypatch, capsys):  # noqa: F811
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["tools.evaluate"])
+    run = tmp_path / "run"
+    shutil.copytree(scored_run, run)
+    assert cli.main(["eval", str(run), "--tune"]) != 0
+    err = capsys.readouterr().err
+    assert "fineweb_tune_*.bin" in err and "pgolf data split" in err and not (run / "tune.json").exists()
+    assert cli.main(["eval", str(run), "--grid", "TTT_LR=0.1"]) != 0
+    assert "add --tune" in capsys.readouterr().err
+
+
+def test_lora_tune_and_a_bad_settings_file(tune_run, capsys):
+    assert cli.main(["eval", str(tune_run), "--tune", "--lora-ttt", "--grid", "LORA_LR=0.0001,0.01",
+                     "LORA_RANK=2", "LORA_BATCH_DOCS=4", "LORA_CHUNK=32", "LORA_CONTEXT=64"]) == 0
+    result = json.loads((tune_run / "tune_lora.json").read_text())
+    assert result["kind"] == "lora" and len(result["trials"]) == 2 and "compliance" not in json.dumps(result)
+    capsys.readouterr()
+    assert cli.main(["eval", str(tune_run), "--settings", str(tune_run / "tune_lora.json")]) != 0
+    assert "without --lora-ttt" in capsys.readouterr().err
+    (tune_run / "bad.json").write_text("{}")
+    assert cli.main(["eval", str(tune_run), "--settings", str(tune_run / "bad.json")]) != 0
+    assert 'not a tune.json with a "settings" object' in capsys.readouterr().err

@@ -1,0 +1,160 @@
+"""`pgolf eval RUN_DIR --tune`: choose evaluation settings on the tuning split, never on val.
+
+The tuning split (fineweb_tune_*.bin: held-out training documents, `pgolf data split` / `pgolf data build
+--tune-docs`) is scored once per trial by the same evaluation as val, without its compliance checks (they verify a
+score, and no score here is reported). A coordinate search walks the grid: each setting in turn takes each of its
+values with the others at the best found so far, and keeps the value with the lowest tune val_bpb (a tie keeps the
+value it had). The result names the split by its fingerprint, so a setting can always be traced to the documents it
+was chosen on; `pgolf eval RUN_DIR --settings tune.json` applies it.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from eval.lora import LoraConfig, evaluate_lora
+from eval.run import EvalConfig, evaluate
+from submission.config import resolve
+
+# The searched settings and their values, for the sliding stream (score-first TTT, n-gram) and for per-document
+# LoRA TTT. The n-gram's mixing weight and its tilt strength are fitted online on scored tokens; what is chosen
+# here is whether the score is the blend or the tilt, and the counts' smoothing.
+STREAM_GRID = {
+    "TTT_LR": ["0.001", "0.002", "0.004"],
+    "TTT_EPOCHS": ["1", "2", "3", "4"],
+    "NGRAM_ORDER": ["6", "8", "12", "16"],
+    "NGRAM_DISCOUNT": ["0.6", "0.75", "0.9"],
+    "NGRAM_FLOOR": ["1e-07", "1e-06", "1e-05"],
+    "NGRAM_SCORE": ["blend", "tilt"],
+}
+LORA_GRID = {
+    "LORA_LR": ["5e-05", "0.0001", "0.0002", "0.0004"],
+    "LORA_RANK": ["32", "64", "96"],
+    "LORA_PHASES": ["0", "1", "2", "3"],
+    "NGRAM_ORDER": ["6", "8", "12", "16"],
+    "NGRAM_DISCOUNT": ["0.6", "0.75", "0.9"],
+}
+
+
+@dataclass
+class Trial:
+    """One evaluation of the tuning split: the setting varied (None for the starting point), its value, the
+    settings as a whole, and the split's val_bpb."""
+    setting: str | None
+    value: str | None
+    settings: dict[str, str]
+    val_bpb: float
+    seconds: float
+
+
+def coordinate_search(score: Callable[[dict[str, str]], float], start: dict[str, str],
+                      grid: dict[str, list[str]], on_trial: Callable[[Trial], None] | None = None):
+    """One sweep over `grid` from `start` (a value for every grid key): returns (best settings, best score, trials).
+    Settings already scored are not scored again."""
+    seen: dict[tuple, float] = {}
+    trials: list[Trial] = []
+
+    def run(settings: dict[str, str], setting: str | None, value: str | None) -> float:
+        key = tuple(sorted(settings.items()))
+        if key not in seen:
+            began = time.perf_counter()
+            seen[key] = score(settings)
+            trials.append(Trial(setting, value, dict(settings), seen[key], round(time.perf_counter() - began, 3)))
+            if on_trial:
+                on_trial(trials[-1])
+        return seen[key]
+
+    best = dict(start)
+    best_score = run(best, None, None)
+    for setting, values in grid.items():
+        for value in values:
+            candidate = {**best, setting: value}
+            result = run(candidate, setting, value)
+            if result < best_score:
+                best, best_score = candidate, result
+    return best, best_score, trials
+
+
+def canonical(cfg: EvalConfig, lora: LoraConfig, key: str, value: str | None = None) -> str:
+    """A setting's value as the configs hold it after parsing (so "1e-4" and "0.0001" are one value); with value
+    None, the value it has now."""
+    cfg, lora = copy.deepcopy(cfg), copy.deepcopy(lora)
+    if value is not None:
+        apply_settings(cfg, lora, {key: value})
+    name = key.lower()
+    if name.startswith("lora_"):
+        return str(getattr(lora, name[5:]))
+    if name.startswith("ngram_") and not hasattr(cfg, name):
+        return str(getattr(cfg.ngram_config, name[6:]))
+    return str(getattr(cfg, name))
+
+
+def apply_settings(cfg: EvalConfig, lora: LoraConfig, settings: dict[str, str], source: str = "tune") -> list[str]:
+    """Apply KEY=VALUE settings to the eval settings (EvalConfig, NGRAM_, LORA_), through the one resolve."""
+    return resolve(cfg, lora, env={}, cli=settings)
+
+
+def parse_grid(items: list[str], cfg: EvalConfig, lora: LoraConfig, default: dict[str, list[str]]):
+    """The grid of --grid KEY=V1,V2,... items (the default grid without any); each value is checked by parsing it
+    into the configs, so a typo fails before the first trial."""
+    grid = {} if items else {k: list(v) for k, v in default.items()}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not values.strip(","):
+            raise ValueError(f"--grid {item!r}: expected KEY=V1,V2,... e.g. --grid TTT_LR=0.001,0.003")
+        grid[key.upper()] = [v for v in values.split(",") if v]
+    return {key: list(dict.fromkeys(canonical(cfg, lora, key, v) for v in values)) for key, values in grid.items()}
+
+
+def fingerprint(tokens: np.ndarray) -> str:
+    """sha256 of the tokens as uint16 little-endian, as `pgolf data verify` prints tune_fingerprint."""
+    return hashlib.sha256(np.asarray(tokens).astype("<u2").tobytes()).hexdigest()
+
+
+def tune(model, tokens: np.ndarray, luts, cfg: EvalConfig, lora: LoraConfig | None, grid: dict[str, list[str]],
+         rank: int = 0, world_size: int = 1, log=None) -> dict:
+    """Search `grid` on the tuning tokens from the settings in cfg (and lora, for per-document LoRA TTT when not
+    None); return the tune.json body."""
+    log = log or (lambda *fields, **kv: None)
+    lora_cfg = lora or LoraConfig()
+
+    def score(settings: dict[str, str]) -> float:
+        trial_cfg, trial_lora = copy.deepcopy(cfg), copy.deepcopy(lora_cfg)
+        apply_settings(trial_cfg, trial_lora, settings)
+        if lora is not None:
+            body = evaluate_lora(model, tokens, luts, trial_lora, rank, world_size, progress=False,
+                                 ngram=trial_cfg.ngram_config, verify=False)
+        else:
+            body = evaluate(model, tokens, luts, trial_cfg, rank, world_size, progress=False)
+        return body["val_bpb"]
+
+    def report(trial: Trial) -> None:
+        log("tune_trial", setting=trial.setting or "start", value=trial.value or "-",
+            val_bpb=f"{trial.val_bpb:.6f}", seconds=f"{trial.seconds:.1f}")
+
+    start = {key: canonical(cfg, lora_cfg, key) for key in grid}
+    best, best_score, trials = coordinate_search(score, start, grid, report)
+    chosen = {k: v for k, v in best.items() if v != start[k]}
+    log("tune_done", trials=len(trials), start_bpb=f"{trials[0].val_bpb:.6f}", chosen_bpb=f"{best_score:.6f}",
+        chosen=",".join(f"{k}={v}" for k, v in chosen.items()) or "start")
+    return {"kind": "lora" if lora is not None else "stream", "tune_fingerprint": fingerprint(tokens),
+            "tune_tokens": int(len(tokens)), "grid": grid, "start": start, "start_bpb": trials[0].val_bpb,
+            "chosen": chosen, "chosen_bpb": best_score, "settings": best,
+            "trials": [asdict(t) for t in trials]}
+
+
+def table(result: dict) -> str:
+    """The trials as a Markdown table, best value of each setting marked."""
+    start_bpb = result["start_bpb"]
+    lines = ["| setting | value | tune val_bpb | vs start |", "|---|---|---|---|"]
+    for trial in result["trials"]:
+        chosen = trial["setting"] is not None and result["settings"][trial["setting"]] == trial["value"]
+        value = trial["value"] if trial["setting"] else " ".join(f"{k}={v}" for k, v in result["start"].items())
+        lines.append(f"| {trial['setting'] or 'start'} | {value}{' (chosen)' if chosen else ''} | "
+                     f"{trial['val_bpb']:.6f} | {trial['val_bpb'] - start_bpb:+.6f} |")
+    return "\n".join(lines)
