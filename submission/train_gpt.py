@@ -1,13 +1,13 @@
 """Challenge entry point: train -> quantize (self-calibrated GPTQ, model.pgz) -> reload from the bytes -> evaluate.
 
-`torchrun --nproc_per_node=N submission/train_gpt.py [KEY=VALUE ...]`; KEY is any setting of Settings (upper case
-also read from the environment). This is the composition root: the one module (with the kit's commands) that may
-import from submission/, eval/ and tools/ alike. tools/bundle.py packs it and everything it imports into the single
-train_gpt.py a record ships.
+Packed: `torchrun --nproc_per_node=N train_gpt.py [KEY=VALUE ...]`; KEY is any setting of Settings (upper case also
+read from the environment). This is the composition root: the one submission/ module that imports from eval/ and
+tools/ as well. tools/bundle.py packs it and everything it imports into the single train_gpt.py a record ships. The
+kit runs it through tools/pipeline.py, which passes in what the packed program does not carry: its counted code
+size (the packed bundle's) and the verified evaluation (C1-C4).
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
@@ -38,30 +38,23 @@ class Settings:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-def counted_code_bytes(model_cfg: ModelConfig) -> int:
-    """Counted code bytes. Packed: this script's own size, exactly what is submitted. In the kit: the size the packed
-    bundle of this entry would have for this model, by running the kit's packer (imported lazily, never packed)."""
-    here = Path(__file__).resolve()
-    if packed():
-        return here.stat().st_size
-    return importlib.import_module("tools.pack").bundle_entry(model_cfg).sizes.packed
+def own_size(model_cfg: ModelConfig) -> int:
+    """The packed program's counted code bytes: its own size, exactly what is submitted."""
+    return Path(__file__).stat().st_size
 
 
 def evaluate_final(model, run_dir: Path, train_cfg: TrainConfig, eval_cfg: EvalConfig, log, rank: int,
-                   world_size: int, stages: dict[str, float], sizes: dict[str, int]) -> None:
+                   world_size: int, stages: dict[str, float], sizes: dict[str, int], verify=None) -> None:
     """The score: the legal evaluation (eval/run.py) of the model reloaded from the artifact's bytes; eval.json.
-    In the kit it is verified as well (eval/verify.py: compliance C1-C4, ablation; imported lazily, so it is never
-    packed); the packed program says where to verify it instead, whatever COMPLIANCE and ABLATION are."""
+    verify: the kit's evaluation, which also checks C1-C4 (eval/verify.py); without it (the packed program) the
+    result says where to verify it, whatever COMPLIANCE and ABLATION are."""
     val_tokens = load_tokens(f"{train_cfg.data_dir}/fineweb_val_*.bin", model.cfg.vocab_size)
     luts = byte_luts(train_cfg.tokenizer_path, model.cfg.vocab_size)
     unverified = {}
-    if packed():
+    if verify is None:
         unverified["compliance_not_run"] = f"packed program: verify in the kit with `pgolf eval {run_dir}`"
         log("eval_compliance", status="not_run_in_process", verify=f"`pgolf eval {run_dir}`")
-        run = evaluate
-    else:
-        run = importlib.import_module("eval.verify").evaluate_verified
-    body = run(model, val_tokens, luts, eval_cfg, rank, world_size, log=log)
+    body = (verify or evaluate)(model, val_tokens, luts, eval_cfg, rank, world_size, log=log)
     if rank:
         return
     done = read_training_done(run_dir)
@@ -73,9 +66,14 @@ def evaluate_final(model, run_dir: Path, train_cfg: TrainConfig, eval_cfg: EvalC
     os.replace(tmp, run_dir / "eval.json")
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None, code_bytes=None, verify=None) -> Path:
     """Settings from the defaults (a recipe), then environment variables (upper-case names), then KEY=VALUE
-    arguments. OVERWRITE=1 replaces a run already in RUN_DIR (refused otherwise)."""
+    arguments; train -> quantize -> reload -> evaluate. OVERWRITE=1 replaces a run already in RUN_DIR (refused
+    otherwise). code_bytes(model_cfg) -> the counted code size, and verify (evaluate_final's): what the kit passes in
+    (tools/pipeline.py); without them this is the packed program, which counts its own size."""
+    if code_bytes is None and not packed():
+        raise SystemExit("submission/train_gpt.py counts its own bytes only when packed: in the kit run "
+                         "`python -m tools.pipeline KEY=VALUE ...` (it passes in the packed size and verification)")
     cli = parse_overrides(sys.argv[1:] if argv is None else argv)
     overwrite = overwrite_asked(cli)
     s = Settings()
@@ -86,13 +84,13 @@ def main(argv: list[str] | None = None) -> Path:
     stages = {"train": time.perf_counter() - t0}
     rank, world_size, device = setup_distributed()
     log = Logger(run_dir / "train.log", rank)
-    counted = counted_code_bytes(model_cfg) if rank == 0 else 0
+    counted = (code_bytes or own_size)(model_cfg) if rank == 0 else 0
     t0 = time.perf_counter()
     model, _ = quantize_run(run_dir, counted, quant_cfg, calib_cfg, log, train_cfg, device, wait_baseline=False)
     stages["quantize"] = time.perf_counter() - t0
     model_bytes = (run_dir / MODEL_FILENAME).stat().st_size
     sizes = {"bytes_total": counted + model_bytes, "bytes_code": counted, "bytes_model": model_bytes}
-    evaluate_final(model, run_dir, train_cfg, eval_cfg, log, rank, world_size, stages, sizes)
+    evaluate_final(model, run_dir, train_cfg, eval_cfg, log, rank, world_size, stages, sizes, verify)
     return run_dir
 
 

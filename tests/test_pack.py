@@ -60,7 +60,7 @@ def data(sample_shards) -> Path:
 
 def test_packed_file_runs_the_pipeline_alone_and_matches_the_kit(data, tmp_path):
     kit_run = tmp_path / "kit_run"
-    kit_lines = run_pipeline([sys.executable, "-m", "submission.train_gpt"], REPO, data, kit_run)
+    kit_lines = run_pipeline([sys.executable, "-m", "tools.pipeline"], REPO, data, kit_run)
     out = tmp_path / "packed"
     result, report = pack(kit_run, out, progress=False)
     assert sorted(p.name for p in out.iterdir()) == [MODEL_FILENAME, "train_gpt.py", "train_gpt.py.sha256"]
@@ -185,7 +185,7 @@ def test_the_speedrun_switches_are_packed_only_when_on_and_then_match_the_kit(da
     assert "bundled with the speedrun switches off" in "".join(lines[int(where.group(1)) - 1:int(where.group(1)) + 1])
 
     # Bundled with them on, it runs the pipeline alone and matches the kit's run of the same settings.
-    kit_lines = run_pipeline([sys.executable, "-m", "submission.train_gpt", *SWITCHES_ON], REPO, data,
+    kit_lines = run_pipeline([sys.executable, "-m", "tools.pipeline", *SWITCHES_ON], REPO, data,
                              tmp_path / "kit_run")
     (tmp_path / "on").mkdir()
     (tmp_path / "on" / "train_gpt.py").write_bytes(on.packed)

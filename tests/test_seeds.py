@@ -125,11 +125,11 @@ def test_default_commands_are_the_pipeline():
     run_dir = Path("/runs/x/seed42")
     cfg = seeds.SeedsConfig(seeds=[42], out=Path("/runs/x"), overrides=["MAX_STEPS=5"])
     assert seeds.seed_command(cfg, 42, run_dir) == [
-        sys.executable, "-m", "submission.train_gpt", "SEED=42", f"RUN_DIR={run_dir}", "MAX_STEPS=5"]
+        sys.executable, "-m", "tools.pipeline", "SEED=42", f"RUN_DIR={run_dir}", "MAX_STEPS=5"]
     cfg.gpus_per_seed = 4
     assert seeds.seed_command(cfg, 42, run_dir) == [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "-m",
-        "submission.train_gpt", "SEED=42", f"RUN_DIR={run_dir}", "MAX_STEPS=5"]
+        "tools.pipeline", "SEED=42", f"RUN_DIR={run_dir}", "MAX_STEPS=5"]
     # a path with a space stays one argument
     assert seeds.seed_command(cfg, 1, Path("/my runs/seed1"))[8] == "RUN_DIR=/my runs/seed1"
 

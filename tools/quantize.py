@@ -57,7 +57,7 @@ def load_checkpoint(run_dir: str | os.PathLike) -> Checkpoint:
     """RUN_DIR/checkpoint.pt with the EMA weights when the run kept them (they are what the trainer scored last)."""
     path = Path(run_dir) / "checkpoint.pt"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found (train first: python -m submission.train_gpt RUN_DIR={run_dir})")
+        raise FileNotFoundError(f"{path} not found (train first: python -m tools.pipeline RUN_DIR={run_dir})")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         model_cfg = from_dict(ModelConfig, ckpt["model_config"])

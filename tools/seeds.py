@@ -27,10 +27,10 @@ from tools.results import ResultFormatError, SeedResult, load_run, parse_eval_js
 from tools.stats import build_report, format_report
 
 # One seed = one process of the packed pipeline's entry (train -> quantize -> reload -> evaluate -> eval.json).
-PIPELINE = "{python} -m submission.train_gpt SEED={seed} RUN_DIR={run_dir}"
+PIPELINE = "{python} -m tools.pipeline SEED={seed} RUN_DIR={run_dir}"
 # torchrun --standalone rendezvouses on a free local port of its own, so several groups run side by side.
 PIPELINE_TORCHRUN = ("{python} -m torch.distributed.run --standalone --nproc_per_node={nproc} "
-                     "-m submission.train_gpt SEED={seed} RUN_DIR={run_dir}")
+                     "-m tools.pipeline SEED={seed} RUN_DIR={run_dir}")
 TEMPLATE_FIELDS = ("python", "seed", "run_dir", "nproc")
 # Progress bars in a child redraw with carriage returns every 0.1 s; one redraw per 10 s per seed keeps the
 # interleaved output of several seeds readable while still showing that each is moving.
@@ -412,7 +412,7 @@ def _cmd_seeds(args: argparse.Namespace) -> int:
 def add_commands(subparsers) -> None:
     parser = subparsers.add_parser(
         "seeds", help="run the pipeline for several seeds (resumable)",
-        description="Run `python -m submission.train_gpt SEED=<s> RUN_DIR=<out>/seed<s> KEY=VALUE...` once per seed "
+        description="Run `python -m tools.pipeline SEED=<s> RUN_DIR=<out>/seed<s> KEY=VALUE...` once per seed "
                     "(train, quantize, reload, evaluate: each seed's run directory gets eval.json). Seeds whose "
                     "eval.json exists are not redone, and OUT/settings.json stores the settings they ran with "
                     "(environment and KEY=VALUE settings, command, processes per seed): resuming with others is an "

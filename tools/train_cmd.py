@@ -103,7 +103,7 @@ def add_commands(sub) -> None:
         description="Runs submission.train.main: the defaults are the recipe; upper-case environment variables named "
                     "after a field apply first, then KEY=VALUE arguments (keys are case-insensitive). Every change "
                     "is logged as an `override` line in RUN_DIR/train.log. For several GPUs run the same through "
-                    "torchrun: `torchrun --nproc_per_node=8 submission/train_gpt.py KEY=VALUE ...`.",
+                    "torchrun: `torchrun --nproc_per_node=8 -m tools.pipeline KEY=VALUE ...`.",
         epilog="\n\n".join([recipe_help(), settings_help(*CONFIGS)]))
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides, e.g. NUM_LAYERS=4 MAX_STEPS=100 RUN_DIR=runs/try1")

@@ -1,0 +1,68 @@
+"""The layout's rules (README, "Layout"): which packages may import which, and no file pointing outside the project."""
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# submission/ modules the others build on; they import nothing outside them.
+CORE = {"config", "runtime", "data", "model", "kernels", "optim", "switches", "ema"}
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every kit module a file imports, anywhere in it (functions too), and every importlib.import_module("...")."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            # `from submission import kernels` imports submission.kernels
+            out.update(f"{node.module}.{a.name}" for a in node.names) if "." not in node.module else \
+                out.add(node.module)
+        elif isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "import_module" and node.args and \
+                isinstance(node.args[0], ast.Constant):
+            out.add(node.args[0].value)
+    return {m for m in out if m.split(".")[0] in ("submission", "eval", "tools")}
+
+
+def allowed(module: str, imported: str) -> bool:
+    package, name = module.split(".", 1)
+    target_package = imported.split(".")[0]
+    core = target_package == "submission" and imported.split(".")[1] in CORE if "." in imported else False
+    if module == "submission.train_gpt" or package == "tools":  # the composition root, and the kit's commands
+        return True
+    if module == "submission.train":  # the trainer validates with eval/'s flat scorer and byte tables
+        return core or target_package == "eval"
+    if package == "submission":
+        return core
+    return core or target_package == "eval"  # eval/
+
+
+def test_imports_go_one_way():
+    """tools/ and the composition root (submission/train_gpt.py) import anything; the trainer imports eval/ and the
+    core; eval/ imports itself and the core; the core (submission/'s other modules) imports only itself. So eval/
+    never reaches a command, and nothing below the root imports tools/ by name."""
+    wrong = []
+    for folder in ("submission", "eval", "tools"):
+        for path in sorted((REPO / folder).glob("*.py")):
+            if path.stem == "__init__":
+                continue
+            module = f"{folder}.{path.stem}"
+            wrong += [f"{module} imports {m}" for m in sorted(imported_modules(path)) if not allowed(module, m)]
+    assert wrong == []
+
+
+def test_no_file_points_outside_the_project():
+    """Users have the project, not the files its authors had beside it: no path out of the repository, no document
+    it does not ship."""
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    pattern = re.compile(r"\.\./shared|CHALLENGE\.md|STYLE\.md|ARCHITECTURE\.md|BENCHMARK\.md")
+    hits = []
+    for name in files:
+        path = REPO / name
+        if path.suffix in (".py", ".md", ".sh", ".toml", ".txt", ".json", "") and path.is_file():
+            text = path.read_text(errors="replace")
+            hits += [f"{name}: {m.group(0)}" for m in pattern.finditer(text)]
+    assert hits == []
