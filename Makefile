@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m tools.demo
+	$(BIN)/python -m tools.commands.demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

@@ -9,9 +9,10 @@ the final count when the total is reached or the loop ends early, such as
 `progress_bar(total=n, desc=..., unit="tok", unit_scale=True, disable=not progress, leave=False)` takes tqdm's
 arguments and is used like it: `.update(k)`, `.close()`, `with`, and iteration over `progress_bar(iterable, ...)`.
 
-Code inlined into the packed train_gpt.py (tools/gptq.py, tools/calibrate.py, eval/) calls packable_progress_bar
-instead: the same in the kit, tqdm's own bar in the packed program, which then carries ~50 code bytes for it instead
-of ~600 for LineProgress (every code byte there is a model byte less; tests/test_pack.py holds it to a limit).
+Code inlined into the packed train_gpt.py (tools/quant/gptq.py, tools/quant/calibrate.py, eval/) calls
+packable_progress_bar instead: the same in the kit, tqdm's own bar in the packed program, which then carries ~50 code
+bytes for it instead of ~600 for LineProgress (every code byte there is a model byte less; tests/test_pack.py holds
+it to a limit).
 """
 from __future__ import annotations
 

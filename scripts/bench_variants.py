@@ -52,7 +52,7 @@ import submission.kernels
 import submission.model
 import submission.optim
 from submission.model import fake_quant
-from tools.cli import main
+from tools.commands.cli import main
 
 
 def newton_schulz_baddbmm(G, steps):

@@ -25,7 +25,7 @@ for pass in "$@"; do
   i=$((i + 1))
   json=$out/pass$i.json
   # shellcheck disable=SC2086  # a pass is words: flags and KEY=VALUE settings
-  timeout "${PASS_TIMEOUT:-540}" python3 -m tools.cli eval "$run" $pass --out "$json" > "$out/pass$i.txt" 2>&1
+  timeout "${PASS_TIMEOUT:-540}" python3 -m tools.commands.cli eval "$run" $pass --out "$json" > "$out/pass$i.txt" 2>&1
   cp "$out/pass$i.txt" "$out/pass$i.log" 2>/dev/null
   python3 - "$json" "$pass" <<'EOF'
 import json, sys

@@ -18,7 +18,7 @@ mkdir -p "$out"
 if [ ! -f "$run/checkpoint.pt" ]; then
   rm -rf "$run"
   # shellcheck disable=SC2086  # the settings are KEY=VALUE words
-  timeout "${P1_TIMEOUT:-420}" python3 -m tools.cli train TRAIN_BATCH_TOKENS=98304 MAX_WALLCLOCK_SECONDS=240 \
+  timeout "${P1_TIMEOUT:-420}" python3 -m tools.commands.cli train TRAIN_BATCH_TOKENS=98304 MAX_WALLCLOCK_SECONDS=240 \
     RUN_DIR="$run" $train > "$out/train_stdout.txt" 2>&1 ||
     { echo "training failed"; tail -5 "$out/train_stdout.txt"; exit 1; }
   cp "$run/train.log" "$run/config.json" "$out/"
@@ -32,7 +32,7 @@ for variant in "$@"; do
   dir=$run/v$i && rm -rf "$dir" && mkdir -p "$dir"
   for f in checkpoint.pt train.log config.json; do ln "$run/$f" "$dir/$f"; done
   # shellcheck disable=SC2086
-  timeout 240 python3 -m tools.cli quantize "$dir" --quiet $variant > "$out/quantize_v$i.txt" 2>&1
+  timeout 240 python3 -m tools.commands.cli quantize "$dir" --quiet $variant > "$out/quantize_v$i.txt" 2>&1
   cp "$dir/quantize.log" "$out/quantize_v$i.log" 2>/dev/null
   log=$out/quantize_v$i.txt
   before=$(grep -oP "model_bytes_before:\K\d+" "$log" | tail -1)

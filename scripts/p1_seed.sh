@@ -14,7 +14,7 @@ pack=/tmp/p1/pack run=/tmp/p1/seed$seed
 rm -rf "$run" && mkdir -p "$pack" "$out"
 # Bundled for these settings: a speedrun switch turned on packs submission/switches.py as well.
 python3 -c "import sys; from pathlib import Path; from submission.config import ModelConfig, TrainConfig, resolve
-from tools.bundle import write_bundle; from tools.pack import bundle_entry
+from tools.pack.bundle import write_bundle; from tools.pack.ship import bundle_entry
 m, t = ModelConfig(), TrainConfig(); known = {*vars(m), *vars(t)}
 resolve(m, t, cli={k: v for k, v in (a.split('=', 1) for a in sys.argv[2:]) if k.lower() in known})
 r = bundle_entry(m); write_bundle(r, Path(sys.argv[1]))

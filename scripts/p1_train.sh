@@ -16,10 +16,10 @@ rm -rf "$run" && mkdir -p "$out"
 data=$BENCH_DATA8 tokenizer=$BENCH_TOKENIZER8
 case " $* " in *" RECIPE=sp1024 "*) data=$BENCH_DATA tokenizer=$BENCH_TOKENIZER ;; esac
 rc=0
-timeout "${P1_TIMEOUT:-420}" python3 -m tools.cli train DATA_DIR="$data" TOKENIZER_PATH="$tokenizer" \
+timeout "${P1_TIMEOUT:-420}" python3 -m tools.commands.cli train DATA_DIR="$data" TOKENIZER_PATH="$tokenizer" \
   TRAIN_BATCH_TOKENS=98304 MAX_WALLCLOCK_SECONDS=240 RUN_DIR="$run" "$@" > "$out/stdout.txt" 2>&1 || rc=$?
 if [ "$rc" = 0 ] && [ "${P1_QUANTIZE:-0}" = 1 ]; then
-  timeout 300 python3 -m tools.cli quantize "$run" --quiet >> "$out/stdout.txt" 2>&1 || rc=$?
+  timeout 300 python3 -m tools.commands.cli quantize "$run" --quiet >> "$out/stdout.txt" 2>&1 || rc=$?
 fi
 for f in train.log config.json quantize.log; do
   if [ -f "$run/$f" ]; then cp "$run/$f" "$out/"; fi

@@ -11,7 +11,7 @@ shift
 out=${OUT:-$(pwd)/p1_out}/vs_pr1460
 mkdir -p "$out"
 rm -rf /tmp/vs_kit
-timeout "${KIT_TIMEOUT:-300}" python3 -m tools.cli train RECIPE=sp8192 DATA_DIR="$BENCH_DATA8" \
+timeout "${KIT_TIMEOUT:-300}" python3 -m tools.commands.cli train RECIPE=sp8192 DATA_DIR="$BENCH_DATA8" \
   TOKENIZER_PATH="$BENCH_TOKENIZER8" TRAIN_BATCH_TOKENS=98304 MAX_STEPS="$steps" MAX_WALLCLOCK_SECONDS=1000000 \
   SMEAR_GATE=0 QAT_THRESHOLD=0 RUN_DIR=/tmp/vs_kit "$@" > "$out/kit_stdout.txt" 2>&1
 echo "kit exit $?"

@@ -9,8 +9,9 @@ import typing
 from dataclasses import dataclass
 
 
-# The filename tools/bundle.py compiles the unpacked program under (its VIRTUAL_FILENAME; test_pack checks they
-# agree): code compiled under it was unpacked from the script being run, which is then all the code there is.
+# The filename the bundler (tools/pack/bundle/codec.py) compiles the unpacked program under (its VIRTUAL_FILENAME;
+# test_pack checks they agree): code compiled under it was unpacked from the script being run, which is then all the
+# code there is.
 PACKED_CODE_FILENAME = "<train_gpt>"
 
 
@@ -300,7 +301,7 @@ def _parse(value: str, kind, name: str):
 
 
 # Named sets of defaults (RECIPE=name), as changes to the dataclass defaults, which are the default recipe's. Keys
-# are fields of ModelConfig, TrainConfig, QuantConfig (tools/gptq.py) or CalibConfig (tools/calibrate.py).
+# are fields of ModelConfig, TrainConfig, QuantConfig (tools/quant/gptq.py) or CalibConfig (tools/quant/calibrate.py).
 RECIPES: dict[str, dict] = {
     # The SP8192 generation (PR #1460, 1.08269): 8192-token vocabulary, MLP 4x, layers 4-5 looped twice from half
     # of training, parallel residuals on the last 4 layers, gated skips, q gain 4, MuonEq-R, weight decay 0.085,

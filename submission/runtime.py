@@ -82,7 +82,7 @@ def code_hash() -> str:
     if packed():
         return "packed:" + hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
     root = Path(__file__).resolve().parents[1]
-    paths = sorted(p for d in ("submission", "eval", "tools") for p in root.glob(f"{d}/*.py"))
+    paths = sorted(p for d in ("submission", "eval", "tools") for p in root.glob(f"{d}/**/*.py"))
     h = hashlib.sha256()
     for path in paths:
         h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())

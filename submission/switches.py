@@ -4,8 +4,8 @@ measured, a second token embedding mixed in before every block, won its P1 ablat
 (submission/model.py, ModelConfig.embed2); docs/MEASUREMENTS.md ("Speedrun techniques, measured") has the table.
 
 The model imports this module only when a switch is on (submission/model.py `switches`), and the bundler packs it
-only when the bundled configuration turns one on (tools/bundle.py, optional modules), so a submission with them off
-carries none of this code. It may import no kit module: a packed optional module runs in its own namespace.
+only when the bundled configuration turns one on (tools/pack/bundle/, optional modules), so a submission with them
+off carries none of this code. It may import no kit module: a packed optional module runs in its own namespace.
 """
 from __future__ import annotations
 

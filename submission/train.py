@@ -120,7 +120,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, overrides: list[str] | None 
     if cfg.train_batch_tokens % (world_size * grad_accum * cfg.seq_len):
         raise ValueError(f"train_batch_tokens={cfg.train_batch_tokens} is not a multiple of world_size*grad_accum*"
                          f"seq_len = {world_size}*{grad_accum}*{cfg.seq_len}")
-    log(f"seed:{cfg.seed}")  # on its own line, as the challenge's logs have it (tools/results.py reads it)
+    log(f"seed:{cfg.seed}")  # on its own line, as the challenge's logs have it (tools/records/results.py reads it)
     gpu = torch.cuda.get_device_name(device).replace(" ", "_") if is_cuda else platform.processor() or "cpu"
     log("run", run_dir=str(run_dir), world_size=world_size, device=str(device), gpu=gpu, grad_accum=grad_accum,
         python=platform.python_version(), torch=torch.__version__, numpy=np.__version__, code_hash=code_hash())

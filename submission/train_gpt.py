@@ -2,9 +2,9 @@
 
 Packed: `torchrun --nproc_per_node=N train_gpt.py [KEY=VALUE ...]`; KEY is any setting of Settings (upper case also
 read from the environment). This is the composition root: the one submission/ module that imports from eval/ and
-tools/ as well. tools/bundle.py packs it and everything it imports into the single train_gpt.py a record ships. The
-kit runs it through tools/pipeline.py, which passes in what the packed program does not carry: its counted code
-size (the packed bundle's) and the verified evaluation (C1-C4).
+tools/ as well. The bundler (tools/pack/bundle/) packs it and everything it imports into the single train_gpt.py a
+record ships. The kit runs it through tools/pipeline.py, which passes in what the packed program does not carry: its
+counted code size (the packed bundle's) and the verified evaluation (C1-C4).
 """
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ from submission.config import ModelConfig, TrainConfig, packed, parse_overrides,
 from submission.data import load_tokens
 from submission.runtime import Logger, setup_distributed, tokenizer_identity
 from submission.train import overwrite_asked, train
-from tools.artifact import MODEL_FILENAME
-from tools.calibrate import CalibConfig
-from tools.gptq import QuantConfig
-from tools.quantize import quantize_run, read_training_done
+from tools.pack.artifact import MODEL_FILENAME
+from tools.quant.calibrate import CalibConfig
+from tools.quant.gptq import QuantConfig
+from tools.quant.quantize import quantize_run, read_training_done
 
 
 @dataclass

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.cli import main
+from tools.commands.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 ABLATION = ROOT / "ablations/2026-11-23_P1_speedrun_switches"

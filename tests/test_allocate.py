@@ -1,5 +1,5 @@
-"""tools.allocate: the bit allocation's solver against brute force, its byte estimate against a real compressor, its
-probes on a model, and the quantize stage with BIT_ALLOCATION=1."""
+"""tools.quant.allocate: the bit allocation's solver against brute force, its byte estimate against a real compressor,
+its probes on a model, and the quantize stage with BIT_ALLOCATION=1."""
 from __future__ import annotations
 
 import itertools
@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from tests.test_quantize import QUANT, TINY_CALIB, Lines, make_run, trained_like, MODEL
-from tools.allocate import Probe, allocate, entropy_bytes, probe, quantized_names, single_clip_bytes
-from tools.artifact import DECIMAL_CAP, MODEL_FILENAME, pack_artifact, read_artifact
-from tools.gptq import QuantConfig, QuantTensor
-from tools.quantize import quantize_run
+from tools.pack.artifact import DECIMAL_CAP, MODEL_FILENAME, pack_artifact, read_artifact
+from tools.quant.allocate import Probe, allocate, entropy_bytes, probe, quantized_names, single_clip_bytes
+from tools.quant.gptq import QuantConfig, QuantTensor
+from tools.quant.quantize import quantize_run
 
 GRID = (0.7, 1.0, 1.4, 2.0)
 

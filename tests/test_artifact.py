@@ -1,4 +1,5 @@
-"""tools.artifact (and tools.size): bit-exact round trip, corruption errors, the decimal cap, budget fitting, size."""
+"""tools.pack.artifact (and tools.pack.size, `pgolf size`): bit-exact round trip, corruption errors, the decimal cap,
+budget fitting, size."""
 from __future__ import annotations
 
 import argparse
@@ -12,13 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-import tools.artifact as artifact
-from tools.artifact import (CHUNK_ENTRY, CODE_FILENAME, COMPRESSOR_IDS, DECIMAL_CAP, MODEL_FILENAME, PREFIX,
-                            ArtifactError, check_budget, compress, compress_chunks, decompress_chunks, fit_to_budget,
-                            pack_artifact, read_artifact, read_contents, to_state_dict, unpack_artifact,
-                            write_artifact)
-from tools.gptq import QuantConfig, QuantTensor, gptq_quantize, rtn_quantize
-from tools.size import add_commands, size_report
+import tools.pack.artifact as artifact
+from tools.commands.size import add_commands
+from tools.pack.artifact import (CHUNK_ENTRY, CODE_FILENAME, COMPRESSOR_IDS, DECIMAL_CAP, MODEL_FILENAME, PREFIX,
+                                 ArtifactError, check_budget, compress, compress_chunks, decompress_chunks,
+                                 fit_to_budget, pack_artifact, read_artifact, read_contents, to_state_dict,
+                                 unpack_artifact, write_artifact)
+from tools.pack.size import size_report
+from tools.quant.gptq import QuantConfig, QuantTensor, gptq_quantize, rtn_quantize
 
 MODEL_CONFIG = {"num_layers": 2, "model_dim": 64, "mlp_mult": 3.0, "adam_betas": [0.9, 0.95], "name": "tiny",
                 "tie_embeddings": True, "lm_head": None}

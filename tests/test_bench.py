@@ -112,7 +112,7 @@ def test_bench_cli_writes_a_curve_and_checks_another_against_it(tmp_path, capsys
     import argparse
     import json
 
-    from tools.bench import add_commands
+    from tools.commands.bench import add_commands
     parser = argparse.ArgumentParser()
     add_commands(parser.add_subparsers())
     tiny = ["NUM_LAYERS=2", "MODEL_DIM=64", "NUM_HEADS=2", "NUM_KV_HEADS=1", "XSA_LAST_N=2", "ROPE_DIMS=8",

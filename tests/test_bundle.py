@@ -1,4 +1,5 @@
-"""Tests for tools/bundle.py: the packed single file behaves like the readable kit it was generated from."""
+"""Tests for the bundler (tools/pack/bundle/, `pgolf bundle`): the packed single file behaves like the readable kit
+it was generated from."""
 from __future__ import annotations
 
 import argparse
@@ -20,9 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from tools.bundle import (CODECS, BundleError, _Shortener, _str_literal, _stub_base85, _stub_base93, add_commands,
-                          base93_decode, base93_encode, bundle, compressed_payload, find_kit_root, pack, unpack,
-                          write_bundle)
+from tools.commands.bundle import add_commands
+from tools.pack.bundle import (CODECS, BundleError, base93_decode, base93_encode, bundle, compressed_payload,
+                               find_kit_root, pack, unpack, write_bundle)
+from tools.pack.bundle.codec import _str_literal, _stub_base85, _stub_base93
+from tools.pack.bundle.shorten import Shortener
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -738,7 +741,7 @@ SHORT_NAME_CASES = {
 
 def short_names_source(source: str) -> tuple[str, object]:
     tree = ast.parse(source)
-    names = _Shortener(tree).run()
+    names = Shortener(tree).run()
     return ast.unparse(tree), names
 
 
@@ -809,7 +812,7 @@ def test_renaming_that_changes_a_reference_is_refused(monkeypatch):
     picture (no variable is looked up outside its own scope) and the check must refuse the result."""
     tree = ast.parse("def outer():\n    x_outer = 1\n    def inner():\n        y_inner = 2\n        return x_outer + "
                      "y_inner\n    return inner()\n")
-    shortener = _Shortener(tree)
+    shortener = Shortener(tree)
     for symbol in shortener.symbols.values():
         symbol.span = {id(symbol.owner)}
     with pytest.raises(BundleError, match=r"renaming 'x_outer' to 'a' changed what it refers to"):

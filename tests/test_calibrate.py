@@ -1,4 +1,4 @@
-"""tools.calibrate and the model's KV cache: cached decode == GPT's full forward (every feature, depth recurrence,
+"""tools.quant.calibrate and the model's KV cache: cached decode == GPT's full forward (every feature, depth recurrence,
 the speedrun switches), sampling right and seeded, Hessians (the head's included), train tokens."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from submission.config import ModelConfig
 from submission.data import write_shard
 from submission.model import GPT, CastedLinear, KVCache, plain_linears
-from tools.calibrate import CalibConfig, calibrate, generate, hessian_modules, train_tokens
+from tools.quant.calibrate import CalibConfig, calibrate, generate, hessian_modules, train_tokens
 
 BOS = 1
 # Every feature of the sp1024 stack on, at its q gain and MLP width: GQA, XSA on some layers, partial RoPE, value

@@ -1,11 +1,12 @@
-"""Record-folder validation and `pgolf check` (tools/check.py) on the real records and broken copies of them."""
+"""Record-folder validation and `pgolf check` (tools/records/check.py) on the real records and broken copies of them."""
 import argparse
 import json
 from pathlib import Path
 
 import pytest
 
-from tools import check
+from tools.commands.check import add_commands
+from tools.records import check
 
 RECORDS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "records"
 REC_0323 = RECORDS / "2026-03-23_LeakyReLU_LegalTTT_ParallelMuon"
@@ -36,7 +37,7 @@ def errors(report) -> list[tuple[str, str]]:
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:
     parser = argparse.ArgumentParser()
-    check.add_commands(parser.add_subparsers())
+    add_commands(parser.add_subparsers())
     args = parser.parse_args(argv)
     return args.func(args), capsys.readouterr().out
 

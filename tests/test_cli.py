@@ -1,4 +1,4 @@
-"""tools/cli.py: the `pgolf` command's argument handling shared by every subcommand."""
+"""tools/commands/cli.py: the `pgolf` command's argument handling shared by every subcommand."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.cli import build_parser, main, parse_args, settings_dest
+from tools.commands.cli import build_parser, main, parse_args, settings_dest
 
 
 def test_settings_may_follow_the_flags():
@@ -137,7 +137,7 @@ def test_every_path_case_is_run(tmp_path):
 def test_an_os_error_is_one_line_naming_the_file(monkeypatch, capsys):
     def denied(args):
         raise PermissionError(13, "Permission denied", "runs/x/eval.json")
-    monkeypatch.setattr("tools.size._cmd_size", denied)
+    monkeypatch.setattr("tools.commands.size._cmd_size", denied)
     assert main(["size", "runs/x"]) == 2
     assert capsys.readouterr().err == "pgolf size: error: [Errno 13] Permission denied: 'runs/x/eval.json'\n"
 
@@ -152,9 +152,9 @@ def test_every_setting_has_one_field_docstring():
     from eval.ngram import NgramConfig
     from eval.run import EvalConfig
     from submission.config import ModelConfig, TrainConfig
-    from tools.calibrate import CalibConfig
-    from tools.gptq import QuantConfig
-    from tools.train_cmd import field_docs
+    from tools.quant.calibrate import CalibConfig
+    from tools.quant.gptq import QuantConfig
+    from tools.commands.train import field_docs
     for kind in (ModelConfig, TrainConfig, QuantConfig, CalibConfig, EvalConfig, NgramConfig, LoraConfig):
         docs = field_docs(kind)
         assert [f.name for f in dataclasses.fields(kind) if not docs.get(f.name)] == [], kind.__name__

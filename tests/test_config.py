@@ -81,8 +81,8 @@ def test_command_line_items_must_be_key_value():
 
 
 def _all_configs():
-    from tools.calibrate import CalibConfig
-    from tools.gptq import QuantConfig
+    from tools.quant.calibrate import CalibConfig
+    from tools.quant.gptq import QuantConfig
     return ModelConfig(), TrainConfig(), QuantConfig(), CalibConfig()
 
 

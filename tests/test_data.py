@@ -18,7 +18,7 @@ from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
 
 import tools.data as data
 from submission.data import HEADER_BYTES, ShardError, read_shard, write_shard
-from tools.cli import main
+from tools.commands.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared"

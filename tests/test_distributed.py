@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tools.pack import bundle_entry
-from tools.results import train_loss_curve
+from tools.pack.ship import bundle_entry
+from tools.records.results import train_loss_curve
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "data/sample/fineweb_1024_bpe.model"
@@ -45,8 +45,8 @@ def data(sample_shards) -> Path:
 
 def test_two_processes_train_what_one_process_with_accumulation_trains(data, tmp_path):
     settings = [f"DATA_DIR={data}", f"TOKENIZER_PATH={TOKENIZER}", *TINY, "MAX_STEPS=12", "EMA_DECAY=0"]
-    run([sys.executable, "-m", "tools.cli", "train", f"RUN_DIR={tmp_path / 'one'}", *settings], REPO)
-    run([*TORCHRUN, "-m", "tools.cli", "train", f"RUN_DIR={tmp_path / 'two'}", *settings], REPO)
+    run([sys.executable, "-m", "tools.commands.cli", "train", f"RUN_DIR={tmp_path / 'one'}", *settings], REPO)
+    run([*TORCHRUN, "-m", "tools.commands.cli", "train", f"RUN_DIR={tmp_path / 'two'}", *settings], REPO)
     logs = {name: (tmp_path / name / "train.log").read_text().splitlines() for name in ("one", "two")}
     assert any("world_size:1" in line and "grad_accum:2" in line for line in logs["one"])
     assert any("world_size:2" in line and "grad_accum:1" in line for line in logs["two"])

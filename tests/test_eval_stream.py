@@ -234,9 +234,9 @@ def test_eval_overrides_reach_nested_ngram_fields_and_are_validated():
 
 
 def test_pgolf_eval_writes_eval_json_from_an_artifact(tmp_path, real_tokens):
-    from tools.artifact import pack_artifact
-    from tools.evaluate import add_commands
-    from tools.results import parse_eval_json
+    from tools.pack.artifact import pack_artifact
+    from tools.commands.eval import add_commands
+    from tools.records.results import parse_eval_json
     from submission.data import write_shard
 
     model = tiny_model()

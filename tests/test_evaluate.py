@@ -1,4 +1,4 @@
-"""tools.evaluate (`pgolf eval`): the tokenizer check, one-off passes written beside the run's score, output paths
+"""tools.commands.eval (`pgolf eval`): the tokenizer check, one-off passes written beside the run's score, output paths
 checked before the evaluation, and the artifact's config against the run's."""
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-import tools.evaluate
+import tools.commands.eval
 from eval.run import EvalConfig
 from submission.config import to_dict
 from submission.runtime import tokenizer_identity
 from tests.test_quantize import MODEL, QUANT, TINY_CALIB, TOKENIZER, Lines, make_run, other_tokenizer
-from tools import cli
-from tools.artifact import MODEL_FILENAME
-from tools.quantize import quantize_run
+from tools.commands import cli
+from tools.pack.artifact import MODEL_FILENAME
+from tools.quant.quantize import quantize_run
 
 # The run's recorded eval settings: the recipe's passes at a size that scores 2,944 tokens in seconds on a CPU.
 CHEAP = EvalConfig(context_len=128, stride=64, batch_windows=8, chunk_tokens=1024, ttt_epochs=1, ttt_batch_seqs=8,
@@ -37,7 +37,7 @@ def scored_run(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def run(scored_run, tmp_path, monkeypatch) -> Path:
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["tools.evaluate"])
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["tools.commands.eval"])
     copy = tmp_path / "run"
     shutil.copytree(scored_run, copy)
     return copy
@@ -51,7 +51,7 @@ def fake_eval(monkeypatch) -> list[EvalConfig]:
     def evaluate_verified(model, val_tokens, luts, cfg, rank, world_size, progress=True, log=None):
         seen.append(cfg)
         return {"val_loss": 7.0, "val_bpb": 3.5, "stages": {}, "config": asdict(cfg)}
-    monkeypatch.setattr(tools.evaluate, "evaluate_verified", evaluate_verified)
+    monkeypatch.setattr(tools.commands.eval, "evaluate_verified", evaluate_verified)
     return seen
 
 
@@ -109,7 +109,7 @@ def test_another_tokenizer_is_refused_unless_asked_for(run, fake_eval, tmp_path,
 
 def test_an_artifact_without_a_tokenizer_identity_is_scored_and_said_unchecked(tmp_path, fake_eval, monkeypatch,
                                                                                 capsys):
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["tools.evaluate"])
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["tools.commands.eval"])
     old, train_cfg = make_run(tmp_path, tokenizer=False)
     quantize_run(old, 0, QUANT, TINY_CALIB, Lines(), train_cfg, progress=False)
     capsys.readouterr()
@@ -143,7 +143,7 @@ def test_an_artifact_from_another_run_is_scored_with_a_warning_naming_the_keys(r
 
 
 def test_a_file_given_as_the_run_directory_is_named_as_such(tmp_path, capsys):
-    from tools.cli import main
+    from tools.commands.cli import main
     file = tmp_path / "model.pgz"
     file.write_bytes(b"x")
     assert main(["eval", str(file)]) != 0

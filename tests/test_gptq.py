@@ -1,4 +1,4 @@
-"""tools.gptq: GPTQ against round-to-nearest, act-order, adaptive damping, dead columns, Hessian hooks."""
+"""tools.quant.gptq: GPTQ against round-to-nearest, act-order, adaptive damping, dead columns, Hessian hooks."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from tools.gptq import (QuantConfig, QuantTensor, candidate_scales, collect_hessians, dequantize, gptq_quantize,
-                        h_weighted_error, inverse_hessian_factor, quantize_state_dict, rtn_quantize)
+from tools.quant.gptq import (QuantConfig, QuantTensor, candidate_scales, collect_hessians, dequantize, gptq_quantize,
+                              h_weighted_error, inverse_hessian_factor, quantize_state_dict, rtn_quantize)
 
 
 def heavy_tailed_weights(rows: int, cols: int, seed: int) -> torch.Tensor:
@@ -238,7 +238,7 @@ def test_a_table_with_a_hessian_gets_gptq_at_embed_bits():
 def test_int7_embeddings_are_codes_within_63_that_survive_the_artifact():
     """EMBED_BITS=7 (an option of the SP8192 recipe: the records saved ~530 KB at ~0 BPB against int8): codes in
     [-63, 63], one step per row, and the artifact keeps the 7 bits (a code of 64 would be refused when read)."""
-    from tools.artifact import pack_artifact, unpack_artifact
+    from tools.pack.artifact import pack_artifact, unpack_artifact
     E = heavy_tailed_weights(300, 256, seed=41)
     cfg = QuantConfig(embed_bits=7, clip_policy="sdclip")
     tensors, report = quantize_state_dict({"tok_emb.weight": E}, {}, ["tok_emb.weight"], cfg, progress=False)
@@ -273,7 +273,7 @@ def test_lqer_factors_are_the_best_low_rank_correction_in_the_inputs_norm():
     """LQER: A @ B minimizes the output error of E - A B over the calibration inputs (H = X^T X). It beats the plain
     SVD truncation of E of the same rank in that norm, full rank removes the error, and quantize_state_dict stores the
     factors so dequantize() adds them."""
-    from tools.gptq import lqer_factors
+    from tools.quant.gptq import lqer_factors
     W = heavy_tailed_weights(96, 64, seed=51)
     X = correlated_inputs(512, 64, seed=52)
     H = X.T @ X

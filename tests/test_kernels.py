@@ -245,7 +245,7 @@ print(json.dumps([float((torch.ops.pgolf.xsa(y, v) - program.xsa_reference(y, v)
 def test_the_packed_program_carries_working_kernels(tmp_path):
     """The bundler strips annotations and renames names; Triton's jit needs `tl.constexpr` and the kernels' source.
     The packed program's own kernels, run by the interpreter in a process without the kit, against its references."""
-    from tools.pack import bundle_entry
+    from tools.pack.ship import bundle_entry
     source = tmp_path / "readable.py"
     source.write_text(bundle_entry().readable_source, encoding="utf-8")
     # without the kit on the path (other entries stay: a machine may install packages through PYTHONPATH)

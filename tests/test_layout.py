@@ -28,10 +28,10 @@ def imported_modules(path: Path) -> set[str]:
 
 
 def allowed(module: str, imported: str) -> bool:
-    package, name = module.split(".", 1)
+    package = module.split(".")[0]
     target_package = imported.split(".")[0]
     core = target_package == "submission" and imported.split(".")[1] in CORE if "." in imported else False
-    if module == "submission.train_gpt" or package == "tools":  # the composition root, and the kit's commands
+    if module == "submission.train_gpt" or package == "tools":  # the composition root, and the kit's tools/**
         return True
     if module == "submission.train":  # the trainer validates with eval/'s flat scorer and byte tables
         return core or target_package == "eval"
@@ -40,18 +40,40 @@ def allowed(module: str, imported: str) -> bool:
     return core or target_package == "eval"  # eval/
 
 
+def kit_modules(folder: str) -> list[tuple[str, Path]]:
+    """(dotted name, path) of every module under a kit folder, its subpackages included (a package's __init__.py is
+    the package)."""
+    out = []
+    for path in sorted((REPO / folder).rglob("*.py")):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        out.append((".".join(parts[:-1] if parts[-1] == "__init__" else parts), path))
+    return out
+
+
 def test_imports_go_one_way():
-    """tools/ and the composition root (submission/train_gpt.py) import anything; the trainer imports eval/ and the
-    core; eval/ imports itself and the core; the core (submission/'s other modules) imports only itself. So eval/
-    never reaches a command, and nothing below the root imports tools/ by name."""
+    """tools/ (all its subpackages) and the composition root (submission/train_gpt.py) import anything; the trainer
+    imports eval/ and the core; eval/ imports itself and the core; the core (submission/'s other modules) imports only
+    itself. So eval/ never reaches a command, and nothing below the root imports tools/ by name."""
     wrong = []
     for folder in ("submission", "eval", "tools"):
-        for path in sorted((REPO / folder).glob("*.py")):
-            if path.stem == "__init__":
-                continue
-            module = f"{folder}.{path.stem}"
+        for module, path in kit_modules(folder):
             wrong += [f"{module} imports {m}" for m in sorted(imported_modules(path)) if not allowed(module, m)]
     assert wrong == []
+
+
+def test_the_rules_see_every_subpackage():
+    """The folders the README's Layout names are all walked (a glob of the top folder alone would miss them)."""
+    modules = {module for folder in ("submission", "eval", "tools") for module, _ in kit_modules(folder)}
+    assert {"tools.quant.gptq", "tools.pack.artifact", "tools.pack.bundle.codec", "tools.records.stats",
+            "tools.commands.cli"} <= modules
+
+
+def test_the_packages_above_the_packed_modules_hold_no_code():
+    """Importing tools.quant.gptq runs tools/__init__.py and tools/quant/__init__.py first, so the bundler inlines
+    every package __init__ above a module the packed train_gpt.py carries: they stay empty, or their code (and what
+    it imports) would count against the cap."""
+    for package in ("submission", "eval", "tools", "tools/quant", "tools/pack"):
+        assert (REPO / package / "__init__.py").read_text() == "", package
 
 
 def test_no_file_points_outside_the_project():

@@ -1,4 +1,5 @@
-"""tools.pack and submission/train_gpt.py: the packed single file runs the whole pipeline alone and matches the kit."""
+"""tools/pack/ship.py (`pgolf pack`) and submission/train_gpt.py: the packed single file runs the whole pipeline
+alone and matches the kit."""
 from __future__ import annotations
 
 import argparse
@@ -18,10 +19,11 @@ import torch
 
 from submission import config, train_gpt
 from submission.config import RECIPES, ModelConfig
-from tools.artifact import MODEL_FILENAME, ArtifactError, pack_artifact
-from tools.bundle import VIRTUAL_FILENAME
-from tools.gptq import QuantTensor, rtn_quantize
-from tools.pack import add_commands, bundle_entry, pack
+from tools.commands.pack import add_commands
+from tools.pack.artifact import MODEL_FILENAME, ArtifactError, pack_artifact
+from tools.pack.bundle import VIRTUAL_FILENAME
+from tools.pack.ship import bundle_entry, pack
+from tools.quant.gptq import QuantTensor, rtn_quantize
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "data/sample/fineweb_1024_bpe.model"
@@ -94,8 +96,8 @@ def test_packed_file_runs_the_pipeline_alone_and_matches_the_kit(data, tmp_path)
     assert any(line.startswith("eval_compliance C1:pass C2:pass C3:pass C4:pass") for line in kit_lines)
 
     # `pgolf eval` of the packed run verifies it and keeps the packed program's score as the run's score.
-    proc = subprocess.run([sys.executable, "-m", "tools.cli", "eval", str(packed_run)], cwd=REPO, env=pipeline_env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "tools.commands.cli", "eval", str(packed_run)], cwd=REPO,
+                          env=pipeline_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     merged = json.loads((packed_run / "eval.json").read_text())
     assert "compliance_not_run" not in merged and all(c["passed"] for c in merged["compliance"].values())
@@ -133,7 +135,7 @@ def test_pack_enforces_the_cap_and_writes_nothing_on_bad_input(tmp_path, monkeyp
     run = small_run(tmp_path)
     model_bytes = (run / MODEL_FILENAME).stat().st_size
     out = tmp_path / "out"
-    monkeypatch.setattr("tools.pack.DECIMAL_CAP", model_bytes + 1000)  # a cap the code alone overflows
+    monkeypatch.setattr("tools.pack.ship.DECIMAL_CAP", model_bytes + 1000)  # a cap the code alone overflows
     with pytest.raises(ValueError, match=rf"code [\d,]+ \(packed train_gpt.py\) \+ model {model_bytes:,} = [\d,]+ "
                                          rf"bytes exceeds the cap {model_bytes + 1000:,} .*pgolf quantize"):
         pack(run, out, progress=False)
@@ -164,7 +166,7 @@ SWITCHES_ON = ["KEY_OFFSET_LAST_N=1", "LAYER_BIGRAM_BUCKETS=128"]
 def test_the_speedrun_switches_are_packed_only_when_on_and_then_match_the_kit(data, tmp_path):
     from dataclasses import asdict
 
-    from tools.pack import optional_modules
+    from tools.pack.ship import optional_modules
     off, on = bundle_entry(), bundle_entry(ModelConfig(key_offset_last_n=1))
     # `pgolf pack` decides from the artifact's stored model config (a dict)
     assert optional_modules(asdict(ModelConfig(layer_bigram_buckets=8))) == ("submission.switches",)
@@ -196,7 +198,7 @@ def test_the_speedrun_switches_are_packed_only_when_on_and_then_match_the_kit(da
         assert value(packed_lines, key) == pytest.approx(value(kit_lines, key), abs=1e-6)
 
     # `pgolf quantize` on its own fits the model under the code this checkpoint ships with (switches included).
-    from tools.cli import main
+    from tools.commands.cli import main
     assert main(["quantize", str(tmp_path / "kit_run"), "--quiet", "--device", "cpu"]) == 0
     log = (tmp_path / "kit_run" / "quantize.log").read_text()
     assert f"Code size: {on.sizes.packed} bytes" in log, log[-500:]

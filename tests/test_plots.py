@@ -1,11 +1,11 @@
-"""tools/plots.py: the loss smoothing follows the early fall of the loss, each seed can be told apart, a far reference
-does not flatten the seeds, and every plot writes a PNG."""
+"""tools/records/plots.py: the loss smoothing follows the early fall of the loss, each seed can be told apart, a far
+reference does not flatten the seeds, and every plot writes a PNG."""
 import numpy as np
 import pytest
 from matplotlib.collections import PolyCollection
 
-from tools import plots
-from tools.results import SeedResult
+from tools.records import plots
+from tools.records.results import SeedResult
 
 STEPS = np.arange(1, 3001)
 

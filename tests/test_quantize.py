@@ -1,4 +1,4 @@
-"""tools.quantize: the quantize stage on a run directory, the reload in a fresh process, and bad input."""
+"""tools.quant.quantize: the quantize stage on a run directory, the reload in a fresh process, and bad input."""
 from __future__ import annotations
 
 import argparse
@@ -18,12 +18,12 @@ from submission.config import ModelConfig, TrainConfig, to_dict
 from submission.data import write_shard
 from submission.model import GPT
 from submission.runtime import tokenizer_identity
-from tools.artifact import DECIMAL_CAP, MODEL_FILENAME, ArtifactError, pack_artifact, read_artifact, to_state_dict
-from tools.calibrate import CalibConfig
-from tools.gptq import QuantConfig, QuantTensor
-from tools.pack import add_commands
-import tools.quantize
-from tools.quantize import load_quantized, quantize_checkpoint, quantize_run
+from tools.commands.quantize import add_commands
+from tools.pack.artifact import DECIMAL_CAP, MODEL_FILENAME, ArtifactError, pack_artifact, read_artifact, to_state_dict
+from tools.quant.calibrate import CalibConfig
+from tools.quant.gptq import QuantConfig, QuantTensor
+import tools.quant.quantize
+from tools.quant.quantize import load_quantized, quantize_checkpoint, quantize_run
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "data/sample/fineweb_1024_bpe.model"
@@ -206,7 +206,7 @@ def test_reload_in_a_fresh_process_gives_identical_logits(tmp_path):
     torch.save(batch, tmp_path / "batch.pt")
     script = textwrap.dedent(f"""
         import torch
-        from tools.quantize import load_quantized
+        from tools.quant.quantize import load_quantized
         model = load_quantized({str(path)!r})
         with torch.no_grad():
             torch.save(model.logits(torch.load({str(tmp_path / 'batch.pt')!r})), {str(tmp_path / 'fresh.pt')!r})
@@ -293,7 +293,7 @@ def test_clip_floor_rises_until_pruning_can_close_the_gap(tmp_path, monkeypatch)
     quantize_run(run, 0, coarse, TINY_CALIB, Lines(), progress=False)
     small = (run / MODEL_FILENAME).stat().st_size
     assert small < free - 2000  # the floor does shrink the codes
-    monkeypatch.setattr(tools.quantize, "PRUNE_REACH", 0.0)  # this tiny model has too few +-1 codes to prune
+    monkeypatch.setattr(tools.quant.quantize, "PRUNE_REACH", 0.0)  # this tiny model has too few +-1 codes to prune
     code_bytes = DECIMAL_CAP - (free + small) // 2
     log = Lines()
     quantize_run(run, code_bytes, searched, TINY_CALIB, log, progress=False)

@@ -1,4 +1,5 @@
-"""`pgolf record` (tools/record.py) and its plots (tools/plots.py) on synthetic run directories of the contract."""
+"""`pgolf record` (tools/records/record.py) and its plots (tools/records/plots.py) on synthetic run directories of
+the contract."""
 import argparse
 import ast
 import importlib.metadata
@@ -14,10 +15,11 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from tools import record
-from tools.bundle import pack
-from tools.check import check_record
-from tools.results import load_record, train_loss_curve
+from tools.commands.record import add_commands
+from tools.pack.bundle import pack
+from tools.records import record
+from tools.records.check import check_record
+from tools.records.results import load_record, train_loss_curve
 
 TOKENS, BYTES = 30_000, 72_000          # scored tokens and bytes of the synthetic eval
 STEPS = 60
@@ -315,7 +317,7 @@ def test_without_a_pack_dir_the_kit_entry_is_bundled(tmp_path, monkeypatch):
 def test_cli(tmp_path, three_seeds, capsys):
     pack_dir, _, _ = three_seeds
     parser = argparse.ArgumentParser()
-    record.add_commands(parser.add_subparsers())
+    add_commands(parser.add_subparsers())
     args = parser.parse_args(["record", str(tmp_path / "runs"), "--name", "Tiny", "--track", "10min_16mb",
                               "--author", "A", "--github-id", "a", "--pack-dir", str(pack_dir), "--out",
                               str(tmp_path / "out"), "--date", "2026-05-02"])
@@ -328,8 +330,8 @@ def test_cli(tmp_path, three_seeds, capsys):
 def test_import_scan_for_unparsable_programs_agrees_with_the_parser():
     """A program packed by Python 3.12 (same-quote nested f-strings) does not parse on 3.11: the line scan must give
     the same (required, optional) split as the AST walk does on programs that parse."""
-    from tools.pack import bundle_entry
-    from tools.record import _scan_imports, imported_modules
+    from tools.pack.ship import bundle_entry
+    from tools.records.record import _scan_imports, imported_modules
     small = ("import os, sys as S\nfrom torch import nn\nimport numpy.linalg\ndef f():\n try:\n"
              "  from flash_attn_interface import flash_attn_func\n except ImportError:\n  flash_attn_func = None\n"
              " try:\n  import brotli\n except OSError:\n  pass\ntry:\n import zstd\nexcept (ImportError, OSError):\n"
@@ -347,7 +349,7 @@ def test_import_scan_for_unparsable_programs_agrees_with_the_parser():
 
 
 def test_a_packed_run_verified_by_pgolf_eval_says_where_its_checks_ran(tmp_path, three_seeds):
-    from tools.evaluate import merge_verification
+    from tools.commands.eval import merge_verification
     pack_dir, _, runs = three_seeds
     for run in runs:  # as the packed program writes eval.json, then `pgolf eval RUN_DIR` merges its verification
         kit = json.loads((run / "eval.json").read_text())
@@ -364,7 +366,7 @@ def test_a_packed_run_verified_by_pgolf_eval_says_where_its_checks_ran(tmp_path,
 
 
 def test_a_file_given_as_a_run_is_named_as_such(tmp_path):
-    from tools.record import collect_runs
+    from tools.records.record import collect_runs
     file = tmp_path / "eval.json"
     file.write_text("{}")
     with pytest.raises(NotADirectoryError, match="eval.json is a file, expected a run directory"):

@@ -1,12 +1,12 @@
-"""Per-seed results from challenge logs, record folders and eval.json (tools/results.py)."""
+"""Per-seed results from challenge logs, record folders and eval.json (tools/records/results.py)."""
 import json
 import math
 from pathlib import Path
 
 import pytest
 
-from tools.results import (FINAL_METRIC_KEYS, ResultFormatError, load_record, load_results, parse_eval_json,
-                           parse_log, run_dirs, train_loss_curve)
+from tools.records.results import (FINAL_METRIC_KEYS, ResultFormatError, load_record, load_results, parse_eval_json,
+                                   parse_log, run_dirs, train_loss_curve)
 
 RECORDS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "records"
 REC_0323 = RECORDS / "2026-03-23_LeakyReLU_LegalTTT_ParallelMuon"

@@ -1,4 +1,4 @@
-"""`pgolf seeds` (tools/seeds.py) with a fake pipeline: resumable, failures reported, GPU groups in parallel."""
+"""`pgolf seeds` (tools/records/seeds.py) with a fake pipeline: resumable, failures reported, GPU groups in parallel."""
 import argparse
 import io
 import json
@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tools import seeds
+from tools.commands.seeds import add_commands
+from tools.records import seeds
 
 # The fake pipeline: appends "seed CUDA_VISIBLE_DEVICES args" to $FAKE_CALLS, prints a line and a progress bar
 # drawn with carriage returns, fails with a traceback for seed 13, else writes train.log and eval.json. With
@@ -57,7 +58,7 @@ def calls(tmp_path: Path) -> list[list[str]]:
 
 def run_cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
-    seeds.add_commands(parser.add_subparsers())
+    add_commands(parser.add_subparsers())
     args = parser.parse_args(argv)
     return args.func(args)
 

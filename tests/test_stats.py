@@ -1,4 +1,4 @@
-"""Significance statistics and `pgolf stats` (tools/stats.py), checked against hand formulas and the records."""
+"""Significance statistics and `pgolf stats` (tools/records/stats.py), checked against hand formulas and the records."""
 import argparse
 import json
 import math
@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from tools import stats
-from tools.results import SeedResult, load_record
+from tools.commands.stats import add_commands
+from tools.records import stats
+from tools.records.results import SeedResult, load_record
 
 RECORDS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "records"
 REC_0323 = RECORDS / "2026-03-23_LeakyReLU_LegalTTT_ParallelMuon"
@@ -20,7 +21,7 @@ needs_records = pytest.mark.skipif(not RECORDS.is_dir(), reason=f"fixture record
 
 def run_cli(argv: list[str], capsys) -> str:
     parser = argparse.ArgumentParser()
-    stats.add_commands(parser.add_subparsers())
+    add_commands(parser.add_subparsers())
     args = parser.parse_args(argv)
     assert args.func(args) == 0
     return capsys.readouterr().out

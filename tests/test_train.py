@@ -32,7 +32,8 @@ import torch
 
 from submission.config import ModelConfig, TrainConfig
 from submission.train import train
-from tools import cli, train_cmd
+from tools.commands import cli
+from tools.commands import train as train_command
 from tools.data import build_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,7 +120,7 @@ def test_golden_loss_curve(sample_shards, tmp_path):
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pgolf")
-    train_cmd.add_commands(parser.add_subparsers(dest="command"))
+    train_command.add_commands(parser.add_subparsers(dest="command"))
     return parser
 
 
@@ -141,8 +142,8 @@ def test_help_lists_every_config_field_with_type_and_default(capsys):
 
 
 def test_unknown_key_is_a_clear_error_before_training(monkeypatch, capsys):
-    monkeypatch.setattr(train_cmd, "main", lambda argv: pytest.fail("trained despite a bad key"))
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["tools.train_cmd"])  # `pgolf`'s error path, without other modules
+    monkeypatch.setattr(train_command, "main", lambda argv: pytest.fail("trained despite a bad key"))
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["tools.commands.train"])  # `pgolf`'s error path, without other modules
     assert cli.main(["train", "MAX_STEPS=3", "NUM_LAYER=4"]) == 2
     err = capsys.readouterr().err
     assert "unknown setting 'NUM_LAYER'" in err and "did you mean NUM_LAYERS" in err and "--help" in err
@@ -159,7 +160,7 @@ def test_bad_value_is_rejected_before_the_run_directory_exists(tmp_path):
 
 def test_overrides_reach_the_trainer_unchanged(monkeypatch):
     seen = []
-    monkeypatch.setattr(train_cmd, "main", seen.append)
+    monkeypatch.setattr(train_command, "main", seen.append)
     args = _parser().parse_args(["train", "num_layers=4", "ADAM_BETAS=0.9,0.99"])
     assert args.func(args) == 0 and seen == [["num_layers=4", "ADAM_BETAS=0.9,0.99"]]
 
@@ -218,13 +219,13 @@ def _no_work(monkeypatch) -> None:
 
 
 def test_a_finished_run_directory_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
-    from submission import train_gpt
+    from tools import pipeline
 
     run_dir = tmp_path / "run"
     _old_run(run_dir)
     _no_work(monkeypatch)
     monkeypatch.delenv("OVERWRITE", raising=False)
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["tools.train_cmd"])
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["tools.commands.train"])
     settings = [f"RUN_DIR={run_dir}", f"TOKENIZER_PATH={ROOT / TOKENIZER}", "DATA_DIR=nowhere"]
     assert cli.main(["train", *settings]) == 2
     err = capsys.readouterr().err
@@ -232,7 +233,7 @@ def test_a_finished_run_directory_is_refused_before_any_work(tmp_path, monkeypat
                    "eval_ttt-0_hash_embed-0.json, model.pgz, train.log): pass a new RUN_DIR, or OVERWRITE=1 (`pgolf "
                    "train --overwrite`) to delete that run and train in its place\n")
     with pytest.raises(ValueError, match=r"holds a run .*OVERWRITE=1"):  # the pipeline entry: the same refusal
-        train_gpt.main(settings)
+        pipeline.main(settings)
     assert {p.name: p.read_text() for p in run_dir.iterdir() if p.name != "console.log"} == OLD_RUN
 
 
@@ -249,7 +250,7 @@ def test_overwrite_deletes_the_old_run_before_training_in_its_place(tmp_path, mo
         argv.append("OVERWRITE=1")
     else:
         monkeypatch.setenv("OVERWRITE", "1")
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["tools.train_cmd"])
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["tools.commands.train"])
     assert cli.main(argv) == 2  # stopped at the model build by _no_work: after the run directory was claimed
     # no stale artifact or score beside the new run's files; `pgolf seeds`' console.log is kept
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "console.log", "train.log"]
@@ -260,7 +261,7 @@ def test_overwrite_deletes_the_old_run_before_training_in_its_place(tmp_path, mo
 def test_an_unwritable_run_dir_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
     (tmp_path / "file").write_text("")
     _no_work(monkeypatch)
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["tools.train_cmd"])
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["tools.commands.train"])
     run_dir = tmp_path / "file" / "run"
     assert cli.main(["train", f"RUN_DIR={run_dir}", f"TOKENIZER_PATH={ROOT / TOKENIZER}"]) == 2
     err = capsys.readouterr().err
@@ -285,7 +286,7 @@ def test_the_run_records_its_tokenizer(sample_shards, tmp_path):
 
 def test_overwrite_flag_reaches_the_trainer_as_a_setting(monkeypatch):
     seen = []
-    monkeypatch.setattr(train_cmd, "main", seen.append)
+    monkeypatch.setattr(train_command, "main", seen.append)
     args = _parser().parse_args(["train", "SEED=2", "--overwrite"])
     assert args.func(args) == 0 and seen == [["SEED=2", "OVERWRITE=1"]]
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import tools.evaluate
+import tools.commands.eval
 from eval.lora import LoraConfig
 from eval.run import EvalConfig
 from submission.data import write_shard
 from tests.test_evaluate import scored_run  # noqa: F401 (the fixture)
-from tools import cli
+from tools.commands import cli
 from tools.tune import canonical, coordinate_search, fingerprint, parse_grid
 
 
@@ -55,7 +55,7 @@ def test_the_grid_is_parsed_into_the_configs_values():
 @pytest.fixture
 def tune_run(scored_run, tmp_path, monkeypatch):  # noqa: F811
     """A scored run whose data holds a tuning split of short documents, and a load_tokens that refuses val."""
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["tools.evaluate"])
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["tools.commands.eval"])
     run = tmp_path / "run"
     shutil.copytree(scored_run, run)
     data = Path(json.loads((run / "config.json").read_text())["train"]["data_dir"])
@@ -63,13 +63,13 @@ def tune_run(scored_run, tmp_path, monkeypatch):  # noqa: F811
     docs = [np.r_[1, rng.integers(2, 64, rng.integers(20, 120))] for _ in range(30)]
     tune_path = data / "fineweb_tune_000000.bin"
     write_shard(tune_path, np.concatenate(docs).astype(np.uint16))
-    load = tools.evaluate.load_tokens
+    load = tools.commands.eval.load_tokens
 
     def no_val(pattern, vocab_size=None):
         assert "fineweb_val" not in pattern, "the tuning search read val"
         return load(pattern, vocab_size)
 
-    monkeypatch.setattr(tools.evaluate, "load_tokens", no_val)
+    monkeypatch.setattr(tools.commands.eval, "load_tokens", no_val)
     yield run
     tune_path.unlink()
 
@@ -80,7 +80,7 @@ def test_tune_searches_the_tuning_split_only_and_its_settings_apply(tune_run, ca
                      "--tune-tokens", "1500"]) == 0
     out = capsys.readouterr().out
     result = json.loads((tune_run / "tune.json").read_text())
-    tokens = tools.evaluate.load_tokens(str(next(Path(json.loads((tune_run / "config.json").read_text())["train"][
+    tokens = tools.commands.eval.load_tokens(str(next(Path(json.loads((tune_run / "config.json").read_text())["train"][
         "data_dir"]).glob("fineweb_tune_*.bin"))))[:1501]
     assert result["tune_fingerprint"] == fingerprint(tokens) and result["tune_tokens"] == 1501
     assert result["kind"] == "stream" and set(result["settings"]) == {"TTT_LR", "NGRAM_ORDER"}
@@ -92,15 +92,15 @@ def test_tune_searches_the_tuning_split_only_and_its_settings_apply(tune_run, ca
     assert (tune_run / "eval.json").read_bytes() == before  # the run's score is untouched
     # the chosen settings apply to a later pass (a one-off beside eval.json, named by what changed)
     seen = []
-    monkeypatch.setattr(tools.evaluate, "evaluate_verified",
+    monkeypatch.setattr(tools.commands.eval, "evaluate_verified",
                         lambda model, tokens, luts, cfg, *a, **k: seen.append(cfg) or {"val_bpb": 1.0, "config": {}})
-    monkeypatch.setattr(tools.evaluate, "load_tokens", lambda pattern, vocab_size=None: np.ones(10, np.int64))
+    monkeypatch.setattr(tools.commands.eval, "load_tokens", lambda pattern, vocab_size=None: np.ones(10, np.int64))
     assert cli.main(["eval", str(tune_run), "--settings", str(tune_run / "tune.json"), "TTT_LR=0.005"]) == 0
     assert seen[0].ngram_config.order == int(result["settings"]["NGRAM_ORDER"]) and seen[0].ttt_lr == 0.005
 
 
 def test_tune_without_a_tuning_split_says_how_to_make_one(scored_run, tmp_path, monkeypatch, capsys):  # noqa: F811
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["tools.evaluate"])
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["tools.commands.eval"])
     run = tmp_path / "run"
     shutil.copytree(scored_run, run)
     assert cli.main(["eval", str(run), "--tune"]) != 0

@@ -83,7 +83,7 @@ def test_compliance_alone_checks_the_views_the_score_uses(tokens, sp):
 
 
 def test_the_packed_program_has_no_verification_code():
-    from tools.pack import bundle_entry
+    from tools.pack.ship import bundle_entry
     result = bundle_entry()
     assert "eval/verify.py" not in result.modules and "eval/compliance.py" not in result.modules
     tree = ast.parse(result.readable_source)
@@ -92,11 +92,20 @@ def test_the_packed_program_has_no_verification_code():
         defined = {node.name for node in ast.parse((REPO / module).read_text()).body
                    if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
         assert defined and not defined & packed, f"{module} definitions packed: {sorted(defined & packed)}"
-    assert "'eval.verify'" in result.readable_source  # the kit's path imports it lazily, by name
+    # nothing in it names the verification: the kit passes it in (tools/pipeline.py)
+    assert "eval.verify" not in result.readable_source
+
+
+def test_the_entry_refuses_to_count_its_own_source_in_the_kit():
+    """Unpacked, submission/train_gpt.py alone would count its source file as the code bytes: it refuses and names
+    the kit's way to run it, before any work."""
+    from submission import train_gpt
+    with pytest.raises(SystemExit, match="python -m tools.pipeline"):
+        train_gpt.main(["MAX_STEPS=1"])
 
 
 def test_merging_a_verification_keeps_the_packed_score_and_refuses_another_artifact():
-    from tools.evaluate import merge_verification
+    from tools.commands.eval import merge_verification
     packed = {"seed": 1, "val_bpb": 1.351, "bytes_model": 100, "compliance_not_run": "verify with pgolf eval"}
     checks = {"C1": {"passed": True, "detail": "x"}}
     verified = {"seed": 1, "val_bpb": 1.352, "bytes_model": 100, "compliance": checks, "stages": {"score": 2.0}}

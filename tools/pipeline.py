@@ -3,15 +3,15 @@ challenge's pipeline as the kit runs it.
 
 submission/train_gpt.py composes train -> quantize -> reload -> evaluate and is what gets packed. The kit calls it
 with what the packed program must not carry (its code would count against the cap): the counted code size, which is
-the size the packed bundle of this very configuration would have (tools/pack.py), and the evaluation that also checks
-C1-C4 (eval/verify.py). The run directory is then the one the packed program would write, verified.
+the size the packed bundle of this very configuration would have (tools/pack/ship.py), and the evaluation that also
+checks C1-C4 (eval/verify.py). The run directory is then the one the packed program would write, verified.
 """
 from __future__ import annotations
 
 from eval.verify import evaluate_verified
 from submission import train_gpt
 from submission.config import ModelConfig
-from tools.pack import bundle_entry
+from tools.pack.ship import bundle_entry
 
 
 def packed_code_bytes(model_cfg: ModelConfig) -> int:

@@ -19,9 +19,9 @@ from submission.data import load_tokens
 from submission.model import GPT
 from submission.runtime import (Logger, check_tokenizer, configure_cuda, read_tokenizer, setup_distributed,
                                 writable_check)
-from tools.artifact import CODE_FILENAME, MODEL_FILENAME, read_artifact, to_state_dict
-from tools.train_cmd import settings_help
-from tools.cli import expect_path
+from tools.commands.train import settings_help
+from tools.pack.artifact import CODE_FILENAME, MODEL_FILENAME, read_artifact, to_state_dict
+from tools.paths import expect_path
 
 # A one-off pass's file name is made of its changed settings; past this length it is a hash of them instead.
 ONE_OFF_NAME_CHARS = 80
@@ -272,7 +272,8 @@ def run_tune(args, model, luts, cfg, lora_cfg, data_dir: str, out_path: Path, ra
 def add_commands(subparsers) -> None:
     p = subparsers.add_parser(
         "eval", help="score model.pgz with the legal eval recipe (sliding, TTT, hash embed, n-gram) -> eval.json",
-        description="Evaluate a run's artifact. Multi-GPU: torchrun --nproc_per_node=N -m tools.cli eval RUN_DIR. "
+        description="Evaluate a run's artifact. Multi-GPU: torchrun --nproc_per_node=N -m tools.commands.cli eval "
+                    "RUN_DIR. "
                     "Eval settings: KEY=VALUE for any EvalConfig field (STRIDE=128, CHUNK_TOKENS=8192, ...) or "
                     "n-gram field as NGRAM_<FIELD> (NGRAM_ORDER=8). Exit status 1 if a compliance check fails.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=settings_help(EvalConfig, LoraConfig))

@@ -11,9 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-from tools.record import folder_slug
+from tools.records.record import folder_slug
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Paths relative to ROOT, where every stage runs: the record's README then shows `DATA_DIR=runs/demo/data`, not a
 # path of this machine.
 DEMO = Path("runs/demo")
@@ -41,7 +41,7 @@ EVAL = ["CONTEXT_LEN=256", "STRIDE=64", "CHUNK_TOKENS=8192", "TTT_BATCH_SEQS=32"
 
 
 def pgolf(*args: str) -> list[str]:
-    return [sys.executable, "-m", "tools.cli", *args]
+    return [sys.executable, "-m", "tools.commands.cli", *args]
 
 
 def stages(today: str) -> list[tuple[str, list[str]]]:
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         timings.append((title, time.monotonic() - t0))
         if code != 0:
             print(f"\ndemo: stage {number} ({title}) failed with exit code {code}; the output above says why "
-                  f"(re-run with `python -m tools.demo --resume` to keep finished seeds)", file=sys.stderr)
+                  f"(re-run with `python -m tools.commands.demo --resume` to keep finished seeds)", file=sys.stderr)
             return code
     print("\n=== demo done")
     for title, seconds in timings:

@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from tools.results import SeedResult
+from tools.records.results import SeedResult
 
 DPI = 120
 # Per-step training loss jumps by ~0.1 nats between batches; a window of ~2% of the run shows the trend. The window
@@ -228,7 +228,8 @@ def plot_seed_bpb(results: list[SeedResult], path: Path, title: str, reference_b
 
 def plot_ablation(runs, path: Path, title: str) -> Path:
     """Per change (rows), each seed's val_bpb difference from its baseline: before quantization (circles) and after
-    int6 (squares), with the per-change mean as a bar. Left of zero is better. `runs`: tools.ablation.AblationRun."""
+    int6 (squares), with the per-change mean as a bar. Left of zero is better.
+    `runs`: tools.records.ablation.AblationRun."""
     changes = list(dict.fromkeys(r.change for r in runs))
     if not changes or all(r.delta_prequant is None for r in runs):
         raise ValueError(f"{path}: nothing to plot: no run has a baseline to be compared with (pass --baseline)")

@@ -1,16 +1,16 @@
-"""`pgolf size`: the counted bytes of an artifact directory (code + model vs the cap) and each tensor's share."""
+"""The counted bytes of an artifact directory (code + model vs the cap) and each tensor's share, as `pgolf size`
+(tools/commands/size.py) prints them."""
 from __future__ import annotations
 
-import argparse
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from eval.progress import progress_bar
-from tools.artifact import CODE_FILENAME, DECIMAL_CAP, MODEL_FILENAME, compress, read_contents
-from tools.cli import expect_path
-from tools.gptq import QuantTensor
+from tools.pack.artifact import CODE_FILENAME, DECIMAL_CAP, MODEL_FILENAME, compress, read_contents
+from tools.paths import expect_path
+from tools.quant.gptq import QuantTensor
 
 
 @dataclass
@@ -80,21 +80,3 @@ def size_report(artifact_path: str | os.PathLike, code_path: str | os.PathLike, 
             params, bits = value.numel(), 8 * value.element_size()
         shares.append(TensorShare(name, params, bits, alone[name] * norm))
     return SizeReport(code_path.stat().st_size, len(blob), contents.compressor, shares)
-
-
-def _cmd_size(args) -> int:
-    root = expect_path(args.artifact_dir, "folder", "artifact dir", f"expected {MODEL_FILENAME} and {CODE_FILENAME} "
-                       "in it")
-    report = size_report(root / args.model, root / args.code, progress=not args.quiet)
-    print("\n".join(report.lines()))
-    return 0 if report.fits else 1
-
-
-def add_commands(subparsers) -> None:
-    p = subparsers.add_parser("size", help="counted bytes of an artifact dir (code + model vs 16,000,000)",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("artifact_dir", help=f"directory holding {MODEL_FILENAME} and {CODE_FILENAME}")
-    p.add_argument("--model", default=MODEL_FILENAME, help="model file name inside the dir")
-    p.add_argument("--code", default=CODE_FILENAME, help="code file name inside the dir (counted as shipped)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_size)

@@ -1,7 +1,7 @@
-"""`pgolf seeds`: run the pipeline once per seed (one after another, or one per GPU group), resumable, streamed."""
+"""The pipeline once per seed (one after another, or one per GPU group), resumable, streamed; `pgolf seeds`
+(tools/commands/seeds.py) runs it."""
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -22,9 +22,8 @@ from tqdm import tqdm
 
 from eval.progress import progress_bar
 from submission.config import parse_overrides
-from tools.cli import expect_output
-from tools.results import ResultFormatError, SeedResult, load_run, parse_eval_json
-from tools.stats import build_report, format_report
+from tools.paths import expect_output
+from tools.records.results import ResultFormatError, SeedResult, load_run, parse_eval_json
 
 # One seed = one process of the packed pipeline's entry (train -> quantize -> reload -> evaluate -> eval.json).
 PIPELINE = "{python} -m tools.pipeline SEED={seed} RUN_DIR={run_dir}"
@@ -102,8 +101,8 @@ def setting_names() -> set[str]:
     from eval.ngram import NgramConfig
     from eval.run import EvalConfig
     from submission.config import ModelConfig, TrainConfig
-    from tools.calibrate import CalibConfig
-    from tools.gptq import QuantConfig
+    from tools.quant.calibrate import CalibConfig
+    from tools.quant.gptq import QuantConfig
 
     kinds = (ModelConfig, TrainConfig, QuantConfig, CalibConfig, EvalConfig)
     names = {f.name for kind in kinds for f in dataclasses.fields(kind)}
@@ -378,58 +377,3 @@ def outcome_line(o: SeedOutcome) -> str:
     r = o.result
     return (f"seed:{o.seed} status:{o.status} val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f} "
             f"seconds:{o.seconds:.1f} run_dir:{o.run_dir}")
-
-
-def parse_seeds(text: str) -> list[int]:
-    """`1337,42,2025` -> [1337, 42, 2025] (one argument, so KEY=VALUE overrides may follow it)."""
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--seeds {text!r}: expected comma-separated integers, e.g. 1337,42,2025")
-
-
-def _cmd_seeds(args: argparse.Namespace) -> int:
-    cfg = SeedsConfig(seeds=args.seeds, out=args.out, overrides=args.overrides, gpus_per_seed=args.gpus_per_seed,
-                      gpus=args.gpus.split(",") if args.gpus else None, command=args.command)
-    outcomes = SeedRunner(cfg).run()
-    print()
-    for outcome in outcomes:
-        print(outcome_line(outcome))
-    failed = [o for o in outcomes if o.status == "failed"]
-    results = [o.result for o in outcomes if o.result is not None]
-    if results:
-        print()
-        print(format_report(build_report(results)))
-    print(f"seeds_done:{sum(o.status == 'done' for o in outcomes)} "
-          f"seeds_finished_before:{sum(o.status == 'finished' for o in outcomes)} seeds_failed:{len(failed)} "
-          f"out:{cfg.out}")
-    if failed:
-        print(f"re-run the same command to retry seed(s) {','.join(str(o.seed) for o in failed)}: finished seeds "
-              "are kept")
-    return 1 if failed else 0
-
-
-def add_commands(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "seeds", help="run the pipeline for several seeds (resumable)",
-        description="Run `python -m tools.pipeline SEED=<s> RUN_DIR=<out>/seed<s> KEY=VALUE...` once per seed "
-                    "(train, quantize, reload, evaluate: each seed's run directory gets eval.json). Seeds whose "
-                    "eval.json exists are not redone, and OUT/settings.json stores the settings they ran with "
-                    "(environment and KEY=VALUE settings, command, processes per seed): resuming with others is an "
-                    "error. A failed seed is reported and the others go on. With --gpus-per-seed K each seed runs "
-                    "under `torchrun --standalone --nproc_per_node=K` on its own CUDA_VISIBLE_DEVICES group, as many "
-                    "at once as there are groups.")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every seed")
-    parser.add_argument("--seeds", type=parse_seeds, required=True, metavar="N,N,...",
-                        help="seeds to run, comma-separated (e.g. 1337,42,2025)")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR",
-                        help="folder for the run directories (DIR/seed<N>)")
-    parser.add_argument("--gpus-per-seed", "--nproc", dest="gpus_per_seed", type=int, default=0, metavar="K",
-                        help="GPUs per seed (torchrun processes); 0 (default): plain processes, one seed at a time")
-    parser.add_argument("--gpus", metavar="IDS", help="comma-separated device ids to split into groups "
-                        "(default: CUDA_VISIBLE_DEVICES, else every visible GPU)")
-    parser.add_argument("--command", metavar="TEMPLATE",
-                        help="command per seed instead of the pipeline, with {python} {seed} {run_dir} {nproc} "
-                             f"filled in; overrides are appended (default: {PIPELINE!r}, or {PIPELINE_TORCHRUN!r} "
-                             "with --gpus-per-seed)")
-    parser.set_defaults(func=_cmd_seeds)

@@ -1,7 +1,7 @@
-"""`pgolf check`: validate a record folder (files, submission.json, train logs, sizes) before the pull request."""
+"""Validating a record folder (files, submission.json, train logs, sizes) before the pull request: what `pgolf check`
+(tools/commands/check.py) reports."""
 from __future__ import annotations
 
-import argparse
 import datetime
 import math
 from dataclasses import dataclass, field
@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.artifact import CODE_FILENAME, DECIMAL_CAP, MODEL_FILENAME
-from tools.results import ResultFormatError, SeedResult, check_consistent, parse_log, read_submission, record_logs
+from tools.pack.artifact import CODE_FILENAME, DECIMAL_CAP, MODEL_FILENAME
+from tools.records.results import (ResultFormatError, SeedResult, check_consistent, parse_log, read_submission,
+                                  record_logs)
 
 MIB_CAP = 16 * 1024 * 1024         # what a cap computed as 16 MiB lets through (a known bug class)
 # submission.json values are usually rounded to 4-5 decimals, sometimes after rounding the per-seed values
@@ -396,23 +397,3 @@ def format_check(report: CheckReport) -> str:
     lines.append(f"check:{status} mode:{mode} errors:{len(report.errors)} warnings:{len(report.warnings)} "
                  f"folder:{report.folder}")
     return "\n".join(lines)
-
-
-def run_check(args: argparse.Namespace) -> int:
-    report = check_record(args.folder, args.results_only)
-    print(format_check(report))
-    return 1 if report.errors else 0
-
-
-def add_commands(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "check", help="validate a record folder before the pull request",
-        description="Check a record folder: README.md, submission.json (the fields the rules require, values "
-                    "against the logs), bytes_code and bytes_total against train_gpt.py, model.pgz when shipped "
-                    "and the logs' sizes, one train log per seed with a final metric line, and the "
-                    f"{DECIMAL_CAP:,}-byte cap. Exits 1 when an error is found; warnings (usual fields) and "
-                    "counts nothing in the folder could confirm are printed.")
-    parser.add_argument("folder", type=Path, metavar="DIR", help="record folder (records/<track>/<date>_<name>)")
-    parser.add_argument("--results-only", action="store_true",
-                        help="check submission.json and the logs only (skip README.md, train_gpt.py, bytes_code)")
-    parser.set_defaults(func=run_check)

@@ -61,9 +61,9 @@ class QuantConfig:
     r x (rows + cols) x 2 bytes), the best of its rank in the calibration inputs' norm; 0 off. The records claim
     ~0.009 BPB of the int6 cost back at rank 4; its bytes come out of the budget the codes would have had."""
     bit_allocation: bool = False
-    """Spend the byte budget where the loss per byte is lowest (tools/allocate.py): each quantized matrix gets its own
-    SD-clip k, a multiplier from allocation_grid times the recipe's, chosen from its measured loss sensitivity and its
-    codes' entropy, so the model fills the cap with finer steps where they matter. Needs clip_policy "sdclip"."""
+    """Spend the byte budget where the loss per byte is lowest (tools/quant/allocate.py): each quantized matrix gets its
+    own SD-clip k, a multiplier from allocation_grid times the recipe's, chosen from its measured loss sensitivity and
+    its codes' entropy, so the model fills the cap with finer steps where they matter. Needs clip_policy "sdclip"."""
     allocation_probes: tuple[float, ...] = (1.0, 1.5, 2.0)
     """Multipliers of the recipe's clip at which each matrix is rounded alone to measure its loss sensitivity."""
     allocation_grid: tuple[float, ...] = (0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.4, 1.6, 1.8, 2.0)
@@ -394,7 +394,7 @@ def quantize_state_dict(state_dict: Mapping[str, Tensor], hessians: Mapping[str,
                         embedding_names: Iterable[str] = (), cfg: QuantConfig | None = None,
                         progress: bool = True, tensor_sigmas: Mapping[str, float] | None = None
                         ) -> tuple[dict[str, QuantTensor | Tensor], QuantReport]:
-    """Quantize every tensor by the config's rules; the result goes straight to tools.artifact.pack_artifact.
+    """Quantize every tensor by the config's rules; the result goes straight to tools.pack.artifact.pack_artifact.
 
     - fewer than cfg.passthrough_max_numel elements, or not a matrix: float tensors kept as float16, others as is;
     - a matrix with a Hessian: GPTQ (embed_bits when named in embedding_names, e.g. a tied head; else matrix_bits);

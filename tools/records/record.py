@@ -1,7 +1,7 @@
-"""`pgolf record`: write a record folder (README, submission.json, logs, train_gpt.py, plots) from seed run dirs."""
+"""A record folder (README, submission.json, logs, train_gpt.py, plots) written from seed run dirs; `pgolf record`
+(tools/commands/record.py) writes it."""
 from __future__ import annotations
 
-import argparse
 import ast
 import contextlib
 import datetime
@@ -19,16 +19,16 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.artifact import CODE_FILENAME, DECIMAL_CAP, MODEL_FILENAME
-from tools.bundle import BundleError, bundle, unpack, write_bundle
-from tools.check import CheckReport, check_record, format_check
-from tools.pack import optional_modules
-from tools.plots import plot_loss_curves, plot_seed_bpb
-from tools.results import KEY_VALUE, SeedResult, check_consistent, load_record, load_run, run_dirs, \
+from tools.pack.artifact import CODE_FILENAME, DECIMAL_CAP, MODEL_FILENAME
+from tools.pack.bundle import BundleError, bundle, unpack, write_bundle
+from tools.pack.ship import optional_modules
+from tools.records.check import CheckReport, check_record, format_check
+from tools.records.plots import plot_loss_curves, plot_seed_bpb
+from tools.records.results import KEY_VALUE, SeedResult, check_consistent, load_record, load_run, run_dirs, \
     train_loss_curve
-from tools.stats import StatsReport, build_report, summary_lines
+from tools.records.stats import StatsReport, build_report, summary_lines
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENTRY = ROOT / "submission" / "train_gpt.py"
 # The challenge repository's two tracks; folders are records/track_<track>/<date>_<Name>/.
 TRACKS = ("10min_16mb", "non_record_16mb")
@@ -436,7 +436,7 @@ def readme(cfg: RecordConfig, runs: list[SeedRun], report: StatsReport, data: di
                 "passed" if _condition(run.eval_data["compliance"], c)[0] else "**FAILED**" for c in conditions])
         parts += [_table(["seed"] + [f"{c} {CONDITIONS.get(c, '')}".strip() for c in conditions], rows), ""]
         verified = [run for run in runs if isinstance(run.eval_data.get("verification"), dict)]
-        if verified:  # tools/evaluate.py merge_verification: the packed program's run, checked by the kit
+        if verified:  # tools/commands/eval.py merge_verification: the packed program's run, checked by the kit
             parts += ["The packed train_gpt.py does not carry the checks (their code would count against the cap): "
                       "`pgolf eval RUN_DIR` re-evaluated each seed's model.pgz with the run's settings and checked "
                       "them there. Its own score of the same artifact, against the run's: " + "; ".join(
@@ -615,44 +615,3 @@ def write_record(cfg: RecordConfig) -> tuple[Path, CheckReport]:
             shutil.rmtree(tmp, ignore_errors=True)
     report.folder = final
     return final, report
-
-
-def _cmd_record(args: argparse.Namespace) -> int:
-    cfg = RecordConfig(run_dirs=args.run_dirs, name=args.name, track=args.track, author=args.author,
-                       github_id=args.github_id, blurb=args.blurb, reference=args.record_folder,
-                       pack_dir=args.pack_dir, out=args.out, date=args.date, hardware=args.hardware,
-                       overwrite=args.overwrite)
-    folder, report = write_record(cfg)
-    print(format_check(report))
-    for path in sorted(folder.iterdir()):
-        print(f"file:{path} bytes:{path.stat().st_size}")
-    print(f"record:{folder}")
-    return 0
-
-
-def add_commands(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "record", help="write a record folder for the pull request from the seeds' run directories",
-        description="Write records/track_<TRACK>/<date>_<NAME>/: README.md (results, significance, compliance, "
-                    "sizes, how to reproduce), submission.json, train_seed<N>.log per seed, train_gpt.py, "
-                    "requirements.txt and plots. It is built in a temp folder, checked like `pgolf check`, and "
-                    "only then moved into place.")
-    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
-                        help="run directory of each seed (or a `pgolf seeds --out` folder holding them)")
-    parser.add_argument("--name", required=True, help="submission name, e.g. 'Int6 GPTQ + Legal TTT'")
-    parser.add_argument("--track", required=True, choices=TRACKS, help="the challenge track")
-    parser.add_argument("--author", required=True, help="your name as it should appear in submission.json")
-    parser.add_argument("--github-id", required=True, help="your GitHub user name")
-    parser.add_argument("--blurb", help="one paragraph on what the submission does (default: the results)")
-    parser.add_argument("--record-folder", type=Path, metavar="REF",
-                        help="record folder to test significance against (its train logs)")
-    parser.add_argument("--pack-dir", type=Path, metavar="DIR",
-                        help=f"`pgolf pack --out` folder holding the {CODE_FILENAME} to ship (default: a run "
-                             f"directory's {CODE_FILENAME}, else bundled now from the kit)")
-    parser.add_argument("--out", type=Path, default=Path("records"), help="records root (default: records)")
-    parser.add_argument("--date", help="YYYY-MM-DD for submission.json and the folder name (default: today)")
-    parser.add_argument("--hardware", help="hardware line (default: from the train logs, e.g. '8x cuda')")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing folder of the same name (its files that the new record does not "
-                             "write, e.g. added by hand, are listed as they are removed)")
-    parser.set_defaults(func=_cmd_record)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from eval.progress import packable_progress_bar
-from tools.gptq import QuantTensor, qmax_for
+from tools.quant.gptq import QuantTensor, qmax_for
 
 # The challenge's cap on code bytes + compressed model bytes: decimal, not MiB (16 * 1024 * 1024 = 16,777,216 is a
 # known way to ship an over-cap submission). Every size check in the kit imports this one constant.

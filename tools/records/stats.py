@@ -1,8 +1,7 @@
-"""`pgolf stats`: per-seed summary and the challenge's significance tests of a run's seeds against a record."""
+"""Per-seed summary and the challenge's significance tests of a run's seeds against a record (`pgolf stats`,
+tools/commands/stats.py, prints them)."""
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -10,8 +9,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from tools.cli import expect_path
-from tools.results import RecordResults, SeedResult, check_consistent, load_record, load_results
+from tools.records.results import RecordResults, SeedResult, check_consistent
 
 # The rules: a new record must beat the current one by at least 0.005 nats (val_loss) with p < 0.01.
 NAT_MARGIN = 0.005
@@ -237,29 +235,3 @@ def report_to_json(report: StatsReport) -> dict:
     for row in data["results"]:
         row["source"] = str(row["source"])
     return data
-
-
-def run_stats(args: argparse.Namespace) -> int:
-    if args.record:
-        expect_path(args.record, "folder", "--record", "pass the record folder holding train_seed<N>.log")
-    results = [r for path in args.paths for r in load_results(path)]
-    record = load_record(args.record) if args.record else None
-    report = build_report(results, record, args.record_loss)
-    print(json.dumps(report_to_json(report), indent=1) if args.json else format_report(report))
-    return 0
-
-
-def add_commands(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "stats", help="per-seed summary and significance against a record",
-        description="Summarize per-seed results (run directories with eval.json, record folders, train logs) and "
-                    "test them against a record: the rules' one-sided t-test of mean val_loss < record - 0.005 nats "
-                    "(p < 0.01) and Welch's t-test against the record's per-seed values.")
-    parser.add_argument("paths", nargs="+", type=Path, metavar="RUN_OR_RECORD",
-                        help="run directory, record folder, train_seed<N>.log or eval.json (one per seed or folder)")
-    reference = parser.add_mutually_exclusive_group()
-    reference.add_argument("--record", type=Path, metavar="DIR", help="record folder to compare against")
-    reference.add_argument("--record-loss", type=float, metavar="NATS",
-                           help="record val_loss (nats/token) for the one-sample test")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.set_defaults(func=run_stats)

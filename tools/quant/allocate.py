@@ -21,7 +21,7 @@ from torch import Tensor
 
 from eval.progress import packable_progress_bar
 from submission.model import GPT, plain_linears
-from tools.gptq import QuantConfig, dequantize, rtn_quantize
+from tools.quant.gptq import QuantConfig, dequantize, rtn_quantize
 
 
 @dataclass

@@ -1,27 +1,29 @@
-"""The `pgolf` command: one subcommand family per kit module, each registered by that module's add_commands(), and
-the argument checks they share (settings after flags, path kinds)."""
+"""The `pgolf` command: one module of tools/commands/ per subcommand (`pgolf eval` is tools/commands/eval.py), each
+registered by that module's add_commands(), and the argument checks they share (settings after flags, path kinds)."""
 from __future__ import annotations
 
 import argparse
 import importlib
 import re
 import sys
-from pathlib import Path
 
-# Each module defines add_commands(subparsers) and sets `func` on the parsers it adds.
+from tools.paths import expect_output, expect_path
+
+# Each module defines add_commands(subparsers) and sets `func` on the parsers it adds; --help lists them in this order.
 COMMAND_MODULES = [
-    "tools.data",
-    "tools.bench",
-    "tools.stats",
-    "tools.ablation",
-    "tools.check",
-    "tools.size",
-    "tools.pack",
-    "tools.bundle",
-    "tools.train_cmd",
-    "tools.evaluate",
-    "tools.seeds",
-    "tools.record",
+    "tools.commands.data",
+    "tools.commands.bench",
+    "tools.commands.stats",
+    "tools.commands.ablation",
+    "tools.commands.check",
+    "tools.commands.size",
+    "tools.commands.quantize",
+    "tools.commands.pack",
+    "tools.commands.bundle",
+    "tools.commands.train",
+    "tools.commands.eval",
+    "tools.commands.seeds",
+    "tools.commands.record",
 ]
 
 
@@ -44,36 +46,6 @@ def settings_dest(parser: argparse.ArgumentParser, command: str) -> str | None:
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return next((a.dest for a in subparsers.choices[command]._actions
                  if not a.option_strings and a.metavar == "KEY=VALUE"), None)
-
-
-def expect_path(path: str | Path, kind: str, what: str, fix: str) -> Path:
-    """`path` as a Path when it is an existing `kind` ("file" or "folder"); else an OSError that says what is there
-    instead (a folder where a file is expected, or the reverse, or nothing), then the fix in brackets."""
-    path = Path(path)
-    if path.is_dir() if kind == "folder" else path.is_file():
-        return path
-    name = f"{what} {path}" if what else str(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{name} not found ({fix})")
-    if path.is_dir():
-        raise IsADirectoryError(f"{name} is a folder, expected a file ({fix})")
-    if kind == "folder":
-        raise NotADirectoryError(f"{name} is a file, expected a folder ({fix})")
-    raise OSError(f"{name} is not a regular file ({fix})")
-
-
-def expect_output(path: str | Path, kind: str, what: str) -> Path:
-    """An output location, checked before the work that fills it: nothing of the other kind there, and a file's
-    folder exists (a folder is created with its parents)."""
-    path = Path(path)
-    name = f"{what} {path}" if what else str(path)
-    if kind == "file" and path.is_dir():
-        raise IsADirectoryError(f"{name} is a folder, expected a file (name the file to write)")
-    if kind == "folder" and path.exists() and not path.is_dir():
-        raise NotADirectoryError(f"{name} is a file, expected a folder (name a folder to write into)")
-    if kind == "file" and not path.parent.is_dir():
-        raise FileNotFoundError(f"{name}: its folder {path.parent} not found (create it, or name another)")
-    return path
 
 
 def path_arg(kind: str, output: bool = False, fix: str = ""):

@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from tools.paths import expect_path
+
 # Final metric lines, highest priority first: a log is scored by the LAST occurrence of the highest-priority key it
 # contains. Records print several evaluations (pre-quant, round-trip, sliding window, TTT); the score is the last
 # stage of the pipeline, and an `_exact` line (8 decimals) beats its rounded twin.
@@ -261,7 +263,6 @@ def check_consistent(results: list[SeedResult]) -> None:
 
 def load_record(folder: str | Path) -> RecordResults:
     """All seeds of a record folder (one train log per seed) and its submission.json, if present."""
-    from tools.cli import expect_path  # imported here: tools.cli imports this module
     folder = expect_path(folder, "folder", "record folder", "pass the folder holding the train logs")
     logs = record_logs(folder)
     if not logs:

@@ -18,11 +18,11 @@ from submission.config import ModelConfig, TrainConfig, from_dict, to_dict
 from submission.data import load_tokens
 from submission.model import GPT
 from submission.runtime import check_tokenizer, tokenizer_identity, writable_check
-from tools.artifact import (DECIMAL_CAP, MODEL_FILENAME, ArtifactError, fit_to_budget, pack_artifact,
-                            read_artifact, to_state_dict, write_artifact)
-from tools.allocate import Probe, allocate, probe, quantized_names, single_clip_bytes, tensor_sigmas
-from tools.calibrate import CalibConfig, calibrate, synced_clock
-from tools.gptq import QuantConfig, QuantTensor, quantize_state_dict
+from tools.pack.artifact import (DECIMAL_CAP, MODEL_FILENAME, ArtifactError, fit_to_budget, pack_artifact,
+                                 read_artifact, to_state_dict, write_artifact)
+from tools.quant.allocate import Probe, allocate, probe, quantized_names, single_clip_bytes, tensor_sigmas
+from tools.quant.calibrate import CalibConfig, calibrate, synced_clock
+from tools.quant.gptq import QuantConfig, QuantTensor, quantize_state_dict
 
 # The challenge's training cap. Calibrating on train data is legal only inside it, whatever MAX_WALLCLOCK_SECONDS says.
 TRAIN_CAP_SECONDS = 600.0
@@ -249,8 +249,8 @@ def quantize_checkpoint(run_dir: str | os.PathLike, code_bytes: int, quant_cfg: 
 
 def _allocated(probes: list[Probe], quant_cfg: QuantConfig, embedding_names: set[str], uniform_blob: bytes,
                code_bytes: int, quant_record: dict, quantize_and_pack, log, probe_s: float):
-    """Re-quantize with per-matrix clips (tools/allocate.py) sized to the cap; returns (tensors, blob, the artifact's
-    quantization record with each matrix's clip).
+    """Re-quantize with per-matrix clips (tools/quant/allocate.py) sized to the cap; returns (tensors, blob, the
+    artifact's quantization record with each matrix's clip).
 
     The allocation counts code bytes as entropies; the packed size moves by about as much from the single-clip
     artifact, but not exactly (brotli sees more than a histogram, and GPTQ's codes are not RTN's). Each round takes

@@ -12,7 +12,7 @@ from eval.progress import packable_progress_bar
 from submission.config import check_ranges, within
 from submission.data import read_shard, shard_paths
 from submission.model import GPT, CastedLinear, KVCache, plain_linears
-from tools.gptq import HessianStats, collect_hessians
+from tools.quant.gptq import HessianStats, collect_hessians
 
 CALIB_SOURCES = ("generated", "train")
 
