@@ -18,15 +18,23 @@ if [ $# -eq 0 ]; then
   set -- "--ablation" "--lora-ttt LORA_RANK=0 LORA_NGRAM=0 LORA_CHUNK=64" "--lora-ttt LORA_NGRAM=0" "--lora-ttt" \
     "--lora-ttt LORA_PHASES=1" "--lora-ttt LORA_PHASES=2" "--lora-ttt LORA_PHASES=3"
 fi
+# EVAL_JOBS passes at a time (default 1). Side by side they share the GPU, so their seconds and projections are
+# upper bounds: time a pass alone to report its projection.
+i=0
+for pass in "$@"; do
+  i=$((i + 1))
+  # shellcheck disable=SC2086  # a pass is words: flags and KEY=VALUE settings
+  timeout "${PASS_TIMEOUT:-540}" python3 -m tools.commands.cli eval "$run" $pass --out "$out/pass$i.json" \
+    > "$out/pass$i.txt" 2>&1 &
+  if [ "$(jobs -rp | wc -l)" -ge "${EVAL_JOBS:-1}" ]; then wait -n; fi
+done
+wait
 echo "| pass | views (val_bpb) | final | C1-C4 | 8-GPU projection s |"
 echo "|---|---|---|---|---|"
 i=0
 for pass in "$@"; do
   i=$((i + 1))
   json=$out/pass$i.json
-  # shellcheck disable=SC2086  # a pass is words: flags and KEY=VALUE settings
-  timeout "${PASS_TIMEOUT:-540}" python3 -m tools.commands.cli eval "$run" $pass --out "$json" > "$out/pass$i.txt" 2>&1
-  cp "$out/pass$i.txt" "$out/pass$i.log" 2>/dev/null
   python3 - "$json" "$pass" <<'EOF'
 import json, sys
 from pathlib import Path

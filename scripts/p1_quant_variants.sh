@@ -4,8 +4,8 @@
 # e.g. scripts/p1_quant_variants.sh sp8192 "RECIPE=sp8192 DATA_DIR=$BENCH_DATA8 TOKENIZER_PATH=$BENCH_TOKENIZER8" \
 #        "" "LQER_RANK=4" "EMBED_BITS=7 SDCLIP_SIGMAS=11.5"
 # Trains once (P1: 240 s at 98,304 tokens/step; skipped when /tmp/p1/quant_NAME already holds a checkpoint), then runs
-# `pgolf quantize` per variant (an empty string: the run's recipe as is) in its own run directory beside it (the
-# checkpoint hard-linked), fitted under 16,000,000 bytes with the packed program's size, and prints per variant the
+# `pgolf quantize` per variant, side by side (an empty string: the run's recipe as is), each in its own run directory
+# beside it (the checkpoint hard-linked), fitted under 16,000,000 bytes with the packed program's size, and prints per variant the
 # model bytes before fitting, the codes zeroed, the clip floor, the roundtrip val_bpb and its gap to the EMA weights.
 # Logs go to $OUT/NAME/ (default ./p1_out/NAME).
 set -uo pipefail
@@ -26,14 +26,23 @@ fi
 ema=$(grep -oP "^final_prequant val_loss:\S+ val_bpb:\K\S+" "$run/train.log" | tail -1)
 echo "| variant | model bytes before fit | zeroed codes | clip floor | roundtrip val_bpb | gap to EMA ($ema) |"
 echo "|---|---|---|---|---|---|"
+# The variants run side by side (QUANT_JOBS at a time, default all): GPTQ holds the GPU for seconds, the rest is
+# packing and the roundtrip, so one lease measures several.
 i=0
 for variant in "$@"; do
   i=$((i + 1))
   dir=$run/v$i && rm -rf "$dir" && mkdir -p "$dir"
   for f in checkpoint.pt train.log config.json; do ln "$run/$f" "$dir/$f"; done
   # shellcheck disable=SC2086
-  timeout 240 python3 -m tools.commands.cli quantize "$dir" --quiet $variant > "$out/quantize_v$i.txt" 2>&1
-  cp "$dir/quantize.log" "$out/quantize_v$i.log" 2>/dev/null
+  timeout "${QUANT_TIMEOUT:-300}" python3 -m tools.commands.cli quantize "$dir" --quiet $variant \
+    > "$out/quantize_v$i.txt" 2>&1 &
+  if [ "$(jobs -rp | wc -l)" -ge "${QUANT_JOBS:-$#}" ]; then wait -n; fi
+done
+wait
+i=0
+for variant in "$@"; do
+  i=$((i + 1))
+  cp "$run/v$i/quantize.log" "$out/quantize_v$i.log" 2>/dev/null
   log=$out/quantize_v$i.txt
   before=$(grep -oP "model_bytes_before:\K\d+" "$log" | tail -1)
   zeroed=$(grep -oP "^budget: .* zeroed:\K\d+" "$log" | tail -1)
