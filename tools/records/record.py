@@ -378,14 +378,32 @@ def reproduce_section(cfg: RecordConfig, runs: list[SeedRun]) -> str:
 
 
 def readme(cfg: RecordConfig, runs: list[SeedRun], report: StatsReport, data: dict, code_source: str) -> str:
+    """The record folder's README.md: headline, results, significance, compliance, evaluation time and ablation,
+    size, how to reproduce, files; one section function each."""
     results = [r.result for r in runs]
-    n = len(results)
     std_bpb = f" (std {report.val_bpb.std:.8f})" if report.val_bpb.std is not None else ""
     parts = [f"# {cfg.name}", "", data["blurb"], "",
              f"**val_bpb {report.val_bpb.mean:.8f}{std_bpb}, val_loss {report.val_loss.mean:.8f} nats/token, "
-             f"{n} seed(s)** - track {data['track']}, {data['date']}, {data['hardware']}, "
+             f"{len(results)} seed(s)** - track {data['track']}, {data['date']}, {data['hardware']}, "
              f"torch {data.get('pytorch_version', '?')}", ""]
+    parts += _results_section(runs, report, data)
+    parts += _significance_section(report)
+    parts += _compliance_section(runs, data)
+    parts += _evaluation_sections(runs)
+    parts += _size_section(runs, data, code_source)
+    parts += [reproduce_section(cfg, runs), ""]
+    parts += ["## Files", "",
+              f"- `README.md`, `submission.json`, `requirements.txt`",
+              f"- `{CODE_FILENAME}`: the submission (self-extracting; `{CODE_FILENAME}.sha256` lists the modules)",
+              *(f"- `train_seed{r.seed}.log`: the train log of seed {r.seed}" for r in results),
+              f"- `{LOSS_PLOT}`, `{BPB_PLOT}`: plots from the logs", ""]
+    return "\n".join(parts)
 
+
+def _results_section(runs: list[SeedRun], report: StatsReport, data: dict) -> list[str]:
+    """Per-seed score, steps, speed and artifact size with their mean and std, and the two plots."""
+    results = [r.result for r in runs]
+    n = len(results)
     rows = [[str(r.seed), f"{r.val_loss:.8f}", f"{r.val_bpb:.8f}", _fmt(r.steps), _fmt(r.step_avg_ms, ".2f"),
              f"{data['seed_results'][str(r.seed)]['artifact_bytes']:,}"] for r in results]
     rows.append(["mean", f"{report.val_loss.mean:.8f}", f"{report.val_bpb.mean:.8f}",
@@ -394,13 +412,16 @@ def readme(cfg: RecordConfig, runs: list[SeedRun], report: StatsReport, data: di
                       ".2f"), ""])
     if n > 1:
         rows.append(["std", f"{report.val_loss.std:.8f}", f"{report.val_bpb.std:.8f}", "", "", ""])
-    parts += ["## Results", "",
-              _table(["seed", "val_loss (nats)", "val_bpb", "steps", "ms/step", "artifact bytes"], rows), "",
-              "The score of each seed is the last `final_eval_exact` line of its `train_seed<N>.log` (the kit's "
-              "evaluation of the artifact reloaded from its bytes); `val_loss` is mean NLL per token in nats.", "",
-              f"![training loss per seed]({LOSS_PLOT})", "", f"![val_bpb per seed]({BPB_PLOT})", ""]
+    return ["## Results", "",
+            _table(["seed", "val_loss (nats)", "val_bpb", "steps", "ms/step", "artifact bytes"], rows), "",
+            "The score of each seed is the last `final_eval_exact` line of its `train_seed<N>.log` (the kit's "
+            "evaluation of the artifact reloaded from its bytes); `val_loss` is mean NLL per token in nats.", "",
+            f"![training loss per seed]({LOSS_PLOT})", "", f"![val_bpb per seed]({BPB_PLOT})", ""]
 
-    parts += ["## Significance", ""]
+
+def _significance_section(report: StatsReport) -> list[str]:
+    """The rules' t-test against the reference record, when one was given, and the stats summary."""
+    parts = ["## Significance", ""]
     if report.record is None:
         parts += ["No reference record was given (`pgolf record ... --record-folder REF` runs the rules' tests "
                   "against it).", ""]
@@ -421,10 +442,14 @@ def readme(cfg: RecordConfig, runs: list[SeedRun], report: StatsReport, data: di
     # the reference by its folder name: the README must not carry paths of the machine that wrote it
     named = replace(report, record=Path(report.record).name) if report.record else report
     parts += ["```", *summary_lines(named), "```", ""]
+    return parts
 
-    parts += ["## Compliance", "",
-              "Conditions of challenge issue #1017, checked by the evaluation on the real run (eval.json of each "
-              "seed): C1 causal, C2 normalized, C3 score before update, C4 single pass.", ""]
+
+def _compliance_section(runs: list[SeedRun], data: dict) -> list[str]:
+    """C1-C4 per seed, the kit's verification of a packed run, and any condition's details."""
+    parts = ["## Compliance", "",
+             "Conditions of challenge issue #1017, checked by the evaluation on the real run (eval.json of each "
+             "seed): C1 causal, C2 normalized, C3 score before update, C4 single pass.", ""]
     if data.get("compliance") is None:
         parts += ["**Not checked**: at least one seed's eval.json has no compliance report (evaluate with "
                   "compliance on).", ""]
@@ -448,7 +473,12 @@ def readme(cfg: RecordConfig, runs: list[SeedRun], report: StatsReport, data: di
             if any(detail for _, detail in details):
                 parts.append(f"- seed {run.result.seed}: " + "; ".join(f"{c}: {d}" for c, d in details if d))
         parts.append("")
+    return parts
 
+
+def _evaluation_sections(runs: list[SeedRun]) -> list[str]:
+    """Evaluation time per stage with the 8-GPU projection, and the evaluation ablation, where the runs have them."""
+    parts: list[str] = []
     stage_names = sorted({s for r in runs for s in (r.eval_data.get("stages") or {})})
     if stage_names:
         rows = []
@@ -466,24 +496,21 @@ def readme(cfg: RecordConfig, runs: list[SeedRun], report: StatsReport, data: di
         rows = [[str(seed), str(row.get("name")), _fmt(row.get("val_loss"), ".8f"), _fmt(row.get("val_bpb"), ".8f"),
                  _fmt(row.get("seconds"), ".1f")] for seed, row in ablations]
         parts += ["## Ablation", "", _table(["seed", "evaluation", "val_loss", "val_bpb", "seconds"], rows), ""]
+    return parts
 
+
+def _size_section(runs: list[SeedRun], data: dict, code_source: str) -> list[str]:
+    """Code, model and total bytes per seed against the decimal cap."""
     code_bytes = data["bytes_code"]
     rows = [[str(run.result.seed), f"{code_bytes:,}", f"{run.model_bytes:,}", f"{code_bytes + run.model_bytes:,}",
              f"{DECIMAL_CAP - code_bytes - run.model_bytes:,}"] for run in runs]
-    parts += ["## Size", "",
-              _table(["seed", f"code ({CODE_FILENAME})", f"model ({MODEL_FILENAME})", "total", "under the cap by"],
-                     rows), "",
-              f"Decimal bytes; the cap is {DECIMAL_CAP:,}. bytes_total in submission.json is the largest seed's. "
-              f"{CODE_FILENAME} ({code_source}) is generated by the kit's bundler from its readable modules"
-              + (f" (source sha256 {data['code_source_sha256']})" if data.get("code_source_sha256") else "") + ".",
-              ""]
-    parts += [reproduce_section(cfg, runs), ""]
-    parts += ["## Files", "",
-              f"- `README.md`, `submission.json`, `requirements.txt`",
-              f"- `{CODE_FILENAME}`: the submission (self-extracting; `{CODE_FILENAME}.sha256` lists the modules)",
-              *(f"- `train_seed{r.seed}.log`: the train log of seed {r.seed}" for r in results),
-              f"- `{LOSS_PLOT}`, `{BPB_PLOT}`: plots from the logs", ""]
-    return "\n".join(parts)
+    return ["## Size", "",
+            _table(["seed", f"code ({CODE_FILENAME})", f"model ({MODEL_FILENAME})", "total", "under the cap by"],
+                   rows), "",
+            f"Decimal bytes; the cap is {DECIMAL_CAP:,}. bytes_total in submission.json is the largest seed's. "
+            f"{CODE_FILENAME} ({code_source}) is generated by the kit's bundler from its readable modules"
+            + (f" (source sha256 {data['code_source_sha256']})" if data.get("code_source_sha256") else "") + ".",
+            ""]
 
 
 def default_blurb(report: StatsReport) -> str:
