@@ -109,6 +109,26 @@ def _check_rows(norm: dict, view: str, logp: torch.Tensor) -> None:
                                                         torch.minimum(old[1], stats[1]), old[2] + stats[2]])
 
 
+def _score_views(rows, adapters: dict, tokens, score_tokens, c_lo: int, c_hi: int, first: int, nll: dict,
+                 norm: dict) -> None:
+    """A chunk's views (the model's rows, then each adapter's, e.g. the n-gram blend), VIEW_ROWS targets at a time:
+    each view's NLL recorded and a sample of its rows folded into the normalization stats."""
+    n, size = c_hi - c_lo, len(nll["model"])
+    for a in range(0, n, VIEW_ROWS):
+        b = min(a + VIEW_ROWS, n)
+        positions = torch.arange(c_lo + a, c_lo + b, device=rows.device)
+        views = {"model": rows[a:b]}
+        for adapter in adapters.values():
+            views.update(adapter.views(rows[a:b], tokens[:c_hi - 1], positions, tokens[c_lo + a:c_lo + b]))
+        targets = score_tokens[c_lo + a:c_lo + b, None]
+        checked = torch.linspace(0, b - a - 1, min(NORM_ROWS, b - a), device=rows.device).long()
+        for view, logp in views.items():
+            if view not in nll:
+                nll[view] = torch.zeros(size, device=rows.device)
+            nll[view][c_lo - first + a:c_lo - first + b] = -logp.gather(1, targets).squeeze(1)
+            _check_rows(norm, view, logp[checked])
+
+
 def score_stream(model, tokens: torch.Tensor, first: int, end: int, *, context: int, stride: int, chunk: int,
                  batch_windows: int, ttt=None, adapters: dict | None = None, score_tokens: torch.Tensor | None = None,
                  compiled=None, timer: StageTimer | None = None, progress: bool = False,
@@ -187,20 +207,7 @@ def score_stream(model, tokens: torch.Tensor, first: int, end: int, *, context: 
                     i = j
         if rows_mode:
             with timer("views"), torch.no_grad():
-                for a in range(0, n, VIEW_ROWS):
-                    b = min(a + VIEW_ROWS, n)
-                    positions = torch.arange(c_lo + a, c_lo + b, device=device)
-                    views = {"model": rows[a:b]}
-                    for adapter in adapters.values():
-                        views.update(adapter.views(rows[a:b], tokens[:c_hi - 1], positions,
-                                                   tokens[c_lo + a:c_lo + b]))
-                    targets = score_tokens[c_lo + a:c_lo + b, None]
-                    checked = torch.linspace(0, b - a - 1, min(NORM_ROWS, b - a), device=device).long()
-                    for view, logp in views.items():
-                        if view not in nll:
-                            nll[view] = torch.zeros(n_shard + 1, device=device)
-                        nll[view][c_lo - first + a:c_lo - first + b] = -logp.gather(1, targets).squeeze(1)
-                        _check_rows(norm, view, logp[checked])
+                _score_views(rows, adapters, tokens, score_tokens, c_lo, c_hi, first, nll, norm)
         events.append(("score", "", c_lo, c_hi))
         known = tokens[:c_hi]
         for name, adapter in adapters.items():
