@@ -170,13 +170,21 @@ def test_configure_cuda_turns_inductor_mix_order_reductions_off():
     from torch._inductor import config as inductor_config
 
     from submission.runtime import configure_cuda
-    before = inductor_config.triton.mix_order_reduction
+    # configure_cuda sets process-wide flags; all are restored, or later tests run SDPA's math backend on the CPU
+    # instead of its flash kernel (a fresh process's logits then differed from test_quantize's in-process ones)
+    backends = torch.backends.cuda
+    before = (inductor_config.triton.mix_order_reduction, backends.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+              backends.cudnn_sdp_enabled(), backends.flash_sdp_enabled(), backends.mem_efficient_sdp_enabled())
     try:
         inductor_config.triton.mix_order_reduction = True
         configure_cuda()
         assert inductor_config.triton.mix_order_reduction is False
     finally:
-        inductor_config.triton.mix_order_reduction = before
+        inductor_config.triton.mix_order_reduction, backends.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = \
+            before[:3]
+        backends.enable_cudnn_sdp(before[3])
+        backends.enable_flash_sdp(before[4])
+        backends.enable_mem_efficient_sdp(before[5])
 
 
 def test_depth_recurrence_switches_on_at_its_fraction_and_the_recipe_parts_train(sample_shards, tmp_path):
