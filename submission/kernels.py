@@ -184,9 +184,8 @@ def _launch_qkv(kernel, qkv: Tensor, heads: int, kv_heads: int, cos: Tensor, arg
                  R=2 * cos.size(-1), BLOCK=QKV_BLOCK, num_warps=QKV_WARPS, **flags)
 
 
-def _define_ops() -> None:
-    """The custom ops and their backward ops (register_autograd). Defined once per process: a packed program run in
-    a process that imported the kit finds them defined."""
+def _define_xsa() -> None:
+    """pgolf::xsa and its backward op (register_autograd)."""
 
     @torch.library.custom_op("pgolf::xsa", mutates_args=())
     def xsa(y: Tensor, v: Tensor) -> Tensor:
@@ -217,6 +216,10 @@ def _define_ops() -> None:
 
     xsa.register_autograd(lambda ctx, grad: torch.ops.pgolf.xsa_backward(*ctx.saved_tensors, grad),
                           setup_context=setup)
+
+
+def _define_qkv() -> None:
+    """pgolf::qkv_prep (q/k/v split, q/k RMSNorm, q gain, partial RoPE) and its backward op."""
 
     def split_shapes(qkv: Tensor, heads: int, kv_heads: int) -> tuple[tuple, tuple]:
         B, T, C = qkv.shape
@@ -277,6 +280,10 @@ def _define_ops() -> None:
 
     qkv_prep.register_autograd(backward_qkv, setup_context=setup_qkv)
 
+
+def _define_embedding() -> None:
+    """pgolf::embedding, whose backward op is ATen's sort-based embedding_dense_backward (Inductor cannot swap it)."""
+
     @torch.library.custom_op("pgolf::embedding", mutates_args=())
     def embedding(weight: Tensor, idx: Tensor) -> Tensor:
         return F.embedding(idx, weight)
@@ -302,8 +309,11 @@ def _define_ops() -> None:
         setup_context=setup_embedding)
 
 
+# The custom ops are defined once per process: a packed program run in a process that imported the kit finds them.
 if not hasattr(torch.ops.pgolf, "xsa"):
-    _define_ops()
+    _define_xsa()
+    _define_qkv()
+    _define_embedding()
 
 
 def xsa(y: Tensor, v: Tensor) -> Tensor:
