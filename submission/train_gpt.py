@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch.distributed as dist
+
 from eval.bpb import byte_luts
 from eval.run import EvalConfig, evaluate
 from submission.config import ModelConfig, TrainConfig, packed, parse_overrides, resolve
@@ -91,6 +93,8 @@ def main(argv: list[str] | None = None, code_bytes=None, verify=None) -> Path:
     model_bytes = (run_dir / MODEL_FILENAME).stat().st_size
     sizes = {"bytes_total": counted + model_bytes, "bytes_code": counted, "bytes_model": model_bytes}
     evaluate_final(model, run_dir, train_cfg, eval_cfg, log, rank, world_size, stages, sizes, verify)
+    if world_size > 1:  # without it a gloo rank could abort at exit ("terminate called without an active exception")
+        dist.destroy_process_group()
     return run_dir
 
 
