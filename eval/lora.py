@@ -137,12 +137,10 @@ class BatchedLoRA(nn.Module):
                              "documents in the batch)")
         return torch.bmm(torch.bmm(x, A.transpose(1, 2).to(x.dtype)), B.transpose(1, 2).to(x.dtype))
 
-    def head_delta(self, i: int, h: Tensor) -> Tensor | None:
-        """The head adapter's addition to the logits of batch row i (hidden states h [T, D]); None without one."""
-        if "head" not in self.A:
-            return None
-        row = i if self.rows is None else int(self.rows[i])
-        return h @ self.A["head"][row].T.to(h.dtype) @ self.B["head"][row].T.to(h.dtype)
+    def head_delta(self, h: Tensor) -> Tensor | None:
+        """The head adapter's addition to the logits of the batch's rows (hidden states h [rows, T, D]); None
+        without one."""
+        return self.delta("head", h) if "head" in self.A else None
 
     @contextmanager
     def attached(self):
@@ -254,26 +252,31 @@ def score_documents(model, tokens: Tensor, first: int, end: int, *, rank: int, l
                     if lora is not None:
                         lora.rows = torch.tensor(rows, device=device)
 
-                    def chunk_logp():
-                        """Per active document, the log-probabilities [chunk, V] at its chunk's targets (the head and
-                        softmax run only there)."""
-                        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-                            h = model.hidden(x)
-                            out = []
-                            for i, (w0, c_lo, c_hi, *_) in enumerate(spans):
-                                h_i = h[i, c_lo - 1 - w0:c_hi - 1 - w0]
-                                delta = lora.head_delta(i, h_i) if lora is not None else None
-                                out.append(torch.log_softmax(model.head(h_i, delta), -1))
-                        return out
+                    # each row's chunk targets, left-aligned in `chunk` columns (a shorter last chunk is padded by
+                    # repeating its last target: computed, never recorded, weight 0 in the step)
+                    at = torch.tensor([[min(c_lo + t, c_hi - 1) for t in range(chunk)] for _, c_lo, c_hi, *_ in spans],
+                                      device=device)
+                    offset = torch.tensor([1 + w0 for w0, *_ in spans], device=device)[:, None]
 
-                    def step_on(logps):
+                    def chunk_logp():
+                        """Log-probabilities [rows, chunk, V] at each active document's chunk targets (the head and
+                        softmax run only there, for all rows at once)."""
+                        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                            h = model.hidden(x).gather(1, (at - offset)[..., None].expand(-1, -1, model.cfg.model_dim))
+                            delta = lora.head_delta(h) if lora is not None else None
+                            return torch.log_softmax(model.head(h, delta), -1)
+
+                    def step_on(logp):
                         if lora is None:
                             return
-                        live = [-logp.gather(-1, score_tokens[c_lo:c_hi, None]).mean()
-                                for logp, (_, c_lo, c_hi, more, _) in zip(logps, spans) if more or step_before_score]
-                        if live:
+                        # one loss: the sum over the stepping rows of each one's mean NLL over its chunk
+                        weight = torch.tensor([[(t < c_hi - c_lo and (more or step_before_score)) / (c_hi - c_lo)
+                                                for t in range(chunk)] for _, c_lo, c_hi, more, _ in spans],
+                                              device=device)
+                        if weight.any():
                             optimizer.zero_grad(set_to_none=True)
-                            torch.stack(live).sum().backward()
+                            nll_rows = -logp.gather(-1, score_tokens[at][..., None]).squeeze(-1)
+                            (nll_rows * weight).sum().backward()
                             optimizer.step()
                         # what a step reads of the stream: its document's targets up to the chunk's end (the
                         # document's BOS before them is context, the same for every target of the document)
@@ -284,11 +287,12 @@ def score_documents(model, tokens: Tensor, first: int, end: int, *, rank: int, l
                     if step_before_score:  # illegal: the adapter learns the chunk it is about to score
                         step_on(chunk_logp())
                     with torch.no_grad() if lora is None else nullcontext():
-                        logps = chunk_logp()
-                    record_scores(logps, spans, tokens, score_tokens, first, nll, coverage, norm, events, blender)
+                        logp = chunk_logp()
+                    record_scores([logp[i, :c_hi - c_lo] for i, (_, c_lo, c_hi, *_) in enumerate(spans)], spans,
+                                  tokens, score_tokens, first, nll, coverage, norm, events, blender)
                     bar.update(sum(c_hi - c_lo for _, c_lo, c_hi, *_ in spans))
                     if not step_before_score:
-                        step_on(logps)
+                        step_on(logp)
             if not group_end:
                 continue
             done = min(g0 + group_docs, len(docs))

@@ -191,17 +191,18 @@ def test_lora_ttt_is_causal_and_the_illegal_variant_is_caught():
 def test_the_head_adapter_adds_to_the_logits_before_the_cap_for_its_row_only():
     model = tiny_model()
     lora = BatchedLoRA(model, rank=3, batch=3, head=True)
-    h = torch.randn(4, 32)
-    assert not lora.head_delta(1, h).any()  # B starts at zero
-    with torch.no_grad():
-        lora.B["head"].normal_()
+    h = torch.randn(2, 4, 32)
     lora.rows = torch.tensor([2, 0])
-    delta = lora.head_delta(0, h)  # batch row 0 runs document 2
-    torch.testing.assert_close(delta, h @ lora.A["head"][2].T @ lora.B["head"][2].T)
+    with torch.no_grad():
+        assert not lora.head_delta(h).any()  # B starts at zero
+        lora.B["head"].normal_()
+        delta = lora.head_delta(h)
+    for i, row in enumerate((2, 0)):  # batch row 0 runs document 2, row 1 document 0
+        torch.testing.assert_close(delta[i], h[i] @ lora.A["head"][row].T @ lora.B["head"][row].T)
     c = model.cfg.logit_softcap
     want = c * torch.tanh((h @ model.tok_emb.weight.T + delta) / c)
     torch.testing.assert_close(model.head(h, delta), want, rtol=1e-5, atol=1e-5)
-    assert lora.head_delta(0, h).shape == (4, 64) and BatchedLoRA(model, 3, 3).head_delta(0, h) is None
+    assert delta.shape == (2, 4, 64) and BatchedLoRA(model, 3, 3).head_delta(h) is None
 
 
 def test_a_global_phase_trains_the_base_weights_on_exactly_the_documents_scored_before_it():
