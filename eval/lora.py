@@ -72,8 +72,8 @@ class LoraConfig:
 
     PREFIX: typing.ClassVar[str] = "lora_"  # settings are LORA_<FIELD> (submission.config.settings_index)
     RANGES: typing.ClassVar[dict] = {"rank": ">= 0", "lr": ">= 0", "weight_decay": ">= 0", "chunk": ">= 1",
-                                     "batch_docs": ">= 1", "group_docs": ">= 1", "context": ">= 1", "compliance_tokens": ">= 2",
-                                     "phases": ">= 0", "phase_docs": ">= 1", "phase_lr": ">= 0",
+                                     "batch_docs": ">= 1", "group_docs": ">= 1", "context": ">= 1",
+                                     "compliance_tokens": ">= 2", "phases": ">= 0", "phase_docs": ">= 1", "phase_lr": ">= 0",
                                      "phase_momentum": "[0, 1)"}
 
     def __post_init__(self):
