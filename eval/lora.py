@@ -270,14 +270,15 @@ def score_documents(model, tokens: Tensor, first: int, end: int, *, rank: int, l
                         if lora is None:
                             return
                         # one loss: the sum over the stepping rows of each one's mean NLL over its chunk
+                        if not any(more or step_before_score for *_, more, _ in spans):
+                            return  # every row is at its document's last chunk (decided on the host: no sync)
                         weight = torch.tensor([[(t < c_hi - c_lo and (more or step_before_score)) / (c_hi - c_lo)
                                                 for t in range(chunk)] for _, c_lo, c_hi, more, _ in spans],
                                               device=device)
-                        if weight.any():
-                            optimizer.zero_grad(set_to_none=True)
-                            nll_rows = -logp.gather(-1, score_tokens[at][..., None]).squeeze(-1)
-                            (nll_rows * weight).sum().backward()
-                            optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                        nll_rows = -logp.gather(-1, score_tokens[at][..., None]).squeeze(-1)
+                        (nll_rows * weight).sum().backward()
+                        optimizer.step()
                         # what a step reads of the stream: its document's targets up to the chunk's end (the
                         # document's BOS before them is context, the same for every target of the document)
                         for (_, _, c_hi, more, lo) in spans:

@@ -5,8 +5,9 @@
 #        "" "LQER_RANK=4" "EMBED_BITS=7 SDCLIP_SIGMAS=11.5"
 # Trains once (P1: 240 s at 98,304 tokens/step; skipped when /tmp/p1/quant_NAME already holds a checkpoint), then runs
 # `pgolf quantize` per variant, side by side (an empty string: the run's recipe as is), each in its own run directory
-# beside it (the checkpoint hard-linked), fitted under 16,000,000 bytes with the packed program's size, and prints per variant the
-# model bytes before fitting, the codes zeroed, the clip floor, the roundtrip val_bpb and its gap to the EMA weights.
+# beside it (the checkpoint hard-linked), fitted under 16,000,000 bytes with the packed program's size, and prints
+# per variant the model bytes before fitting, the codes zeroed, the clip floor, the roundtrip val_bpb and its gap to
+# the EMA weights.
 # Logs go to $OUT/NAME/ (default ./p1_out/NAME).
 set -uo pipefail
 name=${1:?usage: scripts/p1_quant_variants.sh NAME "TRAIN SETTINGS" "VARIANT" ...}
