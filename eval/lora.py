@@ -44,6 +44,9 @@ class LoraConfig:
     """Targets a document is scored in before each adapter step."""
     head: bool = True
     """An adapter on the output head too (its logits before the soft-cap), as the records had."""
+    last_n: int = 0
+    """Adapters on the last N blocks only (0: every block). The step's backward then stops below block N from the
+    top, which is most of a step's time (some records adapted only the last blocks)."""
     phases: int = 0
     """Global phases: once phase_docs, 2 x phase_docs, ... documents are scored, one epoch of SGD on the base weights
     over exactly those documents (the records: 3 phases, -0.0008 vs 1). 0: off until measured here."""
@@ -72,18 +75,26 @@ class LoraConfig:
 
     PREFIX: typing.ClassVar[str] = "lora_"  # settings are LORA_<FIELD> (submission.config.settings_index)
     RANGES: typing.ClassVar[dict] = {"rank": ">= 0", "lr": ">= 0", "weight_decay": ">= 0", "chunk": ">= 1",
-                                     "batch_docs": ">= 1", "group_docs": ">= 1", "context": ">= 1",
+                                     "batch_docs": ">= 1", "group_docs": ">= 1", "context": ">= 1", "last_n": ">= 0",
                                      "compliance_tokens": ">= 2", "phases": ">= 0", "phase_docs": ">= 1", "phase_lr": ">= 0",
                                      "phase_momentum": "[0, 1)"}
 
     def __post_init__(self):
         check_ranges(self, "lora_")
 
+    def pass_settings(self) -> dict:
+        """score_documents' keyword arguments from these settings (all but ngram and compliance_tokens)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("ngram", "compliance_tokens")}
 
-def adapted_layers(model: nn.Module, targets: tuple[str, ...] = DEFAULT_TARGETS) -> dict[str, CastedLinear]:
-    """The model's linear layers whose names end with one of `targets` (e.g. "blocks.3.attn.c_q"), by name."""
+
+def adapted_layers(model: nn.Module, targets: tuple[str, ...] = DEFAULT_TARGETS,
+                   last_n: int = 0) -> dict[str, CastedLinear]:
+    """The model's linear layers whose names end with one of `targets` (e.g. "blocks.3.attn.c_q"), by name; with
+    last_n, only those of the last last_n blocks."""
+    first = len(model.blocks) - last_n if last_n else 0
     layers = {name: m for name, m in model.named_modules()
-              if isinstance(m, CastedLinear) and any(name == t or name.endswith("." + t) for t in targets)}
+              if isinstance(m, CastedLinear) and any(name == t or name.endswith("." + t) for t in targets)
+              and (not name.startswith("blocks.") or int(name.split(".")[1]) >= first)}
     if not layers:
         raise ValueError(f"LoRA targets {targets} match no linear layer of the model (names like "
                          f"{[n for n, m in model.named_modules() if isinstance(m, CastedLinear)][:3]})")
@@ -97,12 +108,12 @@ class BatchedLoRA(nn.Module):
     some documents of a batch have ended, the scorer runs only the others and their adapters stay in place."""
 
     def __init__(self, model: nn.Module, rank: int, batch: int, targets: tuple[str, ...] = DEFAULT_TARGETS,
-                 seed: int = 0, head: bool = False):
+                 seed: int = 0, head: bool = False, last_n: int = 0):
         super().__init__()
         if rank < 1 or batch < 1:
             raise ValueError(f"LoRA rank {rank} and batch {batch}: both must be >= 1")
         self.rank, self.batch, self.seed = rank, batch, seed
-        self.layers = adapted_layers(model, targets)
+        self.layers = adapted_layers(model, targets, last_n)
         device = next(model.parameters()).device
         self.keys = [name.replace(".", "_") for name in self.layers]
         self.A = nn.ParameterDict({k: nn.Parameter(torch.empty(batch, rank, m.in_features, device=device))
@@ -185,7 +196,7 @@ def _chunk_spans(batch: list[tuple[int, int, int]], step: int, chunk: int, conte
 
 
 def score_documents(model, tokens: Tensor, first: int, end: int, *, rank: int, lr: float, chunk: int,
-                    batch_docs: int, context: int, weight_decay: float = 0.0, head: bool = True,
+                    batch_docs: int, context: int, weight_decay: float = 0.0, head: bool = True, last_n: int = 0,
                     group_docs: int | None = None, phases: int = 0,
                     phase_docs: int = 2000, phase_lr: float = 1e-3, phase_momentum: float = 0.9,
                     ngram: NgramConfig | None = None, score_tokens: Tensor | None = None,
@@ -226,7 +237,7 @@ def score_documents(model, tokens: Tensor, first: int, end: int, *, rank: int, l
         p.requires_grad_(False)
     # Nothing here may depend on how many documents follow (C1 caught a phase schedule that did): always
     # batch_docs adapters, and phases after fixed document counts.
-    lora = BatchedLoRA(model, rank, batch_docs, head=head) if rank else None
+    lora = BatchedLoRA(model, rank, batch_docs, head=head, last_n=last_n) if rank else None
     blender = NgramBlender(model.cfg.vocab_size, ngram, device) if ngram is not None else None
     phase_at = [k * phase_docs for k in range(1, phases + 1)]
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()} if phases else None
@@ -385,10 +396,7 @@ def evaluate_lora(model, val_tokens, luts, cfg: LoraConfig, rank: int = 0, world
     tokens = torch.as_tensor(val_tokens, dtype=torch.long).to(device)
     num_targets = tokens.numel() - 1
     first, end = shard_targets(num_targets, rank, world_size, 1)
-    settings = dict(rank=cfg.rank, lr=cfg.lr, chunk=cfg.chunk, batch_docs=cfg.batch_docs, group_docs=cfg.group_docs,
-                    context=cfg.context,
-                    weight_decay=cfg.weight_decay, head=cfg.head, phases=cfg.phases, phase_docs=cfg.phase_docs,
-                    phase_lr=cfg.phase_lr, phase_momentum=cfg.phase_momentum)
+    settings = cfg.pass_settings()
     log("eval_lora_start", targets=num_targets, shard=f"[{first},{end})", world_size=world_size, ngram=cfg.ngram,
         **settings)
     settings["ngram"] = (ngram or NgramConfig()) if cfg.ngram else None

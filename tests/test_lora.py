@@ -26,6 +26,23 @@ def test_the_adapted_layers_are_every_blocks_attention_and_mlp_projections():
                            for t in ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
     with pytest.raises(ValueError, match="match no linear layer"):
         adapted_layers(tiny_model(), ("lm_head.nothing",))
+    assert sorted(adapted_layers(tiny_model(), last_n=1)) == [n for n in names if n.startswith("blocks.1.")]
+
+
+def test_adapters_on_the_last_blocks_only_leave_the_earlier_blocks_without_a_backward():
+    """LORA_LAST_N=1: a step's loss reaches the last block's adapters (and the head's) and no earlier block runs a
+    backward: the hidden state first entering the last block holds no graph."""
+    model = tiny_model().requires_grad_(False)  # the base weights, as the scorer holds them
+    lora = BatchedLoRA(model, rank=4, batch=2, last_n=1, head=True)
+    assert {k.split("_")[1] for k in lora.keys if k != "head"} == {"1"}
+    seen = []
+    handle = model.blocks[1].register_forward_pre_hook(lambda m, args: seen.append(args[0].requires_grad))
+    with lora.attached():
+        h = model.hidden(torch.randint(0, 64, (2, 12)))
+        model.head(h, lora.head_delta(h)).sum().backward()
+    handle.remove()
+    assert seen[0] is False  # (the tiny model loops block 1: its second run reads the first's adapted output)
+    assert all(p.grad is not None for p in lora.parameters())
 
 
 def test_fresh_adapters_leave_the_model_as_it_is():

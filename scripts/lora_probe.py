@@ -1,0 +1,118 @@
+"""Per-document LoRA TTT on the GPU without a trained artifact: its speed, where the time goes, and its C1 check.
+
+    source .bench/prep.sh && python3 scripts/lora_probe.py [--docs 256] [--profile] [SETTING=VALUE ...]
+
+Builds the recipe's model (seeded random weights, nudged off the zero inits so every layer matters; speed and
+causality do not depend on what the weights learned), scores the first --docs documents of $BENCH_DATA8's val
+shard with eval/lora.py's score_documents under the LORA_ settings given, and prints tokens/s, the 8-GPU projection
+of the full FineWeb val, and C1 as evaluate_lora checks it (with its detail). --profile prints the top CUDA ops.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+from eval.lora import LoraConfig, score_documents, verify_documents
+from eval.run import EVAL_GPUS, FULL_VAL_TOKENS
+from submission.config import ModelConfig, parse_overrides, resolve
+from submission.data import load_tokens
+from submission.model import GPT
+from submission.runtime import configure_cuda
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("settings", nargs="*", help="LORA_<FIELD>=VALUE settings")
+    p.add_argument("--docs", type=int, default=256, help="leading val documents to score")
+    p.add_argument("--profile", action="store_true", help="print the top CUDA ops of a second, profiled pass")
+    p.add_argument("--data", default=os.environ.get("BENCH_DATA8", ""), help="shard folder (default $BENCH_DATA8)")
+    args = p.parse_args()
+    cfg = LoraConfig()
+    for line in resolve(cfg, env={}, cli=parse_overrides(args.settings)):
+        print("setting", line)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        configure_cuda()
+    torch.manual_seed(0)
+    model = GPT(ModelConfig()).to(device)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.02 * torch.randn_like(param))
+    model.eval()
+    tokens = torch.as_tensor(load_tokens(f"{args.data}/fineweb_val_*.bin", model.cfg.vocab_size), dtype=torch.long)
+    starts = (tokens == model.cfg.bos_id).nonzero().flatten().tolist()
+    end = starts[args.docs] + 1 if len(starts) > args.docs else tokens.numel()
+    tokens = tokens[:end].to(device)
+    settings = {**cfg.pass_settings(), "ngram": None}
+    warm = min(tokens.numel(), 1025)
+    score_documents(model, tokens[:warm], 1, warm, **settings)  # warm-up: kernels, autotuning
+    sync(device)
+    start = time.perf_counter()
+    result = score_documents(model, tokens, 1, tokens.numel(), **settings)
+    sync(device)
+    seconds = time.perf_counter() - start
+    n = tokens.numel() - 1
+    projected = seconds * FULL_VAL_TOKENS[model.cfg.vocab_size] / EVAL_GPUS / n
+    nll = result.nll["model"]
+    print(f"docs {args.docs} targets {n} seconds {seconds:.2f} tokens/s {n / seconds:,.0f} "
+          f"projection_8gpu_s {projected:.1f} mean_nll {nll.mean().item():.4f} "
+          f"peak_gib {torch.cuda.max_memory_allocated() / 2**30 if device.type == 'cuda' else 0:.1f}")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            score_documents(model, tokens[:min(n, 60_000) + 1], 1, min(n, 60_000) + 1, **settings)
+            sync(device)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+    start = time.perf_counter()
+    compliance = verify_documents(model, tokens, result, settings, cfg.compliance_tokens, 1, lambda *a, **kv: None)
+    print(f"compliance seconds {time.perf_counter() - start:.1f}")
+    for name, verdict in compliance.items():
+        print(name, "pass" if verdict["passed"] else "FAIL", "-", verdict["detail"])
+    if not compliance["C1"]["passed"]:
+        diagnose_c1(model, tokens, settings, cfg.compliance_tokens)
+
+
+def diagnose_c1(model, tokens: torch.Tensor, settings: dict, compliance_tokens: int) -> None:
+    """Where a failed C1 comes from: how far scores at or before each cut move (max |dNLL|) when the tokens from the
+    cut on are replaced (a) as C1 does, (b) keeping every BOS where it was (the same documents, batches and
+    shapes), (c) as C1 does with one document per batch; and whether two unperturbed runs differ."""
+    from eval.verify import _deterministic
+
+    prefix_end = min(tokens.numel(), 1 + compliance_tokens)
+    half = max((prefix_end - 1) // 2, 1)
+    cuts = [1 + half // 2, min(1 + half + half // 2, prefix_end - 1)]
+    bos, vocab = model.cfg.bos_id, model.cfg.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    base = tokens[:prefix_end]
+
+    def run(context, **over):
+        return score_documents(model, context, 1, prefix_end, score_tokens=base, **{**settings, **over}).nll["model"]
+
+    with _deterministic(tokens.device):
+        for label, over in (("as run", {}), ("one document per batch", {"batch_docs": 1, "group_docs": 1})):
+            control = run(base, **over)
+            print(f"C1 diag [{label}] repeat max|d| {(run(base, **over) - control).abs().max().item():.3g}")
+            for cut in cuts:
+                shift = torch.randint(1, vocab, (prefix_end - cut,), generator=generator).to(tokens.device)
+                moved = base.clone()
+                moved[cut:] = (base[cut:] + shift) % vocab
+                kept = moved.clone()
+                kept[cut:] = torch.where(base[cut:] == bos, bos, torch.where(moved[cut:] == bos, (bos + 1) % vocab,
+                                                                               moved[cut:]))
+                for kind, context in (("BOS moved", moved), ("BOS kept", kept)):
+                    d = (run(context, **over) - control)[:cut]
+                    bad = d.nonzero().flatten()
+                    print(f"C1 diag [{label}] cut {cut} {kind}: {bad.numel()} of {cut} scores moved, max|d| "
+                          f"{d.abs().max().item():.3g}, first at {1 + int(bad[0]) if bad.numel() else '-'}")
+
+
+if __name__ == "__main__":
+    main()
