@@ -241,11 +241,21 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, overrides: list[str] | None 
 
     model.set_qat(False)
     model.looping = loops  # the schedule the built model runs, which quantization and evaluation use
+    finish(model, ema, val_tokens, luts, cfg, {"model_config": to_dict(model_cfg), "train_config": to_dict(cfg),
+                                               "tokenizer": tokenizer, "steps": step}, run_dir, log, rank, world_size)
+    if world_size > 1:
+        dist.barrier()
+    return run_dir
+
+
+def finish(model, ema, val_tokens, luts, cfg: TrainConfig, checkpoint: dict, run_dir: Path, log, rank: int,
+           world_size: int) -> None:
+    """After the last step: the raw and (with EMA) averaged weights' val scores, and checkpoint.pt (the run's facts
+    in `checkpoint`, plus both state dicts; the EMA weights are the ones quantized and scored)."""
     acc = _validate(model, val_tokens, luts, cfg, rank, world_size)
     log("final_raw", val_loss=round(acc.val_loss, 6), val_bpb=round(acc.val_bpb, 6))
-    checkpoint = {"model_config": to_dict(model_cfg), "train_config": to_dict(cfg), "tokenizer": tokenizer,
-                  "steps": step, "ema_state_dict": None,
-                  "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+    checkpoint.update(ema_state_dict=None,
+                      state_dict={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
     if ema is not None:
         raw = copy.deepcopy(model.state_dict())
         model.load_state_dict(ema.state_dict_like(model))
@@ -259,11 +269,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, overrides: list[str] | None 
         tmp = run_dir / "checkpoint.pt.tmp"
         torch.save(checkpoint, tmp)
         os.replace(tmp, run_dir / "checkpoint.pt")
-    log("final_prequant", val_loss=round(acc.val_loss, 6), val_bpb=round(acc.val_bpb, 6), steps=step,
+    log("final_prequant", val_loss=round(acc.val_loss, 6), val_bpb=round(acc.val_bpb, 6), steps=checkpoint["steps"],
         weights="ema" if ema is not None else "raw", checkpoint=str(run_dir / "checkpoint.pt"))
-    if world_size > 1:
-        dist.barrier()
-    return run_dir
 
 
 def _validate(model, val_tokens, luts, cfg: TrainConfig, rank: int, world_size: int):
