@@ -12,13 +12,15 @@ def _verdict(passed: bool, detail: str) -> dict:
 
 
 def check_causality(run, tokens: torch.Tensor, first: int, end: int, cuts: list[int], vocab_size: int,
-                    seed: int = 0) -> dict:
+                    seed: int = 0, keep: int | None = None) -> dict:
     """C1: p_t depends only on x_1..x_{t-1}. run(context_tokens, score_tokens) -> {view: NLL per target of
     [first, end)} runs the whole stream (adapters included) from the same initial state. For each cut t, every
     token from t on is replaced in the context stream while the scored targets stay the original ones: the scores
     at positions <= t must be bit-identical to an unperturbed run, so an adapter that reads x_t (its own target) or
     anything later, or learns from a token before scoring it, changes them. Two unperturbed runs must agree
-    first, otherwise differences would be noise (on GPU: run with deterministic algorithms)."""
+    first, otherwise differences would be noise (on GPU: run with deterministic algorithms).
+    keep: a token id that stays where it is and appears nowhere else after the cut (the BOS: the documents, and so
+    a per-document pass's batches and their shapes, stay the same; what is replaced is every other token)."""
     control = run(tokens, tokens)
     repeat = run(tokens, tokens)
     for view, nll in control.items():
@@ -32,16 +34,23 @@ def check_causality(run, tokens: torch.Tensor, first: int, end: int, cuts: list[
         shift = torch.randint(1, vocab_size, (tokens.numel() - cut,), generator=generator).to(tokens.device)
         perturbed = tokens.clone()
         perturbed[cut:] = (tokens[cut:] + shift) % vocab_size  # every token from the cut on differs
+        if keep is not None:  # (needs vocab_size >= 3 so that a replaced token can avoid both keep and itself)
+            moved, original = perturbed[cut:], tokens[cut:]
+            alternative = torch.where(original == (keep + 1) % vocab_size, keep + 2, keep + 1) % vocab_size
+            moved[moved == keep] = alternative[moved == keep]
+            moved[original == keep] = keep
         out = run(perturbed, tokens)
-        keep = cut - first + 1
+        upto = cut - first + 1
         for view, nll in control.items():
-            same = nll[:keep] == out[view][:keep]
+            same = nll[:upto] == out[view][:upto]
             if not bool(same.all()):
                 position = first + int((~same).nonzero()[0])
                 return _verdict(False, f"view {view}: the score at position {position} changed when the tokens from "
-                                f"{cut} on were replaced (p_{position} depends on x_{cut} or later)")
-    return _verdict(True, f"replacing every token from each of the cuts {cuts} on left all scores at or before the "
-                    f"cut bit-identical (targets [{first}, {end}), views {', '.join(control)}; an unperturbed "
+                                f"{cut} on were replaced{'' if keep is None else f' (token {keep} kept in place)'} "
+                                f"(p_{position} depends on x_{cut} or later)")
+    kept = "" if keep is None else f" but token {keep}"
+    return _verdict(True, f"replacing every token{kept} from each of the cuts {cuts} on left all scores at or before "
+                    f"the cut bit-identical (targets [{first}, {end}), views {', '.join(control)}; an unperturbed "
                     "repeat run is identical)")
 
 

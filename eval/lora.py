@@ -76,8 +76,8 @@ class LoraConfig:
     PREFIX: typing.ClassVar[str] = "lora_"  # settings are LORA_<FIELD> (submission.config.settings_index)
     RANGES: typing.ClassVar[dict] = {"rank": ">= 0", "lr": ">= 0", "weight_decay": ">= 0", "chunk": ">= 1",
                                      "batch_docs": ">= 1", "group_docs": ">= 1", "context": ">= 1", "last_n": ">= 0",
-                                     "compliance_tokens": ">= 2", "phases": ">= 0", "phase_docs": ">= 1", "phase_lr": ">= 0",
-                                     "phase_momentum": "[0, 1)"}
+                                     "compliance_tokens": ">= 2", "phases": ">= 0", "phase_docs": ">= 1",
+                                     "phase_lr": ">= 0", "phase_momentum": "[0, 1)"}
 
     def __post_init__(self):
         check_ranges(self, "lora_")
@@ -433,8 +433,13 @@ def evaluate_lora(model, val_tokens, luts, cfg: LoraConfig, rank: int = 0, world
 
 def verify_documents(model, tokens: Tensor, result, settings: dict, compliance_tokens: int, world_size: int,
                      log) -> dict:
-    """C1-C4 of a per-document pass: C1 re-runs it 4x on the first compliance_tokens targets with a cut in each
-    half; C3 in any order (documents interleave); C4 over every rank's coverage."""
+    """C1-C4 of a per-document pass. C1 re-runs it on the first compliance_tokens targets with a cut in each half,
+    twice over: (1) as it ran, every token after the cut replaced except the BOS tokens, so no score may depend on
+    any later token's content; (2) one document per batch, every token replaced (later documents move, end and
+    vanish), so no score may depend on where later documents lie either. Why two: on a GPU a batch's matmuls round
+    differently when its shape changes, and moving a later document reshapes the batches an earlier one shares, so
+    form (1) alone keeps shapes fixed and form (2) runs without batch-mates; rows never mix (tests/test_lora.py).
+    C3 in any order (documents interleave); C4 over every rank's coverage."""
     from eval.compliance import check_causality, check_coverage, check_events_any_order, check_normalization, \
         coverage_summary
     from eval.run import distributed
@@ -444,10 +449,18 @@ def verify_documents(model, tokens: Tensor, result, settings: dict, compliance_t
     prefix_end = min(tokens.numel(), 1 + compliance_tokens)
     half = max((prefix_end - 1) // 2, 1)
     cuts = [1 + half // 2, min(1 + half + half // 2, prefix_end - 1)]
-    with _deterministic(device):
-        c1 = check_causality(lambda context, score: score_documents(model, context, 1, prefix_end,
-                                                                    score_tokens=score, **settings).nll,
-                             tokens[:prefix_end], 1, prefix_end, cuts, model.cfg.vocab_size)
+    def run(**over):
+        return lambda context, score: score_documents(model, context, 1, prefix_end, score_tokens=score,
+                                                      **{**settings, **over}).nll
+
+    with _deterministic(device):  # the real batches with every BOS kept; then one document per batch, BOS moved
+        content = check_causality(run(), tokens[:prefix_end], 1, prefix_end, cuts, model.cfg.vocab_size,
+                                  keep=model.cfg.bos_id)
+        alone = check_causality(run(batch_docs=1, group_docs=1), tokens[:prefix_end], 1, prefix_end, cuts,
+                                model.cfg.vocab_size)
+    c1 = {"passed": content["passed"] and alone["passed"],
+          "detail": f"as run, documents kept in place: {content['detail']}; one document per batch, documents "
+                    f"moved too: {alone['detail']}"}
     summary = torch.tensor(coverage_summary(first, end, result.coverage), device=device)
     c3 = check_events_any_order(result.events, first, end)
     summaries = [summary.tolist()]

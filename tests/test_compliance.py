@@ -197,6 +197,37 @@ def test_c1_refuses_to_judge_a_run_that_is_not_reproducible():
     assert not verdict["passed"] and "not reproducible" in verdict["detail"]
 
 
+def test_c1_keeping_the_bos_in_place_replaces_every_other_token_and_still_catches_a_read_of_later_content():
+    """keep=BOS: the documents stay where they are (so a per-document pass batches them the same way) while every
+    other token from the cut on is replaced and none becomes a BOS. A score that reads a later token's content is
+    still caught; one that reads only where later documents start passes this form (the plain form catches it)."""
+    vocab, bos = 7, 1
+    tokens = torch.tensor([bos, 3, 4, 2, 2, bos, 5, 6, 6, 3, bos, 2, 4] * 4)
+    seen = []
+
+    def record(context_tokens, score_tokens):
+        seen.append(context_tokens.clone())
+        return {"model": torch.zeros(tokens.numel() - 1)}
+
+    assert check_causality(record, tokens, 1, tokens.numel(), [20], vocab, keep=bos)["passed"]
+    perturbed = seen[-1]
+    assert torch.equal(perturbed[:20], tokens[:20])
+    assert torch.equal(perturbed[20:] == bos, tokens[20:] == bos)
+    assert bool((perturbed[20:] != tokens[20:])[tokens[20:] != bos].all())
+
+    def reads_the_next_token(context_tokens, score_tokens):  # p_t from x_t: a leak of content
+        return {"model": context_tokens[1:].float()}
+
+    def reads_where_documents_start(context_tokens, score_tokens):  # p_t from the count of BOS after it
+        after = (context_tokens == bos).flip(0).cumsum(0).flip(0)[1:]
+        return {"model": after.float()}
+
+    for keep in (None, bos):
+        assert not check_causality(reads_the_next_token, tokens, 1, tokens.numel(), [20], vocab, keep=keep)["passed"]
+    assert not check_causality(reads_where_documents_start, tokens, 1, tokens.numel(), [20], vocab)["passed"]
+    assert check_causality(reads_where_documents_start, tokens, 1, tokens.numel(), [20], vocab, keep=bos)["passed"]
+
+
 def test_c3_in_any_order_lets_documents_interleave_and_catches_an_update_before_its_score():
     """Per-document TTT scores documents side by side: chunk 2 of document B may come before chunk 1 of document A,
     but an adapter step may read only tokens already scored (the deliberately illegal variant steps on a chunk,

@@ -205,6 +205,22 @@ def test_lora_ttt_is_causal_and_the_illegal_variant_is_caught():
     assert not verdict["passed"] and "update before score" in verdict["detail"]
 
 
+def test_the_pass_check_runs_c1_as_run_with_documents_in_place_and_alone_with_documents_moved():
+    """verify_documents' C1 (what `pgolf eval --lora-ttt` reports): both forms pass on the legal pass, and the
+    illegal variant fails both."""
+    from eval.lora import verify_documents
+    model, tokens = tiny_model(), _stream()
+    settings = dict(rank=4, lr=0.05, chunk=5, batch_docs=2, context=16)
+    result = _score(model, tokens, **settings)
+    c1 = verify_documents(model, tokens, result, settings, 100, 1, lambda *a, **k: None)["C1"]
+    assert c1["passed"], c1
+    assert "documents kept in place: replacing every token but token 1" in c1["detail"]
+    assert "one document per batch, documents moved too: replacing every token from" in c1["detail"]
+    illegal = {**settings, "step_before_score": True}
+    c1 = verify_documents(model, tokens, _score(model, tokens, **illegal), illegal, 100, 1, lambda *a, **k: None)["C1"]
+    assert not c1["passed"] and c1["detail"].count("changed when the tokens") == 2, c1
+
+
 def test_the_head_adapter_adds_to_the_logits_before_the_cap_for_its_row_only():
     model = tiny_model()
     lora = BatchedLoRA(model, rank=3, batch=3, head=True)
