@@ -224,106 +224,126 @@ def score_documents(model, tokens: Tensor, first: int, end: int, *, rank: int, l
     from eval.stream import StreamResult
 
     device = tokens.device
-    score_tokens = tokens if score_tokens is None else score_tokens
     docs = document_targets(tokens, first, end, model.cfg.bos_id)
-    n = end - first
     views = ("model", "blend") if ngram is not None else ("model",)
-    nll = {view: torch.zeros(n, device=device) for view in views}
-    coverage = torch.zeros(n, dtype=torch.int32, device=device)
-    norm: dict[str, Tensor] = {}
-    events: list[tuple[str, str, int, int]] = []
+    out = _Record(tokens, tokens if score_tokens is None else score_tokens, first,
+                  {view: torch.zeros(end - first, device=device) for view in views},
+                  torch.zeros(end - first, dtype=torch.int32, device=device), {}, [],
+                  NgramBlender(model.cfg.vocab_size, ngram, device) if ngram is not None else None)
     base = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in base:
         p.requires_grad_(False)
     # Nothing here may depend on how many documents follow (C1 caught a phase schedule that did): always
     # batch_docs adapters, and phases after fixed document counts.
     lora = BatchedLoRA(model, rank, batch_docs, head=head, last_n=last_n) if rank else None
-    blender = NgramBlender(model.cfg.vocab_size, ngram, device) if ngram is not None else None
     phase_at = [k * phase_docs for k in range(1, phases + 1)]
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()} if phases else None
-    bar = progress_bar(total=n, desc="lora ttt" if rank else "documents", unit="tok", unit_scale=True,
+    bar = progress_bar(total=end - first, desc="lora ttt" if rank else "documents", unit="tok", unit_scale=True,
                        disable=not progress, leave=False)
     group_docs = group_docs or batch_docs
-    batches = [(g0, group[b0:b0 + batch_docs], b0 + batch_docs >= len(group))
-               for g0 in range(0, len(docs), group_docs)
-               for group in [sorted(docs[g0:g0 + group_docs], key=lambda d: d[1] - d[2])]
-               for b0 in range(0, len(group), batch_docs)]
     try:
-        for g0, batch, group_end in batches:
+        for g0, batch, group_end in group_batches(docs, group_docs, batch_docs):
             with lora.attached() if lora is not None else nullcontext():
+                optimizer = None
                 if lora is not None:
                     lora.reset()
                     optimizer = torch.optim.AdamW(lora.parameters(), lr=lr, weight_decay=weight_decay)
                 for step in range(max(-(-(hi - lo) // chunk) for _, lo, hi in batch)):
-                    rows, spans = _chunk_spans(batch, step, chunk, context)
-                    width = max(c_hi - 1 - w0 for w0, _, c_hi, *_ in spans)
-                    x = torch.zeros(len(rows), width, dtype=torch.long, device=device)  # right padding: causal
-                    for i, (w0, _, c_hi, *_) in enumerate(spans):
-                        x[i, :c_hi - 1 - w0] = tokens[w0:c_hi - 1]
-                    if lora is not None:
-                        lora.rows = torch.tensor(rows, device=device)
-
-                    # each row's chunk targets, left-aligned in `chunk` columns (a shorter last chunk is padded by
-                    # repeating its last target: computed, never recorded, weight 0 in the step)
-                    at = torch.tensor([[min(c_lo + t, c_hi - 1) for t in range(chunk)] for _, c_lo, c_hi, *_ in spans],
-                                      device=device)
-                    offset = torch.tensor([1 + w0 for w0, *_ in spans], device=device)[:, None]
-
-                    def chunk_logp():
-                        """Log-probabilities [rows, chunk, V] at each active document's chunk targets (the head and
-                        softmax run only there, for all rows at once)."""
-                        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-                            h = model.hidden(x).gather(1, (at - offset)[..., None].expand(-1, -1, model.cfg.model_dim))
-                            delta = lora.head_delta(h) if lora is not None else None
-                            return torch.log_softmax(model.head(h, delta), -1)
-
-                    def step_on(logp):
-                        if lora is None:
-                            return
-                        # one loss: the sum over the stepping rows of each one's mean NLL over its chunk
-                        if not any(more or step_before_score for *_, more, _ in spans):
-                            return  # every row is at its document's last chunk (decided on the host: no sync)
-                        weight = torch.tensor([[(t < c_hi - c_lo and (more or step_before_score)) / (c_hi - c_lo)
-                                                for t in range(chunk)] for _, c_lo, c_hi, more, _ in spans],
-                                              device=device)
-                        optimizer.zero_grad(set_to_none=True)
-                        nll_rows = -logp.gather(-1, score_tokens[at][..., None]).squeeze(-1)
-                        (nll_rows * weight).sum().backward()
-                        optimizer.step()
-                        # what a step reads of the stream: its document's targets up to the chunk's end (the
-                        # document's BOS before them is context, the same for every target of the document)
-                        for (_, _, c_hi, more, lo) in spans:
-                            if more or step_before_score:
-                                events.append(("update", "lora", lo, c_hi))
-
-                    if step_before_score:  # illegal: the adapter learns the chunk it is about to score
-                        step_on(chunk_logp())
-                    with torch.no_grad() if lora is None else nullcontext():
-                        logp = chunk_logp()
-                    record_scores([logp[i, :c_hi - c_lo] for i, (_, c_lo, c_hi, *_) in enumerate(spans)], spans,
-                                  tokens, score_tokens, first, nll, coverage, norm, events, blender)
-                    bar.update(sum(c_hi - c_lo for _, c_lo, c_hi, *_ in spans))
-                    if not step_before_score:
-                        step_on(logp)
+                    bar.update(_chunk_step(model, lora, optimizer, _chunk_spans(batch, step, chunk, context), chunk,
+                                           out, step_before_score))
             if not group_end:
                 continue
             done = min(g0 + group_docs, len(docs))
             lo, hi = docs[g0][1], docs[done - 1][2]  # the group's targets: consecutive in the stream
-            if blender is not None:  # the group is scored: the n-gram may count it
-                blender.update(tokens, torch.arange(lo, hi, device=device))
-                events.append(("update", "ngram", lo, hi))
+            if out.blender is not None:  # the group is scored: the n-gram may count it
+                out.blender.update(tokens, torch.arange(lo, hi, device=device))
+                out.events.append(("update", "ngram", lo, hi))
             if phase_at and done >= phase_at[0] and done < len(docs):  # on the base weights, the documents so far
                 phase_at.pop(0)
                 global_phase(model, tokens, docs[:done], lr=phase_lr, momentum=phase_momentum, context=context,
                              batch_seqs=batch_docs)
-                events.extend(("update", "phase", lo, hi) for _, lo, hi in docs[:done])
+                out.events.extend(("update", "phase", lo, hi) for _, lo, hi in docs[:done])
     finally:
         bar.close()
         for p, flag in base:
             p.requires_grad_(flag)
         if initial is not None:
             model.load_state_dict(initial)
-    return StreamResult(first, end, nll, coverage, norm, events)
+    return StreamResult(first, end, out.nll, out.coverage, out.norm, out.events)
+
+
+@dataclass
+class _Record:
+    """What a per-document pass reads (the context tokens, the tokens targets are scored against) and records (NLL
+    per view from target `first` on, coverage, normalization rows, events; the n-gram blender)."""
+    tokens: Tensor
+    score_tokens: Tensor
+    first: int
+    nll: dict[str, Tensor]
+    coverage: Tensor
+    norm: dict[str, Tensor]
+    events: list[tuple[str, str, int, int]]
+    blender: NgramBlender | None
+
+
+def group_batches(docs: list[tuple[int, int, int]], group_docs: int, batch_docs: int):
+    """(index of the group's first document, batch, whether the batch ends its group) in the order they run: groups
+    of group_docs consecutive documents, each sorted by length (longest first) and cut into batches of batch_docs."""
+    return [(g0, group[b0:b0 + batch_docs], b0 + batch_docs >= len(group))
+            for g0 in range(0, len(docs), group_docs)
+            for group in [sorted(docs[g0:g0 + group_docs], key=lambda d: d[1] - d[2])]
+            for b0 in range(0, len(group), batch_docs)]
+
+
+def _chunk_step(model, lora: BatchedLoRA | None, optimizer, step_spans, chunk: int, out: _Record,
+                step_before_score: bool) -> int:
+    """One step of a batch: every active document's next chunk scored from its own prefix (recorded in `out`),
+    then one adapter step on those chunks (before scoring them in the illegal variant). Returns the targets scored."""
+    rows, spans = step_spans
+    device, tokens = out.tokens.device, out.tokens
+    width = max(c_hi - 1 - w0 for w0, _, c_hi, *_ in spans)
+    x = torch.zeros(len(rows), width, dtype=torch.long, device=device)  # right padding: causal
+    for i, (w0, _, c_hi, *_) in enumerate(spans):
+        x[i, :c_hi - 1 - w0] = tokens[w0:c_hi - 1]
+    if lora is not None:
+        lora.rows = torch.tensor(rows, device=device)
+    # each row's chunk targets, left-aligned in `chunk` columns (a shorter last chunk is padded by repeating its
+    # last target: computed, never recorded, weight 0 in the step)
+    at = torch.tensor([[min(c_lo + t, c_hi - 1) for t in range(chunk)] for _, c_lo, c_hi, *_ in spans], device=device)
+    offset = torch.tensor([1 + w0 for w0, *_ in spans], device=device)[:, None]
+
+    def chunk_logp():
+        """Log-probabilities [rows, chunk, V] at each active document's chunk targets (the head and softmax run
+        only there, for all rows at once)."""
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            h = model.hidden(x).gather(1, (at - offset)[..., None].expand(-1, -1, model.cfg.model_dim))
+            delta = lora.head_delta(h) if lora is not None else None
+            return torch.log_softmax(model.head(h, delta), -1)
+
+    def step_on(logp):
+        # one loss: the sum over the stepping rows of each one's mean NLL over its chunk
+        if lora is None or not any(more or step_before_score for *_, more, _ in spans):
+            return  # no adapter, or every row is at its document's last chunk (decided on the host: no sync)
+        weight = torch.tensor([[(t < c_hi - c_lo and (more or step_before_score)) / (c_hi - c_lo)
+                                for t in range(chunk)] for _, c_lo, c_hi, more, _ in spans], device=device)
+        optimizer.zero_grad(set_to_none=True)
+        nll_rows = -logp.gather(-1, out.score_tokens[at][..., None]).squeeze(-1)
+        (nll_rows * weight).sum().backward()
+        optimizer.step()
+        # what a step reads of the stream: its document's targets up to the chunk's end (the document's BOS
+        # before them is context, the same for every target of the document)
+        out.events.extend(("update", "lora", lo, c_hi) for _, _, c_hi, more, lo in spans
+                          if more or step_before_score)
+
+    if step_before_score:  # illegal: the adapter learns the chunk it is about to score
+        step_on(chunk_logp())
+    with torch.no_grad() if lora is None else nullcontext():
+        logp = chunk_logp()
+    record_scores([logp[i, :c_hi - c_lo] for i, (_, c_lo, c_hi, *_) in enumerate(spans)], spans, tokens,
+                  out.score_tokens, out.first, out.nll, out.coverage, out.norm, out.events, out.blender)
+    if not step_before_score:
+        step_on(logp)
+    return sum(c_hi - c_lo for _, c_lo, c_hi, *_ in spans)
 
 
 @torch.no_grad()
