@@ -182,16 +182,19 @@ def document_targets(tokens: Tensor, first: int, end: int, bos_id: int) -> list[
     return out
 
 
-def _chunk_spans(batch: list[tuple[int, int, int]], step: int, chunk: int, context: int):
+def _chunk_spans(batch: list[tuple[int, int, int]], step: int, chunk: int, context: int, end: int):
     """For step `step` of a batch: the rows (documents) that still have targets, and per row (window start,
-    chunk lo, chunk hi, whether more chunks follow, the document's first target)."""
+    chunk lo, chunk hi, whether more chunks follow, the document's first target). The window is that of a full
+    chunk even where the document ends sooner (at most `context` tokens before the chunk's last column; only the
+    stream's `end`, its known length, cuts a chunk short), so where a document ends, which only later tokens tell,
+    moves no window: C1 caught a window that started earlier when the document's last chunk was short."""
     rows, spans = [], []
     for row, (start, lo, hi) in enumerate(batch):
         c_lo = lo + step * chunk
         if c_lo < hi:
-            c_hi = min(c_lo + chunk, hi)
             rows.append(row)
-            spans.append((max(start, c_hi - 1 - context), c_lo, c_hi, c_hi < hi, lo))
+            last = min(c_lo + chunk, end) - 1
+            spans.append((max(start, last - context), c_lo, min(c_lo + chunk, hi), c_lo + chunk < hi, lo))
     return rows, spans
 
 
@@ -226,7 +229,7 @@ def score_documents(model, tokens: Tensor, first: int, end: int, *, rank: int, l
     device = tokens.device
     docs = document_targets(tokens, first, end, model.cfg.bos_id)
     views = ("model", "blend") if ngram is not None else ("model",)
-    out = _Record(tokens, tokens if score_tokens is None else score_tokens, first,
+    out = _Record(tokens, tokens if score_tokens is None else score_tokens, first, end,
                   {view: torch.zeros(end - first, device=device) for view in views},
                   torch.zeros(end - first, dtype=torch.int32, device=device), {}, [],
                   NgramBlender(model.cfg.vocab_size, ngram, device) if ngram is not None else None)
@@ -249,8 +252,8 @@ def score_documents(model, tokens: Tensor, first: int, end: int, *, rank: int, l
                     lora.reset()
                     optimizer = torch.optim.AdamW(lora.parameters(), lr=lr, weight_decay=weight_decay)
                 for step in range(max(-(-(hi - lo) // chunk) for _, lo, hi in batch)):
-                    bar.update(_chunk_step(model, lora, optimizer, _chunk_spans(batch, step, chunk, context), chunk,
-                                           out, step_before_score))
+                    spans = _chunk_spans(batch, step, chunk, context, end)
+                    bar.update(_chunk_step(model, lora, optimizer, spans, chunk, out, step_before_score))
             if not group_end:
                 continue
             done = min(g0 + group_docs, len(docs))
@@ -274,11 +277,13 @@ def score_documents(model, tokens: Tensor, first: int, end: int, *, rank: int, l
 
 @dataclass
 class _Record:
-    """What a per-document pass reads (the context tokens, the tokens targets are scored against) and records (NLL
-    per view from target `first` on, coverage, normalization rows, events; the n-gram blender)."""
+    """What a per-document pass reads (the context tokens, the tokens targets are scored against, its targets
+    [first, end)) and records (NLL per view from target `first` on, coverage, normalization rows, events; the
+    n-gram blender)."""
     tokens: Tensor
     score_tokens: Tensor
     first: int
+    end: int
     nll: dict[str, Tensor]
     coverage: Tensor
     norm: dict[str, Tensor]
@@ -301,8 +306,11 @@ def _chunk_step(model, lora: BatchedLoRA | None, optimizer, step_spans, chunk: i
     then one adapter step on those chunks (before scoring them in the illegal variant). Returns the targets scored."""
     rows, spans = step_spans
     device, tokens = out.tokens.device, out.tokens
-    width = max(c_hi - 1 - w0 for w0, _, c_hi, *_ in spans)
-    x = torch.zeros(len(rows), width, dtype=torch.long, device=device)  # right padding: causal
+    # every row as wide as its full chunk's window (the same width for every row a step, but for a document that
+    # began before `first`), so that a batch's shape does not depend on where its documents end; right padding
+    # (zeros where a document ended) lies after every scored position: causal
+    width = max(min(c_lo + chunk, out.end) - 1 - w0 for w0, c_lo, *_ in spans)
+    x = torch.zeros(len(rows), width, dtype=torch.long, device=device)
     for i, (w0, _, c_hi, *_) in enumerate(spans):
         x[i, :c_hi - 1 - w0] = tokens[w0:c_hi - 1]
     if lora is not None:

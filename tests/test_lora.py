@@ -205,6 +205,22 @@ def test_lora_ttt_is_causal_and_the_illegal_variant_is_caught():
     assert not verdict["passed"] and "update before score" in verdict["detail"]
 
 
+def test_where_a_document_ends_moves_no_window_of_its_last_chunk():
+    """A long document's last chunk is short when the next BOS comes early. Its window is still that of a full chunk
+    (at most `context` before the chunk's last column): C1 on the GPU caught a window that reached further back when
+    the chunk was short, so replacing the BOS after the cut (the document goes on) changed the score at the cut."""
+    from eval.compliance import check_causality
+    model = tiny_model()
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.cat([torch.tensor([1]), torch.randint(2, 64, (40,), generator=g), torch.tensor([1]),
+                        torch.randint(2, 64, (20,), generator=g)])
+
+    def run(context, score):
+        return _score(model, context, score_tokens=score, rank=0, chunk=5, context=16).nll
+
+    assert check_causality(run, tokens, 1, tokens.numel(), [41], 64)["passed"]  # 41: the BOS, alone in its chunk
+
+
 def test_the_pass_check_runs_c1_as_run_with_documents_in_place_and_alone_with_documents_moved():
     """verify_documents' C1 (what `pgolf eval --lora-ttt` reports): both forms pass on the legal pass, and the
     illegal variant fails both."""
@@ -264,8 +280,8 @@ def test_a_global_phase_trains_the_base_weights_on_exactly_the_documents_scored_
 
 def test_rank_zero_is_document_masked_scoring_each_target_from_its_own_document():
     """LORA_RANK=0: no adapter. Every target is scored by the frozen model from a window inside its own document:
-    at most `context` tokens back from its chunk's end, never before the document's BOS (reference: one forward per
-    target over exactly that window)."""
+    at most `context` tokens back from its chunk's end (as if the chunk were full), never before the document's BOS
+    (reference: one forward per target over exactly that window)."""
     from eval.lora import document_targets
     model = tiny_model()
     tokens = _stream()
@@ -275,8 +291,9 @@ def test_rank_zero_is_document_masked_scoring_each_target_from_its_own_document(
     with torch.no_grad():
         for start, lo, hi in document_targets(tokens, 1, tokens.numel(), 1):
             for p in range(lo, hi):
-                c_hi = min(lo + (p - lo) // chunk * chunk + chunk, hi)
-                w0 = max(start, c_hi - 1 - context)
+                # where the document ends moves nothing; the stream's end (its known length) cuts the last chunk
+                chunk_end = min(lo + (p - lo) // chunk * chunk + chunk, tokens.numel())
+                w0 = max(start, chunk_end - 1 - context)
                 logp = torch.log_softmax(model.logits(tokens[None, w0:p]), -1)[0, -1]
                 expected[p - 1] = -logp[tokens[p]]
     torch.testing.assert_close(result.nll["model"], expected, rtol=1e-5, atol=1e-5)
