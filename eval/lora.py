@@ -32,7 +32,8 @@ DEFAULT_TARGETS = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc"
 class LoraConfig:
     """Per-document LoRA TTT (`pgolf eval RUN_DIR --lora-ttt`, settings as LORA_<FIELD>). Defaults follow the records
     (PRs #1530, #1610, #1626): rank 64-96 on q/k/v/o and the MLP, AdamW about 1e-4, 32-token chunks, 64 documents
-    per batch. Not yet measured by the kit, so not yet part of the recipe: it runs in the kit, not the packed file."""
+    per batch. Measured on P1 (docs/MEASUREMENTS.md) and not yet better there than the stream's evaluation, so not
+    part of the recipe: it runs in the kit, not the packed file."""
     rank: int = 64
     """Adapter rank per layer and document. 0: no adapter, which is document-masked scoring alone (each chunk read
     from its own document's prefix only), to measure what the masking does apart from the adapters."""
@@ -477,6 +478,7 @@ def verify_documents(model, tokens: Tensor, result, settings: dict, compliance_t
     prefix_end = min(tokens.numel(), 1 + compliance_tokens)
     half = max((prefix_end - 1) // 2, 1)
     cuts = [1 + half // 2, min(1 + half + half // 2, prefix_end - 1)]
+
     def run(**over):
         return lambda context, score: score_documents(model, context, 1, prefix_end, score_tokens=score,
                                                       **{**settings, **over}).nll
