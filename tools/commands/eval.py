@@ -125,30 +125,8 @@ def run_eval(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else facts.get("seed")
     if seed is None:
         raise ValueError(f"{root}: no seed in config.json or train.log; pass --seed N (eval.json records it)")
-    cli = parse_overrides(args.overrides)
-    if (args.grid or args.tune_tokens) and not args.tune:
-        raise ValueError("--grid and --tune-tokens shape a --tune search: add --tune (or drop them)")
-    if args.settings:  # chosen on the tuning split (tune.json); KEY=VALUE on the command line wins
-        cli = {**read_settings(args.settings), **cli}
-    lora_cfg = LoraConfig()
-    lora_changed = resolve(lora_cfg, env={}, cli={k: cli.pop(k) for k in list(cli) if k.lower().startswith("lora_")})
-    if lora_changed and not args.lora_ttt:
-        raise ValueError(f"LORA_ settings ({', '.join(line.split(':')[0] for line in lora_changed)}) without "
-                         "--lora-ttt: add --lora-ttt to run the per-document LoRA pass")
-    if args.no_ttt:
-        cli.update(ttt="0", hash_embed="0")
-    if args.ablation:
-        cli["ablation"] = "1"
-    # Re-evaluating a run: start from the settings it was scored with (eval.json's "config"), so a verification
-    # checks what the run did; KEY=VALUE overrides apply on top.
     previous = _read_eval(root / "eval.json")
-    stored = previous.get("config") if previous is not None else None
-    try:
-        cfg = EvalConfig(**stored) if isinstance(stored, dict) else EvalConfig()
-    except TypeError as e:
-        raise ValueError(f"{root / 'eval.json'}: its config does not fit this kit's EvalConfig ({e}): written by "
-                         "another kit version? Move it away to evaluate with this kit's defaults") from None
-    changed = resolve(cfg, env={}, cli=cli)
+    cfg, changed, lora_cfg, lora_changed = eval_settings(args, root, previous)
     defaults = TrainConfig()
     tokenizer = args.tokenizer or facts["train"].get("tokenizer_path", defaults.tokenizer_path)
     run_data_dir = facts["train"].get("data_dir", defaults.data_dir)
@@ -182,18 +160,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if one_off and not args.out:
         log("eval_one_off", differs=",".join(one_off), path=str(out_path),
             kept=f"{root / 'eval.json'}(the run's score and settings; --out it to replace them)")
-    differences = model_config_differences(model_config, facts["model"])
-    if differences and rank == 0:
-        print(f"pgolf eval: warning: {artifact}'s model config differs from {root / 'config.json'} in "
-              f"{', '.join(differences)}: scoring the artifact's own config (is model.pgz from another run?)",
-              file=sys.stderr)
-    if device.type == "cuda":
-        configure_cuda()
-    model = GPT(from_dict(ModelConfig, model_config)).to(device)
-    model.load_state_dict(to_state_dict(tensors, model.state_dict(), str(artifact)))
-    if sp.get_piece_size() > model.cfg.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer} has {sp.get_piece_size()} pieces but the artifact's model has "
-                         f"vocab_size {model.cfg.vocab_size} (wrong tokenizer? pass --tokenizer)")
+    model = load_model(artifact, tensors, model_config, facts, sp, tokenizer, device, rank)
     luts = build_byte_luts(sp, model.cfg.vocab_size)
     if args.tune:  # before val is read: nothing here looks at it
         return run_tune(args, model, luts, cfg, lora_cfg, data_dir, out_path, rank, world_size, log)
@@ -226,6 +193,52 @@ def run_eval(args: argparse.Namespace) -> int:
         for check, detail in failed.items():
             print(f"pgolf eval: compliance {check} FAILED: {detail}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def eval_settings(args: argparse.Namespace, root: Path, previous: dict | None):
+    """The pass's settings: (EvalConfig, its override lines, LoraConfig, its override lines). They start from those
+    the run was scored with (eval.json's "config"), so a verification checks what the run did; then the tuning
+    split's choices (--settings), then KEY=VALUE and the flags."""
+    cli = parse_overrides(args.overrides)
+    if (args.grid or args.tune_tokens) and not args.tune:
+        raise ValueError("--grid and --tune-tokens shape a --tune search: add --tune (or drop them)")
+    if args.settings:  # chosen on the tuning split (tune.json); KEY=VALUE on the command line wins
+        cli = {**read_settings(args.settings), **cli}
+    lora_cfg = LoraConfig()
+    lora_changed = resolve(lora_cfg, env={}, cli={k: cli.pop(k) for k in list(cli) if k.lower().startswith("lora_")})
+    if lora_changed and not args.lora_ttt:
+        raise ValueError(f"LORA_ settings ({', '.join(line.split(':')[0] for line in lora_changed)}) without "
+                         "--lora-ttt: add --lora-ttt to run the per-document LoRA pass")
+    if args.no_ttt:
+        cli.update(ttt="0", hash_embed="0")
+    if args.ablation:
+        cli["ablation"] = "1"
+    stored = previous.get("config") if previous is not None else None
+    try:
+        cfg = EvalConfig(**stored) if isinstance(stored, dict) else EvalConfig()
+    except TypeError as e:
+        raise ValueError(f"{root / 'eval.json'}: its config does not fit this kit's EvalConfig ({e}): written by "
+                         "another kit version? Move it away to evaluate with this kit's defaults") from None
+    return cfg, resolve(cfg, env={}, cli=cli), lora_cfg, lora_changed
+
+
+def load_model(artifact: Path, tensors: dict, model_config: dict, facts: dict, sp, tokenizer: str, device,
+               rank: int) -> GPT:
+    """A GPT built from the artifact's own config holding its weights, on `device`; a warning when the run's
+    config.json says otherwise, an error when the tokenizer has more pieces than the model has ids."""
+    differences = model_config_differences(model_config, facts["model"])
+    if differences and rank == 0:
+        print(f"pgolf eval: warning: {artifact}'s model config differs from {artifact.parent / 'config.json'} in "
+              f"{', '.join(differences)}: scoring the artifact's own config (is model.pgz from another run?)",
+              file=sys.stderr)
+    if device.type == "cuda":
+        configure_cuda()
+    model = GPT(from_dict(ModelConfig, model_config)).to(device)
+    model.load_state_dict(to_state_dict(tensors, model.state_dict(), str(artifact)))
+    if sp.get_piece_size() > model.cfg.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer} has {sp.get_piece_size()} pieces but the artifact's model has "
+                         f"vocab_size {model.cfg.vocab_size} (wrong tokenizer? pass --tokenizer)")
+    return model
 
 
 def read_settings(path: str) -> dict[str, str]:
