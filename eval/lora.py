@@ -43,6 +43,11 @@ class LoraConfig:
     """AdamW weight decay of the adapters."""
     chunk: int = 32
     """Targets a document is scored in before each adapter step."""
+    late_chunk: int = 0
+    """Targets per chunk once a document has `context` targets scored (0: `chunk` throughout). From there the
+    window slides, so every chunk costs a full window: on the P1 dev val the 58 documents longer than 2,048 tokens
+    hold 70% of the pass's token-forwards at chunk 32; 128 here cuts the whole pass's to 0.59x (chunk 64 throughout:
+    0.52x). Unmeasured on a GPU."""
     head: bool = True
     """An adapter on the output head too (its logits before the soft-cap), as the records had."""
     last_n: int = 0
@@ -77,7 +82,8 @@ class LoraConfig:
     PREFIX: typing.ClassVar[str] = "lora_"  # settings are LORA_<FIELD> (submission.config.settings_index)
     RANGES: typing.ClassVar[dict] = {"rank": ">= 0", "lr": ">= 0", "weight_decay": ">= 0", "chunk": ">= 1",
                                      "batch_docs": ">= 1", "group_docs": ">= 1", "context": ">= 1", "last_n": ">= 0",
-                                     "compliance_tokens": ">= 2", "phases": ">= 0", "phase_docs": ">= 1",
+                                     "late_chunk": ">= 0", "compliance_tokens": ">= 2", "phases": ">= 0",
+                                     "phase_docs": ">= 1",
                                      "phase_lr": ">= 0", "phase_momentum": "[0, 1)"}
 
     def __post_init__(self):
@@ -183,15 +189,32 @@ def document_targets(tokens: Tensor, first: int, end: int, bos_id: int) -> list[
     return out
 
 
-def _chunk_spans(batch: list[tuple[int, int, int]], step: int, chunk: int, context: int, end: int):
-    """For step `step` of a batch: the rows (documents) that still have targets, and per row (window start,
-    chunk lo, chunk hi, whether more chunks follow, the document's first target). The window is that of a full
-    chunk even where the document ends sooner (at most `context` tokens before the chunk's last column; only the
-    stream's `end`, its known length, cuts a chunk short), so where a document ends, which only later tokens tell,
-    moves no window: C1 caught a window that started earlier when the document's last chunk was short."""
+def chunk_at(step: int, chunk: int, late_chunk: int, context: int) -> tuple[int, int]:
+    """(offset from a document's first target, size) of its chunk number `step`: `chunk` targets at a time, then,
+    with late_chunk, late_chunk at a time once `context` targets are scored (from the first chunk boundary there)."""
+    early = -(-context // chunk) if late_chunk else step + 1
+    return (step * chunk, chunk) if step < early else (early * chunk + (step - early) * late_chunk, late_chunk)
+
+
+def chunk_count(targets: int, chunk: int, late_chunk: int, context: int) -> int:
+    """How many chunks (chunk_at) cover a document's `targets` targets."""
+    early = -(-context // chunk) if late_chunk else None
+    if early is None or targets <= early * chunk:
+        return -(-targets // chunk)
+    return early + -(-(targets - early * chunk) // late_chunk)
+
+
+def _chunk_spans(batch: list[tuple[int, int, int]], at: tuple[int, int], context: int, end: int):
+    """For one step of a batch, every row's chunk at `at` = (offset from its first target, size) (chunk_at): the
+    rows (documents) that still have targets, and per row (window start, chunk lo, chunk hi, whether more chunks
+    follow, the document's first target). The window is that of a full chunk even where the document ends sooner
+    (at most `context` tokens before the chunk's last column; only the stream's `end`, its known length, cuts a
+    chunk short), so where a document ends, which only later tokens tell, moves no window: C1 caught a window that
+    started earlier when the document's last chunk was short."""
+    offset, chunk = at
     rows, spans = [], []
     for row, (start, lo, hi) in enumerate(batch):
-        c_lo = lo + step * chunk
+        c_lo = lo + offset
         if c_lo < hi:
             rows.append(row)
             last = min(c_lo + chunk, end) - 1
@@ -201,6 +224,7 @@ def _chunk_spans(batch: list[tuple[int, int, int]], step: int, chunk: int, conte
 
 def score_documents(model, tokens: Tensor, first: int, end: int, *, rank: int, lr: float, chunk: int,
                     batch_docs: int, context: int, weight_decay: float = 0.0, head: bool = True, last_n: int = 0,
+                    late_chunk: int = 0,
                     group_docs: int | None = None, phases: int = 0,
                     phase_docs: int = 2000, phase_lr: float = 1e-3, phase_momentum: float = 0.9,
                     ngram: NgramConfig | None = None, score_tokens: Tensor | None = None,
@@ -209,9 +233,10 @@ def score_documents(model, tokens: Tensor, first: int, end: int, *, rank: int, l
 
     Documents (document_targets) go in groups of `group_docs` consecutive ones (default batch_docs), each group
     sorted by length (longest first) into batches of `batch_docs`, each row with a fresh adapter and a fresh AdamW
-    (lr, weight_decay), on the block projections and (head=True) the output head. Each document's
-    targets are taken `chunk` at a time: the chunk is scored from the document's own prefix (at most `context`
-    tokens back, never before its BOS: no other document is read), its NLL recorded, and only then the adapter
+    (lr, weight_decay), on the block projections (the last last_n blocks' with last_n) and (head=True) the output
+    head. Each document's targets are taken `chunk` at a time (then late_chunk at a time after `context` of them:
+    chunk_at): the chunk is scored from the document's own prefix (at most `context` tokens back, never before its
+    BOS: no other document is read), its NLL recorded, and only then the adapter
     takes one step on that chunk's loss (skipped after a document's last chunk: nothing would use it). rank 0: no
     adapter, i.e. document-masked sliding scoring alone (a window of up to `context` tokens per `chunk` targets).
     The base weights change only in `phases` global phases: once phase_docs, 2 x phase_docs, ... documents are
@@ -252,9 +277,10 @@ def score_documents(model, tokens: Tensor, first: int, end: int, *, rank: int, l
                 if lora is not None:
                     lora.reset()
                     optimizer = torch.optim.AdamW(lora.parameters(), lr=lr, weight_decay=weight_decay)
-                for step in range(max(-(-(hi - lo) // chunk) for _, lo, hi in batch)):
-                    spans = _chunk_spans(batch, step, chunk, context, end)
-                    bar.update(_chunk_step(model, lora, optimizer, spans, chunk, out, step_before_score))
+                for step in range(max(chunk_count(hi - lo, chunk, late_chunk, context) for _, lo, hi in batch)):
+                    at = chunk_at(step, chunk, late_chunk, context)
+                    spans = _chunk_spans(batch, at, context, end)
+                    bar.update(_chunk_step(model, lora, optimizer, spans, at[1], out, step_before_score))
             if not group_end:
                 continue
             done = min(g0 + group_docs, len(docs))

@@ -221,6 +221,39 @@ def test_where_a_document_ends_moves_no_window_of_its_last_chunk():
     assert check_causality(run, tokens, 1, tokens.numel(), [41], 64)["passed"]  # 41: the BOS, alone in its chunk
 
 
+def test_late_chunks_take_bigger_steps_once_a_document_fills_the_context():
+    """LORA_LATE_CHUNK: `chunk` targets at a time until `context` of a document are scored (from the first chunk
+    boundary at or past it), then late_chunk at a time. Each chunk is still scored from at most `context` tokens
+    of its own document before its (full) end, the adapter steps at those boundaries only, and C1 holds."""
+    from eval.compliance import check_causality
+    from eval.lora import chunk_at, chunk_count, document_targets
+    assert [chunk_at(s, 5, 12, 16) for s in range(7)] == [(0, 5), (5, 5), (10, 5), (15, 5), (20, 12), (32, 12),
+                                                          (44, 12)]
+    assert [chunk_count(n, 5, 12, 16) for n in (3, 20, 21, 32, 33)] == [1, 4, 5, 5, 6]
+    assert [chunk_at(s, 5, 0, 16) for s in (0, 9)] == [(0, 5), (45, 5)] and chunk_count(21, 5, 0, 16) == 5
+    model = tiny_model()
+    tokens = _stream()  # documents of 23, 7, 40, 12 and 30 tokens
+    result = _score(model, tokens, rank=0, chunk=5, context=16, late_chunk=12)
+    expected = torch.zeros(tokens.numel() - 1)
+    with torch.no_grad():
+        for start, lo, hi in document_targets(tokens, 1, tokens.numel(), 1):
+            for p in range(lo, hi):
+                offset, size = next(chunk_at(s, 5, 12, 16) for s in range(99)
+                                    if sum(chunk_at(s, 5, 12, 16)) > p - lo)
+                w0 = max(start, min(lo + offset + size, tokens.numel()) - 1 - 16)
+                logp = torch.log_softmax(model.logits(tokens[None, w0:p]), -1)[0, -1]
+                expected[p - 1] = -logp[tokens[p]]
+    torch.testing.assert_close(result.nll["model"], expected, rtol=1e-5, atol=1e-5)
+    adapted = _score(model, tokens, late_chunk=12)  # the default _score: rank 4, chunk 5, context 16
+    steps = [e for e in adapted.events if e[0] == "update" and e[2] == 33]  # the 40-token document: targets 33-73
+    assert [hi - 33 for *_, hi in steps] == [5, 10, 15, 20, 32]  # its last chunk (targets 65-73) takes no step
+
+    def run(context, score):
+        return _score(model, context, score_tokens=score, late_chunk=12).nll
+
+    assert check_causality(run, tokens, 1, tokens.numel(), [30, 60, 80], 64)["passed"]
+
+
 def test_the_pass_check_runs_c1_as_run_with_documents_in_place_and_alone_with_documents_moved():
     """verify_documents' C1 (what `pgolf eval --lora-ttt` reports): both forms pass on the legal pass, and the
     illegal variant fails both."""
