@@ -33,7 +33,6 @@ def main() -> None:
     p.add_argument("settings", nargs="*", help="LORA_<FIELD>=VALUE settings")
     p.add_argument("--docs", type=int, default=256, help="leading val documents to score")
     p.add_argument("--profile", action="store_true", help="print the top CUDA ops of a second, profiled pass")
-    p.add_argument("--diag", action="store_true", help="diagnose C1 even when it passes")
     p.add_argument("--data", default=os.environ.get("BENCH_DATA8", ""), help="shard folder (default $BENCH_DATA8)")
     args = p.parse_args()
     cfg = LoraConfig()
@@ -77,42 +76,6 @@ def main() -> None:
     print(f"compliance seconds {time.perf_counter() - start:.1f}")
     for name, verdict in compliance.items():
         print(name, "pass" if verdict["passed"] else "FAIL", "-", verdict["detail"])
-    if args.diag or not compliance["C1"]["passed"]:
-        diagnose_c1(model, tokens, settings, cfg.compliance_tokens)
-
-
-def diagnose_c1(model, tokens: torch.Tensor, settings: dict, compliance_tokens: int) -> None:
-    """Where a failed C1 comes from: how far scores at or before each cut move (max |dNLL|) when the tokens from the
-    cut on are replaced (a) as C1 does, (b) keeping every BOS where it was (the same documents, batches and
-    shapes), (c) as C1 does with one document per batch; and whether two unperturbed runs differ."""
-    from eval.verify import _deterministic
-
-    prefix_end = min(tokens.numel(), 1 + compliance_tokens)
-    half = max((prefix_end - 1) // 2, 1)
-    cuts = [1 + half // 2, min(1 + half + half // 2, prefix_end - 1)]
-    bos, vocab = model.cfg.bos_id, model.cfg.vocab_size
-    generator = torch.Generator().manual_seed(0)
-    base = tokens[:prefix_end]
-
-    def run(context, **over):
-        return score_documents(model, context, 1, prefix_end, score_tokens=base, **{**settings, **over}).nll["model"]
-
-    with _deterministic(tokens.device):
-        for label, over in (("as run", {}), ("one document per batch", {"batch_docs": 1, "group_docs": 1})):
-            control = run(base, **over)
-            print(f"C1 diag [{label}] repeat max|d| {(run(base, **over) - control).abs().max().item():.3g}")
-            for cut in cuts:
-                shift = torch.randint(1, vocab, (prefix_end - cut,), generator=generator).to(tokens.device)
-                moved = base.clone()
-                moved[cut:] = (base[cut:] + shift) % vocab
-                kept = moved.clone()
-                kept[cut:] = torch.where(base[cut:] == bos, bos, torch.where(moved[cut:] == bos, (bos + 1) % vocab,
-                                                                               moved[cut:]))
-                for kind, context in (("BOS moved", moved), ("BOS kept", kept)):
-                    d = (run(context, **over) - control)[:cut]
-                    bad = d.nonzero().flatten()
-                    print(f"C1 diag [{label}] cut {cut} {kind}: {bad.numel()} of {cut} scores moved, max|d| "
-                          f"{d.abs().max().item():.3g}, first at {1 + int(bad[0]) if bad.numel() else '-'}")
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def main() -> None:
     base = score([])
     rows = [(key, names, score(names) - base) for key, names in groups(list(reference), quantized,
                                                                          ckpt.model_config).items()]
-    whole = score(sorted(quantized | set(tensors)))
+    whole = score(sorted(tensors))  # every tensor as the artifact holds it
     print(f"{ckpt.weights} weights val_bpb {base:.5f}; all rounded {whole:.5f} (gap {whole - base:+.5f}); "
           f"{len(val) - 1} tokens, {time.perf_counter() - t0:.0f} s")
     print("| group | parameters | gap alone (bpb) | share of the whole |")
