@@ -268,6 +268,10 @@ def test_the_pass_check_runs_c1_as_run_with_documents_in_place_and_alone_with_do
     illegal = {**settings, "step_before_score": True}
     c1 = verify_documents(model, tokens, _score(model, tokens, **illegal), illegal, 100, 1, lambda *a, **k: None)["C1"]
     assert not c1["passed"] and c1["detail"].count("changed when the tokens") == 2, c1
+    from eval.ngram import NgramConfig  # with the n-gram, counting every 25 targets inside the 100 checked
+    blended = {**settings, "ngram": NgramConfig(order=3, bos_id=1)}
+    result = _score(model, tokens, **blended)
+    assert verify_documents(model, tokens, result, blended, 100, 1, lambda *a, **k: None)["C1"]["passed"]
 
 
 def test_the_head_adapter_adds_to_the_logits_before_the_cap_for_its_row_only():
@@ -337,35 +341,51 @@ def test_rank_zero_is_document_masked_scoring_each_target_from_its_own_document(
                                atol=1e-5)
 
 
-def test_the_ngram_on_lora_learns_per_batch_so_no_document_reads_a_later_one(monkeypatch):
-    """The n-gram blend over the adapted distribution ("blend" view). Documents of a batch interleave, so the n-gram
-    counts a batch only once it is scored: C1 passes with a cut inside the second document of a batch while the
-    first is still being scored. Counting each chunk as soon as it is scored reads a later document (C1 fails)."""
+def test_the_ngram_on_lora_blends_in_stream_order_as_the_stream_would_on_the_same_rows(monkeypatch):
+    """The "blend" view runs behind the adapted model: over the targets in stream order, ngram_chunk at a time,
+    each chunk from the counts of the ones before. Reference: NgramBlender.views on each target's full row of the
+    frozen model read from its own document (rank 0), chunk by chunk as the stream runs it. The blend does not
+    depend on how documents are batched or grouped, C1 holds with cuts inside a batch's second document, and
+    counting each chunk as soon as it is scored reads a later document (C1 fails)."""
     import eval.lora as lora_module
     from eval.compliance import check_causality, check_events_any_order
-    from eval.ngram import NgramConfig
+    from eval.ngram import NgramBlender, NgramConfig
     model = tiny_model()
     tokens = _stream()  # documents of 23, 7, 40, 12 and 30 tokens; batches of 2: (23, 7), (40, 12), (30)
     end = tokens.numel()
     ngram = NgramConfig(order=3, bos_id=1)
-    result = _score(model, tokens, ngram=ngram)
-    assert set(result.nll) == {"model", "blend"} and not torch.equal(result.nll["model"], result.nll["blend"])
+    frozen = dict(rank=0, context=64, ngram=ngram, ngram_chunk=20)  # every window opens at its document's BOS
+    result = _score(model, tokens, **frozen)
+    starts = (tokens == 1).nonzero().flatten().tolist()
+    reference, blender = torch.zeros(end - 1), NgramBlender(64, ngram)
+    with torch.no_grad():
+        rows = torch.stack([torch.log_softmax(model.logits(tokens[None, max(s for s in starts if s < t):t]), -1)[0, -1]
+                            for t in range(1, end)])
+    for a in range(1, end, 20):
+        positions = torch.arange(a, min(a + 20, end))
+        view = blender.views(rows[positions - 1], tokens, positions, tokens[positions])["blend"]
+        reference[positions - 1] = -view.gather(1, tokens[positions, None])[:, 0]
+        blender.update(tokens, positions)
+    torch.testing.assert_close(result.nll["blend"], reference, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(result.nll["blend"][20:], result.nll["model"][20:])  # the n-gram learned
+    assert [e for e in result.events if e[1] == "ngram"][:2] == [("update", "ngram", 1, 21), ("update", "ngram", 1, 41)]
     assert check_events_any_order(result.events, 1, end)["passed"]
-    assert ("update", "ngram", 1, 33) in result.events  # the first batch, once scored
-    # before the first batch is counted the blend weight is 0: the first batch scores as the adapted model alone
-    torch.testing.assert_close(result.nll["blend"][:32], result.nll["model"][:32], rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(result.nll["blend"][32:], result.nll["model"][32:])
+    assert torch.isfinite(result.norm["blend"]).all() and float(result.norm["blend"][0]) < 1e-5
+    for layout in (dict(batch_docs=1), dict(group_docs=4)):
+        torch.testing.assert_close(_score(model, tokens, **frozen, **layout).nll["blend"], result.nll["blend"],
+                                   rtol=1e-5, atol=1e-5)
+    adapted = dict(ngram=ngram, ngram_chunk=20)
     cuts = [28, 80]  # inside the short second document of the first and of the second batch
 
     def run(context, score):
-        return _score(model, context, score_tokens=score, ngram=ngram).nll
+        return _score(model, context, score_tokens=score, **adapted).nll
 
     assert check_causality(run, tokens, 1, end, cuts, 64)["passed"]
     record = lora_module.record_scores
 
     def count_each_chunk(logps, spans, tokens, *args):
         record(logps, spans, tokens, *args)
-        blender = args[-1]
+        blender = args[-1].__self__.blender
         for _, c_lo, c_hi, *_ in spans:  # the wrong design: count the chunk now, mid-batch
             blender.model.update(tokens[c_lo:c_hi], tokens[max(0, c_lo - 2):c_lo])
 
@@ -385,25 +405,26 @@ def test_rank_zero_on_one_document_is_the_sliding_stream():
     torch.testing.assert_close(documents, sliding, rtol=1e-5, atol=1e-5)
 
 
-def test_groups_sorted_by_length_score_each_document_as_before_and_count_at_the_group_end():
+def test_groups_sorted_by_length_score_each_document_as_before_and_blend_behind_the_group_end():
     """LORA_GROUP_DOCS=4 with batches of 2: the first four documents (23, 7, 40, 12 tokens) run as (40, 23) and
     (12, 7), the fifth alone. Rows never mix, so every document scores as it did in stream-order batches; the
-    n-gram counts once per group, after the whole group is scored, and C1 holds with cuts inside the group."""
+    n-gram blends a chunk only once every target before its end is scored (at the group's end, 86 targets in:
+    chunks to 81, the rest at the end), and C1 holds with cuts inside the group."""
     from eval.compliance import check_causality, check_events_any_order
     from eval.ngram import NgramConfig
     model, tokens = tiny_model(), _stream()
     end = tokens.numel()
     ngram = NgramConfig(order=3, bos_id=1)
-    plain = _score(model, tokens, ngram=ngram)
-    grouped = _score(model, tokens, ngram=ngram, group_docs=4)
-    torch.testing.assert_close(grouped.nll["model"], plain.nll["model"], rtol=1e-5, atol=1e-5)
-    assert [e[2:] for e in grouped.events if e[1] == "ngram"] == [(1, 87), (87, end)]
+    plain = _score(model, tokens, ngram=ngram, ngram_chunk=20)
+    grouped = _score(model, tokens, ngram=ngram, ngram_chunk=20, group_docs=4)
+    for view in ("model", "blend"):
+        torch.testing.assert_close(grouped.nll[view], plain.nll[view], rtol=1e-5, atol=1e-5)
+    assert [e[3] for e in grouped.events if e[1] == "ngram"] == [21, 41, 61, 81, 101, end]
     assert check_events_any_order(grouped.events, 1, end)["passed"]
-    # nothing is counted before the group's end: the whole first group scores as the adapted model alone
-    torch.testing.assert_close(grouped.nll["blend"][:86], grouped.nll["model"][:86], rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(plain.nll["blend"][:86], plain.nll["model"][:86])  # per batch it had counted
+    score_events = [i for i, e in enumerate(grouped.events) if e[0] == "score"]
+    assert [i for i, e in enumerate(grouped.events) if e[1] == "ngram"][3] < score_events[-1]  # 81 before the 5th
 
     def run(context, score):
-        return _score(model, context, score_tokens=score, ngram=ngram, group_docs=4).nll
+        return _score(model, context, score_tokens=score, ngram=ngram, ngram_chunk=20, group_docs=4).nll
 
     assert check_causality(run, tokens, 1, end, [28, 80], 64)["passed"]

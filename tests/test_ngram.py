@@ -443,3 +443,33 @@ def test_blender_learns_the_same_from_pieces_predicted_out_of_order(real_tokens)
     assert torch.allclose(views[0]["blend"], views[1]["blend"], atol=1e-6)
     assert torch.allclose(views[0]["tilt"], views[1]["tilt"], atol=1e-6)
     assert not torch.equal(views[0]["blend"], logp[:100])  # the blend is not the model: the n-gram learned
+
+
+def test_the_blend_from_targets_alone_is_the_blend_of_full_rows(real_tokens):
+    """eval/lora.py's target_blend (for scorers that keep only the model's log-probability of each target and its
+    entropy) gives the same scores and learns the same as views() on the full rows, chunk after chunk; with the
+    context stream perturbed (as the causality check does) it scores the true targets; its checked rows are the
+    full blend."""
+    from eval.lora import target_blend
+    vocab, n = 1024, 3000
+    logp = torch.log_softmax(2 * torch.randn(n, vocab, generator=torch.Generator().manual_seed(1)), -1)
+    context = real_tokens.clone()
+    context[1700:] = (context[1700:] + 7) % vocab  # the causality check's perturbed stream; targets stay true
+    full, alone = NgramBlender(vocab, NgramConfig(order=5)), NgramBlender(vocab, NgramConfig(order=5))
+    for a, b in ((1, 1000), (1000, 2000), (2000, n + 1)):
+        positions = torch.arange(a, b)
+        rows = logp[a - 1:b - 1]
+        learned, true = context[a:b], real_tokens[a:b]
+        expected = full.views(rows, context, positions, learned)["blend"]
+        check = torch.tensor([0, b - a - 1])
+        score, checked = target_blend(alone, model_entropy(rows), rows.gather(1, learned[:, None])[:, 0], context,
+                                            positions, learned, true, rows.gather(1, true[:, None])[:, 0],
+                                            rows[check], check)
+        torch.testing.assert_close(score, expected.gather(1, true[:, None])[:, 0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(checked, expected[check], rtol=1e-5, atol=1e-5)
+        full.update(context, positions)
+        alone.update(context, positions)
+        assert torch.equal(full.mixer.weights, alone.mixer.weights)
+    assert full.mixer.weights is not None and full.model.tokens_counted == alone.model.tokens_counted == n
+    with pytest.raises(ValueError, match="tilt view needs"):
+        target_blend(NgramBlender(vocab, tilt=True), *[None] * 7)
