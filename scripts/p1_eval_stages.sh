@@ -2,14 +2,13 @@
 # Every evaluation stage's gain on ONE P1 artifact, on the GPU machine:
 #   source .bench/prep.sh && scripts/p1_eval_stages.sh RUN_DIR [PASS ...]
 # RUN_DIR holds model.pgz (e.g. /tmp/p1/seed1337 after scripts/p1_seed.sh). Each PASS is a quoted list of
-# `pgolf eval` arguments scored as a one-off beside the run's eval.json; without any, the stages of issue 21
-# (LoRA passes in length-sorted groups of 1,024 documents with adapters on the last 4 blocks, as measured so far):
+# `pgolf eval` arguments scored as a one-off beside the run's eval.json; without any, the stages of issue 21:
 #   --ablation                                     flat, sliding, +ttt, +hash_embed, +ngram (the stream's stages)
-#   --lora-ttt LORA_RANK=0 LORA_NGRAM=0 LORA_CHUNK=64   document-masked sliding windows alone (stride 64)
-#   --lora-ttt                                     LoRA TTT + the n-gram blend (both views reported)
-#   --lora-ttt LORA_LATE_CHUNK=128                 128-target chunks past the context (0.59x the token-forwards)
-#   --lora-ttt LORA_GROUP_DOCS=256 LORA_CHUNK=64   the n-gram counts 4x as often, at chunk 64
-#   --lora-ttt LORA_PHASES=1 / 3 LORA_PHASE_DOCS=512    + global phases
+#   --lora-ttt LORA_RANK=0 LORA_NGRAM=0 LORA_CHUNK=64 LORA_LATE_CHUNK=0   document-masked sliding windows alone
+#   --lora-ttt                                     LoRA TTT (eval/lora.py's defaults) + the n-gram in stream order
+#   --lora-ttt LORA_PHASES=1 LORA_PHASE_DOCS=1024  + one global phase (after the first group of 1,024 documents)
+# Settings chosen on the tuning split come in with "--lora-ttt --settings RUN_DIR/tune_lora.json" (pgolf eval
+# RUN_DIR --lora-ttt --tune writes it).
 # Prints per pass its val_bpb views, C1-C4 and the 8-GPU full-val projection. Logs go to $OUT/eval_stages/.
 set -uo pipefail
 run=${1:?usage: scripts/p1_eval_stages.sh RUN_DIR [PASS ...]}
@@ -17,10 +16,8 @@ shift
 out=${OUT:-$(pwd)/p1_out}/eval_stages
 mkdir -p "$out"
 if [ $# -eq 0 ]; then
-  l="--lora-ttt LORA_GROUP_DOCS=1024 LORA_LAST_N=4"
-  set -- "--ablation" "--lora-ttt LORA_RANK=0 LORA_NGRAM=0 LORA_CHUNK=64 LORA_GROUP_DOCS=1024" "$l" \
-    "$l LORA_LATE_CHUNK=128" "$l LORA_GROUP_DOCS=256 LORA_CHUNK=64" "$l LORA_PHASES=1 LORA_PHASE_DOCS=512" \
-    "$l LORA_PHASES=3 LORA_PHASE_DOCS=512"
+  set -- "--ablation" "--lora-ttt LORA_RANK=0 LORA_NGRAM=0 LORA_CHUNK=64 LORA_LATE_CHUNK=0" "--lora-ttt" \
+    "--lora-ttt LORA_PHASES=1 LORA_PHASE_DOCS=1024"
 fi
 # EVAL_JOBS passes at a time (default 1). Side by side they share the GPU, so their seconds and projections are
 # upper bounds: time a pass alone to report its projection.

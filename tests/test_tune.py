@@ -112,9 +112,12 @@ def test_tune_without_a_tuning_split_says_how_to_make_one(scored_run, tmp_path, 
 
 def test_lora_tune_and_a_bad_settings_file(tune_run, capsys):
     assert cli.main(["eval", str(tune_run), "--tune", "--lora-ttt", "--grid", "LORA_LR=0.0001,0.01",
-                     "LORA_RANK=2", "LORA_BATCH_DOCS=4", "LORA_CHUNK=32", "LORA_CONTEXT=64"]) == 0
+                     "LORA_RANK=2", "LORA_BATCH_DOCS=4", "LORA_CHUNK=32", "LORA_CONTEXT=64"]) != 0
+    assert "LORA_LATE_CHUNK=128 must be at most LORA_CONTEXT=64" in capsys.readouterr().err  # the default's 128
+    assert cli.main(["eval", str(tune_run), "--tune", "--lora-ttt", "--grid", "LORA_LR=0.0001,0.01",
+                     "LORA_RANK=2", "LORA_BATCH_DOCS=4", "LORA_CHUNK=32", "LORA_CONTEXT=64", "LORA_LATE_CHUNK=64"]) == 0
     result = json.loads((tune_run / "tune_lora.json").read_text())
-    assert result["kind"] == "lora" and len(result["trials"]) == 2 and "compliance" not in json.dumps(result)
+    assert result["kind"] == "lora" and len(result["trials"]) == 3 and "compliance" not in json.dumps(result)
     capsys.readouterr()
     assert cli.main(["eval", str(tune_run), "--settings", str(tune_run / "tune_lora.json")]) != 0
     assert "without --lora-ttt" in capsys.readouterr().err
