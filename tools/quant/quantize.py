@@ -236,15 +236,19 @@ def quantize_checkpoint(run_dir: str | os.PathLike, code_bytes: int, quant_cfg: 
     path = run_dir / MODEL_FILENAME
     write_artifact(path, blob, code_bytes)
     log("artifact", path=str(path), compressor=budget.compressor, model_bytes=len(blob), pack_s=round(pack_s, 2))
+    return path, packed, _baseline(packed, len(blob), log)
 
-    def baseline() -> None:
+
+def _baseline(packed: dict, model_bytes: int, log) -> threading.Thread:
+    """A started thread that logs how much smaller the artifact is than torch.save + lzma-9 of the same tensors.
+    Not a daemon: a process that does not wait for it still logs the line before it exits."""
+    def run() -> None:
         size = torch_save_lzma_bytes(packed)
-        log("artifact_vs_torch_save", model_bytes=len(blob), torch_save_lzma9_bytes=size,
-            smaller_by=f"{1 - len(blob) / size:.2%}")
-    # Not a daemon: a process that does not wait for it still logs the line before it exits.
-    thread = threading.Thread(target=baseline)
+        log("artifact_vs_torch_save", model_bytes=model_bytes, torch_save_lzma9_bytes=size,
+            smaller_by=f"{1 - model_bytes / size:.2%}")
+    thread = threading.Thread(target=run)
     thread.start()
-    return path, packed, thread
+    return thread
 
 
 def _allocated(probes: list[Probe], quant_cfg: QuantConfig, embedding_names: set[str], uniform_blob: bytes,
