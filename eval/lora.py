@@ -261,7 +261,7 @@ def score_documents(model, tokens: Tensor, first: int, end: int, *, rank: int, l
     eval.compliance.check_events_any_order (documents interleave).
     score_tokens: the tokens targets are read from (default `tokens`), for the causality check.
     step_before_score: the deliberately illegal variant (steps on a chunk, then scores it) that the checks catch.
-    timer: an eval.stream.StageTimer that times the global phases as "phase"."""
+    timer: an eval.stream.StageTimer that times the n-gram blend ("ngram") and the global phases ("phase")."""
     from eval.progress import progress_bar
     from eval.stream import StreamResult
 
@@ -302,7 +302,8 @@ def score_documents(model, tokens: Tensor, first: int, end: int, *, rank: int, l
             done = min(g0 + group_docs, len(docs))
             lo, hi = docs[g0][1], docs[done - 1][2]  # the group's targets: consecutive in the stream
             if out.blender is not None:  # every target before hi is scored: the n-gram may blend them
-                out.blend_through(hi if done < len(docs) else end)
+                with timer("ngram") if timer is not None else nullcontext():
+                    out.blend_through(hi if done < len(docs) else end)
             if phase_at and done >= phase_at[0] and done < len(docs):  # on the base weights, the documents so far
                 phase_at.pop(0)
                 with timer("phase") if timer is not None else nullcontext():
@@ -540,30 +541,30 @@ def evaluate_lora(model, val_tokens, luts, cfg: LoraConfig, rank: int = 0, world
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    phase_seconds = timer.seconds.get("phase", 0.0)
     scores = view_scores(result, tokens, luts.to_torch(device))
     names = {"model": "lora_ttt" if cfg.rank else "documents", "blend": "ngram"}
     for view, view_acc in scores.items():
         log(f"eval_{names[view]}_exact", val_loss=f"{view_acc.val_loss:.8f}", val_bpb=f"{view_acc.val_bpb:.8f}")
     acc = scores["blend" if cfg.ngram else "model"]
     log("eval_stage", stage="lora_ttt", seconds=round(seconds, 3))
-    if cfg.phases:
-        log("eval_stage", stage="phase", seconds=round(phase_seconds, 3), within="lora_ttt")
+    for name, part in timer.seconds.items():
+        log("eval_stage", stage=name, seconds=round(part, 3), within="lora_ttt")
 
     start = time.perf_counter()
     compliance = verify_documents(model, tokens, result, settings, cfg.compliance_tokens, world_size, log) \
         if verify else None
-    stages = {"lora_ttt": round(seconds, 3), **({"phase": round(phase_seconds, 3)} if cfg.phases else {}),
+    stages = {"lora_ttt": round(seconds, 3), **{name: round(part, 3) for name, part in timer.seconds.items()},
               **({"compliance": round(time.perf_counter() - start, 3)} if verify else {})}
     full = FULL_VAL_TOKENS.get(model.cfg.vocab_size, FULL_VAL_TOKENS[1024])
     scale = (full / EVAL_GPUS) / (acc.tokens / world_size)
     trained = sum(1 for kind, name, *_ in result.events if name == "phase")
-    projected = projected_seconds(seconds, phase_seconds, trained, scale,
-                                  len(document_targets(tokens, first, end, model.cfg.bos_id)), cfg)
+    parts = projected_stages(seconds, timer.seconds, trained, scale,
+                             len(document_targets(tokens, first, end, model.cfg.bos_id)), cfg)
+    projected = sum(parts.values())
     projection = {"full_val_tokens": full, "gpus": EVAL_GPUS, "seconds": round(projected, 1),
-                  "over_limit": projected > EVAL_LIMIT_S}
+                  "over_limit": projected > EVAL_LIMIT_S, "stages": {k: round(v, 1) for k, v in parts.items()}}
     log("eval_projection", full_val_tokens=full, gpus=EVAL_GPUS, seconds=projection["seconds"],
-        over_limit=str(projection["over_limit"]).lower())
+        over_limit=str(projection["over_limit"]).lower(), **projection["stages"])
     log("final_eval_exact", val_loss=f"{acc.val_loss:.8f}", val_bpb=f"{acc.val_bpb:.8f}")
     return {"val_loss": acc.val_loss, "val_bpb": acc.val_bpb, "tokens": acc.tokens, "bytes": acc.bytes,
             "stages": stages, **({"compliance": compliance} if verify else {}), "projection": projection,
@@ -572,16 +573,19 @@ def evaluate_lora(model, val_tokens, luts, cfg: LoraConfig, rank: int = 0, world
                        "ngram": dataclasses.asdict(settings["ngram"]) if settings["ngram"] else None}}
 
 
-def projected_seconds(seconds: float, phase_seconds: float, phase_docs_trained: int, scale: float, docs: int,
-                      cfg: LoraConfig) -> float:
-    """The pass's seconds on a share of the full val `scale` times this one (with docs documents here). Scoring
-    scales with the tokens; a global phase does not: it trains on the documents scored so far (phase_docs x k,
-    rounded up to a group's end), the same count on any val long enough to reach it. So the phases are projected
-    per document trained: those a share of the full val reaches, at the seconds per document measured here."""
+def projected_stages(seconds: float, stage_seconds: dict[str, float], phase_docs_trained: int, scale: float,
+                     docs: int, cfg: LoraConfig) -> dict[str, float]:
+    """The pass's seconds per stage on a share of the full val `scale` times this one (with docs documents here):
+    "adapt" (scoring and the adapter steps: the pass but its timed stages) and "ngram" scale with the tokens; a
+    global phase does not: it trains on the documents scored so far (phase_docs x k, rounded up to a group's end),
+    the same count on any val long enough to reach it. So "phase" is projected per document trained: those a share
+    of the full val reaches, at the seconds per document measured here."""
+    phase, ngram = stage_seconds.get("phase", 0.0), stage_seconds.get("ngram", 0.0)
     full_docs = docs * scale
     at = [-(-k * cfg.phase_docs // cfg.group_docs) * cfg.group_docs for k in range(1, cfg.phases + 1)]
-    per_doc = phase_seconds / phase_docs_trained if phase_docs_trained else 0.0
-    return (seconds - phase_seconds) * scale + per_doc * sum(d for d in at if d < full_docs)
+    per_doc = phase / phase_docs_trained if phase_docs_trained else 0.0
+    return {"adapt": (seconds - phase - ngram) * scale, "ngram": ngram * scale,
+            "phase": per_doc * sum(d for d in at if d < full_docs)}
 
 
 def verify_documents(model, tokens: Tensor, result, settings: dict, compliance_tokens: int, world_size: int,

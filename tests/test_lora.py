@@ -298,6 +298,7 @@ def test_a_global_phase_trains_the_base_weights_on_exactly_the_documents_scored_
     as without the phase. Legal (C1, C3) and the model is restored. (C1 caught an earlier schedule that placed the
     phases by the total document count: a count that depends on tokens not yet scored.)"""
     from eval.compliance import check_causality, check_events_any_order
+    from eval.ngram import NgramConfig
     model = tiny_model()
     tokens = _stream()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -315,19 +316,20 @@ def test_a_global_phase_trains_the_base_weights_on_exactly_the_documents_scored_
 
     assert check_causality(run, tokens, 1, tokens.numel(), [30, 60, 100], 64)["passed"]
     timer = StageTimer(torch.device("cpu"))
-    _score(model, tokens, phases=1, phase_docs=3, timer=timer)
-    assert set(timer.seconds) == {"phase"} and timer.seconds["phase"] > 0
+    _score(model, tokens, phases=1, phase_docs=3, timer=timer, ngram=NgramConfig(order=3, bos_id=1))
+    assert set(timer.seconds) == {"phase", "ngram"} and min(timer.seconds.values()) > 0
 
 
 def test_the_projection_scales_the_scoring_and_counts_the_phases_a_share_of_the_full_val_reaches():
-    """Scoring time scales with the tokens; a phase's with the documents it trains on, which depends on
+    """Scoring and the n-gram scale with the tokens; a phase with the documents it trains on, which depends on
     phase_docs and the group size, not on the val's length: phases at 128 and 256 documents (100 and 200 rounded up
     to groups of 64), of which a share of 50 x 4 = 200 documents reaches the first only."""
-    from eval.lora import LoraConfig, projected_seconds
+    from eval.lora import LoraConfig, projected_stages
     cfg = LoraConfig(phases=2, phase_docs=100, group_docs=64)
-    assert projected_seconds(10.0, 0.0, 0, 4.0, 50, LoraConfig()) == 40.0
-    assert projected_seconds(10.0, 2.0, 64, 4.0, 50, cfg) == 8.0 * 4 + 2.0 / 64 * 128
-    assert projected_seconds(10.0, 2.0, 64, 8.0, 50, cfg) == 8.0 * 8 + 2.0 / 64 * (128 + 256)
+    assert projected_stages(10.0, {}, 0, 4.0, 50, LoraConfig()) == {"adapt": 40.0, "ngram": 0.0, "phase": 0.0}
+    assert projected_stages(10.0, {"phase": 2.0, "ngram": 1.0}, 64, 4.0, 50, cfg) == \
+        {"adapt": 7.0 * 4, "ngram": 4.0, "phase": 2.0 / 64 * 128}
+    assert projected_stages(10.0, {"phase": 2.0}, 64, 8.0, 50, cfg)["phase"] == 2.0 / 64 * (128 + 256)
 
 
 def test_rank_zero_is_document_masked_scoring_each_target_from_its_own_document():
