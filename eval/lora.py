@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from eval.ngram import NgramBlender, NgramConfig, blend, mixing_features
+from eval.ngram import NgramBlender, NgramConfig, blend, mixing_features, model_entropy
 from submission.config import check_ranges
 from submission.model import CastedLinear
 
@@ -346,7 +346,6 @@ class _Record:
 
     def keep(self, logp: Tensor, positions: Tensor, last: int) -> None:
         """Keep what the blend needs of scored rows logp [N, V] at positions; the row at `last` in full."""
-        from eval.ngram import model_entropy
         at = torch.stack([self.tokens[positions], self.score_tokens[positions]], 1)
         self.kept[positions - self.first] = torch.cat([logp.gather(1, at), model_entropy(logp)[:, None]], 1)
         self.rows[last] = logp[-1].clone()  # not a view: that would hold all of logp
@@ -609,11 +608,11 @@ def verify_documents(model, tokens: Tensor, result, settings: dict, compliance_t
     cuts = [1 + half // 2, min(1 + half + half // 2, prefix_end - 1)]
 
     # the n-gram counts a quarter of the prefix at a time, so that its updates fall inside it
-    blend = {"ngram_chunk": max(1, compliance_tokens // 4)} if settings.get("ngram") is not None else {}
+    counting = {"ngram_chunk": max(1, compliance_tokens // 4)} if settings.get("ngram") is not None else {}
 
     def run(**over):
         return lambda context, score: score_documents(model, context, 1, prefix_end, score_tokens=score,
-                                                      **{**settings, **blend, **over}).nll
+                                                      **{**settings, **counting, **over}).nll
 
     with _deterministic(device):  # the real batches with every BOS kept; then one document per batch, BOS moved
         content = check_causality(run(), tokens[:prefix_end], 1, prefix_end, cuts, model.cfg.vocab_size,
