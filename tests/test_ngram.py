@@ -463,8 +463,8 @@ def test_the_blend_from_targets_alone_is_the_blend_of_full_rows(real_tokens):
         expected = full.views(rows, context, positions, learned)["blend"]
         check = torch.tensor([0, b - a - 1])
         score, checked = target_blend(alone, model_entropy(rows), rows.gather(1, learned[:, None])[:, 0], context,
-                                            positions, learned, true, rows.gather(1, true[:, None])[:, 0],
-                                            rows[check], check)
+                                      positions, learned, true, rows.gather(1, true[:, None])[:, 0], rows[check],
+                                      check)
         torch.testing.assert_close(score, expected.gather(1, true[:, None])[:, 0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(checked, expected[check], rtol=1e-5, atol=1e-5)
         full.update(context, positions)
