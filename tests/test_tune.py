@@ -118,7 +118,15 @@ def test_lora_tune_and_a_bad_settings_file(tune_run, capsys):
                      "LORA_RANK=2", "LORA_BATCH_DOCS=4", "LORA_CHUNK=32", "LORA_CONTEXT=64", "LORA_LATE_CHUNK=64"]) == 0
     result = json.loads((tune_run / "tune_lora.json").read_text())
     assert result["kind"] == "lora" and len(result["trials"]) == 3 and "compliance" not in json.dumps(result)
-    capsys.readouterr()
+    # the stream on the same split, to read LoRA's gains against (sliding alone; the stream's whole evaluation)
+    ref = result["reference"]
+    assert set(ref) == {"sliding", "stream"} and ref["stream"] != ref["sliding"]
+    best = next(t for t in result["trials"] if t["settings"] == result["settings"])
+    assert set(best["views"]) == {"lora_ttt", "ngram"} and best["views"]["ngram"] == result["chosen_bpb"]
+    out = capsys.readouterr().out
+    for name, bpb in [("sliding windows", ref["sliding"]), ("the stream's evaluation", ref["stream"]),
+                      ("LoRA, chosen settings: lora_ttt", best["views"]["lora_ttt"])]:
+        assert f"| {name} | {bpb:.6f} | {bpb - ref['sliding']:+.6f} | {bpb - ref['stream']:+.6f} |" in out
     assert cli.main(["eval", str(tune_run), "--settings", str(tune_run / "tune_lora.json")]) != 0
     assert "without --lora-ttt" in capsys.readouterr().err
     (tune_run / "bad.json").write_text("{}")

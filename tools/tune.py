@@ -44,12 +44,14 @@ LORA_GRID = {
 @dataclass
 class Trial:
     """One evaluation of the tuning split: the setting varied (None for the starting point), its value, the
-    settings as a whole, and the split's val_bpb."""
+    settings as a whole, the split's val_bpb, and (per-document LoRA) each view's: the adapted model's and the
+    n-gram blend's."""
     setting: str | None
     value: str | None
     settings: dict[str, str]
     val_bpb: float
     seconds: float
+    views: dict[str, float] | None = None
 
 
 def coordinate_search(score: Callable[[dict[str, str]], float], start: dict[str, str],
@@ -122,6 +124,7 @@ def tune(model, tokens: np.ndarray, luts, cfg: EvalConfig, lora: LoraConfig | No
     None); return the tune.json body."""
     log = log or (lambda *fields, **kv: None)
     lora_cfg = lora or LoraConfig()
+    views: dict[tuple, dict[str, float]] = {}
 
     def score(settings: dict[str, str]) -> float:
         trial_cfg, trial_lora = copy.deepcopy(cfg), copy.deepcopy(lora_cfg)
@@ -129,6 +132,7 @@ def tune(model, tokens: np.ndarray, luts, cfg: EvalConfig, lora: LoraConfig | No
         if lora is not None:
             body = evaluate_lora(model, tokens, luts, trial_lora, rank, world_size, progress=False,
                                  ngram=trial_cfg.ngram_config, verify=False)
+            views[tuple(sorted(settings.items()))] = {k: v["val_bpb"] for k, v in body["views"].items()}
         else:
             body = evaluate(model, tokens, luts, trial_cfg, rank, world_size, progress=False)
         return body["val_bpb"]
@@ -139,13 +143,28 @@ def tune(model, tokens: np.ndarray, luts, cfg: EvalConfig, lora: LoraConfig | No
 
     start = {key: canonical(cfg, lora_cfg, key) for key in grid}
     best, best_score, trials = coordinate_search(score, start, grid, report)
+    for trial in trials:
+        trial.views = views.get(tuple(sorted(trial.settings.items())))
     chosen = {k: v for k, v in best.items() if v != start[k]}
     log("tune_done", trials=len(trials), start_bpb=f"{trials[0].val_bpb:.6f}", chosen_bpb=f"{best_score:.6f}",
         chosen=",".join(f"{k}={v}" for k, v in chosen.items()) or "start")
     return {"kind": "lora" if lora is not None else "stream", "tune_fingerprint": fingerprint(tokens),
             "tune_tokens": int(len(tokens)), "grid": grid, "start": start, "start_bpb": trials[0].val_bpb,
             "chosen": chosen, "chosen_bpb": best_score, "settings": best,
-            "trials": [asdict(t) for t in trials]}
+            "trials": [asdict(t) for t in trials],
+            **({"reference": reference(model, tokens, luts, cfg, rank, world_size, log)} if lora is not None else {})}
+
+
+def reference(model, tokens: np.ndarray, luts, cfg: EvalConfig, rank: int, world_size: int,
+              log) -> dict[str, float]:
+    """The stream's scores of the tuning split, to set per-document LoRA's against there as on val: sliding windows
+    alone, and the stream's whole evaluation (score-first TTT, hash embedding, n-gram) with cfg's settings."""
+    sliding = copy.deepcopy(cfg)
+    sliding.ttt = sliding.hash_embed = sliding.ngram = False
+    out = {name: evaluate(model, tokens, luts, c, rank, world_size, progress=False)["val_bpb"]
+           for name, c in (("sliding", sliding), ("stream", cfg))}
+    log("tune_reference", **{name: f"{bpb:.6f}" for name, bpb in out.items()})
+    return out
 
 
 def table(result: dict) -> str:
@@ -157,4 +176,13 @@ def table(result: dict) -> str:
         value = trial["value"] if trial["setting"] else " ".join(f"{k}={v}" for k, v in result["start"].items())
         lines.append(f"| {trial['setting'] or 'start'} | {value}{' (chosen)' if chosen else ''} | "
                      f"{trial['val_bpb']:.6f} | {trial['val_bpb'] - start_bpb:+.6f} |")
+    ref = result.get("reference")
+    if ref:  # per-document LoRA against the stream on the same split: its gains there, to set against val's
+        best = next(t for t in result["trials"] if t["settings"] == result["settings"])
+        lines += ["", "| on the tuning split | val_bpb | vs sliding | vs the stream's evaluation |",
+                  "|---|---|---|---|"]
+        rows = [("sliding windows", ref["sliding"]), ("the stream's evaluation", ref["stream"])] + \
+            [(f"LoRA, chosen settings: {name}", bpb) for name, bpb in (best.get("views") or {}).items()]
+        lines += [f"| {name} | {bpb:.6f} | {bpb - ref['sliding']:+.6f} | {bpb - ref['stream']:+.6f} |"
+                  for name, bpb in rows]
     return "\n".join(lines)
