@@ -335,14 +335,13 @@ class _Record:
     events: list[tuple[str, str, int, int]]
     blender: NgramBlender | None
     ngram_chunk: int = 32_768
-    blended: int = -1  # the first target not blended yet
-    kept: Tensor | None = None  # [end - first, 3]: log p(token), log p(score token), entropy
+    blended: int = dataclasses.field(init=False)  # the first target not blended yet
+    kept: Tensor | None = dataclasses.field(init=False)  # [end - first, 3]: log p(token), log p(score token), entropy
     rows: dict[int, Tensor] = dataclasses.field(default_factory=dict)  # position -> the model's full row
 
     def __post_init__(self):
         self.blended = self.first
-        if self.blender is not None:
-            self.kept = torch.zeros(self.end - self.first, 3, device=self.tokens.device)
+        self.kept = None if self.blender is None else torch.zeros(self.end - self.first, 3, device=self.tokens.device)
 
     def keep(self, logp: Tensor, positions: Tensor, last: int) -> None:
         """Keep what the blend needs of scored rows logp [N, V] at positions; the row at `last` in full."""
@@ -433,9 +432,7 @@ def _chunk_step(model, lora: BatchedLoRA | None, optimizer, step_spans, chunk: i
         step_on(chunk_logp())
     with torch.no_grad() if lora is None else nullcontext():
         logp = chunk_logp()
-    record_scores([logp[i, :c_hi - c_lo] for i, (_, c_lo, c_hi, *_) in enumerate(spans)], spans, tokens,
-                  out.score_tokens, out.first, out.nll, out.coverage, out.norm, out.events,
-                  out.keep if out.blender is not None else None)
+    record_scores([logp[i, :c_hi - c_lo] for i, (_, c_lo, c_hi, *_) in enumerate(spans)], spans, out)
     if not step_before_score:
         step_on(logp)
     return sum(c_hi - c_lo for _, c_lo, c_hi, *_ in spans)
@@ -464,20 +461,19 @@ def target_blend(blender: NgramBlender, entropy: Tensor, logp_targets: Tensor, t
     return score, None if rows is None else blend(rows.float(), q[row_index], alpha[row_index])
 
 
-def record_scores(logps: list[Tensor], spans, tokens: Tensor, score_tokens: Tensor, first: int, nll: dict,
-                  coverage: Tensor, norm: dict, events: list, keep=None) -> None:
-    """Score one step's chunks: each document's NLL ("model" view), coverage, the events, and one full row into
-    the normalization check (C2); keep(logp, positions, last position) holds what the n-gram blend needs."""
+def record_scores(logps: list[Tensor], spans, out: _Record) -> None:
+    """Score one step's chunks into `out`: each document's NLL ("model" view), coverage, the events, and one full
+    row into the normalization check (C2); with the n-gram, what its blend needs (_Record.keep)."""
     from eval.stream import _check_rows
 
-    positions = torch.cat([torch.arange(c_lo, c_hi, device=tokens.device) for _, c_lo, c_hi, *_ in spans])
+    positions = torch.cat([torch.arange(c_lo, c_hi, device=out.tokens.device) for _, c_lo, c_hi, *_ in spans])
     logp = torch.cat(logps).detach().float()
-    nll["model"][positions - first] = -logp.gather(-1, score_tokens[positions, None]).squeeze(-1)
-    _check_rows(norm, "model", logp[-1:])
-    if keep is not None:  # the n-gram blends these targets later, in stream order (_Record.blend_through)
-        keep(logp, positions, spans[-1][2] - 1)
-    coverage[positions - first] += 1
-    events.extend(("score", "", c_lo, c_hi) for _, c_lo, c_hi, *_ in spans)
+    out.nll["model"][positions - out.first] = -logp.gather(-1, out.score_tokens[positions, None]).squeeze(-1)
+    _check_rows(out.norm, "model", logp[-1:])
+    if out.blender is not None:  # the n-gram blends these targets later, in stream order (_Record.blend_through)
+        out.keep(logp, positions, spans[-1][2] - 1)
+    out.coverage[positions - out.first] += 1
+    out.events.extend(("score", "", c_lo, c_hi) for _, c_lo, c_hi, *_ in spans)
 
 
 def global_phase(model, tokens: Tensor, docs: list[tuple[int, int, int]], *, lr: float, momentum: float,

@@ -400,11 +400,10 @@ def test_the_ngram_on_lora_blends_in_stream_order_as_the_stream_would_on_the_sam
     assert check_causality(run, tokens, 1, end, cuts, 64)["passed"]
     record = lora_module.record_scores
 
-    def count_each_chunk(logps, spans, tokens, *args):
-        record(logps, spans, tokens, *args)
-        blender = args[-1].__self__.blender
+    def count_each_chunk(logps, spans, out):
+        record(logps, spans, out)
         for _, c_lo, c_hi, *_ in spans:  # the wrong design: count the chunk now, mid-batch
-            blender.model.update(tokens[c_lo:c_hi], tokens[max(0, c_lo - 2):c_lo])
+            out.blender.model.update(out.tokens[c_lo:c_hi], out.tokens[max(0, c_lo - 2):c_lo])
 
     monkeypatch.setattr(lora_module, "record_scores", count_each_chunk)
     verdict = check_causality(run, tokens, 1, end, cuts, 64)
