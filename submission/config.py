@@ -306,8 +306,8 @@ RECIPES: dict[str, dict] = {
     # The SP8192 generation (PR #1460, 1.08269): 8192-token vocabulary, MLP 4x, layers 4-5 looped twice from half
     # of training, parallel residuals on the last 4 layers, gated skips, q gain 4, MuonEq-R, weight decay 0.085,
     # warmdown 2/3, matrix/scalar LR 0.02 and tied-embedding LR 0.03, shuffled training windows; BigramHash, value
-    # embeddings and the second embedding off (their tables grow with the vocabulary); SD clipping and GPTQ on the
-    # tied embedding. The defaults.
+    # embeddings and the second embedding off (their tables grow with the vocabulary); SD clipping, GPTQ on the
+    # tied embedding and per-matrix bit allocation. The defaults.
     "sp8192": {},
     # The March 2026 stack (PR #1019, 1.1147 on FineWeb) with the kit's measured additions, at 1024 tokens.
     "sp1024": dict(
@@ -315,7 +315,8 @@ RECIPES: dict[str, dict] = {
         bigram_buckets=3072, value_embed_last_n=2, embed2=True,
         data_dir="data/datasets/fineweb10B_sp1024", tokenizer_path="data/tokenizers/fineweb_1024_bpe.model",
         matrix_lr=0.025, scalar_lr=0.025, embed_lr=0.035, weight_decay=0.04, warmdown_frac=0.5,
-        muon_row_normalize=False, shuffle_windows=False, clip_policy="search", gptq_tied_embedding=False),
+        muon_row_normalize=False, shuffle_windows=False, clip_policy="search", gptq_tied_embedding=False,
+        bit_allocation=False),
 }
 
 

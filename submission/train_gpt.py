@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None, code_bytes=None, verify=None) -> Path:
     log = Logger(run_dir / "train.log", rank)
     counted = (code_bytes or own_size)(model_cfg) if rank == 0 else 0
     t0 = time.perf_counter()
-    model, _ = quantize_run(run_dir, counted, quant_cfg, calib_cfg, log, train_cfg, device, wait_baseline=False)
+    model, _ = quantize_run(run_dir, counted, quant_cfg, calib_cfg, log, train_cfg, device)
     stages["quantize"] = time.perf_counter() - t0
     model_bytes = (run_dir / MODEL_FILENAME).stat().st_size
     sizes = {"bytes_total": counted + model_bytes, "bytes_code": counted, "bytes_model": model_bytes}

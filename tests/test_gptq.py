@@ -51,15 +51,15 @@ def reference_rtn(W: np.ndarray, bits: int, clip_sigmas: tuple[float, ...]) -> t
 
 def test_rtn_matches_numpy_reference():
     W = heavy_tailed_weights(64, 96, seed=1)
-    for cfg in (QuantConfig(clip_policy="search", clip_sigmas=()), QuantConfig(clip_policy="search")):
+    for cfg in (QuantConfig(clip_policy="search", bit_allocation=False, clip_sigmas=()), QuantConfig(clip_policy="search", bit_allocation=False)):
         codes, scales, info = rtn_quantize(W, 6, cfg)
         ref_q, ref_s = reference_rtn(W.numpy(), 6, cfg.clip_sigmas)
         assert np.array_equal(codes.numpy(), ref_q)
         assert np.array_equal(scales.numpy(), ref_s)
         assert sum(info["clip_choice"].values()) == 64
     # the clip search must pick something other than absmax on heavy-tailed rows, and lower the error
-    _, _, searched = rtn_quantize(W, 6, QuantConfig(clip_policy="search"))
-    _, _, plain = rtn_quantize(W, 6, QuantConfig(clip_policy="search", clip_sigmas=()))
+    _, _, searched = rtn_quantize(W, 6, QuantConfig(clip_policy="search", bit_allocation=False))
+    _, _, plain = rtn_quantize(W, 6, QuantConfig(clip_policy="search", bit_allocation=False, clip_sigmas=()))
     assert set(searched["clip_choice"]) != {"absmax"}
     assert searched["sq_error"] < plain["sq_error"]
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import io
+import lzma
 import math
 import subprocess
 import sys
@@ -33,7 +35,8 @@ MODEL = ModelConfig(vocab_size=1024, num_layers=2, model_dim=64, num_heads=2, nu
                     rope_dims=8, bigram_buckets=64, bigram_dim=16, value_embed_last_n=2, value_embed_dim=16,
                     embed2=True, num_loops=1, loop_layers=(1, 1), parallel_last_n=1)
 # Matrices of a 64-wide model are under the record's passthrough size; a lower one puts them through GPTQ.
-QUANT = QuantConfig(passthrough_max_numel=1024)
+# One clip for every matrix: these tests are about the stage around it (tests/test_allocate.py: the allocation).
+QUANT = QuantConfig(passthrough_max_numel=1024, bit_allocation=False)
 # 2 x 16 generated tokens: far fewer than the 64 and 192 input dims, so every Hessian is rank-deficient.
 TINY_CALIB = CalibConfig(calib_seqs=2, calib_seq_len=16)
 
@@ -134,7 +137,7 @@ def test_quantize_run_writes_the_artifact_and_logs_the_stage(quantized):
     # fewer of its Hessians are rank-deficient
     assert log.starting("gptq_rank_deficient hessians:8 min_tokens:32 max_input_dims:256 damp:0.01")
     assert log.starting("budget: target:16000000 code_bytes:1234")
-    assert log.starting("artifact_vs_torch_save ")
+    assert not log.starting("artifact_vs_torch_save ")  # `pgolf quantize` logs it; the packed program skips it
     model_bytes = path.stat().st_size
     assert log.lines[-2:] == ["Code size: 1234 bytes", f"Total submission size: {1234 + model_bytes} bytes"]
     (line,) = log.starting("quantized_roundtrip_exact ")
@@ -196,9 +199,7 @@ def test_an_unwritable_run_dir_is_refused_before_calibration(tmp_path, monkeypat
 
 def test_reload_in_a_fresh_process_gives_identical_logits(tmp_path):
     run, _ = make_run(tmp_path)
-    path, packed, thread = quantize_checkpoint(run, 0, QUANT, TINY_CALIB, Lines(), torch.device("cpu"),
-                                               progress=False)
-    thread.join()
+    path, packed = quantize_checkpoint(run, 0, QUANT, TINY_CALIB, Lines(), torch.device("cpu"), progress=False)
     assert sum(isinstance(v, QuantTensor) for v in packed.values()) == 17  # 12 GPTQ matrices, bigram proj, 4 tables
     in_memory = GPT(MODEL)
     in_memory.load_state_dict(to_state_dict(packed, in_memory.state_dict()))
@@ -257,8 +258,7 @@ def test_train_data_calibration_must_fit_the_training_cap(tmp_path):
     assert not (late / MODEL_FILENAME).exists()
     early, _ = make_run(tmp_path / "early", train_time_s=500)
     log = Lines()
-    _, _, thread = quantize_checkpoint(early, 0, QUANT, calib, log, torch.device("cpu"), progress=False)
-    thread.join()
+    quantize_checkpoint(early, 0, QUANT, calib, log, torch.device("cpu"), progress=False)
     assert "calibration source:train seqs:2 tokens:200 temperature:-" in log.starting("calibration ")[0]
     assert log.starting("calibration_budget train_time_s:500.0")[0].endswith("within_cap:true")
 
@@ -273,7 +273,18 @@ def test_cli_quantize_logs_to_quantize_log(tmp_path):
     lines = (run / "quantize.log").read_text().splitlines()
     assert lines[0] == "override setting:calib_seqs:64->2(cli)"
     assert any(line.startswith(f"quantize run_dir:{run} weights:raw steps:7 code_bytes:999") for line in lines)
-    assert lines[-1] == f"Total submission size: {999 + (run / MODEL_FILENAME).stat().st_size} bytes"
+    model_bytes = (run / MODEL_FILENAME).stat().st_size
+    assert lines[-2] == f"Total submission size: {999 + model_bytes} bytes"
+    # then the baseline, against an independent torch.save + lzma-9 of the artifact's tensors
+    fields = dict(f.split(":") for f in lines[-1].split()[1:])
+    assert lines[-1].startswith("artifact_vs_torch_save ") and int(fields["model_bytes"]) == model_bytes
+    flat = {}
+    for name, value in read_artifact(run / MODEL_FILENAME)[0].items():
+        flat.update({name + ".q": value.codes, name + ".scale": value.scales} if isinstance(value, QuantTensor)
+                    else {name: value})
+    buf = io.BytesIO()
+    torch.save(flat, buf)
+    assert int(fields["torch_save_lzma9_bytes"]) == len(lzma.compress(buf.getvalue(), preset=9))
     assert math.isfinite(float(next(l for l in lines if l.startswith("quantized_roundtrip_exact")).split(":")[1]
                                .split()[0]))
     with pytest.raises(ValueError, match=r"unknown setting 'NUM_LAYERS'"):  # the model is fixed by the checkpoint
@@ -315,11 +326,11 @@ def test_the_run_recipe_sets_quantization_defaults_and_the_tied_embedding_gets_g
     run, train_cfg = make_run(tmp_path / "sp8192")
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     assert ckpt["train_config"]["recipe"] == "sp8192"
-    args = parser.parse_args(["quantize", str(run), "SDCLIP_SIGMAS=10", *settings])
+    args = parser.parse_args(["quantize", str(run), "SDCLIP_SIGMAS=10", "BIT_ALLOCATION=0", *settings])
     assert args.func(args) == 0
     log = (run / "quantize.log").read_text()
     assert "clip_policy:sdclip" in log and "quant:tok_emb.weight method:gptq_int8" in log
-    assert "setting:sdclip_sigmas:12.85->10.0(cli)" in log
+    assert "setting:sdclip_sigmas:12.85->10.0(cli)" in log and "setting:bit_allocation:True->False(cli)" in log
     tensors, _, quant = read_artifact(run / MODEL_FILENAME)
     assert quant["clip_policy"] == "sdclip" and tensors["tok_emb.weight"].bits == 8
     W = ckpt["ema_state_dict"]["blocks.0.mlp.c_fc.weight"].float()
@@ -334,6 +345,7 @@ def test_the_run_recipe_sets_quantization_defaults_and_the_tied_embedding_gets_g
     log = (run / "quantize.log").read_text()
     assert "setting:clip_policy:sdclip->search(recipe:sp1024)" in log and "clip_policy:search" in log
     assert "quant:tok_emb.weight method:rtn_int8" in log
+    assert "setting:bit_allocation:True->False(recipe:sp1024)" in log
     assert read_artifact(run / MODEL_FILENAME)[2]["clip_policy"] == "search"
 
 

@@ -7,7 +7,9 @@ from dataclasses import asdict
 from submission.config import apply_recipe, parse_overrides, resolve
 from submission.runtime import Logger, check_tokenizer, tokenizer_identity
 from tools.commands.train import settings_help  # the settings tables of `pgolf train --help`, here for quantization
+from tools.pack.artifact import MODEL_FILENAME
 from tools.pack.ship import bundle_entry
+from tools.pack.size import log_torch_save_baseline
 from tools.paths import expect_path
 from tools.quant.calibrate import CalibConfig
 from tools.quant.gptq import QuantConfig
@@ -33,6 +35,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         log("override", setting=line.replace(" ", ""))
     quantize_run(run_dir, code, quant_cfg, calib_cfg, log, train_cfg, args.device, progress=not args.quiet,
                  allow_other_tokenizer=args.allow_other_tokenizer)
+    log_torch_save_baseline(run_dir / MODEL_FILENAME, log)
     return 0
 
 

@@ -60,10 +60,12 @@ class QuantConfig:
     """LQER: each GPTQ'd matrix also stores a rank-r correction A @ B of its quantization error (float16 factors,
     r x (rows + cols) x 2 bytes), the best of its rank in the calibration inputs' norm; 0 off. The records claim
     ~0.009 BPB of the int6 cost back at rank 4; its bytes come out of the budget the codes would have had."""
-    bit_allocation: bool = False
+    bit_allocation: bool = True
     """Spend the byte budget where the loss per byte is lowest (tools/quant/allocate.py): each quantized matrix gets its
     own SD-clip k, a multiplier from allocation_grid times the recipe's, chosen from its measured loss sensitivity and
-    its codes' entropy, so the model fills the cap with finer steps where they matter. Needs clip_policy "sdclip"."""
+    its codes' entropy, so the model fills the cap with finer steps where they matter. Needs clip_policy "sdclip".
+    On P1 at 8192 (three checkpoints, H100) the roundtrip gap was 0.0068-0.0072 with it, 0.0091-0.0095 with one clip
+    (docs/MEASUREMENTS.md); the sp1024 recipe keeps one clip (its clip_policy is "search")."""
     allocation_probes: tuple[float, ...] = (1.0, 1.5, 2.0)
     """Multipliers of the recipe's clip at which each matrix is rounded alone to measure its loss sensitivity."""
     allocation_grid: tuple[float, ...] = (0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.4, 1.6, 1.8, 2.0)
@@ -99,7 +101,8 @@ class QuantConfig:
             setattr(self, key, values)
         if self.bit_allocation and self.clip_policy != "sdclip":
             raise ValueError(f"BIT_ALLOCATION=1 with CLIP_POLICY={self.clip_policy!r}: the allocation scales SD "
-                             "clipping's k per matrix; set CLIP_POLICY=sdclip (the default)")
+                             "clipping's k per matrix; set CLIP_POLICY=sdclip (the default), or BIT_ALLOCATION=0 for "
+                             "one clip")
 
     def row_clips(self, embedding: bool = False) -> tuple[tuple[float, ...], bool]:
         """(clip candidates in row stds, whether they are searched: capped at absmax, absmax a candidate too)."""

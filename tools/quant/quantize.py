@@ -1,10 +1,7 @@
 """The quantize stage: checkpoint -> calibration -> GPTQ -> budget-fitted RUN_DIR/model.pgz -> reload and score it."""
 from __future__ import annotations
 
-import io
-import lzma
 import os
-import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -92,21 +89,6 @@ def load_quantized(path: str | os.PathLike, device: torch.device | str = "cpu") 
     return model.eval()
 
 
-def torch_save_lzma_bytes(tensors: dict[str, QuantTensor | torch.Tensor]) -> int:
-    """lzma-9 of torch.save of the same tensors: the usual way records store them, our format's baseline."""
-    flat = {}
-    for name, value in tensors.items():
-        if isinstance(value, QuantTensor):
-            flat[name + ".q"], flat[name + ".scale"] = value.codes, value.scales
-            if value.lowrank is not None:
-                flat[name + ".lqer_a"], flat[name + ".lqer_b"] = value.lowrank
-        else:
-            flat[name] = value
-    buf = io.BytesIO()
-    torch.save(flat, buf)
-    return len(lzma.compress(buf.getvalue(), preset=9))
-
-
 def _typical_absmax_sigmas(state: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor]) -> float:
     """Median over the GPTQ matrices' rows of absmax/std: the clip, in stds, that the codes use when no clip wins."""
     ratios = []
@@ -140,13 +122,12 @@ def _log_gptq(log, report, quant_cfg: QuantConfig, cal, hessians: dict[str, torc
 def quantize_checkpoint(run_dir: str | os.PathLike, code_bytes: int, quant_cfg: QuantConfig, calib_cfg: CalibConfig,
                         log, device: torch.device, data_dir: str | None = None, progress: bool = True,
                         tokenizer: dict | None = None, allow_other_tokenizer: bool = False
-                        ) -> tuple[Path, dict[str, QuantTensor | torch.Tensor], threading.Thread]:
+                        ) -> tuple[Path, dict[str, QuantTensor | torch.Tensor]]:
     """Calibrate, GPTQ and budget-fit the run's checkpoint; write RUN_DIR/model.pgz atomically.
 
     `tokenizer` (tokenizer_identity of the one the caller scores with) must be the checkpoint's, unless
     allow_other_tokenizer; the artifact records the checkpoint's identity, so `pgolf eval` can check it in turn.
-    Returns the artifact's path, the tensors as packed, and a started thread that logs the torch.save + lzma-9
-    baseline (a full-size lzma pass takes ~40 s of CPU that the caller can overlap with GPU work; join it).
+    Returns the artifact's path and the tensors as packed.
     """
     run_dir = Path(run_dir)
     ckpt = load_checkpoint(run_dir)
@@ -236,19 +217,7 @@ def quantize_checkpoint(run_dir: str | os.PathLike, code_bytes: int, quant_cfg: 
     path = run_dir / MODEL_FILENAME
     write_artifact(path, blob, code_bytes)
     log("artifact", path=str(path), compressor=budget.compressor, model_bytes=len(blob), pack_s=round(pack_s, 2))
-    return path, packed, _baseline(packed, len(blob), log)
-
-
-def _baseline(packed: dict, model_bytes: int, log) -> threading.Thread:
-    """A started thread that logs how much smaller the artifact is than torch.save + lzma-9 of the same tensors.
-    Not a daemon: a process that does not wait for it still logs the line before it exits."""
-    def run() -> None:
-        size = torch_save_lzma_bytes(packed)
-        log("artifact_vs_torch_save", model_bytes=model_bytes, torch_save_lzma9_bytes=size,
-            smaller_by=f"{1 - model_bytes / size:.2%}")
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread
+    return path, packed
 
 
 def _allocated(probes: list[Probe], quant_cfg: QuantConfig, embedding_names: set[str], uniform_blob: bytes,
@@ -293,14 +262,12 @@ def _allocated(probes: list[Probe], quant_cfg: QuantConfig, embedding_names: set
 
 def quantize_run(run_dir: str | os.PathLike, code_bytes: int, quant_cfg: QuantConfig | None = None,
                  calib_cfg: CalibConfig | None = None, log=print, train_cfg: TrainConfig | None = None,
-                 device: torch.device | str | None = None, progress: bool = True, wait_baseline: bool = True,
+                 device: torch.device | str | None = None, progress: bool = True,
                  allow_other_tokenizer: bool = False) -> tuple[GPT, BPBAccumulator]:
     """The pipeline's quantize stage on every rank: rank 0 writes RUN_DIR/model.pgz, then every rank reloads it from
     disk into a fresh GPT and scores it flat (`quantized_roundtrip_exact`). Returns (reloaded model, its score).
 
     train_cfg supplies data_dir, tokenizer_path, seq_len and val_batch_seqs (default: the checkpoint's).
-    wait_baseline=False returns without waiting for the torch.save + lzma-9 baseline (~40 s of one CPU core on the
-    record model); its line is then logged while the caller goes on (the pipeline's evaluation overlaps it).
     train_cfg's tokenizer must be the one the checkpoint records, unless allow_other_tokenizer (quantize_checkpoint).
     """
     run_dir = Path(run_dir)
@@ -309,11 +276,9 @@ def quantize_run(run_dir: str | os.PathLike, code_bytes: int, quant_cfg: QuantCo
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     train_cfg = train_cfg or load_checkpoint(run_dir).train_config
-    thread = None
     if rank == 0:
-        _, _, thread = quantize_checkpoint(run_dir, code_bytes, quant_cfg, calib_cfg, log, device, train_cfg.data_dir,
-                                           progress, tokenizer_identity(train_cfg.tokenizer_path),
-                                           allow_other_tokenizer)
+        quantize_checkpoint(run_dir, code_bytes, quant_cfg, calib_cfg, log, device, train_cfg.data_dir, progress,
+                            tokenizer_identity(train_cfg.tokenizer_path), allow_other_tokenizer)
     if distributed:
         dist.barrier()
     path = run_dir / MODEL_FILENAME
@@ -322,8 +287,6 @@ def quantize_run(run_dir: str | os.PathLike, code_bytes: int, quant_cfg: QuantCo
     luts = byte_luts(train_cfg.tokenizer_path, model.cfg.vocab_size)
     t0 = time.perf_counter()
     acc = evaluate_flat(model, val_tokens, luts, train_cfg.seq_len, train_cfg.val_batch_seqs, rank, world_size)
-    if thread is not None and wait_baseline:
-        thread.join()
     model_bytes = path.stat().st_size
     log("roundtrip_eval", artifact=str(path), tokens=acc.tokens, bytes=acc.bytes,
         seconds=round(time.perf_counter() - t0, 2))
