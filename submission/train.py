@@ -104,12 +104,10 @@ def train_step(model: GPT, step_model, optimizers, batches, cfg: TrainConfig, sc
     return total
 
 
-def train(model_cfg: ModelConfig, cfg: TrainConfig, overrides: list[str] | None = None,
-          overwrite: bool = False) -> Path:
-    """Train until the wallclock cap (or max_steps); write the run directory; return its path. A RUN_DIR holding
-    another run is refused unless `overwrite` (claim_run_dir)."""
-    rank, world_size, device = setup_distributed()
-    is_cuda = device.type == "cuda"
+def start_run(model_cfg: ModelConfig, cfg: TrainConfig, overrides: list[str] | None, overwrite: bool, rank: int,
+              world_size: int, device: torch.device) -> tuple[Path, Logger, dict, int]:
+    """Claim the run directory, open its train.log with the run's header lines and write config.json; returns
+    (run_dir, log, the tokenizer's identity, gradient accumulation steps)."""
     run_dir = Path(cfg.run_dir or f"runs/{time.strftime('%Y%m%d_%H%M%S')}_seed{cfg.seed}")
     tokenizer = read_tokenizer(cfg.tokenizer_path)[1]
     if rank == 0:
@@ -121,7 +119,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, overrides: list[str] | None 
         raise ValueError(f"train_batch_tokens={cfg.train_batch_tokens} is not a multiple of world_size*grad_accum*"
                          f"seq_len = {world_size}*{grad_accum}*{cfg.seq_len}")
     log(f"seed:{cfg.seed}")  # on its own line, as the challenge's logs have it (tools/records/results.py reads it)
-    gpu = torch.cuda.get_device_name(device).replace(" ", "_") if is_cuda else platform.processor() or "cpu"
+    cuda = device.type == "cuda"
+    gpu = torch.cuda.get_device_name(device).replace(" ", "_") if cuda else platform.processor() or "cpu"
     log("run", run_dir=str(run_dir), world_size=world_size, device=str(device), gpu=gpu, grad_accum=grad_accum,
         python=platform.python_version(), torch=torch.__version__, numpy=np.__version__, code_hash=code_hash())
     for line in overrides or []:
@@ -132,15 +131,54 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, overrides: list[str] | None 
         tmp.write_text(json.dumps({"model": to_dict(model_cfg), "train": to_dict(cfg), "tokenizer": tokenizer},
                                   indent=1))
         os.replace(tmp, run_dir / "config.json")
+    return run_dir, log, tokenizer, grad_accum
 
+
+def warmup(model: GPT, optimizers, loader: TokenLoader, step_fn, cfg: TrainConfig, log) -> None:
+    """Compile and autotune on cfg.warmup_steps real steps (both QAT states, both layer schedules), then restore the
+    initial weights and optimizer states, so that the warmup costs no training."""
+    t0 = time.perf_counter()
+    initial = copy.deepcopy(model.state_dict()), [copy.deepcopy(o.state_dict()) for o in optimizers]
+    for step in range(cfg.warmup_steps):
+        model.set_qat(step % 2 == 1 and cfg.qat_threshold > 0)
+        model.looping = bool(model.cfg.num_loops) and step >= cfg.warmup_steps // 2
+        step_fn(loader, 1.0, step)
+    model.set_qat(False)
+    model.load_state_dict(initial[0])
+    for opt, state in zip(optimizers, initial[1]):
+        opt.load_state_dict(state)
+    if next(model.parameters()).is_cuda:
+        torch.cuda.synchronize()
+    log("warmup", steps=cfg.warmup_steps, seconds=round(time.perf_counter() - t0, 1), restored="model,optimizer")
+
+
+def log_steps(log, losses: torch.Tensor, step: int, elapsed: float, scale: float, cfg: TrainConfig,
+              flops_per_token: float) -> None:
+    """The train loss of every step since the last log (to the file; the latest also on screen), then the speed
+    line: time, ms/step, tokens/s and MFU against the H100's dense bf16 peak (flops_per_token: per GPU)."""
+    first = max(0, step - cfg.log_every)
+    for s, value in enumerate(losses[first:step].tolist(), start=first + 1):
+        log(step=s, train_loss=round(value, 5), file_only=s != step)
+    tokens_per_s = step * cfg.train_batch_tokens / elapsed
+    log(step=f"{step}", train_time_s=round(elapsed, 2), step_avg_ms=round(1000 * elapsed / step, 2),
+        tokens_per_s=round(tokens_per_s), mfu=round(tokens_per_s * flops_per_token / H100_BF16_PEAK_FLOPS, 4),
+        lr_scale=round(scale, 4))
+
+
+def train(model_cfg: ModelConfig, cfg: TrainConfig, overrides: list[str] | None = None,
+          overwrite: bool = False) -> Path:
+    """Train until the wallclock cap (or max_steps); write the run directory; return its path. A RUN_DIR holding
+    another run is refused unless `overwrite` (claim_run_dir)."""
+    rank, world_size, device = setup_distributed()
+    is_cuda = device.type == "cuda"
+    run_dir, log, tokenizer, grad_accum = start_run(model_cfg, cfg, overrides, overwrite, rank, world_size, device)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     if is_cuda:
         configure_cuda()
     model = GPT(model_cfg, qat_bits=cfg.qat_bits).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
     flops_per_token = matmul_flops_per_token(model, cfg.seq_len)
-    log("model", params=n_params, flops_per_token=flops_per_token)
+    log("model", params=sum(p.numel() for p in model.parameters()), flops_per_token=flops_per_token)
     step_model = torch.compile(model, dynamic=False) if is_cuda and cfg.compile else model
     optimizers = build_optimizers(model, cfg)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
@@ -153,22 +191,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, overrides: list[str] | None 
     def step_fn(loader: TokenLoader, scale: float, step: int) -> torch.Tensor:
         return train_step(model, step_model, optimizers, loader.next_batch(), cfg, scale, step, world_size)
 
-    # Warmup: compile and autotune on real steps, then restore the initial state so they cost no training.
     if cfg.warmup_steps:
-        t0 = time.perf_counter()
-        initial = copy.deepcopy(model.state_dict()), [copy.deepcopy(o.state_dict()) for o in optimizers]
-        loader = new_loader()
-        for step in range(cfg.warmup_steps):
-            model.set_qat(step % 2 == 1 and cfg.qat_threshold > 0)  # exercise both QAT states once
-            model.looping = bool(model_cfg.num_loops) and step >= cfg.warmup_steps // 2  # and both layer schedules
-            step_fn(loader, 1.0, step)
-        model.set_qat(False)
-        model.load_state_dict(initial[0])
-        for opt, state in zip(optimizers, initial[1]):
-            opt.load_state_dict(state)
-        if is_cuda:
-            torch.cuda.synchronize()
-        log("warmup", steps=cfg.warmup_steps, seconds=round(time.perf_counter() - t0, 1), restored="model,optimizer")
+        warmup(model, optimizers, new_loader(), step_fn, cfg, log)
 
     loops = bool(model_cfg.num_loops)
     model.looping = loops and cfg.enable_looping_at <= 0
@@ -219,13 +243,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, overrides: list[str] | None 
                 now = time.perf_counter()
                 elapsed += now - t_mark
                 t_mark = now
-            first = max(0, step - cfg.log_every)
-            for s, value in enumerate(losses[first:step].tolist(), start=first + 1):
-                log(step=s, train_loss=round(value, 5), file_only=s != step)
-            tokens_per_s = step * cfg.train_batch_tokens / elapsed
-            log(step=f"{step}", train_time_s=round(elapsed, 2), step_avg_ms=round(1000 * elapsed / step, 2),
-                tokens_per_s=round(tokens_per_s), mfu=round(tokens_per_s * flops_per_token / world_size
-                                                             / H100_BF16_PEAK_FLOPS, 4), lr_scale=round(scale, 4))
+            log_steps(log, losses, step, elapsed, scale, cfg, flops_per_token / world_size)
         if cfg.val_every and step % cfg.val_every == 0 and not stop:
             acc = _validate(model, val_tokens, luts, cfg, rank, world_size)
             log(step=step, val_loss=round(acc.val_loss, 5), val_bpb=round(acc.val_bpb, 5))
