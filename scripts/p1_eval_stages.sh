@@ -5,8 +5,8 @@
 # `pgolf eval` arguments scored as a one-off beside the run's eval.json; without any, the stages of issue 21:
 #   --ablation                                     flat, sliding, +ttt, +hash_embed, +ngram (the stream's stages)
 #   --lora-ttt LORA_RANK=0 LORA_NGRAM=0 LORA_CHUNK=64 LORA_LATE_CHUNK=0   document-masked sliding windows alone
-#   --lora-ttt                                     LoRA TTT (eval/lora.py's defaults) + the n-gram in stream order
-#   --lora-ttt LORA_PHASES=1 LORA_PHASE_DOCS=1024  + one global phase (after the first group of 1,024 documents)
+#   --lora-ttt LORA_PHASES=0                       LoRA TTT without the global phases, + the n-gram in stream order
+#   --lora-ttt                                     eval/lora.py's defaults: + 3 global phases (every 512 documents)
 # Settings chosen on the tuning split come in with "--lora-ttt --settings RUN_DIR/tune_lora.json" (pgolf eval
 # RUN_DIR --lora-ttt --tune writes it).
 # Prints per pass its val_bpb views, C1-C4 and the 8-GPU full-val projection. Logs go to $OUT/eval_stages/.
@@ -16,8 +16,8 @@ shift
 out=${OUT:-$(pwd)/p1_out}/eval_stages
 mkdir -p "$out"
 if [ $# -eq 0 ]; then
-  set -- "--ablation" "--lora-ttt LORA_RANK=0 LORA_NGRAM=0 LORA_CHUNK=64 LORA_LATE_CHUNK=0" "--lora-ttt" \
-    "--lora-ttt LORA_PHASES=1 LORA_PHASE_DOCS=1024"
+  set -- "--ablation" "--lora-ttt LORA_RANK=0 LORA_NGRAM=0 LORA_CHUNK=64 LORA_LATE_CHUNK=0" \
+    "--lora-ttt LORA_PHASES=0" "--lora-ttt"
 fi
 # EVAL_JOBS passes at a time (default 1). Side by side they share the GPU, so their seconds and projections are
 # upper bounds: time a pass alone to report its projection.
