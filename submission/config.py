@@ -235,6 +235,10 @@ class TrainConfig:
     """late QAT: int6 fake-quant once the LR scale falls below this; 0 disables"""
     qat_bits: int = 6
     """Bits of the late-QAT fake quantization (the artifact's int6)."""
+    qat_clip_sigmas: float = 0.0
+    """The late-QAT grid: 0 steps each row by its absmax / 31 (the March stack's); k > 0 by k x std(row) / 31, the
+    grid SD clipping exports (QuantConfig.sdclip_sigmas, 12.85: 3-4x coarser than absmax's on Muon-trained rows).
+    On P1 at 8192, 12.85 narrowed the gap by 0.0005 and scored 0.0012 worse in the end (docs/MEASUREMENTS.md)."""
     log_every: int = 50
     """Steps between train.log loss lines."""
     val_every: int = 0
@@ -255,7 +259,8 @@ class TrainConfig:
         "scalar_lr": ">= 0", "muon_momentum": "[0, 1)", "muon_momentum_start": "[0, 1)",
         "muon_momentum_warmup_steps": ">= 0", "muon_ns_steps": ">= 1", "weight_decay": ">= 0", "grad_clip": ">= 0",
         "ema_decay": "[0, 1]", "enable_looping_at": "[0, 1]", "qat_threshold": "[0, 1]",
-        "qat_bits": ("[2, 8]", " (int8 codes)"), "log_every": ">= 1", "val_every": ">= 0", "val_batch_seqs": ">= 1"}
+        "qat_bits": ("[2, 8]", " (int8 codes)"), "qat_clip_sigmas": ">= 0", "log_every": ">= 1", "val_every": ">= 0",
+        "val_batch_seqs": ">= 1"}
 
     def __post_init__(self):
         check_ranges(self)

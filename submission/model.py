@@ -24,10 +24,13 @@ def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
-def fake_quant(w: Tensor, bits: int) -> Tensor:
-    """Per-row symmetric int fake-quant with a straight-through gradient (late QAT)."""
+def fake_quant(w: Tensor, bits: int, clip_sigmas: float = 0.0) -> Tensor:
+    """Per-row symmetric int fake-quant with a straight-through gradient (late QAT). The row's step is its absmax /
+    qmax, or with clip_sigmas = k > 0 the artifact's SD clip, k x std(row) / qmax (values beyond it clamp)."""
     qmax = 2 ** (bits - 1) - 1
-    scale = w.detach().abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / qmax
+    w_ = w.detach()
+    clip = clip_sigmas * w_.std(dim=-1, keepdim=True) if clip_sigmas > 0 else w_.abs().amax(dim=-1, keepdim=True)
+    scale = clip.clamp_min(1e-8) / qmax
     q = (w / scale).round().clamp(-qmax, qmax) * scale
     return w + (q - w).detach()
 
@@ -46,15 +49,15 @@ class CastedLinear(nn.Linear):
     after compilation cannot be constant-folded away (a real submission shipped its QAT dead that way).
     """
 
-    def __init__(self, in_features: int, out_features: int, qat_bits: int = 6):
+    def __init__(self, in_features: int, out_features: int, qat_bits: int = 6, qat_clip_sigmas: float = 0.0):
         super().__init__(in_features, out_features, bias=False)
-        self.qat_bits = qat_bits
+        self.qat_bits, self.qat_clip_sigmas = qat_bits, qat_clip_sigmas
         self.register_buffer("qat_mix", torch.zeros(()), persistent=False)
         self.plain = False  # set by plain_linears(): QAT known off, skip the blend
 
     def qat_weight(self) -> Tensor:
         w = self.weight
-        return w if self.plain else w + self.qat_mix * (fake_quant(w, self.qat_bits) - w)
+        return w if self.plain else w + self.qat_mix * (fake_quant(w, self.qat_bits, self.qat_clip_sigmas) - w)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.qat_weight().to(x.dtype))
@@ -377,7 +380,7 @@ def layer_schedule(cfg: ModelConfig, looping: bool) -> list[int]:
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig, qat_bits: int = 6):
+    def __init__(self, cfg: ModelConfig, qat_bits: int = 6, qat_clip_sigmas: float = 0.0):
         super().__init__()
         self.cfg = cfg
         d = cfg.model_dim
@@ -415,7 +418,7 @@ class GPT(nn.Module):
         self.speedrun = switches().Speedrun(cfg) if uses_switches(cfg) else None
         for m in self.modules():
             if isinstance(m, CastedLinear):
-                m.qat_bits = qat_bits
+                m.qat_bits, m.qat_clip_sigmas = qat_bits, qat_clip_sigmas
                 if cfg.orthogonal_init:
                     nn.init.orthogonal_(m.weight)
         for block in self.blocks:  # output projections start at zero: every block starts as the identity

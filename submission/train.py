@@ -176,7 +176,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, overrides: list[str] | None 
     np.random.seed(cfg.seed)
     if is_cuda:
         configure_cuda()
-    model = GPT(model_cfg, qat_bits=cfg.qat_bits).to(device)
+    model = GPT(model_cfg, qat_bits=cfg.qat_bits, qat_clip_sigmas=cfg.qat_clip_sigmas).to(device)
     flops_per_token = matmul_flops_per_token(model, cfg.seq_len)
     log("model", params=sum(p.numel() for p in model.parameters()), flops_per_token=flops_per_token)
     step_model = torch.compile(model, dynamic=False) if is_cuda and cfg.compile else model

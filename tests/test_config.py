@@ -210,6 +210,7 @@ BAD_SETTINGS = [
     ({"ENABLE_LOOPING_AT": "-0.5"}, r"^ENABLE_LOOPING_AT=-0.5: must be in \[0, 1\]"),
     ({"QAT_THRESHOLD": "2"}, r"^QAT_THRESHOLD=2.0: must be in \[0, 1\]"),
     ({"QAT_BITS": "9"}, r"^QAT_BITS=9: must be in \[2, 8\]"),
+    ({"QAT_CLIP_SIGMAS": "-1"}, r"^QAT_CLIP_SIGMAS=-1.0: must be >= 0"),
     ({"LOG_EVERY": "0"}, r"^LOG_EVERY=0: must be >= 1"),
     ({"VAL_EVERY": "-1"}, r"^VAL_EVERY=-1: must be >= 0"),
     ({"VAL_BATCH_SEQS": "0"}, r"^VAL_BATCH_SEQS=0: must be >= 1"),
@@ -302,6 +303,7 @@ def test_every_field_of_every_config_has_a_bad_value_in_the_table():
     {"XSA_LAST_N": "20"}, {"NUM_LAYERS": "6"},                 # XSA on more layers than there are: all of them
     {"NUM_KV_HEADS": "8"}, {"NUM_KV_HEADS": "1"}, {"BIGRAM_BUCKETS": "0"}, {"BIGRAM_BUCKETS": "2"},
     {"EMA_DECAY": "0"}, {"EMA_DECAY": "1"}, {"WARMDOWN_FRAC": "0"}, {"WARMDOWN_FRAC": "1"}, {"QAT_THRESHOLD": "0"},
+    {"QAT_CLIP_SIGMAS": "12.85"},
     {"GRAD_CLIP": "0"}, {"VAL_EVERY": "0"}, {"SEED": "0"}, {"SEED": "4294967295"}, {"ADAM_BETAS": "0,0.999"},
     {"SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "1024", "MICRO_BATCH_TOKENS": "2048"},  # micro above the batch: capped
     {"MATRIX_BITS": "2"}, {"MIN_CLIP_SIGMA": "0"}, {"MAX_DAMP_RETRIES": "0"}, {"CALIB_SEQ_LEN": "2"},

@@ -219,6 +219,28 @@ def test_sdclip_scale_is_k_row_stds_over_qmax_even_beyond_the_absmax():
         QuantConfig(clip_policy="sd")
 
 
+def test_qat_on_the_sdclip_grid_is_the_exported_rtn():
+    """QAT_CLIP_SIGMAS=k fake-quantizes on the grid the artifact's SD clipping rounds to: the same values as
+    rtn_quantize's codes x scales (up to the float16 scale), clamped beyond k std, with a straight-through gradient;
+    0 keeps the absmax grid, on which every row's extreme is a code of +-qmax."""
+    from submission.model import fake_quant
+    W = heavy_tailed_weights(16, 256, seed=33)
+    W[0, 0] = 100 * float(W[0].std())  # ~16 of the new row std: beyond a 12.85-sigma clip: clamps to the row's qmax code
+    codes, scales, _ = rtn_quantize(W, 6, QuantConfig(clip_policy="sdclip"))
+    Wr = W.clone().requires_grad_()
+    q = fake_quant(Wr, 6, 12.85)
+    torch.testing.assert_close(q.detach(), dequantize(codes, scales), rtol=2e-3, atol=0)
+    assert float(q.detach()[0, 0] / (12.85 * W[0].std() / 31)) == pytest.approx(31, rel=1e-5)
+    q.sum().backward()
+    assert torch.equal(Wr.grad, torch.ones_like(W))
+    absmax = fake_quant(W, 6)
+    step = W.abs().amax(dim=1) / 31
+    torch.testing.assert_close(absmax.abs().amax(dim=1), W.abs().amax(dim=1))
+    torch.testing.assert_close(absmax / step[:, None], torch.round(W / step[:, None]))
+    G = torch.randn(16, 256, generator=torch.Generator().manual_seed(34))  # Gaussian rows: absmax ~3 sigma
+    assert float((fake_quant(G, 6, 12.85) - G).square().mean()) > 10 * float((fake_quant(G, 6) - G).square().mean())
+
+
 def test_a_table_with_a_hessian_gets_gptq_at_embed_bits():
     """The tied embedding quantized as a head: GPTQ with the final hidden states' Gram at embed_bits beats round to
     nearest on the logits' error (H-weighted), the quantity the head is scored on."""

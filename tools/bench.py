@@ -26,7 +26,7 @@ def run_bench(model_cfg: ModelConfig, cfg: TrainConfig, steps: int, warmup: int,
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
         configure_cuda()
-    model = GPT(model_cfg, cfg.qat_bits).to(device)
+    model = GPT(model_cfg, cfg.qat_bits, cfg.qat_clip_sigmas).to(device)
     step_model = torch.compile(model, dynamic=False) if device.type == "cuda" and cfg.compile else model
     optimizers = build_optimizers(model, cfg)
     grad_accum = max(1, cfg.train_batch_tokens // world_size // cfg.micro_batch_tokens)
