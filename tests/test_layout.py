@@ -88,3 +88,16 @@ def test_no_file_points_outside_the_project():
             text = path.read_text(errors="replace")
             hits += [f"{name}: {m.group(0)}" for m in pattern.finditer(text)]
     assert hits == []
+
+
+def test_the_readme_is_a_user_guide_in_size():
+    """README at most 12,000 bytes and no line over 120 characters (measurement history lives in docs/); its first
+    screen has the result, the budget line and the commands."""
+    text = (REPO / "README.md").read_text()
+    assert len(text.encode()) <= 12_000, f"README.md is {len(text.encode()):,} bytes: move detail to docs/"
+    long = [n for n, line in enumerate(text.splitlines(), 1) if len(line) > 120]
+    assert not long, f"README.md lines over 120 characters: {long}"
+    first_screen = "\n".join(text.splitlines()[:40])
+    for needed in ("16,000,000", "Where the default recipe stands", "pgolf data", "tools.pipeline", "pgolf pack",
+                   "cli eval", "pgolf seeds", "pgolf stats", "pgolf record", "pgolf check"):
+        assert needed in first_screen, f"README.md's first 40 lines lack {needed!r}"
