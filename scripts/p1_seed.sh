@@ -13,10 +13,11 @@ out=${OUT:-$kit/p1_out}/seed$seed
 pack=/tmp/p1/pack run=/tmp/p1/seed$seed
 rm -rf "$run" && mkdir -p "$pack" "$out"
 # Bundled for these settings: a speedrun switch turned on packs submission/switches.py as well.
-python3 -c "import sys; from pathlib import Path; from submission.config import ModelConfig, TrainConfig, resolve
+python3 -c "import sys; from pathlib import Path
+from submission.config import ModelConfig, TrainConfig, parse_overrides, resolve
 from tools.pack.bundle import write_bundle; from tools.pack.ship import bundle_entry
 m, t = ModelConfig(), TrainConfig(); known = {*vars(m), *vars(t)}
-resolve(m, t, cli={k: v for k, v in (a.split('=', 1) for a in sys.argv[2:]) if k.lower() in known})
+resolve(m, t, cli={k: v for k, v in parse_overrides(sys.argv[2:]).items() if k.lower() in known})
 r = bundle_entry(m); write_bundle(r, Path(sys.argv[1]))
 print(f'packed train_gpt.py: {r.sizes.packed} bytes, source sha256 {r.sha256[:16]}, modules {len(r.modules)}')" \
   "$pack" "$@"
