@@ -172,6 +172,18 @@ def test_bit_allocation_fills_the_cap_with_per_matrix_clips(tmp_path):
                                    rtol=2e-3, atol=0)
 
 
+def test_bit_allocation_far_under_the_cap_stops_after_one_round(tmp_path):
+    """A model far under the cap gets the finest steps in round 1; a larger budget buys nothing more, so no second
+    round re-quantizes and re-packs the same artifact (the demo and the tests ran three identical rounds)."""
+    run, _ = make_run(tmp_path)
+    cfg = replace(QUANT, clip_policy="sdclip", bit_allocation=True, allocation_seqs=2)
+    log = Lines()
+    quantize_run(run, 0, cfg, TINY_CALIB, log, progress=False)
+    (line,) = log.starting("bit_allocation ")
+    finest = min(cfg.allocation_grid)
+    assert f"multipliers:{finest:g}x" in line
+
+
 def test_bit_allocation_needs_sd_clipping():
     with pytest.raises(ValueError, match="CLIP_POLICY=sdclip"):
         QuantConfig(clip_policy="search", bit_allocation=True)

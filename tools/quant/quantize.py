@@ -235,9 +235,12 @@ def _allocated(probes: list[Probe], quant_cfg: QuantConfig, embedding_names: set
     grid = quant_cfg.allocation_grid
     uniform_bytes = single_clip_bytes(probes, grid)
     budget = uniform_bytes + target - len(uniform_blob)
-    best, best_key = None, None
+    best, best_key, last = None, None, None
     for round_ in range(1, ALLOCATION_ROUNDS + 1):
         alloc = allocate(probes, grid, budget)
+        if alloc.multipliers == last:  # the new budget buys no other step (far under the cap): the same artifact
+            break
+        last = alloc.multipliers
         sigmas = tensor_sigmas(alloc, quant_cfg, embedding_names)
         record = {**quant_record, "tensor_sigmas": {n: round(k, 4) for n, k in sigmas.items()}}
         tensors, blob = quantize_and_pack(sigmas, record)
