@@ -65,7 +65,7 @@ def data(sample_shards) -> Path:
 
 def test_packed_file_runs_the_pipeline_alone_and_matches_the_kit(data, tmp_path):
     kit_run = tmp_path / "kit_run"
-    # C1's prefix: two chunks of 1,024 tokens (the sample's val has 6,283), a third of the default's perturbed runs
+    # C1's prefix: two chunks of 1,024 tokens, a third of the sample's 6,283 val tokens that the default's covers
     kit_lines = run_pipeline([sys.executable, "-m", "tools.pipeline", *C1_SHORT], REPO, data, kit_run)
     out = tmp_path / "packed"
     result, report = pack(kit_run, out, progress=False)
