@@ -37,9 +37,6 @@ TINY = ["NUM_LAYERS=2", "MODEL_DIM=64", "NUM_HEADS=2", "NUM_KV_HEADS=1", "XSA_LA
         "CALIB_SEQS=4", "CALIB_SEQ_LEN=64", "PASSTHROUGH_MAX_NUMEL=1024", "SEED=7"]
 
 
-C1_SHORT = ["COMPLIANCE_CHUNK_TOKENS=1024"]
-
-
 def pipeline_env() -> dict[str, str]:
     """No inherited config variables (SEED=... in a CI environment would change the run); one thread per process,
     since the test machines are shared and torch's thread pool oversubscribed them 30x in the decode loop."""
@@ -66,7 +63,8 @@ def data(sample_shards) -> Path:
 def test_packed_file_runs_the_pipeline_alone_and_matches_the_kit(data, tmp_path):
     kit_run = tmp_path / "kit_run"
     # C1's prefix: two chunks of 1,024 tokens, a third of the sample's 6,283 val tokens that the default's covers
-    kit_lines = run_pipeline([sys.executable, "-m", "tools.pipeline", *C1_SHORT], REPO, data, kit_run)
+    kit_lines = run_pipeline([sys.executable, "-m", "tools.pipeline", "COMPLIANCE_CHUNK_TOKENS=1024"], REPO, data,
+                             kit_run)
     out = tmp_path / "packed"
     result, report = pack(kit_run, out, progress=False)
     assert sorted(p.name for p in out.iterdir()) == [MODEL_FILENAME, "train_gpt.py", "train_gpt.py.sha256"]
