@@ -7,7 +7,8 @@ starts at zero, so until an adapter's first step the model scores exactly as wit
 delta): the model's forward is unchanged, and a hooked layer inside the one q/k/v product is called on its own
 (submission/model.py's grouped_linear). Rows never mix: each row's output reads only its own A_b, B_b, and its loss
 reaches only them. reset() starts every row afresh, which the scorer does at each new batch of documents, so nothing
-learned on one document reaches another.
+learned on one document reaches another. The blocks below the adapted ones never change within a batch: the scorer
+runs them once per batch and replays their outputs at every step whose windows open at their documents' BOS (_Replay).
 """
 from __future__ import annotations
 
@@ -89,6 +90,13 @@ class LoraConfig:
     stream's gained -0.0071."""
     compliance_tokens: int = 2048
     """C1 re-runs the pass 4x on this many leading targets (with one cut in each half)."""
+    replay: bool = True
+    """Replay the frozen lower blocks: the blocks run before the first adapted one never change within a batch, and
+    while a document's window opens at its BOS each position's output there is the same at every step (causal). So
+    they run once per batch over the documents' windows (again, twice as wide, when a step outgrows them) and each
+    step reads its columns instead of recomputing them; a step whose window has begun to slide runs them as before.
+    It saves the frozen blocks' share of every such step's forward (the default model with last_n=4: 11 of its 15
+    slots); the scores agree up to rounding (tests/test_lora.py)."""
 
     PREFIX: typing.ClassVar[str] = "lora_"  # settings are LORA_<FIELD> (submission.config.settings_index)
     RANGES: typing.ClassVar[dict] = {"rank": ">= 0", "lr": ">= 0", "weight_decay": ">= 0", "chunk": ">= 1",
@@ -184,6 +192,115 @@ class BatchedLoRA(nn.Module):
                 handle.remove()
 
 
+def frozen_slots(model: nn.Module, lora: BatchedLoRA | None) -> list[int]:
+    """The model.schedule() slots before the first whose block holds an adapter (every slot without adapters):
+    within a batch their outputs depend on the tokens alone. No slot where an adapter lies outside the blocks (its
+    layer may feed every block)."""
+    order = model.schedule()
+    if lora is None:
+        return list(range(len(order)))
+    if any(not name.startswith("blocks.") for name in lora.layers):
+        return []
+    adapted = {int(name.split(".")[1]) for name in lora.layers}
+    return list(range(next((s for s, i in enumerate(order) if i in adapted), len(order))))
+
+
+class _Filled(Exception):
+    """Ends a replay fill's forward after the last frozen slot (the blocks above it would be wasted)."""
+
+
+class _ReplayBlock(nn.Module):
+    """Stands in model.blocks for a frozen slot's block while a batch runs: its forward (Block.forward's
+    signature) asks the _Replay for the slot's output, which replays it or runs the block. It holds the block's own
+    parameter, buffer and submodule dicts, not the block as a child, so state_dict(), parameters() and
+    named_modules() read exactly as with the block in place."""
+
+    def __init__(self, block: nn.Module, replay: "_Replay"):
+        super().__init__()
+        for name in ("_parameters", "_buffers", "_non_persistent_buffers_set", "_modules"):
+            object.__setattr__(self, name, getattr(block, name))
+        object.__setattr__(self, "block", block)  # not registered: its parameters are the dicts above
+        self.replay, self.training = replay, block.training
+
+    def forward(self, x, x0, rope, value_embed, key_shift=None, cache=None, slot=0):
+        return self.replay.output(self.block, slot, x, x0, rope, value_embed, key_shift, cache)
+
+
+class _Replay:
+    """The frozen slots' outputs (frozen_slots) of one batch's documents, read by the steps whose every window
+    opens at its document's BOS instead of running those blocks (LoraConfig.replay).
+
+    A fill is one no-grad forward over the batch's active rows, row b holding its document's tokens from its BOS
+    (right-padded with zeros where the document ends), that stops after the last frozen slot. Causal: a step's
+    positions see the same tokens before them in the fill as in its own window, and what lies after them (later
+    tokens, padding) reaches no scored position. The fill is as wide as the first step that replays, and refills
+    twice as wide (at most `context`) when a step outgrows it: its shape then follows the steps' widths only, never
+    where a document ends, which only later tokens tell (C1 compares bits, and a GPU's kernels round differently
+    when a shape changes)."""
+
+    def __init__(self, model: nn.Module, slots: list[int], context: int):
+        self.model, self.slots, self.context = model, slots, context
+        self.batch: list[tuple[int, int, int]] = []
+        self.outputs: dict[int, Tensor] = {}  # slot -> its output [filled rows, width, D]
+        self.filled: list[int] = []  # the batch rows the fill holds, in its order
+        self.width, self.index, self.filling = 0, None, False  # index: this step's rows in the fill, or None
+
+    @contextmanager
+    def installed(self, batch: list[tuple[int, int, int]]):
+        """Inside, every frozen slot's block is a _ReplayBlock; the real blocks are back on exit and the fill is
+        freed, error or not."""
+        blocks, order = self.model.blocks, self.model.schedule()
+        real = {order[s]: blocks[order[s]] for s in self.slots}
+        self.batch = batch
+        try:
+            for i, block in real.items():
+                blocks[i] = _ReplayBlock(block, self)
+            yield self
+        finally:
+            for i, block in real.items():
+                blocks[i] = block
+            self.outputs, self.filled, self.width, self.index, self.batch = {}, [], 0, None, []
+
+    def output(self, block: nn.Module, slot: int, x: Tensor, *args) -> Tensor:
+        """Block `block`'s output at `slot`: replayed (this step's rows, as wide as x), or run (and kept in a fill)."""
+        if self.filling:
+            out = self.outputs[slot] = block(x, *args, slot)
+            if slot == self.slots[-1]:
+                raise _Filled
+            return out
+        if self.index is not None and slot in self.outputs:  # a block that loops back above runs there for real
+            return self.outputs[slot][self.index, :x.size(1)]
+        return block(x, *args, slot)
+
+    def step(self, tokens: Tensor, rows: list[int], spans, width: int) -> None:
+        """Whether this step replays (decided on the host: every row's window opens at its document's BOS), and
+        then the fill that covers it (refilled when the step is wider)."""
+        self.index = None
+        if any(w0 != self.batch[row][0] for row, (w0, *_) in zip(rows, spans)):
+            return
+        if width > self.width or not set(rows) <= set(self.filled):
+            self.fill(tokens, rows, min(self.context, max(width, 2 * self.width)))
+        self.index = torch.tensor([self.filled.index(row) for row in rows], device=tokens.device)
+
+    def fill(self, tokens: Tensor, rows: list[int], width: int) -> None:
+        """The frozen slots' outputs over the documents of `rows`, `width` tokens from each one's BOS."""
+        self.outputs = {}  # the last fill's memory first
+        x = torch.zeros(len(rows), width, dtype=torch.long, device=tokens.device)
+        for i, row in enumerate(rows):
+            start, _, hi = self.batch[row]
+            x[i, :min(hi - 1, start + width) - start] = tokens[start:min(hi - 1, start + width)]
+        self.filling = True
+        try:
+            with torch.no_grad(), torch.autocast(tokens.device.type, torch.bfloat16,
+                                                 enabled=tokens.device.type == "cuda"):
+                self.model.hidden(x)
+        except _Filled:
+            pass
+        finally:
+            self.filling = False
+        self.filled, self.width = list(rows), width
+
+
 def document_targets(tokens: Tensor, first: int, end: int, bos_id: int) -> list[tuple[int, int, int]]:
     """The targets [first, end) cut into documents: (start, lo, hi) per document in position order, where `start`
     is the position of its BOS (or 0 when the stream does not open with one) and [lo, hi) its targets, the tokens
@@ -239,7 +356,7 @@ def score_documents(model, tokens: Tensor, first: int, end: int, *, rank: int, l
                     group_docs: int | None = None, phases: int = 0,
                     phase_docs: int = 2000, phase_lr: float = 1e-3, phase_momentum: float = 0.9,
                     ngram: NgramConfig | None = None, ngram_chunk: int = 32_768, score_tokens: Tensor | None = None,
-                    step_before_score: bool = False, progress: bool = False, timer=None):
+                    step_before_score: bool = False, replay: bool = True, progress: bool = False, timer=None):
     """Per-document LoRA TTT over the targets [first, end) of `tokens` (1-D, on the model's device).
 
     Documents (document_targets) go in groups of `group_docs` consecutive ones (default batch_docs), each group
@@ -263,6 +380,8 @@ def score_documents(model, tokens: Tensor, first: int, end: int, *, rank: int, l
     eval.compliance.check_events_any_order (documents interleave).
     score_tokens: the tokens targets are read from (default `tokens`), for the causality check.
     step_before_score: the deliberately illegal variant (steps on a chunk, then scores it) that the checks catch.
+    replay: the blocks below the adapted ones run once per batch (refilled as the windows widen, _Replay) and the
+    steps whose windows all open at their documents' BOS read their outputs instead (LoraConfig.replay).
     timer: an eval.stream.StageTimer that times the n-gram blend ("ngram") and the global phases ("phase")."""
     from eval.progress import progress_bar
     from eval.stream import StreamResult
@@ -283,6 +402,8 @@ def score_documents(model, tokens: Tensor, first: int, end: int, *, rank: int, l
     # Nothing here may depend on how many documents follow (C1 caught a phase schedule that did): always
     # batch_docs adapters, and phases after fixed document counts.
     lora = BatchedLoRA(model, rank, batch_docs, head=head, last_n=last_n) if rank else None
+    slots = frozen_slots(model, lora) if replay else []
+    replayer = _Replay(model, slots, context) if slots else None
     phase_at = [k * phase_docs for k in range(1, phases + 1)]
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()} if phases else None
     bar = progress_bar(total=end - first, desc="lora ttt" if rank else "documents", unit="tok", unit_scale=True,
@@ -290,7 +411,8 @@ def score_documents(model, tokens: Tensor, first: int, end: int, *, rank: int, l
     group_docs = group_docs or batch_docs
     try:
         for g0, batch, group_end in group_batches(docs, group_docs, batch_docs):
-            with lora.attached() if lora is not None else nullcontext():
+            with lora.attached() if lora is not None else nullcontext(), \
+                    replayer.installed(batch) if replayer is not None else nullcontext():
                 optimizer = None
                 if lora is not None:
                     lora.reset()
@@ -298,7 +420,7 @@ def score_documents(model, tokens: Tensor, first: int, end: int, *, rank: int, l
                 for step in range(max(chunk_count(hi - lo, chunk, late_chunk, context) for _, lo, hi in batch)):
                     at = chunk_at(step, chunk, late_chunk, context)
                     spans = _chunk_spans(batch, at, context, end)
-                    bar.update(_chunk_step(model, lora, optimizer, spans, at[1], out, step_before_score))
+                    bar.update(_chunk_step(model, lora, optimizer, spans, at[1], out, step_before_score, replayer))
             if not group_end:
                 continue
             done = min(g0 + group_docs, len(docs))
@@ -388,9 +510,10 @@ def group_batches(docs: list[tuple[int, int, int]], group_docs: int, batch_docs:
 
 
 def _chunk_step(model, lora: BatchedLoRA | None, optimizer, step_spans, chunk: int, out: _Record,
-                step_before_score: bool) -> int:
+                step_before_score: bool, replay: _Replay | None = None) -> int:
     """One step of a batch: every active document's next chunk scored from its own prefix (recorded in `out`),
-    then one adapter step on those chunks (before scoring them in the illegal variant). Returns the targets scored."""
+    then one adapter step on those chunks (before scoring them in the illegal variant). Returns the targets scored.
+    replay: the batch's frozen slots (_Replay), replayed here when every row's window opens at its BOS."""
     rows, spans = step_spans
     device, tokens = out.tokens.device, out.tokens
     # every row as wide as its full chunk's window (the same width for every row a step, but for a document that
@@ -402,6 +525,8 @@ def _chunk_step(model, lora: BatchedLoRA | None, optimizer, step_spans, chunk: i
         x[i, :c_hi - 1 - w0] = tokens[w0:c_hi - 1]
     if lora is not None:
         lora.rows = torch.tensor(rows, device=device)
+    if replay is not None:
+        replay.step(tokens, rows, spans, width)
     # each row's chunk targets, left-aligned in `chunk` columns (a shorter last chunk is padded by repeating its
     # last target: computed, never recorded, weight 0 in the step)
     at = torch.tensor([[min(c_lo + t, c_hi - 1) for t in range(chunk)] for _, c_lo, c_hi, *_ in spans], device=device)
