@@ -444,3 +444,129 @@ def test_groups_sorted_by_length_score_each_document_as_before_and_blend_behind_
         return _score(model, context, score_tokens=score, ngram=ngram, ngram_chunk=20, group_docs=4).nll
 
     assert check_causality(run, tokens, 1, end, [28, 80], 64)["passed"]
+
+
+# ------------------------------------------------------------------------------- replaying the frozen lower blocks
+
+# 4 layers, layers 1-2 looped once (slots 0 1 2 1 2 3), U-Net skips (3 pairs, gated): with LORA_LAST_N=2 the frozen
+# slots are 0 and 1, and block 1 runs again, adapted-above, at slot 3
+LOOPED = dict(TINY, num_layers=4, loop_layers=(1, 2), num_loops=1, xsa_last_n=4)
+
+
+def looped_model() -> GPT:
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**LOOPED))
+    for p in model.parameters():
+        p.data += 0.05 * torch.randn_like(p)
+    return model.eval()
+
+
+def _long_stream() -> torch.Tensor:
+    """Seven documents of 7 to 60 tokens after their BOS, some longer than the tests' contexts."""
+    g = torch.Generator().manual_seed(2)
+    return torch.cat([torch.cat([torch.tensor([1]), torch.randint(2, 64, (n,), generator=g)])
+                      for n in (23, 7, 60, 12, 30, 45, 9)])
+
+
+def _slot_calls(model, block: int) -> tuple[dict[int, int], object]:
+    """Calls of the real model.blocks[block] per slot (its forward's last argument), and the hook's handle."""
+    calls: dict[int, int] = {}
+
+    def count(module, args):
+        calls[args[-1]] = calls.get(args[-1], 0) + 1
+
+    return calls, model.blocks[block].register_forward_pre_hook(count)
+
+
+def test_replaying_the_frozen_blocks_scores_as_running_them():
+    """LORA_REPLAY: the slots below the first adapted block run once per batch (refilled as the windows widen) and
+    the steps read them. Same scores, both views, as running every block each step: with depth recurrence (block 1
+    frozen at slot 1, run again at slot 3), gated skips, late chunks that slide past the context, groups and a
+    global phase between them; also with every slot frozen (rank 0) and with adapters in every block (none).
+    The n-gram mixes with fixed weights: fitted online on these few targets, they amplify rounding (a different
+    batch layout without replay moves the blend by 0.1 nats)."""
+    from eval.lora import frozen_slots, BatchedLoRA as Lora
+    from eval.ngram import NgramConfig
+    model, tokens = looped_model(), _long_stream()
+    assert model.schedule() == [0, 1, 2, 1, 2, 3] and model.num_skips == 3
+    assert frozen_slots(model, Lora(model, 2, 1, last_n=2)) == [0, 1]
+    assert frozen_slots(model, Lora(model, 2, 1, last_n=1)) == [0, 1, 2, 3, 4]
+    assert frozen_slots(model, Lora(model, 2, 1)) == [] and frozen_slots(model, None) == list(range(6))
+    common = dict(chunk=3, context=24, late_chunk=12, group_docs=4, phases=1, phase_docs=3, phase_lr=0.05,
+                  ngram=NgramConfig(order=3, bos_id=1, mix_weights=(-1.0, 0.3, 0.5, 1.0)), ngram_chunk=20)
+    for over in (dict(last_n=2), dict(last_n=1, batch_docs=3), dict(rank=0), dict(last_n=0)):
+        on, off = _score(model, tokens, **common, **over), _score(model, tokens, **common, **over, replay=False)
+        for view in ("model", "blend"):
+            torch.testing.assert_close(on.nll[view], off.nll[view], rtol=0, atol=1e-5)
+        assert on.events == off.events and not torch.allclose(on.nll["blend"], on.nll["model"])
+
+
+def test_the_replay_runs_the_frozen_blocks_once_per_fill_and_the_looped_block_above_at_every_step():
+    """With replay, the frozen block 0 runs once per fill (2, 4, ..., 32 columns) and at the steps whose window
+    slides; without, at every step (55). Block 1 runs at slot 1 as rarely, but at slot 3 (above the adapted block 2)
+    at every step either way."""
+    model, tokens = looped_model(), _long_stream()
+    counts = {}
+    for replay in (True, False):
+        calls0, h0 = _slot_calls(model, 0)
+        calls1, h1 = _slot_calls(model, 1)
+        _score(model, tokens, last_n=2, chunk=2, context=32, late_chunk=8, replay=replay)
+        h0.remove(), h1.remove()
+        counts[replay] = calls0, calls1
+    (on0, on1), (off0, off1) = counts[True], counts[False]
+    steps = off0[0]  # without replay: one forward per step
+    assert off1 == {1: steps, 3: steps} and on1[3] == steps
+    assert on0[0] == on1[1] and 0 < on0[0] <= steps // 2, (on0, steps)  # 25 of 55
+
+
+def test_the_real_blocks_are_back_after_the_pass_even_when_it_fails(monkeypatch):
+    """While a batch runs, the frozen slots' blocks are stand-ins that show the same state_dict (no key added, none
+    lost, no parameter twice); after the pass, and after a pass that raises, model.blocks holds the Block objects."""
+    import eval.lora as lora_module
+    from eval.lora import _ReplayBlock
+    model, tokens = looped_model(), _long_stream()
+    blocks, keys = list(model.blocks), list(model.state_dict())
+    params = len(list(model.parameters()))
+    seen = []
+    record = lora_module.record_scores
+
+    def check_then_record(logps, spans, out):
+        seen.append((type(model.blocks[0]), type(model.blocks[2]), list(model.state_dict()) == keys,
+                     len(list(model.parameters())) == params))
+        record(logps, spans, out)
+
+    monkeypatch.setattr(lora_module, "record_scores", check_then_record)
+    _score(model, tokens, last_n=2, phases=1, phase_docs=3)
+    assert seen and set(seen) == {(_ReplayBlock, type(blocks[2]), True, True)}
+    assert all(a is b for a, b in zip(model.blocks, blocks)) and list(model.state_dict()) == keys
+
+    def fail(logps, spans, out):
+        raise RuntimeError("mid-batch")
+
+    monkeypatch.setattr(lora_module, "record_scores", fail)
+    with pytest.raises(RuntimeError, match="mid-batch"):
+        _score(model, tokens, last_n=2)
+    assert all(a is b for a, b in zip(model.blocks, blocks)) and list(model.state_dict()) == keys
+
+
+def test_the_replayed_pass_passes_c1_and_its_illegal_variant_fails_it():
+    """verify_documents' C1 on the replayed pass (LORA_LAST_N=2 on the looped model, windows that slide): both
+    forms pass, bits compared, although the fills read past the cut; the illegal variant fails both."""
+    from eval.lora import verify_documents
+    model, tokens = looped_model(), _long_stream()
+    settings = dict(rank=4, lr=0.05, chunk=5, batch_docs=2, context=16, last_n=2, late_chunk=12)
+    quiet = lambda *a, **k: None  # noqa: E731
+    c1 = verify_documents(model, tokens, _score(model, tokens, **settings), settings, 120, 1, quiet)["C1"]
+    assert c1["passed"], c1
+    illegal = {**settings, "step_before_score": True}
+    c1 = verify_documents(model, tokens, _score(model, tokens, **illegal), illegal, 120, 1, quiet)["C1"]
+    assert not c1["passed"] and c1["detail"].count("changed when the tokens") == 2, c1
+
+
+def test_lora_replay_is_a_setting_passed_to_the_pass():
+    from eval.lora import LoraConfig
+    from submission.config import resolve
+    cfg = LoraConfig()
+    assert cfg.pass_settings()["replay"] is True
+    resolve(cfg, env={}, cli={"LORA_REPLAY": "0"})
+    assert cfg.pass_settings()["replay"] is False
