@@ -31,7 +31,8 @@ def gptq_like(rows: int, cols: int, seed: int, bits: int = 6) -> QuantTensor:
     """Codes from GPTQ on heavy-tailed weights with correlated inputs: the statistics real artifacts hold."""
     g = torch.Generator().manual_seed(seed)
     chi2 = (torch.randn(5, rows, cols, generator=g) ** 2).mean(0)  # seeded: Chi2.sample uses the global RNG
-    W = 0.02 * torch.randn(rows, cols, generator=g) / torch.sqrt(chi2) * torch.exp(0.3 * torch.randn(rows, 1, generator=g))
+    W = 0.02 * torch.randn(rows, cols, generator=g) / torch.sqrt(chi2)
+    W = W * torch.exp(0.3 * torch.randn(rows, 1, generator=g))
     X = torch.randn(4 * cols, 16, generator=g) @ torch.randn(16, cols, generator=g) + torch.randn(4 * cols, cols,
                                                                                                generator=g)
     codes, scales, _ = gptq_quantize(W, X.T @ X, bits, QuantConfig(clip_sigmas=(4.0, 6.0, 10.0)))

@@ -965,7 +965,7 @@ def test_cli_bundle_full_messages_flag(tmp_path, capsys):
     assert minified[True] > minified[False]
 
 
-# ---- base93 packing ----------------------------------------------------------------------------------------------------
+# ---- base93 packing --------------------------------------------------------------------------------------------------
 
 def test_base93_round_trips_bytes_of_every_length_and_is_dense():
     rng = random.Random(0)

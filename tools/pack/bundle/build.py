@@ -115,7 +115,8 @@ def bundle(entry: Path, kit_root: Path, kit_packages: tuple[str, ...] = KIT_PACK
         modules=[m.rel for m in modules] + [rel for rel, _ in extra],
         sizes=BundleSizes(readable=sum(len(m.source) for m in modules) + sum(len(data) for _, data in extra),
                           long_names=len(long_names.encode("utf-8")),
-                          minified=len(readable.encode("utf-8")), compressed=len(compressed_payload(packed, "the packed file")[1]),
+                          minified=len(readable.encode("utf-8")),
+                          compressed=len(compressed_payload(packed, "the packed file")[1]),
                           packed=len(packed)),
         packing=packing, renamed=renamed, short_names=shortened, short_messages=messages, pruned=pruned,
         warnings=list(dict.fromkeys(bundler.warnings)))

@@ -111,7 +111,8 @@ def _stub(literal: bytes) -> bytes:
 
 def _payload(tree: ast.Module) -> tuple[str, bytes | str] | None:
     """(packing, payload literal) of a file `pack` wrote, parsed; None for a plain program."""
-    literals = {t.id: n.value.value for n in tree.body if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant)
+    literals = {t.id: n.value.value for n in tree.body
+                if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant)
                 for t in n.targets if isinstance(t, ast.Name)}
     for node in ast.walk(tree):
         match node:
@@ -119,7 +120,8 @@ def _payload(tree: ast.Module) -> tuple[str, bytes | str] | None:
                           args=[ast.Call(func=ast.Attribute(value=ast.Constant(value=str(payload)), attr="encode"))]):
                 return "latin-1", payload
             case ast.Call(func=ast.Attribute(attr="decompress"),
-                          args=[ast.Call(func=ast.Attribute(attr="b85decode"), args=[ast.Constant(value=str(payload))])]):
+                          args=[ast.Call(func=ast.Attribute(attr="b85decode"),
+                                         args=[ast.Constant(value=str(payload))])]):
                 return "base85", payload
             case ast.For(iter=ast.Call(func=ast.Name(id="range"), args=[
                     ast.Constant(value=0), ast.Call(func=ast.Name(id="len"), args=[ast.Name(id=var)]),
