@@ -9,6 +9,8 @@
 #   --lora-ttt                                     eval/lora.py's defaults: + 3 global phases (every 512 documents)
 # Settings chosen on the tuning split come in with "--lora-ttt --settings RUN_DIR/tune_lora.json" (pgolf eval
 # RUN_DIR --lora-ttt --tune writes it).
+# EVAL_ARGS: pgolf eval arguments added to every pass, e.g. "--data-dir $DATA --tokenizer $TOK" after
+# `source .p1eval/prep.sh` (scripts/p1_carry.sh).
 # Prints per pass its val_bpb views, C1-C4 and the 8-GPU full-val projection. Logs go to $OUT/eval_stages/.
 set -uo pipefail
 run=${1:?usage: scripts/p1_eval_stages.sh RUN_DIR [PASS ...]}
@@ -25,8 +27,8 @@ i=0
 for pass in "$@"; do
   i=$((i + 1))
   # shellcheck disable=SC2086  # a pass is words: flags and KEY=VALUE settings
-  timeout "${PASS_TIMEOUT:-540}" python3 -m tools.commands.cli eval "$run" $pass --out "$out/pass$i.json" \
-    > "$out/pass$i.txt" 2>&1 &
+  timeout "${PASS_TIMEOUT:-540}" python3 -m tools.commands.cli eval "$run" $pass ${EVAL_ARGS:-} \
+    --out "$out/pass$i.json" > "$out/pass$i.txt" 2>&1 &
   if [ "$(jobs -rp | wc -l)" -ge "${EVAL_JOBS:-1}" ]; then wait -n; fi
 done
 wait
