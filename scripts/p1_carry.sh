@@ -15,7 +15,10 @@ src=${1:?usage: scripts/p1_carry.sh RUN_FOLDER (holding model.pgz and config.jso
 for f in model.pgz config.json; do
   [ -f "$src/$f" ] || { echo "p1_carry: $src/$f is missing: give the folder scripts/p1_seed.sh wrote" >&2; exit 2; }
 done
-[ -f .bench/prep.sh ] || { echo "p1_carry: .bench/ is missing: run ../shared/bin/bench-setup first" >&2; exit 2; }
+if [ ! -f .bench/prep.sh ]; then
+  echo "p1_carry: .bench/ is missing: fill it with the benchmark setup first (docs/BENCHMARKING.md)" >&2
+  exit 2
+fi
 py=${PYTHON:-.venv/bin/python}
 tmp=$(mktemp -d) && trap 'rm -rf "$tmp"' EXIT
 tok=.bench/tokenizers/fineweb_8192_bpe.model
