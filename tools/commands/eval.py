@@ -302,11 +302,10 @@ def add_commands(subparsers) -> None:
     p.add_argument("--no-ttt", action="store_true", help="no test-time training (and so no hash embedding)")
     p.add_argument("--ablation", action="store_true", help="also score flat, sliding, +ttt, ... (3 extra passes)")
     p.add_argument("--lora-ttt", action="store_true",
-                   help="score with per-document LoRA TTT instead (eval/lora.py; settings LORA_<FIELD>: RANK (0: no "
-                        "adapter, document-masked scoring alone), LR, CHUNK, BATCH_DOCS, CONTEXT, WEIGHT_DECAY, HEAD, "
-                        "PHASES, PHASE_DOCS, PHASE_LR, PHASE_MOMENTUM, NGRAM (the n-gram blend on top, with the NGRAM_ "
-                        "settings), COMPLIANCE_TOKENS), checked C1-C4; written to RUN_DIR/eval_lora-ttt*.json beside "
-                        "eval.json")
+                   help="score with per-document LoRA TTT instead (eval/lora.py; settings LORA_<FIELD>: "
+                        f"{', '.join(f.upper() for f in vars(LoraConfig()))}; RANK 0: no adapter, document-masked "
+                        "scoring alone; NGRAM: the n-gram blend on top, with the NGRAM_ settings), checked C1-C4; "
+                        "written to RUN_DIR/eval_lora-ttt*.json beside eval.json")
     p.add_argument("--tune", action="store_true",
                    help="choose the eval settings on the tuning split (DATA_DIR/fineweb_tune_*.bin), never on val: a "
                         "coordinate search over --grid, one pass per trial; prints the table and writes "
