@@ -8,7 +8,6 @@ import json
 import linecache
 import os
 import re
-import shutil
 import subprocess
 import sys
 import types
@@ -44,11 +43,18 @@ def pipeline_env() -> dict[str, str]:
     return {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"), "OMP_NUM_THREADS": "1"}
 
 
-def run_pipeline(cmd: list[str], cwd: Path, data: Path, run_dir: Path) -> list[str]:
-    args = [*cmd, f"DATA_DIR={data}", f"TOKENIZER_PATH={TOKENIZER}", f"RUN_DIR={run_dir}", *TINY]
-    proc = subprocess.run(args, cwd=cwd, env=pipeline_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout.splitlines()
+def run_pipelines(*runs: tuple[list[str], Path, Path, Path]) -> list[list[str]]:
+    """Each (cmd, cwd, data, run_dir) run side by side (each on one thread: the test machine has two cores); the
+    stdout lines of each, in order."""
+    procs = [subprocess.Popen([*cmd, f"DATA_DIR={data}", f"TOKENIZER_PATH={TOKENIZER}", f"RUN_DIR={run_dir}", *TINY],
+                              cwd=cwd, env=pipeline_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for cmd, cwd, data, run_dir in runs]
+    outs = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+        outs.append(stdout.splitlines())
+    return outs
 
 
 def value(lines: list[str], key: str) -> float:
@@ -62,12 +68,19 @@ def data(sample_shards) -> Path:
 
 
 def test_packed_file_runs_the_pipeline_alone_and_matches_the_kit(data, tmp_path):
-    kit_run = tmp_path / "kit_run"
+    kit_run, packed_run = tmp_path / "kit_run", tmp_path / "packed_run"
+    # The packed program runs alone beside the kit's run: the bundle `pgolf pack` writes below (checked to be these
+    # bytes), in a folder of its own.
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "train_gpt.py").write_bytes(bundle_entry().packed)
     # C1's prefix: two chunks of 1,024 tokens, a third of the sample's 6,283 val tokens that the default's covers
-    kit_lines = run_pipeline([sys.executable, "-m", "tools.pipeline", "COMPLIANCE_CHUNK_TOKENS=1024"], REPO, data,
-                             kit_run)
+    kit_lines, packed_lines = run_pipelines(
+        ([sys.executable, "-m", "tools.pipeline", "COMPLIANCE_CHUNK_TOKENS=1024"], REPO, data, kit_run),
+        ([sys.executable, "train_gpt.py"], alone, data, packed_run))
     out = tmp_path / "packed"
     result, report = pack(kit_run, out, progress=False)
+    assert (out / "train_gpt.py").read_bytes() == result.packed
     assert sorted(p.name for p in out.iterdir()) == [MODEL_FILENAME, "train_gpt.py", "train_gpt.py.sha256"]
     assert f"source_sha256:{result.sha256}" in (out / "train_gpt.py.sha256").read_text().splitlines()
     code_bytes = (out / "train_gpt.py").stat().st_size
@@ -77,11 +90,7 @@ def test_packed_file_runs_the_pipeline_alone_and_matches_the_kit(data, tmp_path)
     # The kit counted the code as the bundle it would ship: the same bytes.
     assert f"Code size: {code_bytes} bytes" in kit_lines
 
-    alone = tmp_path / "alone"
-    alone.mkdir()
-    shutil.copy(out / "train_gpt.py", alone / "train_gpt.py")
-    packed_run = tmp_path / "packed_run"
-    packed_lines = run_pipeline([sys.executable, "train_gpt.py"], alone, data, packed_run)
+    assert (alone / "train_gpt.py").read_bytes() == result.packed  # what ran alone is what `pgolf pack` ships
     assert sorted(p.name for p in alone.iterdir()) == ["train_gpt.py"]  # the run wrote only into RUN_DIR
     assert f"Code size: {code_bytes} bytes" in packed_lines  # packed: the running file's own size
     assert packed_lines[-1].startswith("final_eval_exact val_loss:")
@@ -191,12 +200,11 @@ def test_the_speedrun_switches_are_packed_only_when_on_and_then_match_the_kit(da
 
     # Bundled with them on, it runs the pipeline alone and matches the kit's run of the same settings.
     # (C1-C4 off in the kit's run: the test above checks them on the pipeline; here only the scores are compared)
-    kit_lines = run_pipeline([sys.executable, "-m", "tools.pipeline", *SWITCHES_ON, "COMPLIANCE=0"], REPO, data,
-                             tmp_path / "kit_run")
     (tmp_path / "on").mkdir()
     (tmp_path / "on" / "train_gpt.py").write_bytes(on.packed)
-    packed_lines = run_pipeline([sys.executable, "train_gpt.py", *SWITCHES_ON], tmp_path / "on", data,
-                                tmp_path / "packed_run")
+    kit_lines, packed_lines = run_pipelines(
+        ([sys.executable, "-m", "tools.pipeline", *SWITCHES_ON, "COMPLIANCE=0"], REPO, data, tmp_path / "kit_run"),
+        ([sys.executable, "train_gpt.py", *SWITCHES_ON], tmp_path / "on", data, tmp_path / "packed_run"))
     assert f"Code size: {on.sizes.packed} bytes" in kit_lines and f"Code size: {on.sizes.packed} bytes" in packed_lines
     for key in ("final_prequant", "quantized_roundtrip_exact", "final_eval_exact"):
         assert value(packed_lines, key) == pytest.approx(value(kit_lines, key), abs=1e-6)
