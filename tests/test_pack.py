@@ -50,10 +50,16 @@ def run_pipelines(*runs: tuple[list[str], Path, Path, Path]) -> list[list[str]]:
                               cwd=cwd, env=pipeline_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for cmd, cwd, data, run_dir in runs]
     outs = []
-    for proc in procs:
-        stdout, stderr = proc.communicate(timeout=300)
-        assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
-        outs.append(stdout.splitlines())
+    try:
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=300)
+            assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+            outs.append(stdout.splitlines())
+    finally:  # one failed: the others stop with it
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
     return outs
 
 
