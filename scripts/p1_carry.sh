@@ -5,8 +5,8 @@
 # writes .p1eval/ (git-ignored, ~21 MB; .bench/ is 47 MB, so the two do not travel together under a call's 64 MiB):
 #   run/    the artifact and its records (model.pgz, config.json, eval.json, train.log)
 #   data8/  the sp8192 dev val and the 2,000-document tuning split, no training shards: built here from .bench's
-#           corpus the way the GPU calls build them (`pgolf data split --tune-docs 2000`), so the split's fingerprint
-#           is the one the run was trained beside (printed: a tune.json written there names it too)
+#           corpus the way scripts/p1_seed.sh builds it (`pgolf data split --tune-docs 2000`); the split goes only
+#           when the run's tune_split.txt names the same fingerprint (it was held out of the run's training)
 #   tok/ and whl/, and prep.sh, which installs the wheels and sets RUN (a fresh copy in /tmp), DATA and TOK.
 # On the device: run(command="source .p1eval/prep.sh && python3 -m tools.commands.cli eval $RUN --data-dir $DATA
 #   --tokenizer $TOK --lora-ttt --tune ...", carry=[".p1eval"]). Saves the ~7 minutes of training per session.
@@ -30,12 +30,21 @@ rm "$tmp"/data8/fineweb_train_*.bin
 new=$tmp/p1eval
 mkdir -p "$new/run" "$new/tok" "$new/whl"
 mv "$tmp/data8" "$new/data8"
-for f in model.pgz config.json eval.json train.log; do
+for f in model.pgz config.json eval.json train.log tune_split.txt; do
   if [ -f "$src/$f" ]; then cp "$src/$f" "$new/run/"; fi
 done
 chmod -R u+w "$new"
 cp "$tok" "$new/tok/" && cp .bench/whl/*.whl "$new/whl/"
 fingerprint=$("$py" -m tools.commands.cli data verify "$new/data8" | sed -n 's/^tune_fingerprint://p')
+# Tuning needs a run that never saw the tuning split: scripts/p1_seed.sh records the split it held out.
+held_out=$(sed -n 's/^tune_fingerprint://p' "$src/tune_split.txt" 2>/dev/null || true)
+if [ "$held_out" != "$fingerprint" ]; then
+  rm "$new"/data8/fineweb_tune_*.bin
+  echo "p1_carry: warning: $src did not train with this tuning split held out (its tune_split.txt:" \
+    "${held_out:-missing}; the split: $fingerprint), so its training may hold those documents: .p1eval/ carries" \
+    "the dev val only (pgolf eval --tune will refuse). Train with scripts/p1_seed.sh to tune." >&2
+  fingerprint="none (dev val only)"
+fi
 cat > "$new/prep.sh" <<'EOF'
 # Sourced on the GPU machine: the wheels, then RUN (a fresh copy of the artifact's folder), DATA and TOK.
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .p1eval/whl/*.whl >/dev/null 2>&1
