@@ -19,6 +19,7 @@ import torch
 from submission import config, train_gpt
 from submission.config import RECIPES, ModelConfig
 from tools.commands.pack import add_commands
+from tools.data import tune_split_fingerprint
 from tools.pack.artifact import MODEL_FILENAME, ArtifactError, pack_artifact
 from tools.pack.bundle import VIRTUAL_FILENAME
 from tools.pack.ship import bundle_entry, pack
@@ -104,6 +105,10 @@ def test_packed_file_runs_the_pipeline_alone_and_matches_the_kit(data, tmp_path)
     for key in ("quantized_roundtrip_exact", "final_eval_exact"):
         assert value(packed_lines, key) == pytest.approx(value(kit_lines, key), abs=1e-6)
     assert (packed_run / "eval.json").is_file() and (packed_run / MODEL_FILENAME).is_file()
+    # The kit records the tuning split its data held out, which `pgolf eval --tune` checks (the packed one cannot).
+    held_out = tune_split_fingerprint(data) or "none"
+    assert (kit_run / "tune_split.txt").read_text() == f"tune_fingerprint:{held_out}\ndata_dir:{data}\n"
+    assert not (packed_run / "tune_split.txt").exists()
     # Verification is the kit's: it ran in the kit's process, and the packed one says where to run it.
     kit_eval, packed_eval = (json.loads((run / "eval.json").read_text()) for run in (kit_run, packed_run))
     assert all(check["passed"] for check in kit_eval["compliance"].values()) and "compliance" in kit_eval["stages"]

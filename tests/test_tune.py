@@ -15,6 +15,7 @@ from eval.run import EvalConfig
 from submission.data import write_shard
 from tests.test_evaluate import scored_run  # noqa: F401 (the fixture)
 from tools.commands import cli
+from tools.data import record_tune_split, tune_split_fingerprint
 from tools.tune import canonical, coordinate_search, fingerprint, parse_grid
 
 
@@ -63,6 +64,7 @@ def tune_run(scored_run, tmp_path, monkeypatch):  # noqa: F811
     docs = [np.r_[1, rng.integers(2, 64, rng.integers(20, 120))] for _ in range(30)]
     tune_path = data / "fineweb_tune_000000.bin"
     write_shard(tune_path, np.concatenate(docs).astype(np.uint16))
+    record_tune_split(run, data)  # as the pipeline records it: this run trained with the split held out
     load = tools.commands.eval.load_tokens
 
     def no_val(pattern, vocab_size=None):
@@ -108,6 +110,23 @@ def test_tune_without_a_tuning_split_says_how_to_make_one(scored_run, tmp_path, 
     assert "fineweb_tune_*.bin" in err and "pgolf data split" in err and not (run / "tune.json").exists()
     assert cli.main(["eval", str(run), "--grid", "TTT_LR=0.1"]) != 0
     assert "add --tune" in capsys.readouterr().err
+
+
+def test_tune_refuses_a_run_that_trained_without_this_split_held_out(tune_run, capsys):
+    record = tune_run / "tune_split.txt"
+    data = json.loads((tune_run / "config.json").read_text())["train"]["data_dir"]
+    split = tune_split_fingerprint(data)
+    assert record.read_text() == f"tune_fingerprint:{split}\ndata_dir:{data}\n"
+    for held_out in ("none", "0" * 64):  # trained before the split was made; beside another split
+        record.write_text(f"tune_fingerprint:{held_out}\n")
+        assert cli.main(["eval", str(tune_run), "--tune", "--grid", "TTT_LR=0.001"]) != 0
+        err = capsys.readouterr().err
+        assert str(record) in err and split[:16] in err and "pgolf data split" in err and "then train" in err
+        assert not (tune_run / "tune.json").exists()
+    record.unlink()  # a run with no record (a packed program's): tuned, with a warning that names the file
+    assert cli.main(["eval", str(tune_run), "--tune", "--grid", "TTT_LR=0.001", "--tune-tokens", "500"]) == 0
+    assert f"pgolf eval: warning: {record} is missing" in capsys.readouterr().err
+    assert (tune_run / "tune.json").is_file()
 
 
 def test_lora_tune_and_a_bad_settings_file(tune_run, capsys):

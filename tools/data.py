@@ -873,3 +873,48 @@ def download(variant: str = "sp8192", train_shards: int = 1, out: str | os.PathL
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
+
+
+TUNE_RECORD = "tune_split.txt"  # in a run directory: the tuning split its data held out when it trained
+
+
+def tune_split_fingerprint(directory: str | os.PathLike) -> str | None:
+    """sha256 of the tuning split's tokens in `directory` (as `pgolf data verify` prints tune_fingerprint), None
+    when it has no fineweb_tune_*.bin."""
+    paths = _split_paths(Path(directory), TUNE)
+    if not paths:
+        return None
+    sha256 = hashlib.sha256()
+    for path in paths:
+        sha256.update(read_shard(path).astype("<u2", copy=False).tobytes())
+    return sha256.hexdigest()
+
+
+def record_tune_split(run_dir: str | os.PathLike, data_dir: str | os.PathLike) -> str:
+    """Write RUN_DIR/tune_split.txt: the fingerprint of the tuning split held out of the data a run trained on
+    ("none" without one), in the key:value form `pgolf data split` prints. Returns the fingerprint written."""
+    held_out = tune_split_fingerprint(data_dir) or "none"
+    path = Path(run_dir) / TUNE_RECORD
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(f"tune_fingerprint:{held_out}\ndata_dir:{data_dir}\n")
+    os.replace(tmp, path)
+    return held_out
+
+
+def check_tune_split(run_dir: str | os.PathLike, split_dir: str | os.PathLike, split_fingerprint: str) -> str | None:
+    """Whether a run may be tuned on this tuning split: its RUN_DIR/tune_split.txt must name the split's fingerprint
+    (the split was held out of its training data). ValueError when it names another split or none; a warning (str)
+    when the run has no record (a packed program's run, or one trained before runs kept it); None when it matches."""
+    path = Path(run_dir) / TUNE_RECORD
+    if not path.is_file():
+        return (f"{path} is missing, so whether {split_dir}'s tuning split was held out of this run's training "
+                "cannot be checked: tune only runs trained after `pgolf data split`")
+    held = re.search(r"^tune_fingerprint:(\S+)$", path.read_text(), re.M)
+    held_out = held.group(1) if held else "unreadable"
+    if held_out != split_fingerprint:
+        what = "no tuning split" if held_out == "none" else f"the tuning split {held_out[:16]}..."
+        raise ValueError(f"{path}: the run trained with {what} held out, but {split_dir}'s tuning split is "
+                         f"{split_fingerprint[:16]}...: its documents may be in the run's training data, and settings "
+                         "tuned there would be tuned on training text. Hold the split out first (pgolf data split "
+                         "DIR --tune-docs N), then train, then tune")
+    return None

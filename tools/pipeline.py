@@ -4,13 +4,18 @@ challenge's pipeline as the kit runs it.
 submission/train_gpt.py composes train -> quantize -> reload -> evaluate and is what gets packed. The kit calls it
 with what the packed program must not carry (its code would count against the cap): the counted code size, which is
 the size the packed bundle of this very configuration would have (tools/pack/ship.py), and the evaluation that also
-checks C1-C4 (eval/verify.py). The run directory is then the one the packed program would write, verified.
+checks C1-C4 (eval/verify.py). The run directory is then the one the packed program would write, verified, plus
+tune_split.txt: the tuning split its data held out, which `pgolf eval RUN_DIR --tune` checks before tuning on one.
 """
 from __future__ import annotations
+
+import json
+import os
 
 from eval.verify import evaluate_verified
 from submission import train_gpt
 from submission.config import ModelConfig
+from tools.data import record_tune_split
 from tools.pack.ship import bundle_entry
 
 
@@ -20,7 +25,10 @@ def packed_code_bytes(model_cfg: ModelConfig) -> int:
 
 
 def main(argv: list[str] | None = None):
-    return train_gpt.main(argv, code_bytes=packed_code_bytes, verify=evaluate_verified)
+    run_dir = train_gpt.main(argv, code_bytes=packed_code_bytes, verify=evaluate_verified)
+    if int(os.environ.get("RANK", "0")) == 0:
+        record_tune_split(run_dir, json.loads((run_dir / "config.json").read_text())["train"]["data_dir"])
+    return run_dir
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from submission.model import GPT
 from submission.runtime import (Logger, check_tokenizer, configure_cuda, read_tokenizer, setup_distributed,
                                 writable_check)
 from tools.commands.train import settings_help
+from tools.data import check_tune_split
 from tools.pack.artifact import CODE_FILENAME, MODEL_FILENAME, read_artifact, to_state_dict
 from tools.paths import expect_path
 
@@ -269,6 +270,9 @@ def run_tune(args, model, luts, cfg, lora_cfg, data_dir: str, out_path: Path, ra
         raise FileNotFoundError(f"no tuning split {pattern}: hold documents out of train first, e.g. pgolf data split "
                                 f"{data_dir} --tune-docs 500 (settings are chosen there, never on val)")
     tokens = load_tokens(pattern, model.cfg.vocab_size)
+    unchecked = check_tune_split(args.run_dir, data_dir, tune.fingerprint(tokens))  # refuses a split it trained on
+    if unchecked and rank == 0:
+        print(f"pgolf eval: warning: {unchecked}", file=sys.stderr)
     if args.tune_tokens:
         tokens = tokens[:args.tune_tokens + 1]
     grid = tune.parse_grid(args.grid, cfg, lora_cfg, tune.LORA_GRID if args.lora_ttt else tune.STREAM_GRID)
