@@ -36,6 +36,7 @@ rc=0
 timeout "${P1_TIMEOUT:-570}" python3 train_gpt.py DATA_DIR="$data" TOKENIZER_PATH="$tokenizer" \
   TRAIN_BATCH_TOKENS=98304 MAX_WALLCLOCK_SECONDS=240 SEED="$seed" RUN_DIR="$run" "$@" > "$out/stdout.txt" 2>&1 || rc=$?
 cp train_gpt.py train_gpt.py.sha256 "$out/"
+if [ -d "$run" ]; then cp "$out/tune_split.txt" "$run/"; fi  # what `pgolf eval RUN_DIR --tune` checks
 for f in train.log eval.json config.json model.pgz; do
   if [ -f "$run/$f" ]; then cp "$run/$f" "$out/"; fi
 done
