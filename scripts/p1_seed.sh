@@ -5,10 +5,9 @@
 # Trains on a copy of the corpus with 2,000 training documents held out as the tuning split (`pgolf data split`;
 # its report goes to tune_split.txt, so that eval settings tuned later are tuned on documents the run never saw;
 # scripts/p1_carry.sh checks it). Bundles submission/train_gpt.py into /tmp/p1/pack, runs that single file from its
-# folder (train 240 s at
-# 98,304 tokens/step -> self-calibrated GPTQ -> model.pgz -> reload -> legal eval), then copies the run's
-# train.log, eval.json, config.json, model.pgz, tune_split.txt and the packed train_gpt.py to $OUT/seed<SEED>
-# (default ./p1_out).
+# folder (train 240 s at 98,304 tokens/step -> self-calibrated GPTQ -> model.pgz -> reload -> legal eval), then
+# copies the run's train.log, eval.json, config.json, model.pgz, tune_split.txt and the packed train_gpt.py to
+# $OUT/seed<SEED> (default ./p1_out).
 set -euo pipefail
 seed=${1:?usage: scripts/p1_seed.sh SEED [KEY=VALUE ...]}
 shift

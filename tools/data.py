@@ -872,9 +872,6 @@ def download(variant: str = "sp8192", train_shards: int = 1, out: str | os.PathL
                           val_tokens=val_tokens, train_tokens=train_tokens, notes=fetcher.notes)
 
 
-# ---------------------------------------------------------------------------------------------------- CLI
-
-
 TUNE_RECORD = "tune_split.txt"  # in a run directory: the tuning split its data held out when it trained
 
 
@@ -918,3 +915,6 @@ def check_tune_split(run_dir: str | os.PathLike, split_dir: str | os.PathLike, s
                          "tuned there would be tuned on training text. Hold the split out first (pgolf data split "
                          "DIR --tune-docs N), then train, then tune")
     return None
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
