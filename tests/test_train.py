@@ -292,11 +292,15 @@ def test_the_run_records_its_tokenizer(sample_shards, tmp_path):
         (run_dir / "train.log").read_text()
 
 
-def test_overwrite_flag_reaches_the_trainer_as_a_setting(monkeypatch):
-    seen = []
-    monkeypatch.setattr(train_command, "main", seen.append)
+def test_overwrite_flag_reaches_the_trainer_as_a_setting_and_the_run_records_its_tune_split(monkeypatch, tmp_path):
+    seen, run = [], tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"train": {"data_dir": str(tmp_path / "data")}}))
+    monkeypatch.setattr(train_command, "main", lambda argv: seen.append(argv) or run)
     args = _parser().parse_args(["train", "SEED=2", "--overwrite"])
     assert args.func(args) == 0 and seen == [["SEED=2", "OVERWRITE=1"]]
+    # what `pgolf eval --tune` checks: the data held no tuning split when this run trained
+    assert (run / "tune_split.txt").read_text() == f"tune_fingerprint:none\ndata_dir:{tmp_path / 'data'}\n"
 
 
 def test_a_folder_given_as_the_tokenizer_is_named_as_such(tmp_path):

@@ -887,9 +887,15 @@ def tune_split_fingerprint(directory: str | os.PathLike) -> str | None:
     return sha256.hexdigest()
 
 
-def record_tune_split(run_dir: str | os.PathLike, data_dir: str | os.PathLike) -> str:
+def record_tune_split(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> str | None:
     """Write RUN_DIR/tune_split.txt: the fingerprint of the tuning split held out of the data a run trained on
-    ("none" without one), in the key:value form `pgolf data split` prints. Returns the fingerprint written."""
+    ("none" without one), in the key:value form `pgolf data split` prints; data_dir defaults to the one the run's
+    config.json names. Returns the fingerprint written (None on a rank other than 0 of a torchrun, which writes
+    nothing)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    if data_dir is None:
+        data_dir = json.loads((Path(run_dir) / "config.json").read_text())["train"]["data_dir"]
     held_out = tune_split_fingerprint(data_dir) or "none"
     path = Path(run_dir) / TUNE_RECORD
     tmp = path.with_name(path.name + ".tmp")

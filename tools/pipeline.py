@@ -9,9 +9,6 @@ tune_split.txt: the tuning split its data held out, which `pgolf eval RUN_DIR --
 """
 from __future__ import annotations
 
-import json
-import os
-
 from eval.verify import evaluate_verified
 from submission import train_gpt
 from submission.config import ModelConfig
@@ -26,8 +23,7 @@ def packed_code_bytes(model_cfg: ModelConfig) -> int:
 
 def main(argv: list[str] | None = None):
     run_dir = train_gpt.main(argv, code_bytes=packed_code_bytes, verify=evaluate_verified)
-    if int(os.environ.get("RANK", "0")) == 0:
-        record_tune_split(run_dir, json.loads((run_dir / "config.json").read_text())["train"]["data_dir"])
+    record_tune_split(run_dir)
     return run_dir
 
 

@@ -1,4 +1,5 @@
-"""`pgolf train [KEY=VALUE ...]`: the trainer (submission.train.main) with every config field listed in --help."""
+"""`pgolf train [KEY=VALUE ...]`: the trainer (submission.train.main) with every config field listed in --help; the run
+records the tuning split its data held out (RUN_DIR/tune_split.txt, which `pgolf eval --tune` checks)."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +12,7 @@ import typing
 
 from submission.config import RECIPES, ModelConfig, TrainConfig, parse_overrides
 from submission.train import main
+from tools.data import record_tune_split
 
 CONFIGS = (ModelConfig, TrainConfig)
 # `name: type = default  # comment` in a config class body: the comment is the field's documentation
@@ -92,7 +94,7 @@ def check_overrides(overrides: list[str]) -> dict[str, str]:
 
 def _cmd(args: argparse.Namespace) -> int:
     check_overrides(args.overrides)
-    main([*args.overrides, "OVERWRITE=1"] if args.overwrite else args.overrides)
+    record_tune_split(main([*args.overrides, "OVERWRITE=1"] if args.overwrite else args.overrides))
     return 0
 
 
