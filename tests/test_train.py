@@ -161,6 +161,7 @@ def test_bad_value_is_rejected_before_the_run_directory_exists(tmp_path):
 def test_overrides_reach_the_trainer_unchanged(monkeypatch):
     seen = []
     monkeypatch.setattr(train_command, "main", seen.append)
+    monkeypatch.setattr(train_command, "record_tune_split", lambda run_dir: None)  # no run dir: nothing trained
     args = _parser().parse_args(["train", "num_layers=4", "ADAM_BETAS=0.9,0.99"])
     assert args.func(args) == 0 and seen == [["num_layers=4", "ADAM_BETAS=0.9,0.99"]]
 
