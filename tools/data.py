@@ -875,16 +875,15 @@ def download(variant: str = "sp8192", train_shards: int = 1, out: str | os.PathL
 TUNE_RECORD = "tune_split.txt"  # in a run directory: the tuning split its data held out when it trained
 
 
+def fingerprint(tokens: np.ndarray) -> str:
+    """sha256 of the tokens as uint16 little-endian, as `pgolf data verify` prints tune_fingerprint."""
+    return hashlib.sha256(np.asarray(tokens).astype("<u2").tobytes()).hexdigest()
+
+
 def tune_split_fingerprint(directory: str | os.PathLike) -> str | None:
-    """sha256 of the tuning split's tokens in `directory` (as `pgolf data verify` prints tune_fingerprint), None
-    when it has no fineweb_tune_*.bin."""
+    """fingerprint() of the tuning split's tokens in `directory`, None when it has no fineweb_tune_*.bin."""
     paths = _split_paths(Path(directory), TUNE)
-    if not paths:
-        return None
-    sha256 = hashlib.sha256()
-    for path in paths:
-        sha256.update(read_shard(path).astype("<u2", copy=False).tobytes())
-    return sha256.hexdigest()
+    return fingerprint(np.concatenate([read_shard(path) for path in paths])) if paths else None
 
 
 def record_tune_split(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> str | None:

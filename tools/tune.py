@@ -10,7 +10,6 @@ was chosen on; `pgolf eval RUN_DIR --settings tune.json` applies it.
 from __future__ import annotations
 
 import copy
-import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -20,6 +19,7 @@ import numpy as np
 from eval.lora import LoraConfig, evaluate_lora
 from eval.run import EvalConfig, evaluate
 from submission.config import resolve
+from tools.data import fingerprint
 
 # The searched settings and their values, for the sliding stream (score-first TTT, n-gram) and for per-document
 # LoRA TTT. The n-gram's mixing weight and its tilt strength are fitted online on scored tokens; what is chosen
@@ -111,11 +111,6 @@ def parse_grid(items: list[str], cfg: EvalConfig, lora: LoraConfig, default: dic
             raise ValueError(f"--grid {item!r}: expected KEY=V1,V2,... e.g. --grid TTT_LR=0.001,0.003")
         grid[key.upper()] = [v for v in values.split(",") if v]
     return {key: list(dict.fromkeys(canonical(cfg, lora, key, v) for v in values)) for key, values in grid.items()}
-
-
-def fingerprint(tokens: np.ndarray) -> str:
-    """sha256 of the tokens as uint16 little-endian, as `pgolf data verify` prints tune_fingerprint."""
-    return hashlib.sha256(np.asarray(tokens).astype("<u2").tobytes()).hexdigest()
 
 
 def tune(model, tokens: np.ndarray, luts, cfg: EvalConfig, lora: LoraConfig | None, grid: dict[str, list[str]],
