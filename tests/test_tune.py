@@ -26,16 +26,25 @@ def test_coordinate_search_takes_each_settings_best_value_in_turn_and_scores_not
         calls.append(dict(s))
         return (float(s["a"]) - 2) ** 2 + (float(s["b"]) - float(s["a"])) ** 2
 
-    best, value, trials = coordinate_search(score, {"a": "0", "b": "0"}, {"a": ["0", "1", "2", "3"],
-                                                                         "b": ["0", "1", "2"]})
+    best, value, trials, complete = coordinate_search(score, {"a": "0", "b": "0"}, {"a": ["0", "1", "2", "3"],
+                                                                                   "b": ["0", "1", "2"]})
     # a first, with b at 0: a=1 (1 + 1 = 2) beats a=2 (0 + 4); then b with a=1: b=1
     assert best == {"a": "1", "b": "1"} and value == 1.0
     assert len(calls) == len({tuple(sorted(c.items())) for c in calls}) == 1 + 3 + 2  # start, a=1..3, b=1..2
-    assert [t.setting for t in trials] == [None, "a", "a", "a", "b", "b"]
+    assert [t.setting for t in trials] == [None, "a", "a", "a", "b", "b"] and complete
+
+
+def test_a_search_out_of_time_starts_no_further_trial_and_keeps_the_best_it_ran():
+    calls = []
+    score = {"0": 3.0, "1": 1.0, "2": 2.0, "3": 0.0}  # "3" would win, but there is no time left for it
+    best, value, trials, complete = coordinate_search(lambda s: calls.append(s) or score[s["a"]], {"a": "0"},
+                                                      {"a": ["1", "2", "3"]}, time_left=lambda: 10 - 4 * len(calls))
+    assert not complete and len(calls) == len(trials) == 3  # 10 - 12 < 0: the fourth never started
+    assert best == {"a": "1"} and value == 1.0
 
 
 def test_a_tie_keeps_the_value_it_had():
-    best, _, _ = coordinate_search(lambda s: 1.0, {"a": "x"}, {"a": ["y", "x", "z"]})
+    best, _, _, _ = coordinate_search(lambda s: 1.0, {"a": "x"}, {"a": ["y", "x", "z"]})
     assert best == {"a": "x"}
 
 
@@ -151,3 +160,25 @@ def test_lora_tune_and_a_bad_settings_file(tune_run, capsys):
     (tune_run / "bad.json").write_text("{}")
     assert cli.main(["eval", str(tune_run), "--settings", str(tune_run / "bad.json")]) != 0
     assert 'not a tune.json with a "settings" object' in capsys.readouterr().err
+
+
+def test_tune_writes_after_every_trial_and_a_bounded_search_says_it_was_cut_short(tune_run, capsys, monkeypatch):
+    written = []
+    write = tools.commands.eval.write_json_atomic
+    monkeypatch.setattr(tools.commands.eval, "write_json_atomic",
+                        lambda path, body: written.append(json.loads(json.dumps(body))) or write(path, body))
+    args = ["eval", str(tune_run), "--tune", "--grid", "TTT_LR=0.001,0.01", "--tune-tokens", "500"]
+    assert cli.main(args) == 0
+    assert [len(b["trials"]) for b in written] == [1, 2, 3, 3]  # one file per trial, then the finished search
+    assert [b["complete"] for b in written] == [False, False, False, True]
+    written.clear()
+    assert cli.main(args + ["--tune-seconds", "1e-6"]) == 0  # the start always runs; nothing after it fits
+    result = json.loads((tune_run / "tune.json").read_text())
+    assert not result["complete"] and len(result["trials"]) == 1 and result["settings"] == result["start"]
+    assert "Cut short by --tune-seconds after 1 trials" in capsys.readouterr().out
+    monkeypatch.setattr(tools.commands.eval, "evaluate_verified", lambda *a, **k: {"val_bpb": 1.0, "config": {}})
+    monkeypatch.setattr(tools.commands.eval, "load_tokens", lambda pattern, vocab_size=None: np.ones(10, np.int64))
+    assert cli.main(["eval", str(tune_run), "--settings", str(tune_run / "tune.json")]) == 0
+    assert f"warning: {tune_run / 'tune.json'} is an unfinished search (1 trials)" in capsys.readouterr().err
+    assert cli.main(["eval", str(tune_run), "--tune-seconds", "60"]) != 0
+    assert "add --tune" in capsys.readouterr().err

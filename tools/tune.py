@@ -5,7 +5,8 @@ The tuning split (fineweb_tune_*.bin: held-out training documents, `pgolf data s
 score, and no score here is reported). A coordinate search walks the grid: each setting in turn takes each of its
 values with the others at the best found so far, and keeps the value with the lowest tune val_bpb (a tie keeps the
 value it had). The result names the split by its fingerprint, so a setting can always be traced to the documents it
-was chosen on; `pgolf eval RUN_DIR --settings tune.json` applies it.
+was chosen on; `pgolf eval RUN_DIR --settings tune.json` applies it. It is written after every trial, marked
+incomplete until the grid is done, and --tune-seconds bounds the search: a search cut short keeps its choice.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import torch
 
 from eval.lora import LoraConfig, evaluate_lora
 from eval.run import EvalConfig, evaluate
@@ -55,9 +57,12 @@ class Trial:
 
 
 def coordinate_search(score: Callable[[dict[str, str]], float], start: dict[str, str],
-                      grid: dict[str, list[str]], on_trial: Callable[[Trial], None] | None = None):
-    """One sweep over `grid` from `start` (a value for every grid key): returns (best settings, best score, trials).
-    Settings already scored are not scored again."""
+                      grid: dict[str, list[str]], on_trial: Callable[[Trial], None] | None = None,
+                      time_left: Callable[[], float] | None = None):
+    """One sweep over `grid` from `start` (a value for every grid key): returns (best settings, best score, trials,
+    complete). Settings already scored are not scored again. The best so far is always the first trial with the lowest
+    score (each trial is set against the best before it). With time_left (seconds), a trial starts only while the
+    slowest so far still fits: cut short, the search keeps the best of the trials it ran, and complete is False."""
     seen: dict[tuple, float] = {}
     trials: list[Trial] = []
 
@@ -76,10 +81,13 @@ def coordinate_search(score: Callable[[dict[str, str]], float], start: dict[str,
     for setting, values in grid.items():
         for value in values:
             candidate = {**best, setting: value}
+            fresh = tuple(sorted(candidate.items())) not in seen
+            if fresh and time_left is not None and time_left() < max(t.seconds for t in trials):
+                return best, best_score, trials, False
             result = run(candidate, setting, value)
             if result < best_score:
                 best, best_score = candidate, result
-    return best, best_score, trials
+    return best, best_score, trials, True
 
 
 def canonical(cfg: EvalConfig, lora: LoraConfig, key: str, value: str | None = None) -> str:
@@ -114,12 +122,21 @@ def parse_grid(items: list[str], cfg: EvalConfig, lora: LoraConfig, default: dic
 
 
 def tune(model, tokens: np.ndarray, luts, cfg: EvalConfig, lora: LoraConfig | None, grid: dict[str, list[str]],
-         rank: int = 0, world_size: int = 1, log=None) -> dict:
+         rank: int = 0, world_size: int = 1, log=None, seconds: float = 0,
+         on_result: Callable[[dict], None] | None = None) -> dict:
     """Search `grid` on the tuning tokens from the settings in cfg (and lora, for per-document LoRA TTT when not
-    None); return the tune.json body."""
+    None); return the tune.json body. seconds > 0 bounds the search (no trial starts that the slowest so far says
+    would end past it; the clock starts here, so per-document LoRA's reference passes count). on_result(body) gets
+    the body after every trial, "complete": false until the search has run its whole grid, so that a search cut
+    short still leaves what it chose."""
     log = log or (lambda *fields, **kv: None)
     lora_cfg = lora or LoraConfig()
+    began = time.perf_counter()
     views: dict[tuple, dict[str, float]] = {}
+    trials: list[Trial] = []
+    start = {key: canonical(cfg, lora_cfg, key) for key in grid}
+    # per-document LoRA against the stream on the same split: its gains there, to set against val's
+    ref = reference(model, tokens, luts, cfg, rank, world_size, log) if lora is not None else None
 
     def score(settings: dict[str, str]) -> float:
         trial_cfg, trial_lora = copy.deepcopy(cfg), copy.deepcopy(lora_cfg)
@@ -132,22 +149,38 @@ def tune(model, tokens: np.ndarray, luts, cfg: EvalConfig, lora: LoraConfig | No
             body = evaluate(model, tokens, luts, trial_cfg, rank, world_size, progress=False)
         return body["val_bpb"]
 
+    def body(complete: bool) -> dict:
+        best = min(trials, key=lambda t: t.val_bpb)  # the first of the lowest: the search's best (see above)
+        for trial in trials:
+            trial.views = views.get(tuple(sorted(trial.settings.items())))
+        return {"kind": "lora" if lora is not None else "stream", "tune_fingerprint": fingerprint(tokens),
+                "tune_tokens": int(len(tokens)), "grid": grid, "start": start, "start_bpb": trials[0].val_bpb,
+                "chosen": {k: v for k, v in best.settings.items() if v != start[k]}, "chosen_bpb": best.val_bpb,
+                "settings": best.settings, "complete": complete, "trials": [asdict(t) for t in trials],
+                **({"reference": ref} if ref is not None else {})}
+
     def report(trial: Trial) -> None:
+        trials.append(trial)
         log("tune_trial", setting=trial.setting or "start", value=trial.value or "-",
             val_bpb=f"{trial.val_bpb:.6f}", seconds=f"{trial.seconds:.1f}")
+        if on_result:
+            on_result(body(False))
 
-    start = {key: canonical(cfg, lora_cfg, key) for key in grid}
-    best, best_score, trials = coordinate_search(score, start, grid, report)
-    for trial in trials:
-        trial.views = views.get(tuple(sorted(trial.settings.items())))
-    chosen = {k: v for k, v in best.items() if v != start[k]}
-    log("tune_done", trials=len(trials), start_bpb=f"{trials[0].val_bpb:.6f}", chosen_bpb=f"{best_score:.6f}",
-        chosen=",".join(f"{k}={v}" for k, v in chosen.items()) or "start")
-    return {"kind": "lora" if lora is not None else "stream", "tune_fingerprint": fingerprint(tokens),
-            "tune_tokens": int(len(tokens)), "grid": grid, "start": start, "start_bpb": trials[0].val_bpb,
-            "chosen": chosen, "chosen_bpb": best_score, "settings": best,
-            "trials": [asdict(t) for t in trials],
-            **({"reference": reference(model, tokens, luts, cfg, rank, world_size, log)} if lora is not None else {})}
+    def time_left() -> float:  # rank 0's clock, so that every rank stops at the same trial
+        left = torch.tensor(seconds - (time.perf_counter() - began), dtype=torch.float64)
+        if world_size > 1:
+            left = left.to(next(model.parameters()).device)
+            torch.distributed.broadcast(left, 0)
+        return float(left)
+
+    _, _, _, complete = coordinate_search(score, start, grid, report, time_left if seconds > 0 else None)
+    result = body(complete)
+    log("tune_done", trials=len(trials), start_bpb=f"{result['start_bpb']:.6f}",
+        chosen_bpb=f"{result['chosen_bpb']:.6f}", complete=str(complete).lower(),
+        chosen=",".join(f"{k}={v}" for k, v in result["chosen"].items()) or "start")
+    if on_result:
+        on_result(result)
+    return result
 
 
 def reference(model, tokens: np.ndarray, luts, cfg: EvalConfig, rank: int, world_size: int,
@@ -180,4 +213,7 @@ def table(result: dict) -> str:
             [(f"LoRA, chosen settings: {name}", bpb) for name, bpb in (best.get("views") or {}).items()]
         lines += [f"| {name} | {bpb:.6f} | {bpb - ref['sliding']:+.6f} | {bpb - ref['stream']:+.6f} |"
                   for name, bpb in rows]
+    if not result.get("complete", True):
+        lines += ["", f"Cut short by --tune-seconds after {len(result['trials'])} trials: the grid's later values were "
+                      "not tried, and the chosen settings are the best of those that were."]
     return "\n".join(lines)

@@ -201,8 +201,8 @@ def eval_settings(args: argparse.Namespace, root: Path, previous: dict | None):
     the run was scored with (eval.json's "config"), so a verification checks what the run did; then the tuning
     split's choices (--settings), then KEY=VALUE and the flags."""
     cli = parse_overrides(args.overrides)
-    if (args.grid or args.tune_tokens) and not args.tune:
-        raise ValueError("--grid and --tune-tokens shape a --tune search: add --tune (or drop them)")
+    if (args.grid or args.tune_tokens or args.tune_seconds) and not args.tune:
+        raise ValueError("--grid, --tune-tokens and --tune-seconds shape a --tune search: add --tune (or drop them)")
     if args.settings:  # chosen on the tuning split (tune.json); KEY=VALUE on the command line wins
         cli = {**read_settings(args.settings), **cli}
     lora_cfg = LoraConfig()
@@ -256,6 +256,9 @@ def read_settings(path: str) -> dict[str, str]:
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise ValueError(f"--settings {file}: not a tune.json with a \"settings\" object ({e!r}); pass the file "
                          "pgolf eval RUN_DIR --tune wrote") from None
+    if data.get("complete") is False:  # stopped by --tune-seconds, or killed mid-search
+        print(f"pgolf eval: warning: {file} is an unfinished search ({len(data.get('trials', []))} trials): its "
+              "settings are the best of the trials it ran", file=sys.stderr)
     return {str(k).upper(): str(v) for k, v in settings.items()}
 
 
@@ -278,10 +281,12 @@ def run_tune(args, model, luts, cfg, lora_cfg, data_dir: str, out_path: Path, ra
     grid = tune.parse_grid(args.grid, cfg, lora_cfg, tune.LORA_GRID if args.lora_ttt else tune.STREAM_GRID)
     log("tune_start", split=pattern, tokens=len(tokens), settings=",".join(grid),
         trials_at_most=1 + sum(map(len, grid.values())))
-    result = tune.tune(model, tokens, luts, cfg, lora_cfg if args.lora_ttt else None, grid, rank, world_size, log)
+    # written after every trial (marked incomplete until the end): a search stopped early still leaves its choice
+    write = (lambda body: write_json_atomic(out_path, body)) if rank == 0 else None
+    result = tune.tune(model, tokens, luts, cfg, lora_cfg if args.lora_ttt else None, grid, rank, world_size, log,
+                       seconds=args.tune_seconds, on_result=write)
     if rank == 0:
         print(tune.table(result))
-        write_json_atomic(out_path, result)
         log("tune_written", path=str(out_path), apply=f"pgolf eval RUN_DIR --settings {out_path}")
     return 0
 
@@ -319,6 +324,9 @@ def add_commands(subparsers) -> None:
                         "settings are searched; default: tools/tune.py's grid for the stream or for --lora-ttt)")
     p.add_argument("--tune-tokens", type=int, default=0, metavar="N",
                    help="with --tune: score only the first N tuning tokens per trial (0: all)")
+    p.add_argument("--tune-seconds", type=float, default=0, metavar="S",
+                   help="with --tune: start no trial that would end past S seconds (judged by the slowest so far); "
+                        "the choice is the best of the trials run, and tune.json says complete: false (0: no bound)")
     p.add_argument("--settings", metavar="TUNE_JSON",
                    help="apply the settings a --tune run chose (KEY=VALUE arguments still win)")
     p.add_argument("--seed", type=int, help="seed to record when the directory has no config.json/train.log")
