@@ -566,7 +566,6 @@ def _chunk_step(model, lora: BatchedLoRA | None, optimizer, step_spans, chunk: i
 
 
 @torch.no_grad()
-@torch.no_grad()
 def target_blend(blender: NgramBlender, entropy: Tensor, logp_targets: Tensor, tokens: Tensor, positions: Tensor,
                  targets: Tensor, score_targets: Tensor, logp_score: Tensor, rows: Tensor | None = None,
                  row_index: Tensor | None = None) -> tuple[Tensor, Tensor | None]:

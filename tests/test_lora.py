@@ -1,5 +1,7 @@
 """Per-document LoRA adapters (eval/lora.py): the model as it is at the start, rows that never mix, a reset that
 forgets, and an adapted layer's output checked against the formula."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -374,16 +376,27 @@ def test_the_ngram_on_lora_blends_in_stream_order_as_the_stream_would_on_the_sam
     frozen = dict(rank=0, context=64, ngram=ngram, ngram_chunk=20)  # every window opens at its document's BOS
     result = _score(model, tokens, **frozen)
     starts = (tokens == 1).nonzero().flatten().tolist()
-    reference, blender = torch.zeros(end - 1), NgramBlender(64, ngram)
     with torch.no_grad():
         rows = torch.stack([torch.log_softmax(model.logits(tokens[None, max(s for s in starts if s < t):t]), -1)[0, -1]
                             for t in range(1, end)])
-    for a in range(1, end, 20):
-        positions = torch.arange(a, min(a + 20, end))
-        view = blender.views(rows[positions - 1], tokens, positions, tokens[positions])["blend"]
-        reference[positions - 1] = -view.gather(1, tokens[positions, None])[:, 0]
-        blender.update(tokens, positions)
-    torch.testing.assert_close(result.nll["blend"], reference, rtol=1e-5, atol=1e-5)
+
+    def reference(cfg):
+        nll, blender = torch.zeros(end - 1), NgramBlender(64, cfg)
+        for a in range(1, end, 20):
+            positions = torch.arange(a, min(a + 20, end))
+            view = blender.views(rows[positions - 1], tokens, positions, tokens[positions])["blend"]
+            nll[positions - 1] = -view.gather(1, tokens[positions, None])[:, 0]
+            blender.update(tokens, positions)
+        return nll
+
+    # With the mixing weights fixed, the blend is a function of the counts and each target's row: equal to float32
+    # rounding (the rows, one target at a time here and batched in the pass, differ by ~5e-7).
+    fixed = dataclasses.replace(ngram, mix_weights=(-1.0, 0.3, 0.2, 0.5))
+    torch.testing.assert_close(_score(model, tokens, **{**frozen, "ngram": fixed}).nll["blend"], reference(fixed),
+                               rtol=1e-5, atol=1e-5)
+    # Fitted online, the weights come from ~100 scored tokens, a fit that magnifies that rounding ~100x (1.1e-4 seen
+    # on one CPU, 7e-5 on another); moving a chunk's end by one target moves some target's blend by over 1 nat.
+    torch.testing.assert_close(result.nll["blend"], reference(ngram), rtol=0, atol=1e-3)
     assert not torch.allclose(result.nll["blend"][20:], result.nll["model"][20:])  # the n-gram learned
     assert [e for e in result.events if e[1] == "ngram"][:2] == [("update", "ngram", 1, 21), ("update", "ngram", 1, 41)]
     assert check_events_any_order(result.events, 1, end)["passed"]
