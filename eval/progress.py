@@ -10,9 +10,9 @@ the final count when the total is reached or the loop ends early, such as
 arguments and is used like it: `.update(k)`, `.close()`, `with`, and iteration over `progress_bar(iterable, ...)`.
 
 Code inlined into the packed train_gpt.py (tools/quant/gptq.py, tools/quant/calibrate.py, eval/) calls
-packable_progress_bar instead: the same in the kit, tqdm's own bar in the packed program, which then carries ~50 code
-bytes for it instead of ~600 for LineProgress (every code byte there is a model byte less; tests/test_pack.py holds
-it to a limit).
+packable_progress_bar instead: the same in the kit; in the packed program tqdm's own bar on a terminal and nothing
+off one, ~60 code bytes instead of ~600 for LineProgress (every code byte there is a model byte less;
+tests/test_pack.py holds it to a limit). The packed program's own key:value lines mark its stages in a log.
 """
 from __future__ import annotations
 
@@ -91,7 +91,10 @@ def progress_bar(iterable=None, *, total=None, desc="", unit="it", unit_scale=Fa
     return LineProgress(iterable, total, desc, unit, unit_scale, file, disable is None or disable)
 
 
-def packable_progress_bar(*args, **kwargs):
-    """progress_bar for code inlined into the packed train_gpt.py: there it is tqdm's own bar, so LineProgress is not
-    packed (looked up by name, it is pruned from the bundle: ~600 code bytes that would be model bytes)."""
-    return (tqdm if packed() else importlib.import_module("eval.progress").progress_bar)(*args, **kwargs)
+def packable_progress_bar(*args, disable=False, **kwargs):
+    """progress_bar for code inlined into the packed train_gpt.py: there it is tqdm's own bar on a terminal and none
+    in a log or a pipe (tqdm's disable=None), so LineProgress is not packed (looked up by name, it is pruned from the
+    bundle: ~600 code bytes that would be model bytes) and no log fills with '\\r' frames."""
+    if packed():
+        return tqdm(*args, disable=disable or None, **kwargs)
+    return importlib.import_module("eval.progress").progress_bar(*args, disable=disable, **kwargs)

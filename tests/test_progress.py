@@ -93,9 +93,14 @@ def test_disabled_prints_nothing_and_a_terminal_gets_the_tqdm_bar():
     assert terminal.getvalue() == ""
 
 
-def test_the_packable_bar_is_progress_bar_in_the_kit_and_tqdm_in_the_packed_program(monkeypatch):
+def test_the_packable_bar_is_progress_bar_in_the_kit_and_a_terminal_only_tqdm_in_the_packed_program(monkeypatch):
     out = io.StringIO()
     assert isinstance(packable_progress_bar(range(3), desc="q", file=out), LineProgress)
     monkeypatch.setattr(progress_module, "packed", lambda: True)
     bar = packable_progress_bar(range(3), desc="q", file=out, disable=True)
     assert isinstance(bar, tqdm) and list(bar) == [0, 1, 2]
+    # packed: a bar on a terminal, and in a log nothing (no '\r' frames; the program's own lines mark its stages)
+    log, terminal = io.StringIO(), Terminal()
+    for file in (log, terminal):
+        updates(packable_progress_bar(total=10, desc="q", file=file), 10)
+    assert log.getvalue() == "" and "\r" in terminal.getvalue() and "q:" in terminal.getvalue()
