@@ -1,11 +1,13 @@
 """Per-document LoRA TTT on the GPU without a trained artifact: its speed, where the time goes, and its C1 check.
 
-    source .bench/prep.sh && python3 scripts/lora_probe.py [--docs 256] [--profile] [SETTING=VALUE ...]
+    source .bench/prep.sh && python3 scripts/lora_probe.py [--docs 256] [--profile | --ops] [SETTING=VALUE ...]
 
 Builds the recipe's model (seeded random weights, nudged off the zero inits so every layer matters; speed and
 causality do not depend on what the weights learned), scores the first --docs documents of $BENCH_DATA8's val
 shard with eval/lora.py's score_documents under the LORA_ settings given, and prints tokens/s, the 8-GPU projection
 of the full FineWeb val, and C1 as evaluate_lora checks it (with its detail). --profile prints the top CUDA ops.
+--ops prints instead the aten ops dispatched per adapter step (on the CPU too: the count does not depend on the
+device, up to the casts autocast adds on a GPU), the host work that bounds an eager pass.
 """
 from __future__ import annotations
 
@@ -28,11 +30,29 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def dispatch_per_step(model, tokens: torch.Tensor, settings: dict) -> str:
+    """The aten ops (nested ones included) that one pass over `tokens` dispatches, per adapter step: each costs host
+    time whatever the GPU does, so this bounds how fast an eager pass can go on any host."""
+    import eval.lora as lora
+    from torch.profiler import ProfilerActivity, profile
+    steps, step = [], lora._chunk_step
+    lora._chunk_step = lambda *a, **kw: steps.append(1) or step(*a, **kw)  # score_documents looks it up by name
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            score_documents(model, tokens, 1, tokens.numel(), **settings)
+    finally:
+        lora._chunk_step = step
+    ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+    return f"steps {len(steps)} aten_ops {ops} per_step {ops / max(len(steps), 1):.0f}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("settings", nargs="*", help="LORA_<FIELD>=VALUE settings")
     p.add_argument("--docs", type=int, default=256, help="leading val documents to score")
     p.add_argument("--profile", action="store_true", help="print the top CUDA ops of a second, profiled pass")
+    p.add_argument("--ops", action="store_true", help="count instead the aten ops the pass dispatches per adapter "
+                                                       "step (host work: the pass runs eagerly); runs on the CPU too")
     p.add_argument("--data", default=os.environ.get("BENCH_DATA8", ""), help="shard folder (default $BENCH_DATA8)")
     args = p.parse_args()
     cfg = LoraConfig()
@@ -52,6 +72,9 @@ def main() -> None:
     end = starts[args.docs] + 1 if len(starts) > args.docs else tokens.numel()
     tokens = tokens[:end].to(device)
     settings = {**cfg.pass_settings(), "ngram": None}
+    if args.ops:
+        print(dispatch_per_step(model, tokens, settings))
+        return
     warm = min(tokens.numel(), 1025)
     score_documents(model, tokens[:warm], 1, warm, **settings)  # warm-up: kernels, autotuning
     sync(device)

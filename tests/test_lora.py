@@ -1,6 +1,7 @@
 """Per-document LoRA adapters (eval/lora.py): the model as it is at the start, rows that never mix, a reset that
 forgets, and an adapted layer's output checked against the formula."""
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -583,3 +584,26 @@ def test_lora_replay_is_a_setting_passed_to_the_pass():
     assert cfg.pass_settings()["replay"] is True
     resolve(cfg, env={}, cli={"LORA_REPLAY": "0"})
     assert cfg.pass_settings()["replay"] is False
+
+
+def test_the_probe_counts_the_ops_a_step_dispatches_and_the_replay_dispatches_fewer():
+    """scripts/lora_probe.py --ops: aten ops per adapter step (the host work of the eager pass). The step count is
+    score_documents' own. With most blocks frozen, as in the recipe (11 of 15 slots), replaying them dispatches
+    fewer ops: here 5 of 6 blocks (with one frozen block the fills and reads cost more ops than they save)."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("lora_probe", Path(__file__).parents[1] / "scripts/lora_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    torch.manual_seed(0)
+    model, tokens = GPT(ModelConfig(**dict(TINY, num_layers=6, num_loops=0, xsa_last_n=6))).eval(), _stream()
+    settings = dict(rank=4, lr=0.05, chunk=5, batch_docs=2, context=64, last_n=1, ngram=None)
+    counts = {}
+    for replay in (True, False):
+        line = probe.dispatch_per_step(model, tokens, {**settings, "replay": replay})
+        steps, ops, per_step = (float(v) for v in re.fullmatch(r"steps (\d+) aten_ops (\d+) per_step (\d+)",
+                                                               line).groups())
+        # batches (23, 7), (40, 12), (30): 5 + 9 + 6 steps of 5 targets (a document's run to the next BOS)
+        assert steps == 20 and abs(per_step - ops / steps) <= 0.5
+        counts[replay] = per_step
+    assert 0 < counts[True] < counts[False]
