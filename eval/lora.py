@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import typing
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from eval.ngram import NgramBlender, NgramConfig, blend, mixing_features, model_entropy
 from submission.config import check_ranges
-from submission.model import CastedLinear
+from submission.model import CastedLinear, plain_linears
 
 # The layers the records adapted (PRs #1530, #1610): attention's q, k, v and output projections and the MLP's two.
 DEFAULT_TARGETS = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -410,14 +410,16 @@ def score_documents(model, tokens: Tensor, first: int, end: int, *, rank: int, l
     bar = progress_bar(total=end - first, desc="lora ttt" if rank else "documents", unit="tok", unit_scale=True,
                        disable=not progress, leave=False)
     group_docs = group_docs or batch_docs
-    try:
+    with ExitStack() as restore:
+        restore.callback(_restore, model, base, initial, bar)
+        restore.enter_context(plain_linears(model))  # QAT is off at eval: its blend is ~12 host dispatches a call
         for g0, batch, group_end in group_batches(docs, group_docs, batch_docs):
             with lora.attached() if lora is not None else nullcontext(), \
                     replayer.installed(batch) if replayer is not None else nullcontext():
                 optimizer = None
                 if lora is not None:
                     lora.reset()
-                    optimizer = torch.optim.AdamW(lora.parameters(), lr=lr, weight_decay=weight_decay)
+                    optimizer = torch.optim.AdamW(lora.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
                 for step in range(max(chunk_count(hi - lo, chunk, late_chunk, context) for _, lo, hi in batch)):
                     at = chunk_at(step, chunk, late_chunk, context)
                     spans = _chunk_spans(batch, at, context, end)
@@ -435,13 +437,17 @@ def score_documents(model, tokens: Tensor, first: int, end: int, *, rank: int, l
                     global_phase(model, tokens, docs[:done], lr=phase_lr, momentum=phase_momentum, context=context,
                                  batch_seqs=max(1, PHASE_BATCH_TOKENS // context))
                 out.events.extend(("update", "phase", lo, hi) for _, lo, hi in docs[:done])
-    finally:
-        bar.close()
-        for p, flag in base:
-            p.requires_grad_(flag)
-        if initial is not None:
-            model.load_state_dict(initial)
     return StreamResult(first, end, out.nll, out.coverage, out.norm, out.events)
+
+
+def _restore(model, base: list[tuple[Tensor, bool]], initial: dict | None, bar) -> None:
+    """The model as score_documents found it (its parameters' requires_grad, its weights before any global phase);
+    the progress bar closed."""
+    bar.close()
+    for p, flag in base:
+        p.requires_grad_(flag)
+    if initial is not None:
+        model.load_state_dict(initial)
 
 
 @dataclass
@@ -519,19 +525,22 @@ def _chunk_step(model, lora: BatchedLoRA | None, optimizer, step_spans, chunk: i
     device, tokens = out.tokens.device, out.tokens
     # every row as wide as its full chunk's window (the same width for every row a step, but for a document that
     # began before `first`), so that a batch's shape does not depend on where its documents end; right padding
-    # (zeros where a document ended) lies after every scored position: causal
+    # (zeros where a document ended) lies after every scored position: causal. Each row's chunk targets are
+    # left-aligned in `chunk` columns (a shorter last chunk is padded by repeating its last target: computed, never
+    # recorded, weight 0 in the step). Built on the host as one table, copied once: each op costs a dispatch.
     width = max(min(c_lo + chunk, out.end) - 1 - w0 for w0, c_lo, *_ in spans)
-    x = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-    for i, (w0, _, c_hi, *_) in enumerate(spans):
-        x[i, :c_hi - 1 - w0] = tokens[w0:c_hi - 1]
-    if lora is not None:
-        lora.rows = torch.tensor(rows, device=device)
+    plan = torch.tensor([[w0, c_hi - 1 - w0, *(min(c_lo + t, c_hi - 1) for t in range(chunk))]
+                         for w0, c_lo, c_hi, *_ in spans]).to(device)
+    cols = torch.arange(width, device=device)
+    x = tokens[(plan[:, :1] + cols).clamp_max(tokens.numel() - 1)].masked_fill(cols >= plan[:, 1:2], 0)
+    at, offset = plan[:, 2:], plan[:, :1] + 1
+    if lora is not None:  # every adapter in place needs no gather (a batch's early steps)
+        lora.rows = None if rows == list(range(lora.batch)) else torch.tensor(rows, device=device)
     if replay is not None:
         replay.step(tokens, rows, spans, width)
-    # each row's chunk targets, left-aligned in `chunk` columns (a shorter last chunk is padded by repeating its
-    # last target: computed, never recorded, weight 0 in the step)
-    at = torch.tensor([[min(c_lo + t, c_hi - 1) for t in range(chunk)] for _, c_lo, c_hi, *_ in spans], device=device)
-    offset = torch.tensor([1 + w0 for w0, *_ in spans], device=device)[:, None]
+    # the scored targets in row order: where in the [rows x chunk] rows each lies, and its position
+    flat = [(i * chunk + t, c_lo + t) for i, (_, c_lo, c_hi, *_) in enumerate(spans) for t in range(c_hi - c_lo)]
+    scored = torch.tensor(flat).to(device)
 
     def chunk_logp():
         """Log-probabilities [rows, chunk, V] at each active document's chunk targets (the head and softmax run
@@ -560,7 +569,7 @@ def _chunk_step(model, lora: BatchedLoRA | None, optimizer, step_spans, chunk: i
         step_on(chunk_logp())
     with torch.no_grad() if lora is None else nullcontext():
         logp = chunk_logp()
-    record_scores([logp[i, :c_hi - c_lo] for i, (_, c_lo, c_hi, *_) in enumerate(spans)], spans, out)
+    record_scores(logp.detach().flatten(0, 1)[scored[:, 0]], scored[:, 1], spans, out)
     if not step_before_score:
         step_on(logp)
     return sum(c_hi - c_lo for _, c_lo, c_hi, *_ in spans)
@@ -588,13 +597,13 @@ def target_blend(blender: NgramBlender, entropy: Tensor, logp_targets: Tensor, t
     return score, None if rows is None else blend(rows.float(), q[row_index], alpha[row_index])
 
 
-def record_scores(logps: list[Tensor], spans, out: _Record) -> None:
-    """Score one step's chunks into `out`: each document's NLL ("model" view), coverage, the events, and one full
-    row into the normalization check (C2); with the n-gram, what its blend needs (_Record.keep)."""
+def record_scores(logp: Tensor, positions: Tensor, spans, out: _Record) -> None:
+    """Score one step's chunks into `out` (logp [N, V]: the model's rows at the chunks' targets `positions`, chunk
+    after chunk): each document's NLL ("model" view), coverage, the events, and one full row into the normalization
+    check (C2); with the n-gram, what its blend needs (_Record.keep)."""
     from eval.stream import _check_rows
 
-    positions = torch.cat([torch.arange(c_lo, c_hi, device=out.tokens.device) for _, c_lo, c_hi, *_ in spans])
-    logp = torch.cat(logps).detach().float()
+    logp = logp.float()
     out.nll["model"][positions - out.first] = -logp.gather(-1, out.score_tokens[positions, None]).squeeze(-1)
     _check_rows(out.norm, "model", logp[-1:])
     if out.blender is not None:  # the n-gram blends these targets later, in stream order (_Record.blend_through)

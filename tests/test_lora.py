@@ -414,8 +414,8 @@ def test_the_ngram_on_lora_blends_in_stream_order_as_the_stream_would_on_the_sam
     assert check_causality(run, tokens, 1, end, cuts, 64)["passed"]
     record = lora_module.record_scores
 
-    def count_each_chunk(logps, spans, out):
-        record(logps, spans, out)
+    def count_each_chunk(logp, positions, spans, out):
+        record(logp, positions, spans, out)
         for _, c_lo, c_hi, *_ in spans:  # the wrong design: count the chunk now, mid-batch
             out.blender.model.update(out.tokens[c_lo:c_hi], out.tokens[max(0, c_lo - 2):c_lo])
 
@@ -544,17 +544,17 @@ def test_the_real_blocks_are_back_after_the_pass_even_when_it_fails(monkeypatch)
     seen = []
     record = lora_module.record_scores
 
-    def check_then_record(logps, spans, out):
+    def check_then_record(logp, positions, spans, out):
         seen.append((type(model.blocks[0]), type(model.blocks[2]), list(model.state_dict()) == keys,
                      len(list(model.parameters())) == params))
-        record(logps, spans, out)
+        record(logp, positions, spans, out)
 
     monkeypatch.setattr(lora_module, "record_scores", check_then_record)
     _score(model, tokens, last_n=2, phases=1, phase_docs=3)
     assert seen and set(seen) == {(_ReplayBlock, type(blocks[2]), True, True)}
     assert all(a is b for a, b in zip(model.blocks, blocks)) and list(model.state_dict()) == keys
 
-    def fail(logps, spans, out):
+    def fail(logp, positions, spans, out):
         raise RuntimeError("mid-batch")
 
     monkeypatch.setattr(lora_module, "record_scores", fail)
