@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_evaluate import scored_run  # noqa: F401 (a fixture tune_run uses)
+from tests.test_tune import tune_run  # noqa: F401 (the fixture)
 from tools.pack.ship import bundle_entry
 from tools.records.results import train_loss_curve
 
@@ -73,3 +75,24 @@ def test_the_packed_file_runs_the_whole_pipeline_under_torchrun(data, tmp_path):
     evaluation = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert evaluation["bytes_code"] == result.sizes.packed and evaluation["tokens"] > 0
     assert any("world_size:2" in line for line in (tmp_path / "run" / "train.log").read_text().splitlines())
+
+
+def test_a_bounded_tune_under_torchrun_follows_rank_0s_clock(tune_run, tmp_path):  # noqa: F811
+    """`pgolf eval --tune --tune-seconds` with 2 processes: every rank must start the same trials (a trial is
+    collective), so all follow rank 0's clock. Here the search's clock on rank 1 runs 1,000,000x fast (a
+    sitecustomize on its path swaps tools.tune's time module): on its own it would stop after the start trial while
+    rank 0 goes on, and the search would hang or fail."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os, time, types\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import tools.tune\n"
+        "    tools.tune.time = types.SimpleNamespace(perf_counter=lambda: time.perf_counter() * 1e6)\n")
+    environment = {**env(), "PYTHONPATH": f"{site}:{REPO}"}
+    proc = subprocess.run([*TORCHRUN, "-m", "tools.commands.cli", "eval", str(tune_run), "--tune", "--grid",
+                           "TTT_LR=0.001,0.01", "--tune-tokens", "500", "--tune-seconds", "3000"], cwd=REPO,
+                          env=environment, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tune_run / "tune.json").read_text())
+    assert result["complete"] and len(result["trials"]) == 3, result  # the start and both TTT_LR values

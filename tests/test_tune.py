@@ -38,7 +38,7 @@ def test_a_search_out_of_time_starts_no_further_trial_and_keeps_the_best_it_ran(
     calls = []
     score = {"0": 3.0, "1": 1.0, "2": 2.0, "3": 0.0}  # "3" would win, but there is no time left for it
     best, value, trials, complete = coordinate_search(lambda s: calls.append(s) or score[s["a"]], {"a": "0"},
-                                                      {"a": ["1", "2", "3"]}, time_left=lambda: 10 - 4 * len(calls))
+                                                      {"a": ["1", "2", "3"]}, fits=lambda need: 10 - 4 * len(calls) >= need)
     assert not complete and len(calls) == len(trials) == 3  # 10 - 12 < 0: the fourth never started
     assert best == {"a": "1"} and value == 1.0
 

@@ -58,11 +58,11 @@ class Trial:
 
 def coordinate_search(score: Callable[[dict[str, str]], float], start: dict[str, str],
                       grid: dict[str, list[str]], on_trial: Callable[[Trial], None] | None = None,
-                      time_left: Callable[[], float] | None = None):
+                      fits: Callable[[float], bool] | None = None):
     """One sweep over `grid` from `start` (a value for every grid key): returns (best settings, best score, trials,
     complete). Settings already scored are not scored again. The best so far is always the first trial with the lowest
-    score (each trial is set against the best before it). With time_left (seconds), a trial starts only while the
-    slowest so far still fits: cut short, the search keeps the best of the trials it ran, and complete is False."""
+    score (each trial is set against the best before it). With fits, a trial starts only while fits(the slowest trial's
+    seconds so far) says it does: cut short, the search keeps the best of the trials it ran, and complete is False."""
     seen: dict[tuple, float] = {}
     trials: list[Trial] = []
 
@@ -82,7 +82,7 @@ def coordinate_search(score: Callable[[dict[str, str]], float], start: dict[str,
         for value in values:
             candidate = {**best, setting: value}
             fresh = tuple(sorted(candidate.items())) not in seen
-            if fresh and time_left is not None and time_left() < max(t.seconds for t in trials):
+            if fresh and fits is not None and not fits(max(t.seconds for t in trials)):
                 return best, best_score, trials, False
             result = run(candidate, setting, value)
             if result < best_score:
@@ -166,14 +166,14 @@ def tune(model, tokens: np.ndarray, luts, cfg: EvalConfig, lora: LoraConfig | No
         if on_result:
             on_result(body(False))
 
-    def time_left() -> float:  # rank 0's clock, so that every rank stops at the same trial
-        left = torch.tensor(seconds - (time.perf_counter() - began), dtype=torch.float64)
+    def fits(needed: float) -> bool:  # rank 0 decides (its clock, its trial times): every rank starts the same trials
+        fit = torch.tensor(seconds - (time.perf_counter() - began) >= needed, dtype=torch.int32)
         if world_size > 1:
-            left = left.to(next(model.parameters()).device)
-            torch.distributed.broadcast(left, 0)
-        return float(left)
+            fit = fit.to(next(model.parameters()).device)
+            torch.distributed.broadcast(fit, 0)
+        return bool(fit)
 
-    _, _, _, complete = coordinate_search(score, start, grid, report, time_left if seconds > 0 else None)
+    _, _, _, complete = coordinate_search(score, start, grid, report, fits if seconds > 0 else None)
     result = body(complete)
     log("tune_done", trials=len(trials), start_bpb=f"{result['start_bpb']:.6f}",
         chosen_bpb=f"{result['chosen_bpb']:.6f}", complete=str(complete).lower(),
