@@ -225,3 +225,33 @@ def test_trace_top_groups_kernels_per_step_and_lists_one_step_in_order(tmp_path)
     order = subprocess.run([sys.executable, script, trace, "--order"], capture_output=True, text=True,
                            check=True).stdout
     assert [line.split()[-1] for line in order.splitlines()] == ["mm", "norm"]
+
+
+def test_lora_ab_runs_the_probe_with_each_version_of_the_lora_pass(tmp_path):
+    """scripts/lora_ab.sh: "new" runs the probe in the tree, "old" in a copy whose eval/lora.py is the given file, and
+    each version's own package comes first on the path (a stub python3 reports where it ran and what it would
+    import)."""
+    import os
+    import subprocess
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    old = tmp_path / "lora_old.py"
+    old.write_text("# the old pass\n")
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "python3").write_text('#!/bin/sh\necho "docs stub cwd:$PWD path:${PYTHONPATH%%:*} args:$*"\n'
+                                  'echo "docs stub lora:$(head -n 1 "${PYTHONPATH%%:*}/eval/lora.py")"\n')
+    (stub / "python3").chmod(0o755)
+    env = {**os.environ, "PATH": f"{stub}:{os.environ['PATH']}", "LORA_AB_DIR": str(tmp_path / "copy"),
+           "PYTHONPATH": "/elsewhere"}
+    out = subprocess.run(["bash", "scripts/lora_ab.sh", str(old), "--docs", "4"], cwd=repo, env=env,
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    new_at, old_at = out.index(f"== new: {repo}/eval/lora.py"), out.index(f"== old: {tmp_path}/copy/eval/lora.py")
+    assert new_at < old_at
+    assert out[new_at + 1] == f"docs stub cwd:{repo} path:{repo} args:scripts/lora_probe.py --docs 4"
+    assert out[new_at + 2] == f"docs stub lora:{(repo / 'eval/lora.py').read_text().splitlines()[0]}"
+    assert out[old_at + 1] == f"docs stub cwd:{tmp_path}/copy path:{tmp_path}/copy args:scripts/lora_probe.py --docs 4"
+    assert out[old_at + 2] == "docs stub lora:# the old pass"
+    missing = subprocess.run(["bash", "scripts/lora_ab.sh", str(tmp_path / "none.py")], cwd=repo, env=env,
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "none.py is missing" in missing.stderr
