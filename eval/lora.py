@@ -36,9 +36,9 @@ class LoraConfig:
     """Per-document LoRA TTT (`pgolf eval RUN_DIR --lora-ttt`, settings as LORA_<FIELD>). The records' shape (PRs
     #1530, #1610, #1626: rank 64-96 on q/k/v/o, the MLP and the head, AdamW, 32-token chunks, 64 documents per
     batch), its learning rate and global phases chosen on the tuning split, and the depth, groups and late chunks that
-    keep the full val's 8-GPU projection under 550 s on a fast host (P1, H100: 492 s; 693 s on a host 1.4x slower:
-    the eager pass is bound by its op dispatch). On P1 it scores 0.0033 below the stream's evaluation (two seeds,
-    docs/MEASUREMENTS.md); it runs in the kit, not the packed file."""
+    keep the full val's 8-GPU projection under 550 s (P1, H100: 485 s; the eager pass is bound by its op dispatch,
+    and a host 1.4x slower projected 693 s before the dispatch was cut by 16%). On P1 it scores 0.0033 below the
+    stream's evaluation (three artifacts, docs/MEASUREMENTS.md); it runs in the kit, not the packed file."""
     rank: int = 64
     """Adapter rank per layer and document. 0: no adapter, which is document-masked scoring alone (each chunk read
     from its own document's prefix only), to measure what the masking does apart from the adapters."""
