@@ -5,7 +5,9 @@
 # `pgolf eval $RUN --lora-ttt --tune --tune-seconds $TUNE_S` with the --grid arguments given (default TUNE_S 330: a
 # search cut short keeps the best of the trials it ran, and says so), then `pgolf eval $RUN --lora-ttt --settings
 # $RUN/tune_lora.json` on the dev val. KEY=VALUE arguments (settings held fixed) apply to both. The whole stays under
-# TOTAL seconds (default 575). The tune log, tune_lora.json and eval_lora-ttt*.json go to $OUT.
+# TOTAL seconds (default 575). RESUME=FILE goes on with the earlier search that FILE (its tune_lora.json, carried in)
+# holds: its trials are taken, not scored again (--resume). The tune log, tune_lora.json and eval_lora-ttt*.json go
+# to $OUT.
 set -uo pipefail
 : "${RUN:?source .p1eval/prep.sh first}" "${DATA:?}" "${TOK:?}"
 out=${OUT:-./p1_out}
@@ -15,9 +17,11 @@ grid=() fixed=()  # --grid KEY=V1,V2 pairs for the search; KEY=VALUE settings (r
 while [ $# -gt 0 ]; do
   if [ "$1" = --grid ] && [ $# -gt 1 ]; then grid+=("$1" "$2"); shift 2; else fixed+=("$1"); shift; fi
 done
+resume=()
+if [ -n "${RESUME:-}" ]; then resume=(--resume "$RESUME"); fi
 rm -f "$RUN/tune_lora.json"
 timeout "$total" python3 -m tools.commands.cli eval "$RUN" "${fixed[@]}" --data-dir "$DATA" --tokenizer "$TOK" \
-  --lora-ttt --tune --tune-seconds "${TUNE_S:-330}" "${grid[@]}" 2>&1 | tr '\r' '\n' | grep -v '%|' \
+  --lora-ttt --tune --tune-seconds "${TUNE_S:-330}" "${grid[@]}" "${resume[@]}" 2>&1 | tr '\r' '\n' | grep -v '%|' \
   | tee "$out/tune.log" | tail -30
 echo "p1_lora_tune: tune took $(( $(date +%s) - t0 )) s"
 if [ ! -f "$RUN/tune_lora.json" ]; then

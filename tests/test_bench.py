@@ -255,3 +255,30 @@ def test_lora_ab_runs_the_probe_with_each_version_of_the_lora_pass(tmp_path):
     missing = subprocess.run(["bash", "scripts/lora_ab.sh", str(tmp_path / "none.py")], cwd=repo, env=env,
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "none.py is missing" in missing.stderr
+
+
+def test_p1_lora_tune_searches_then_scores_the_dev_val_with_what_it_chose(tmp_path):
+    """scripts/p1_lora_tune.sh: --grid pairs go to the search only, KEY=VALUE settings to both passes, RESUME to the
+    search as --resume; the dev-val pass applies the search's tune_lora.json, and both land in $OUT (a stub python3
+    logs each call and writes what pgolf eval would)."""
+    import os
+    import subprocess
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    run, out, stub = tmp_path / "run", tmp_path / "out", tmp_path / "bin"
+    run.mkdir()
+    stub.mkdir()
+    (stub / "python3").write_text(
+        '#!/bin/sh\necho "$*" >> "$CALLS"\n'
+        'case "$*" in *--tune*) echo "{}" > "$RUN/tune_lora.json";; *) echo "{}" > "$RUN/eval_lora-ttt.json";; esac\n')
+    (stub / "python3").chmod(0o755)
+    env = {**os.environ, "PATH": f"{stub}:{os.environ['PATH']}", "RUN": str(run), "DATA": "/d", "TOK": "/t.model",
+           "OUT": str(out), "CALLS": str(tmp_path / "calls"), "RESUME": "/c/tune_lora.json", "TUNE_S": "100"}
+    subprocess.run(["bash", "scripts/p1_lora_tune.sh", "--grid", "LORA_RANK=96", "LORA_CHUNK=64", "--grid",
+                    "LORA_LR=1e-3"], cwd=repo, env=env, capture_output=True, text=True, check=True)
+    search, score = (tmp_path / "calls").read_text().splitlines()
+    assert search == (f"-m tools.commands.cli eval {run} LORA_CHUNK=64 --data-dir /d --tokenizer /t.model --lora-ttt "
+                      "--tune --tune-seconds 100 --grid LORA_RANK=96 --grid LORA_LR=1e-3 --resume /c/tune_lora.json")
+    assert score == (f"-m tools.commands.cli eval {run} LORA_CHUNK=64 --data-dir /d --tokenizer /t.model --lora-ttt "
+                     f"--settings {run}/tune_lora.json")
+    assert sorted(p.name for p in out.iterdir()) == ["eval_lora-ttt.json", "tune.log", "tune_lora.json"]

@@ -1,6 +1,7 @@
 """`pgolf eval RUN_DIR --tune`: the coordinate search, its grid, and the command on a tiny run's tuning split."""
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -10,13 +11,14 @@ import numpy as np
 import pytest
 
 import tools.commands.eval
+import tools.tune
 from eval.lora import LoraConfig
 from eval.run import EvalConfig
 from submission.data import write_shard
 from tests.test_evaluate import scored_run  # noqa: F401 (the fixture)
 from tools.commands import cli
 from tools.data import record_tune_split, tune_split_fingerprint
-from tools.tune import canonical, coordinate_search, fingerprint, parse_grid
+from tools.tune import Trial, canonical, coordinate_search, fingerprint, parse_grid
 
 
 def test_coordinate_search_takes_each_settings_best_value_in_turn_and_scores_nothing_twice():
@@ -41,6 +43,17 @@ def test_a_search_out_of_time_starts_no_further_trial_and_keeps_the_best_it_ran(
                                                       {"a": ["1", "2", "3"]}, fits=lambda need: 10 - 4 * len(calls) >= need)
     assert not complete and len(calls) == len(trials) == 3  # 10 - 12 < 0: the fourth never started
     assert best == {"a": "1"} and value == 1.0
+
+
+def test_a_known_trial_is_taken_as_it_was_and_not_scored_again():
+    scored = []
+    earlier = Trial(None, None, {"a": "0"}, 2.0, 90.0, {"ngram": 2.0})
+    best, value, trials, complete = coordinate_search(lambda s: scored.append(s) or 1.0, {"a": "0"},
+                                                      {"a": ["1"]}, known=lambda s: earlier if s == {"a": "0"} else None,
+                                                      fits=lambda need: need <= 90)
+    assert scored == [{"a": "1"}] and complete and best == {"a": "1"} and value == 1.0
+    assert trials[0].resumed and (trials[0].val_bpb, trials[0].seconds, trials[0].views) == (2.0, 90.0, {"ngram": 2.0})
+    assert not trials[1].resumed
 
 
 def test_a_tie_keeps_the_value_it_had():
@@ -145,7 +158,8 @@ def test_lora_tune_and_a_bad_settings_file(tune_run, capsys):
     assert cli.main(["eval", str(tune_run), "--tune", "--lora-ttt", "--grid", "LORA_LR=0.0001,0.01",
                      "LORA_RANK=2", "LORA_BATCH_DOCS=4", "LORA_CHUNK=32", "LORA_CONTEXT=64", "LORA_LATE_CHUNK=64"]) == 0
     result = json.loads((tune_run / "tune_lora.json").read_text())
-    assert result["kind"] == "lora" and len(result["trials"]) == 3 and "compliance" not in json.dumps(result)
+    assert result["kind"] == "lora" and len(result["trials"]) == 3
+    assert "compliance" not in json.dumps({k: v for k, v in result.items() if k != "base"})  # no checks, no report
     # the stream on the same split, to read LoRA's gains against (sliding alone; the stream's whole evaluation)
     ref = result["reference"]
     assert set(ref) == {"sliding", "stream"} and ref["stream"] != ref["sliding"]
@@ -181,4 +195,47 @@ def test_tune_writes_after_every_trial_and_a_bounded_search_says_it_was_cut_shor
     assert cli.main(["eval", str(tune_run), "--settings", str(tune_run / "tune.json")]) == 0
     assert f"warning: {tune_run / 'tune.json'} is an unfinished search (1 trials)" in capsys.readouterr().err
     assert cli.main(["eval", str(tune_run), "--tune-seconds", "60"]) != 0
+    assert "add --tune" in capsys.readouterr().err
+
+
+def test_a_search_cut_short_resumes_where_it_stopped_and_refuses_another_artifacts(tune_run, capsys, monkeypatch):
+    base = ["eval", str(tune_run), "--tune", "--tune-tokens", "500", "NGRAM_ORDER=3"]
+    assert cli.main(base + ["--grid", "TTT_LR=0.001,0.01", "--tune-seconds", "1e-6"]) == 0  # the start only
+    first = json.loads((tune_run / "tune.json").read_text())
+    assert len(first["trials"]) == 1 and not first["complete"]
+    assert first["artifact_sha256"] == hashlib.sha256((tune_run / "model.pgz").read_bytes()).hexdigest()
+    assert first["base"]["eval"]["ngram_config"]["order"] == 3
+    shutil.copy(tune_run / "tune.json", tune_run / "earlier.json")
+    scored = []
+    evaluate = tools.tune.evaluate
+    monkeypatch.setattr(tools.tune, "evaluate", lambda model, tokens, luts, cfg, *a, **k: scored.append(cfg.ttt_lr)
+                        or evaluate(model, tokens, luts, cfg, *a, **k))
+    capsys.readouterr()
+    # a grid that names another setting too: its start is the same trial (every setting equal), taken as it was
+    assert cli.main(base + ["--grid", "TTT_LR=0.001,0.01", "--grid", "TTT_EPOCHS=2",
+                            "--resume", str(tune_run / "earlier.json")]) == 0
+    result = json.loads((tune_run / "tune.json").read_text())
+    assert scored == [0.001, 0.01, float(result["settings"]["TTT_LR"])]  # the start was not scored again
+    assert result["complete"] and len(result["trials"]) == 4 and result["start_bpb"] == first["start_bpb"]
+    assert [t["resumed"] for t in result["trials"]] == [True, False, False, False]
+    out = capsys.readouterr().out
+    assert re.search(r"^\| start \| TTT_LR=0.002 TTT_EPOCHS=1 \(resumed\) \|", out, re.M)
+    assert re.search(r"^tune_trial setting:start .* resumed:1$", out, re.M)
+    # what was scored with something else is never taken: other fixed settings, another artifact, an old file
+    assert cli.main(base[:-1] + ["NGRAM_ORDER=2", "--resume", str(tune_run / "earlier.json")]) != 0
+    err = capsys.readouterr().err
+    assert "earlier.json: its fixed settings differ in eval.ngram_config.order" in err
+    other = json.loads((tune_run / "earlier.json").read_text())
+    other["artifact_sha256"] = "0" * 64
+    (tune_run / "other.json").write_text(json.dumps(other))
+    assert cli.main(base + ["--resume", str(tune_run / "other.json")]) != 0
+    assert f"its artifact_sha256 is {'0' * 64}, this search's {first['artifact_sha256']}" in capsys.readouterr().err
+    del other["base"]
+    (tune_run / "other.json").write_text(json.dumps(other))
+    assert cli.main(base + ["--resume", str(tune_run / "other.json")]) != 0
+    assert "written before --resume existed" in capsys.readouterr().err
+    (tune_run / "other.json").write_text("[1]")
+    assert cli.main(base + ["--resume", str(tune_run / "other.json")]) != 0
+    assert "other.json: not a tune.json" in capsys.readouterr().err
+    assert cli.main(["eval", str(tune_run), "--resume", str(tune_run / "earlier.json")]) != 0
     assert "add --tune" in capsys.readouterr().err

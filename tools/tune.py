@@ -7,10 +7,13 @@ values with the others at the best found so far, and keeps the value with the lo
 value it had). The result names the split by its fingerprint, so a setting can always be traced to the documents it
 was chosen on; `pgolf eval RUN_DIR --settings tune.json` applies it. It is written after every trial, marked
 incomplete until the grid is done, and --tune-seconds bounds the search: a search cut short keeps its choice.
+--resume takes the trials (and LoRA's reference scores) of an earlier search of the same artifact, split and base
+settings, so a search cut short goes on where it stopped instead of scoring its start again.
 """
 from __future__ import annotations
 
 import copy
+import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -54,24 +57,33 @@ class Trial:
     val_bpb: float
     seconds: float
     views: dict[str, float] | None = None
+    resumed: bool = False
 
 
 def coordinate_search(score: Callable[[dict[str, str]], float], start: dict[str, str],
                       grid: dict[str, list[str]], on_trial: Callable[[Trial], None] | None = None,
-                      fits: Callable[[float], bool] | None = None):
+                      fits: Callable[[float], bool] | None = None,
+                      known: Callable[[dict[str, str]], Trial | None] | None = None):
     """One sweep over `grid` from `start` (a value for every grid key): returns (best settings, best score, trials,
     complete). Settings already scored are not scored again. The best so far is always the first trial with the lowest
     score (each trial is set against the best before it). With fits, a trial starts only while fits(the slowest trial's
-    seconds so far) says it does: cut short, the search keeps the best of the trials it ran, and complete is False."""
+    seconds so far) says it does: cut short, the search keeps the best of the trials it ran, and complete is False.
+    known(settings) may give an earlier search's trial of the same settings: it is taken as it was, not scored."""
     seen: dict[tuple, float] = {}
     trials: list[Trial] = []
 
     def run(settings: dict[str, str], setting: str | None, value: str | None) -> float:
         key = tuple(sorted(settings.items()))
         if key not in seen:
-            began = time.perf_counter()
-            seen[key] = score(settings)
-            trials.append(Trial(setting, value, dict(settings), seen[key], round(time.perf_counter() - began, 3)))
+            earlier = known(settings) if known else None
+            if earlier is not None:
+                trials.append(Trial(setting, value, dict(settings), earlier.val_bpb, earlier.seconds, earlier.views,
+                                    resumed=True))
+            else:
+                began = time.perf_counter()
+                trials.append(Trial(setting, value, dict(settings), score(settings),
+                                    round(time.perf_counter() - began, 3)))
+            seen[key] = trials[-1].val_bpb
             if on_trial:
                 on_trial(trials[-1])
         return seen[key]
@@ -123,20 +135,34 @@ def parse_grid(items: list[str], cfg: EvalConfig, lora: LoraConfig, default: dic
 
 def tune(model, tokens: np.ndarray, luts, cfg: EvalConfig, lora: LoraConfig | None, grid: dict[str, list[str]],
          rank: int = 0, world_size: int = 1, log=None, seconds: float = 0,
-         on_result: Callable[[dict], None] | None = None) -> dict:
+         on_result: Callable[[dict], None] | None = None, artifact: str | None = None,
+         previous: dict | None = None) -> dict:
     """Search `grid` on the tuning tokens from the settings in cfg (and lora, for per-document LoRA TTT when not
     None); return the tune.json body. seconds > 0 bounds the search (no trial starts that the slowest so far says
     would end past it; the clock starts here, so per-document LoRA's reference passes count). on_result(body) gets
     the body after every trial, "complete": false until the search has run its whole grid, so that a search cut
-    short still leaves what it chose."""
+    short still leaves what it chose. artifact (model.pgz's sha256) and the base settings are recorded; previous (an
+    earlier tune.json body) resumes that search: see resumable()."""
     log = log or (lambda *fields, **kv: None)
     lora_cfg = lora or LoraConfig()
     began = time.perf_counter()
     views: dict[tuple, dict[str, float]] = {}
     trials: list[Trial] = []
     start = {key: canonical(cfg, lora_cfg, key) for key in grid}
+    base = {"eval": asdict(cfg), "lora": asdict(lora_cfg) if lora is not None else None}
+    kind, tune_fingerprint = "lora" if lora is not None else "stream", fingerprint(tokens)
+    earlier: dict[str, Trial] = {}
+    if previous is not None:
+        resumable(previous, kind, tune_fingerprint, len(tokens), artifact, base)
+        for t in previous["trials"]:
+            try:
+                trial = Trial(**{k: v for k, v in t.items() if k != "resumed"})
+            except TypeError as e:
+                raise NotResumable(f"a trial there is malformed ({e})") from None
+            earlier.setdefault(whole(cfg, lora_cfg, trial.settings), trial)
     # per-document LoRA against the stream on the same split: its gains there, to set against val's
-    ref = reference(model, tokens, luts, cfg, rank, world_size, log) if lora is not None else None
+    ref = (previous or {}).get("reference") or (
+        reference(model, tokens, luts, cfg, rank, world_size, log) if lora is not None else None)
 
     def score(settings: dict[str, str]) -> float:
         trial_cfg, trial_lora = copy.deepcopy(cfg), copy.deepcopy(lora_cfg)
@@ -153,8 +179,9 @@ def tune(model, tokens: np.ndarray, luts, cfg: EvalConfig, lora: LoraConfig | No
         best = min(trials, key=lambda t: t.val_bpb)  # the first of the lowest: the search's best (see above)
         for trial in trials:
             trial.views = views.get(tuple(sorted(trial.settings.items())))
-        return {"kind": "lora" if lora is not None else "stream", "tune_fingerprint": fingerprint(tokens),
-                "tune_tokens": int(len(tokens)), "grid": grid, "start": start, "start_bpb": trials[0].val_bpb,
+        return {"kind": kind, "tune_fingerprint": tune_fingerprint, "tune_tokens": int(len(tokens)),
+                "artifact_sha256": artifact, "base": base, "grid": grid, "start": start,
+                "start_bpb": trials[0].val_bpb,
                 "chosen": {k: v for k, v in best.settings.items() if v != start[k]}, "chosen_bpb": best.val_bpb,
                 "settings": best.settings, "complete": complete, "trials": [asdict(t) for t in trials],
                 **({"reference": ref} if ref is not None else {})}
@@ -162,7 +189,7 @@ def tune(model, tokens: np.ndarray, luts, cfg: EvalConfig, lora: LoraConfig | No
     def report(trial: Trial) -> None:
         trials.append(trial)
         log("tune_trial", setting=trial.setting or "start", value=trial.value or "-",
-            val_bpb=f"{trial.val_bpb:.6f}", seconds=f"{trial.seconds:.1f}")
+            val_bpb=f"{trial.val_bpb:.6f}", seconds=f"{trial.seconds:.1f}", **({"resumed": "1"} if trial.resumed else {}))
         if on_result:
             on_result(body(False))
 
@@ -173,7 +200,8 @@ def tune(model, tokens: np.ndarray, luts, cfg: EvalConfig, lora: LoraConfig | No
             torch.distributed.broadcast(fit, 0)
         return bool(fit)
 
-    _, _, _, complete = coordinate_search(score, start, grid, report, fits if seconds > 0 else None)
+    _, _, _, complete = coordinate_search(score, start, grid, report, fits if seconds > 0 else None,
+                                          lambda settings: earlier.get(whole(cfg, lora_cfg, settings)))
     result = body(complete)
     log("tune_done", trials=len(trials), start_bpb=f"{result['start_bpb']:.6f}",
         chosen_bpb=f"{result['chosen_bpb']:.6f}", complete=str(complete).lower(),
@@ -181,6 +209,47 @@ def tune(model, tokens: np.ndarray, luts, cfg: EvalConfig, lora: LoraConfig | No
     if on_result:
         on_result(result)
     return result
+
+
+def whole(cfg: EvalConfig, lora: LoraConfig, settings: dict[str, str]) -> str:
+    """Every eval and LoRA setting a trial of `settings` runs with, as one string: trials of two searches are the
+    same trial when these match (their grids may name different settings)."""
+    cfg, lora = copy.deepcopy(cfg), copy.deepcopy(lora)
+    apply_settings(cfg, lora, settings)
+    return json.dumps({"eval": asdict(cfg), "lora": asdict(lora)}, sort_keys=True, default=str)
+
+
+class NotResumable(ValueError):
+    """An earlier search that scored something else than this one would."""
+
+
+def resumable(previous: dict, kind: str, tune_fingerprint: str, tokens: int, artifact: str | None,
+              base: dict) -> None:
+    """Raise NotResumable unless an earlier search's tune.json body scored what this one would: the same kind of
+    pass, split (fingerprint and --tune-tokens), artifact, and settings outside the grid."""
+    fix = "resume only a search of this artifact and split with the same fixed settings (or drop --resume)"
+    if "base" not in previous or "artifact_sha256" not in previous or not isinstance(previous.get("trials"), list):
+        raise NotResumable(f"it records no artifact or base settings (written before --resume existed?): {fix}")
+    for name, ours, theirs in (("kind", kind, previous.get("kind")),
+                               ("tune_fingerprint", tune_fingerprint, previous.get("tune_fingerprint")),
+                               ("tune_tokens", tokens, previous.get("tune_tokens")),
+                               ("artifact_sha256", artifact, previous["artifact_sha256"])):
+        if ours != theirs:
+            raise NotResumable(f"its {name} is {theirs}, this search's {ours}: {fix}")
+    if json.dumps(previous["base"], sort_keys=True, default=str) != json.dumps(base, sort_keys=True, default=str):
+        ours, theirs = _flat(base), _flat(previous["base"])
+        differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+        raise NotResumable(f"its fixed settings differ in {', '.join(differ)}: {fix}")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in (tree or {}).items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = json.dumps(value, default=str)
+    return out
 
 
 def reference(model, tokens: np.ndarray, luts, cfg: EvalConfig, rank: int, world_size: int,
@@ -202,7 +271,8 @@ def table(result: dict) -> str:
     for trial in result["trials"]:
         chosen = trial["setting"] is not None and result["settings"][trial["setting"]] == trial["value"]
         value = trial["value"] if trial["setting"] else " ".join(f"{k}={v}" for k, v in result["start"].items())
-        lines.append(f"| {trial['setting'] or 'start'} | {value}{' (chosen)' if chosen else ''} | "
+        marks = " (chosen)" * chosen + " (resumed)" * bool(trial.get("resumed"))
+        lines.append(f"| {trial['setting'] or 'start'} | {value}{marks} | "
                      f"{trial['val_bpb']:.6f} | {trial['val_bpb'] - start_bpb:+.6f} |")
     ref = result.get("reference")
     if ref:  # per-document LoRA against the stream on the same split: its gains there, to set against val's

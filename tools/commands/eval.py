@@ -164,7 +164,7 @@ def run_eval(args: argparse.Namespace) -> int:
     model = load_model(artifact, tensors, model_config, facts, sp, tokenizer, device, rank)
     luts = build_byte_luts(sp, model.cfg.vocab_size)
     if args.tune:  # before val is read: nothing here looks at it
-        return run_tune(args, model, luts, cfg, lora_cfg, data_dir, out_path, rank, world_size, log)
+        return run_tune(args, model, luts, cfg, lora_cfg, data_dir, out_path, rank, world_size, log, artifact)
     val_tokens = load_tokens(f"{data_dir}/fineweb_val_*.bin", model.cfg.vocab_size)
     log("eval_artifact", artifact=str(artifact), model_bytes=artifact.stat().st_size, val_tokens=len(val_tokens),
         tokenizer=tokenizer, tokenizer_sha256=used["sha256"][:16])
@@ -201,8 +201,9 @@ def eval_settings(args: argparse.Namespace, root: Path, previous: dict | None):
     the run was scored with (eval.json's "config"), so a verification checks what the run did; then the tuning
     split's choices (--settings), then KEY=VALUE and the flags."""
     cli = parse_overrides(args.overrides)
-    if (args.grid or args.tune_tokens or args.tune_seconds) and not args.tune:
-        raise ValueError("--grid, --tune-tokens and --tune-seconds shape a --tune search: add --tune (or drop them)")
+    if (args.grid or args.tune_tokens or args.tune_seconds or args.resume) and not args.tune:
+        raise ValueError("--grid, --tune-tokens, --tune-seconds and --resume shape a --tune search: add --tune (or "
+                         "drop them)")
     if args.settings:  # chosen on the tuning split (tune.json); KEY=VALUE on the command line wins
         cli = {**read_settings(args.settings), **cli}
     lora_cfg = LoraConfig()
@@ -262,11 +263,29 @@ def read_settings(path: str) -> dict[str, str]:
     return {str(k).upper(): str(v) for k, v in settings.items()}
 
 
+def read_tune(path: str) -> dict:
+    """An earlier search's tune.json, for --resume."""
+    file = Path(path)
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or not isinstance(data.get("trials"), list):
+            raise TypeError("no \"trials\" list")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--resume {file}: not found (pass the tune.json of the search to go on with)") \
+            from None
+    except (ValueError, TypeError, UnicodeDecodeError) as e:
+        raise ValueError(f"--resume {file}: not a tune.json ({e}); pass the file pgolf eval RUN_DIR --tune wrote") \
+            from None
+    return data
+
+
 def run_tune(args, model, luts, cfg, lora_cfg, data_dir: str, out_path: Path, rank: int, world_size: int,
-             log) -> int:
+             log, artifact: Path) -> int:
     """`pgolf eval RUN_DIR --tune`: the coordinate search on the tuning split (tools/tune.py), its table on stdout and
     its result in tune.json (tune_lora.json with --lora-ttt)."""
     from tools import tune
+
+    previous = read_tune(args.resume) if args.resume else None
 
     pattern = f"{data_dir}/fineweb_tune_*.bin"
     if not glob.glob(pattern):
@@ -283,8 +302,12 @@ def run_tune(args, model, luts, cfg, lora_cfg, data_dir: str, out_path: Path, ra
         trials_at_most=1 + sum(map(len, grid.values())))
     # written after every trial (marked incomplete until the end): a search stopped early still leaves its choice
     write = (lambda body: write_json_atomic(out_path, body)) if rank == 0 else None
-    result = tune.tune(model, tokens, luts, cfg, lora_cfg if args.lora_ttt else None, grid, rank, world_size, log,
-                       seconds=args.tune_seconds, on_result=write)
+    sha = hashlib.sha256(artifact.read_bytes()).hexdigest()
+    try:
+        result = tune.tune(model, tokens, luts, cfg, lora_cfg if args.lora_ttt else None, grid, rank, world_size,
+                           log, seconds=args.tune_seconds, on_result=write, artifact=sha, previous=previous)
+    except tune.NotResumable as e:
+        raise ValueError(f"--resume {args.resume}: {e}") from None
     if rank == 0:
         print(tune.table(result))
         log("tune_written", path=str(out_path), apply=f"pgolf eval RUN_DIR --settings {out_path}")
@@ -327,6 +350,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--tune-seconds", type=float, default=0, metavar="S",
                    help="with --tune: start no trial that would end past S seconds (judged by the slowest so far); "
                         "the choice is the best of the trials run, and tune.json says complete: false (0: no bound)")
+    p.add_argument("--resume", metavar="TUNE_JSON",
+                   help="with --tune: go on with an earlier search of the same artifact, split and fixed settings "
+                        "(a copy of its tune.json): its trials and reference scores are taken, not scored again")
     p.add_argument("--settings", metavar="TUNE_JSON",
                    help="apply the settings a --tune run chose (KEY=VALUE arguments still win)")
     p.add_argument("--seed", type=int, help="seed to record when the directory has no config.json/train.log")
