@@ -5,6 +5,7 @@ import hashlib
 import json
 import re
 import shutil
+import types
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,28 @@ def test_a_known_trial_is_taken_as_it_was_and_not_scored_again():
     assert scored == [{"a": "1"}] and complete and best == {"a": "1"} and value == 1.0
     assert trials[0].resumed and (trials[0].val_bpb, trials[0].seconds, trials[0].views) == (2.0, 90.0, {"ngram": 2.0})
     assert not trials[1].resumed
+
+
+def test_the_time_a_trial_needs_is_judged_by_warm_trials_once_there_are_any(monkeypatch):
+    """The first trial a process scores pays its compiles and warm-up (95 s against ~42 s on the GPU): once a warm
+    trial has run, the cold one no longer stops a search that has time for one more warm trial."""
+    clock, needs = [0.0], []
+    monkeypatch.setattr(tools.tune, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def score(settings):
+        clock[0] += 95.0 if clock[0] == 0 else 40.0
+        return float(settings["a"])
+
+    _, _, trials, complete = coordinate_search(score, {"a": "3"}, {"a": ["2", "1"]},
+                                               fits=lambda need: needs.append(need) or True)
+    assert needs == [95.0, 40.0] and [t.cold for t in trials] == [True, False, False] and complete
+    # a resumed search: its first scored trial is cold again (a new process), the earlier one keeps its mark
+    clock[0], needs[:] = 0.0, []
+    earlier = Trial(None, None, {"a": "3"}, 3.0, 95.0, cold=True)
+    _, _, trials, _ = coordinate_search(score, {"a": "3"}, {"a": ["2", "1", "0"]}, fits=lambda need:
+                                        needs.append(need) or True, known=lambda s: earlier if s == {"a": "3"} else None)
+    assert needs == [95.0, 95.0, 40.0]
+    assert [(t.resumed, t.cold) for t in trials] == [(True, True), (False, True), (False, False), (False, False)]
 
 
 def test_a_tie_keeps_the_value_it_had():
