@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from eval.ngram import NgramBlender, NgramConfig, blend, mixing_features, model_entropy
 from submission.config import check_ranges
@@ -29,6 +30,11 @@ from submission.model import CastedLinear, plain_linears
 DEFAULT_TARGETS = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 # Tokens per SGD step of a global phase: 64 pieces of 2,048 (one per batch row) ran out of the H100's 80 GB at 8192.
 PHASE_BATCH_TOKENS = 32_768
+
+
+# LoraConfig.attention: the SDPA backends the pass may use, in order of preference (math: the CPU's fallback);
+# None keeps the process's own (runtime.configure_cuda: cuDNN alone on the GPU)
+ATTENTION = {"cudnn": None, "flash": (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)}
 
 
 @dataclass
@@ -94,6 +100,10 @@ class LoraConfig:
     stream's gained -0.0071."""
     compliance_tokens: int = 2048
     """C1 re-runs the pass 4x on this many leading targets (with one cut in each half)."""
+    attention: str = "cudnn"
+    """The attention kernel of the pass (SDPA's backend): cudnn, as training and the stream run it, or flash. cuDNN
+    builds an execution plan for each new (batch, length) shape it meets, once per process, and the pass meets new
+    shapes at most steps (each batch's widths and window lengths); flash builds none."""
     replay: bool = True
     """Replay the frozen lower blocks: the blocks run before the first adapted one never change within a batch, and
     while a document's window opens at its BOS each position's output there is the same at every step (causal). So
@@ -111,6 +121,8 @@ class LoraConfig:
 
     def __post_init__(self):
         check_ranges(self, "lora_")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"LORA_ATTENTION={self.attention!r}: choose {' or '.join(ATTENTION)}")
 
     def pass_settings(self) -> dict:
         """score_documents' keyword arguments from these settings (all but ngram and compliance_tokens)."""
@@ -360,7 +372,8 @@ def score_documents(model, tokens: Tensor, first: int, end: int, *, rank: int, l
                     group_docs: int | None = None, phases: int = 0,
                     phase_docs: int = 2000, phase_lr: float = 1e-3, phase_momentum: float = 0.9,
                     ngram: NgramConfig | None = None, ngram_chunk: int = 32_768, score_tokens: Tensor | None = None,
-                    step_before_score: bool = False, replay: bool = True, progress: bool = False, timer=None):
+                    step_before_score: bool = False, replay: bool = True, attention: str = "cudnn",
+                    progress: bool = False, timer=None):
     """Per-document LoRA TTT over the targets [first, end) of `tokens` (1-D, on the model's device).
 
     Documents (document_targets) go in groups of `group_docs` consecutive ones (default batch_docs), each group
@@ -386,6 +399,7 @@ def score_documents(model, tokens: Tensor, first: int, end: int, *, rank: int, l
     step_before_score: the deliberately illegal variant (steps on a chunk, then scores it) that the checks catch.
     replay: the blocks below the adapted ones run once per batch (refilled as the windows widen, _Replay) and the
     steps whose windows all open at their documents' BOS read their outputs instead (LoraConfig.replay).
+    attention: the SDPA backend of the whole pass, phases included (LoraConfig.attention).
     timer: an eval.stream.StageTimer that times the n-gram blend ("ngram") and the global phases ("phase")."""
     from eval.progress import progress_bar
     from eval.stream import StreamResult
@@ -416,6 +430,8 @@ def score_documents(model, tokens: Tensor, first: int, end: int, *, rank: int, l
     with ExitStack() as restore:
         restore.callback(_restore, model, base, initial, bar)
         restore.enter_context(plain_linears(model))  # QAT is off at eval: its blend is ~12 host dispatches a call
+        if ATTENTION[attention]:
+            restore.enter_context(sdpa_kernel(list(ATTENTION[attention]), set_priority=True))
         for g0, batch, group_end in group_batches(docs, group_docs, batch_docs):
             with lora.attached() if lora is not None else nullcontext(), \
                     replayer.installed(batch) if replayer is not None else nullcontext():

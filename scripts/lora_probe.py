@@ -6,6 +6,7 @@ Builds the recipe's model (seeded random weights, nudged off the zero inits so e
 causality do not depend on what the weights learned), scores the first --docs documents of $BENCH_DATA8's val
 shard with eval/lora.py's score_documents under the LORA_ settings given, and prints tokens/s, the 8-GPU projection
 of the full FineWeb val, and C1 as evaluate_lora checks it (with its detail). --profile prints the top CUDA ops.
+--repeat N times the pass N times in one process (the first pays what a process pays once).
 --ops prints instead the aten ops dispatched per adapter step (on the CPU too: the count does not depend on the
 device, up to the casts autocast adds on a GPU), the host work that bounds an eager pass.
 """
@@ -54,6 +55,9 @@ def main() -> None:
     p.add_argument("--ops", action="store_true", help="count instead the aten ops the pass dispatches per adapter "
                                                        "step (host work: the pass runs eagerly); runs on the CPU too")
     p.add_argument("--no-verify", action="store_true", help="skip the C1-C4 check after the timed pass")
+    p.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="time the pass N times in this process: what the first pays once (kernel plans per new "
+                        "shape, autotuning) shows as its excess over the later ones")
     p.add_argument("--data", default=os.environ.get("BENCH_DATA8", ""), help="shard folder (default $BENCH_DATA8)")
     args = p.parse_args()
     cfg = LoraConfig()
@@ -78,17 +82,19 @@ def main() -> None:
         return
     warm = min(tokens.numel(), 1025)
     score_documents(model, tokens[:warm], 1, warm, **settings)  # warm-up: kernels, autotuning
-    sync(device)
-    start = time.perf_counter()
-    result = score_documents(model, tokens, 1, tokens.numel(), **settings)
-    sync(device)
-    seconds = time.perf_counter() - start
     n = tokens.numel() - 1
-    projected = seconds * FULL_VAL_TOKENS[model.cfg.vocab_size] / EVAL_GPUS / n
-    nll = result.nll["model"]
-    print(f"docs {args.docs} targets {n} seconds {seconds:.2f} tokens/s {n / seconds:,.0f} "
-          f"projection_8gpu_s {projected:.1f} mean_nll {nll.mean().item():.4f} "
-          f"peak_gib {torch.cuda.max_memory_allocated() / 2**30 if device.type == 'cuda' else 0:.1f}")
+    for run in range(1, max(args.repeat, 1) + 1):
+        sync(device)
+        start = time.perf_counter()
+        result = score_documents(model, tokens, 1, tokens.numel(), **settings)
+        sync(device)
+        seconds = time.perf_counter() - start
+        projected = seconds * FULL_VAL_TOKENS[model.cfg.vocab_size] / EVAL_GPUS / n
+        nll = result.nll["model"]
+        print(f"docs {args.docs} targets {n} seconds {seconds:.2f} tokens/s {n / seconds:,.0f} "
+              f"projection_8gpu_s {projected:.1f} mean_nll {nll.mean().item():.4f} "
+              f"peak_gib {torch.cuda.max_memory_allocated() / 2**30 if device.type == 'cuda' else 0:.1f}"
+              + (f" pass {run}" if args.repeat > 1 else ""))
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

@@ -607,3 +607,34 @@ def test_the_probe_counts_the_ops_a_step_dispatches_and_the_replay_dispatches_fe
         assert steps == 20 and abs(per_step - ops / steps) <= 0.5
         counts[replay] = per_step
     assert 0 < counts[True] < counts[False]
+
+
+def test_the_flash_setting_runs_the_whole_pass_and_its_phases_on_flash_attention_and_scores_the_same():
+    """LORA_ATTENTION=flash: every attention call of the pass, the global phase's included, may use only the flash
+    kernels (cuDNN plans a kernel per new shape, and the pass's shapes change at each step); the process's own
+    backends are back afterwards; cudnn (the default) leaves them as the process set them. Same scores."""
+    from eval.lora import LoraConfig
+    import torch.nn.functional as F
+    model, tokens = looped_model(), _long_stream()
+    seen, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(*a, **kw):
+        seen.append((torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.cudnn_sdp_enabled()))
+        return sdpa(*a, **kw)
+
+    before = (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.cudnn_sdp_enabled())
+    common = dict(chunk=3, context=24, late_chunk=12, group_docs=4, phases=1, phase_docs=3, phase_lr=0.05)
+    try:
+        F.scaled_dot_product_attention = spy
+        cudnn = _score(model, tokens, **common)
+        assert seen and set(seen) == {before}
+        seen.clear()
+        flash = _score(model, tokens, **common, attention="flash")
+    finally:
+        F.scaled_dot_product_attention = sdpa
+    assert seen and set(seen) == {(True, False)}  # phases (SGD over scored documents) too: not one call on cuDNN
+    assert (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.cudnn_sdp_enabled()) == before
+    torch.testing.assert_close(flash.nll["model"], cudnn.nll["model"], rtol=0, atol=1e-5)
+    assert flash.events == cudnn.events
+    with pytest.raises(ValueError, match="LORA_ATTENTION='fa3': choose cudnn or flash"):
+        LoraConfig(attention="fa3")
