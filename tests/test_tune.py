@@ -253,6 +253,16 @@ def test_a_search_cut_short_resumes_where_it_stopped_and_refuses_another_artifac
     (tune_run / "other.json").write_text(json.dumps(other))
     assert cli.main(base + ["--resume", str(tune_run / "other.json")]) != 0
     assert f"its artifact_sha256 is {'0' * 64}, this search's {first['artifact_sha256']}" in capsys.readouterr().err
+    other["artifact_sha256"] = first["artifact_sha256"]  # written before a setting existed: it reads as its default
+    added = next(k for k, v in other["base"]["eval"].items() if k != "ngram_config" and v == getattr(EvalConfig(), k))
+    del other["base"]["eval"][added]
+    (tune_run / "other.json").write_text(json.dumps(other))
+    assert cli.main(base + ["--grid", "TTT_LR=0.001", "--resume", str(tune_run / "other.json")]) == 0
+    assert json.loads((tune_run / "tune.json").read_text())["trials"][0]["resumed"]
+    other["base"]["eval"]["no_such_setting"] = 1
+    (tune_run / "other.json").write_text(json.dumps(other))
+    assert cli.main(base + ["--resume", str(tune_run / "other.json")]) != 0
+    assert "its base settings do not fit this kit's configs" in capsys.readouterr().err
     del other["base"]
     (tune_run / "other.json").write_text(json.dumps(other))
     assert cli.main(base + ["--resume", str(tune_run / "other.json")]) != 0

@@ -230,7 +230,8 @@ class NotResumable(ValueError):
 def resumable(previous: dict, kind: str, tune_fingerprint: str, tokens: int, artifact: str | None,
               base: dict) -> None:
     """Raise NotResumable unless an earlier search's tune.json body scored what this one would: the same kind of
-    pass, split (fingerprint and --tune-tokens), artifact, and settings outside the grid."""
+    pass, split (fingerprint and --tune-tokens), artifact, and settings outside the grid (a search of other defaults
+    resumes with them given as KEY=VALUE)."""
     fix = "resume only a search of this artifact and split with the same fixed settings (or drop --resume)"
     if "base" not in previous or "artifact_sha256" not in previous or not isinstance(previous.get("trials"), list):
         raise NotResumable(f"it records no artifact or base settings (written before --resume existed?): {fix}")
@@ -240,8 +241,15 @@ def resumable(previous: dict, kind: str, tune_fingerprint: str, tokens: int, art
                                ("artifact_sha256", artifact, previous["artifact_sha256"])):
         if ours != theirs:
             raise NotResumable(f"its {name} is {theirs}, this search's {ours}: {fix}")
-    if json.dumps(previous["base"], sort_keys=True, default=str) != json.dumps(base, sort_keys=True, default=str):
-        ours, theirs = _flat(base), _flat(previous["base"])
+    try:  # through the configs: a setting the kit has added since reads as its default, as old artifacts load
+        stored = previous["base"]
+        theirs_cfg = EvalConfig(**stored["eval"])
+        theirs_lora = LoraConfig(**stored["lora"]) if stored.get("lora") is not None else None
+    except (TypeError, ValueError, KeyError) as e:
+        raise NotResumable(f"its base settings do not fit this kit's configs ({e}): {fix}") from None
+    theirs = {"eval": asdict(theirs_cfg), "lora": asdict(theirs_lora) if theirs_lora is not None else None}
+    if json.dumps(theirs, sort_keys=True, default=str) != json.dumps(base, sort_keys=True, default=str):
+        ours, theirs = _flat(base), _flat(theirs)
         differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
         raise NotResumable(f"its fixed settings differ in {', '.join(differ)}: {fix}")
 
