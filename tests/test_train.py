@@ -161,9 +161,9 @@ def test_bad_value_is_rejected_before_the_run_directory_exists(tmp_path):
 def test_overrides_reach_the_trainer_unchanged(monkeypatch):
     seen = []
     monkeypatch.setattr(train_command, "main", seen.append)
-    monkeypatch.setattr(train_command, "record_tune_split", lambda run_dir: None)  # no run dir: nothing trained
-    args = _parser().parse_args(["train", "num_layers=4", "ADAM_BETAS=0.9,0.99"])
-    assert args.func(args) == 0 and seen == [["num_layers=4", "ADAM_BETAS=0.9,0.99"]]
+    monkeypatch.setattr(train_command, "record_tune_split", lambda run_dir, **kw: None)  # no run dir: nothing trained
+    args = _parser().parse_args(["train", "num_layers=6", "ADAM_BETAS=0.9,0.99"])
+    assert args.func(args) == 0 and seen == [["num_layers=6", "ADAM_BETAS=0.9,0.99"]]
 
 
 def test_configure_cuda_turns_inductor_mix_order_reductions_off():
@@ -301,6 +301,19 @@ def test_overwrite_flag_reaches_the_trainer_as_a_setting_and_the_run_records_its
     args = _parser().parse_args(["train", "SEED=2", "--overwrite"])
     assert args.func(args) == 0 and seen == [["SEED=2", "OVERWRITE=1"]]
     # what `pgolf eval --tune` checks: the data held no tuning split when this run trained
+    assert (run / "tune_split.txt").read_text() == f"tune_fingerprint:none\ndata_dir:{tmp_path / 'data'}\n"
+
+    # a split made while the run trains was not held out of what it read: the record keeps the split at its start
+    from submission.data import write_shard
+
+    def trains_while_split_is_made(argv):
+        write_shard(tmp_path / "data" / "fineweb_tune_000000.bin", np.r_[1, 5, 6, 7].astype(np.uint16))
+        return run
+
+    (tmp_path / "data").mkdir()
+    monkeypatch.setattr(train_command, "main", trains_while_split_is_made)
+    args = _parser().parse_args(["train", f"DATA_DIR={tmp_path / 'data'}", "--overwrite"])
+    assert args.func(args) == 0
     assert (run / "tune_split.txt").read_text() == f"tune_fingerprint:none\ndata_dir:{tmp_path / 'data'}\n"
 
 

@@ -886,16 +886,31 @@ def tune_split_fingerprint(directory: str | os.PathLike) -> str | None:
     return fingerprint(np.concatenate([read_shard(path) for path in paths])) if paths else None
 
 
-def record_tune_split(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> str | None:
+def held_out_at_start(argv: list[str]) -> str:
+    """The fingerprint of the tuning split ("none" without one) in the data directory a run of these KEY=VALUE
+    settings (and the environment) will train on, read before it trains: a split made while it trains was not held
+    out of what it read."""
+    from submission.config import parse_overrides, resolve
+    from submission.train import overwrite_asked
+    from submission.train_gpt import Settings
+    cli = parse_overrides(argv)
+    overwrite_asked(cli)  # not a setting
+    settings = Settings()
+    resolve(settings, cli=cli)
+    return tune_split_fingerprint(settings.train.data_dir) or "none"
+
+
+def record_tune_split(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None,
+                      held_out: str | None = None) -> str | None:
     """Write RUN_DIR/tune_split.txt: the fingerprint of the tuning split held out of the data a run trained on
     ("none" without one), in the key:value form `pgolf data split` prints; data_dir defaults to the one the run's
-    config.json names. Returns the fingerprint written (None on a rank other than 0 of a torchrun, which writes
-    nothing)."""
+    config.json names. held_out: the fingerprint as the run started (held_out_at_start; default: read now). Returns
+    the fingerprint written (None on a rank other than 0 of a torchrun, which writes nothing)."""
     if int(os.environ.get("RANK", "0")) != 0:
         return None
     if data_dir is None:
         data_dir = json.loads((Path(run_dir) / "config.json").read_text())["train"]["data_dir"]
-    held_out = tune_split_fingerprint(data_dir) or "none"
+    held_out = held_out or tune_split_fingerprint(data_dir) or "none"
     path = Path(run_dir) / TUNE_RECORD
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(f"tune_fingerprint:{held_out}\ndata_dir:{data_dir}\n")

@@ -12,7 +12,7 @@ import typing
 
 from submission.config import RECIPES, ModelConfig, TrainConfig, parse_overrides
 from submission.train import main
-from tools.data import record_tune_split
+from tools.data import held_out_at_start, record_tune_split
 
 CONFIGS = (ModelConfig, TrainConfig)
 # `name: type = default  # comment` in a config class body: the comment is the field's documentation
@@ -94,7 +94,9 @@ def check_overrides(overrides: list[str]) -> dict[str, str]:
 
 def _cmd(args: argparse.Namespace) -> int:
     check_overrides(args.overrides)
-    record_tune_split(main([*args.overrides, "OVERWRITE=1"] if args.overwrite else args.overrides))
+    argv = [*args.overrides, "OVERWRITE=1"] if args.overwrite else args.overrides
+    held_out = held_out_at_start(argv)  # as training starts: a split made while it trains was not held out
+    record_tune_split(main(argv), held_out=held_out)
     return 0
 
 
