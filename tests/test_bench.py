@@ -282,3 +282,11 @@ def test_p1_lora_tune_searches_then_scores_the_dev_val_with_what_it_chose(tmp_pa
     assert score == (f"-m tools.commands.cli eval {run} LORA_CHUNK=64 --data-dir /d --tokenizer /t.model --lora-ttt "
                      f"--settings {run}/tune_lora.json")
     assert sorted(p.name for p in out.iterdir()) == ["eval_lora-ttt.json", "tune.log", "tune_lora.json"]
+    # a fixed setting the grid also searches (a resumed search's old base) is the search's to choose on the dev val
+    (tmp_path / "calls").unlink()
+    subprocess.run(["bash", "scripts/p1_lora_tune.sh", "lora_phase_lr=0.003", "--grid", "LORA_PHASE_LR=0.012",
+                    "LORA_CHUNK=64"], cwd=repo, env={**env, "RESUME": ""}, capture_output=True, text=True, check=True)
+    search, score = (tmp_path / "calls").read_text().splitlines()
+    assert search.startswith(f"-m tools.commands.cli eval {run} lora_phase_lr=0.003 LORA_CHUNK=64 --data-dir")
+    assert search.endswith("--grid LORA_PHASE_LR=0.012") and "--resume" not in search
+    assert score.startswith(f"-m tools.commands.cli eval {run} LORA_CHUNK=64 --data-dir")
