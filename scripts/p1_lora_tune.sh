@@ -6,9 +6,9 @@
 # search cut short keeps the best of the trials it ran, and says so), then `pgolf eval $RUN --lora-ttt --settings
 # $RUN/tune_lora.json` on the dev val. KEY=VALUE arguments (settings held fixed) apply to both, except that the
 # dev-val pass drops those the grid searched (the search's choice holds there; e.g. a resumed search's old base).
-# The whole stays under TOTAL seconds (default 575). RESUME=FILE goes on with the earlier search that FILE (its tune_lora.json, carried in)
-# holds: its trials are taken, not scored again (--resume). The tune log, tune_lora.json and eval_lora-ttt*.json go
-# to $OUT.
+# The whole stays under TOTAL seconds (default 575). RESUME=FILE goes on with the earlier search that FILE (its
+# tune_lora.json, carried in) holds: its trials are taken, not scored again (--resume). The tune log,
+# tune_lora.json and eval_lora-ttt*.json go to $OUT.
 set -uo pipefail
 : "${RUN:?source .p1eval/prep.sh first}" "${DATA:?}" "${TOK:?}"
 out=${OUT:-./p1_out}

@@ -41,7 +41,8 @@ def test_a_search_out_of_time_starts_no_further_trial_and_keeps_the_best_it_ran(
     calls = []
     score = {"0": 3.0, "1": 1.0, "2": 2.0, "3": 0.0}  # "3" would win, but there is no time left for it
     best, value, trials, complete = coordinate_search(lambda s: calls.append(s) or score[s["a"]], {"a": "0"},
-                                                      {"a": ["1", "2", "3"]}, fits=lambda need: 10 - 4 * len(calls) >= need)
+                                                      {"a": ["1", "2", "3"]},
+                                                      fits=lambda need: 10 - 4 * len(calls) >= need)
     assert not complete and len(calls) == len(trials) == 3  # 10 - 12 < 0: the fourth never started
     assert best == {"a": "1"} and value == 1.0
 
@@ -50,7 +51,8 @@ def test_a_known_trial_is_taken_as_it_was_and_not_scored_again():
     scored = []
     earlier = Trial(None, None, {"a": "0"}, 2.0, 90.0, {"ngram": 2.0})
     best, value, trials, complete = coordinate_search(lambda s: scored.append(s) or 1.0, {"a": "0"},
-                                                      {"a": ["1"]}, known=lambda s: earlier if s == {"a": "0"} else None,
+                                                      {"a": ["1"]},
+                                                      known=lambda s: earlier if s == {"a": "0"} else None,
                                                       fits=lambda need: need <= 90)
     assert scored == [{"a": "1"}] and complete and best == {"a": "1"} and value == 1.0
     assert trials[0].resumed and (trials[0].val_bpb, trials[0].seconds, trials[0].views) == (2.0, 90.0, {"ngram": 2.0})
@@ -73,8 +75,9 @@ def test_the_time_a_trial_needs_is_judged_by_warm_trials_once_there_are_any(monk
     # a resumed search: its first scored trial is cold again (a new process), the earlier one keeps its mark
     clock[0], needs[:] = 0.0, []
     earlier = Trial(None, None, {"a": "3"}, 3.0, 95.0, cold=True)
-    _, _, trials, _ = coordinate_search(score, {"a": "3"}, {"a": ["2", "1", "0"]}, fits=lambda need:
-                                        needs.append(need) or True, known=lambda s: earlier if s == {"a": "3"} else None)
+    _, _, trials, _ = coordinate_search(score, {"a": "3"}, {"a": ["2", "1", "0"]},
+                                        fits=lambda need: needs.append(need) or True,
+                                        known=lambda s: earlier if s == {"a": "3"} else None)
     assert needs == [95.0, 95.0, 40.0]
     assert [(t.resumed, t.cold) for t in trials] == [(True, True), (False, True), (False, False), (False, False)]
 

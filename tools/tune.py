@@ -193,7 +193,8 @@ def tune(model, tokens: np.ndarray, luts, cfg: EvalConfig, lora: LoraConfig | No
     def report(trial: Trial) -> None:
         trials.append(trial)
         log("tune_trial", setting=trial.setting or "start", value=trial.value or "-",
-            val_bpb=f"{trial.val_bpb:.6f}", seconds=f"{trial.seconds:.1f}", **({"resumed": "1"} if trial.resumed else {}))
+            val_bpb=f"{trial.val_bpb:.6f}", seconds=f"{trial.seconds:.1f}",
+            **({"resumed": "1"} if trial.resumed else {}))
         if on_result:
             on_result(body(False))
 

@@ -348,8 +348,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--tune-tokens", type=int, default=0, metavar="N",
                    help="with --tune: score only the first N tuning tokens per trial (0: all)")
     p.add_argument("--tune-seconds", type=float, default=0, metavar="S",
-                   help="with --tune: start no trial that would end past S seconds (judged by the slowest warm trial so "
-                        "far: the first one a process scores also pays its compiles); "
+                   help="with --tune: start no trial that would end past S seconds (judged by the slowest warm trial "
+                        "so far: the first one a process scores also pays its compiles); "
                         "the choice is the best of the trials run, and tune.json says complete: false (0: no bound)")
     p.add_argument("--resume", metavar="TUNE_JSON",
                    help="with --tune: go on with an earlier search of the same artifact, split and fixed settings "
