@@ -195,6 +195,15 @@ def test_lora_tune_and_a_bad_settings_file(tune_run, capsys):
     for name, bpb in [("sliding windows", ref["sliding"]), ("the stream's evaluation", ref["stream"]),
                       ("LoRA, chosen settings: lora_ttt", best["views"]["lora_ttt"])]:
         assert f"| {name} | {bpb:.6f} | {bpb - ref['sliding']:+.6f} | {bpb - ref['stream']:+.6f} |" in out
+    # resumed, every trial and the reference are taken as they were, views included (the chosen one's table rows)
+    shutil.copy(tune_run / "tune_lora.json", tune_run / "earlier.json")
+    assert cli.main(["eval", str(tune_run), "--tune", "--lora-ttt", "--grid", "LORA_LR=0.0001,0.01",
+                     "LORA_RANK=2", "LORA_BATCH_DOCS=4", "LORA_CHUNK=32", "LORA_CONTEXT=64", "LORA_LATE_CHUNK=64",
+                     "--resume", str(tune_run / "earlier.json")]) == 0
+    again = json.loads((tune_run / "tune_lora.json").read_text())
+    assert all(t["resumed"] for t in again["trials"]) and again["reference"] == ref
+    assert [t["views"] for t in again["trials"]] == [t["views"] for t in result["trials"]]
+    assert "LoRA, chosen settings: lora_ttt" in capsys.readouterr().out
     assert cli.main(["eval", str(tune_run), "--settings", str(tune_run / "tune_lora.json")]) != 0
     assert "without --lora-ttt" in capsys.readouterr().err
     (tune_run / "bad.json").write_text("{}")

@@ -181,8 +181,6 @@ def tune(model, tokens: np.ndarray, luts, cfg: EvalConfig, lora: LoraConfig | No
 
     def body(complete: bool) -> dict:
         best = min(trials, key=lambda t: t.val_bpb)  # the first of the lowest: the search's best (see above)
-        for trial in trials:
-            trial.views = views.get(tuple(sorted(trial.settings.items())))
         return {"kind": kind, "tune_fingerprint": tune_fingerprint, "tune_tokens": int(len(tokens)),
                 "artifact_sha256": artifact, "base": base, "grid": grid, "start": start,
                 "start_bpb": trials[0].val_bpb,
@@ -190,7 +188,8 @@ def tune(model, tokens: np.ndarray, luts, cfg: EvalConfig, lora: LoraConfig | No
                 "settings": best.settings, "complete": complete, "trials": [asdict(t) for t in trials],
                 **({"reference": ref} if ref is not None else {})}
 
-    def report(trial: Trial) -> None:
+    def report(trial: Trial) -> None:  # a trial scored here gets its views; a resumed one keeps its own
+        trial.views = views.get(tuple(sorted(trial.settings.items())), trial.views)
         trials.append(trial)
         log("tune_trial", setting=trial.setting or "start", value=trial.value or "-",
             val_bpb=f"{trial.val_bpb:.6f}", seconds=f"{trial.seconds:.1f}",
@@ -206,7 +205,8 @@ def tune(model, tokens: np.ndarray, luts, cfg: EvalConfig, lora: LoraConfig | No
         return bool(fit)
 
     _, _, _, complete = coordinate_search(score, start, grid, report, fits if seconds > 0 else None,
-                                          lambda settings: earlier.get(whole(cfg, lora_cfg, settings)))
+                                          (lambda settings: earlier.get(whole(cfg, lora_cfg, settings)))
+                                          if earlier else None)
     result = body(complete)
     log("tune_done", trials=len(trials), start_bpb=f"{result['start_bpb']:.6f}",
         chosen_bpb=f"{result['chosen_bpb']:.6f}", complete=str(complete).lower(),
