@@ -1,6 +1,7 @@
 """Per-document LoRA adapters (eval/lora.py): the model as it is at the start, rows that never mix, a reset that
 forgets, and an adapted layer's output checked against the formula."""
 import dataclasses
+import os
 import re
 
 import pytest
@@ -610,30 +611,44 @@ def test_the_probe_counts_the_ops_a_step_dispatches_and_the_replay_dispatches_fe
 
 
 def test_the_flash_setting_runs_the_whole_pass_and_its_phases_on_flash_attention_and_scores_the_same():
-    """LORA_ATTENTION=flash: every attention call of the pass, the global phase's included, may use only the flash
-    kernels (cuDNN plans a kernel per new shape, and the pass's shapes change at each step); the process's own
-    backends are back afterwards; cudnn (the default) leaves them as the process set them. Same scores."""
+    """LORA_ATTENTION=flash (the default): every attention call of the pass, the global phase's included, may use
+    only the flash kernels (cuDNN plans a kernel per new shape, and the pass's shapes change at each step), and every
+    backward runs in torch's deterministic mode (flash's own backward adds up with atomics: C1 saw two runs differ),
+    without its memory filling; the process's own backends and modes are back afterwards. cudnn leaves them as the
+    process set them. Same scores."""
     from eval.lora import LoraConfig
     import torch.nn.functional as F
+    assert LoraConfig().attention == "flash" and os.environ.get("CUBLAS_WORKSPACE_CONFIG") == ":4096:8"
     model, tokens = looped_model(), _long_stream()
-    seen, sdpa = [], F.scaled_dot_product_attention
+    seen, sdpa, backward, modes = [], F.scaled_dot_product_attention, torch.autograd.backward, []
 
     def spy(*a, **kw):
         seen.append((torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.cudnn_sdp_enabled()))
         return sdpa(*a, **kw)
 
-    before = (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.cudnn_sdp_enabled())
+    def backward_spy(*a, **kw):
+        modes.append((torch.are_deterministic_algorithms_enabled(),
+                      torch.utils.deterministic.fill_uninitialized_memory))
+        return backward(*a, **kw)
+
+    def state():
+        return (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.cudnn_sdp_enabled(),
+                torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
+
+    before = state()
     common = dict(chunk=3, context=24, late_chunk=12, group_docs=4, phases=1, phase_docs=3, phase_lr=0.05)
     try:
-        F.scaled_dot_product_attention = spy
-        cudnn = _score(model, tokens, **common)
-        assert seen and set(seen) == {before}
-        seen.clear()
+        F.scaled_dot_product_attention, torch.autograd.backward = spy, backward_spy
+        cudnn = _score(model, tokens, **common, attention="cudnn")
+        assert seen and set(seen) == {before[:2]} and modes and set(modes) == {before[2:]}
+        backwards = len(modes)  # the adapter steps' and the phase's
+        seen.clear(), modes.clear()
         flash = _score(model, tokens, **common, attention="flash")
     finally:
-        F.scaled_dot_product_attention = sdpa
+        F.scaled_dot_product_attention, torch.autograd.backward = sdpa, backward
     assert seen and set(seen) == {(True, False)}  # phases (SGD over scored documents) too: not one call on cuDNN
-    assert (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.cudnn_sdp_enabled()) == before
+    assert len(modes) == backwards and set(modes) == {(True, False)}
+    assert state() == before
     torch.testing.assert_close(flash.nll["model"], cudnn.nll["model"], rtol=0, atol=1e-5)
     assert flash.events == cudnn.events
     with pytest.raises(ValueError, match="LORA_ATTENTION='fa3': choose cudnn or flash"):
