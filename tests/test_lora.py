@@ -4,6 +4,7 @@ import dataclasses
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -334,6 +335,43 @@ def test_the_projection_scales_the_scoring_and_counts_the_phases_a_share_of_the_
     assert projected_stages(10.0, {"phase": 2.0, "ngram": 1.0}, 64, 4.0, 50, cfg) == \
         {"adapt": 7.0 * 4, "ngram": 4.0, "phase": 2.0 / 64 * 128}
     assert projected_stages(10.0, {"phase": 2.0}, 64, 8.0, 50, cfg)["phase"] == 2.0 / 64 * (128 + 256)
+
+
+def test_the_warm_up_scores_synthetic_documents_and_the_projection_counts_it_once(monkeypatch):
+    """warm_up: LORA_WARMUP_DOCS documents of seeded random tokens (no BOS inside, each past the context and its late
+    chunks), with the pass's settings but no phases and no n-gram; the model is as before. evaluate_lora runs it
+    first and counts its seconds once in the projection, beside the scaled pass; the scores do not change."""
+    import eval.lora as lora
+    from eval.bpb import ByteLUTs
+    from eval.lora import LoraConfig, evaluate_lora, warm_up
+    model, tokens = tiny_model(), _stream()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = LoraConfig(rank=4, lr=0.05, chunk=5, late_chunk=8, batch_docs=2, context=16, phases=1, phase_docs=2,
+                     warmup_docs=3)
+    seen, score = [], lora.score_documents
+    monkeypatch.setattr(lora, "score_documents", lambda m, t, *a, **kw: seen.append((t.clone(), kw)) or score(
+        m, t, *a, **kw))
+    assert warm_up(model, {**cfg.pass_settings(), "ngram": "unused"}, 3) > 0
+    (synthetic, kw), = seen
+    bos = (synthetic == model.cfg.bos_id).nonzero().flatten().tolist()
+    assert bos == [0, 37, 74, 111] and synthetic.numel() == 112  # 3 x (16 + 2 x 8 + 5), then the closing BOS
+    assert kw["phases"] == 0 and kw["ngram"] is None and kw["rank"] == 4 and kw["late_chunk"] == 8
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert warm_up(model, cfg.pass_settings(), 0) == 0.0 and len(seen) == 1
+
+    vocab = model.cfg.vocab_size
+    luts = ByteLUTs(np.full(vocab, 2), np.zeros(vocab, dtype=bool), np.zeros(vocab, dtype=bool))
+    cold = evaluate_lora(model, tokens, luts, dataclasses.replace(cfg, warmup_docs=0), progress=False, verify=False)
+    assert cold["stages"]["warmup"] == 0 and cold["projection"]["stages"]["warmup"] == 0
+    warm = evaluate_lora(model, tokens, luts, cfg, progress=False, verify=False)
+    assert warm["val_bpb"] == cold["val_bpb"] and warm["stages"]["warmup"] > 0
+    asked = []
+    monkeypatch.setattr(lora, "warm_up", lambda m, settings, docs: asked.append(docs) or 7.0)
+    warm = evaluate_lora(model, tokens, luts, cfg, progress=False, verify=False)
+    assert asked == [3] and warm["val_bpb"] == cold["val_bpb"] and warm["stages"]["warmup"] == 7.0
+    parts = warm["projection"]["stages"]
+    assert parts["warmup"] == 7.0 and parts["adapt"] > 0  # once, beside the scaled pass
+    assert warm["projection"]["seconds"] == pytest.approx(sum(parts.values()), abs=0.2)
 
 
 def test_rank_zero_is_document_masked_scoring_each_target_from_its_own_document():

@@ -177,14 +177,20 @@ def test_tune_refuses_a_run_that_trained_without_this_split_held_out(tune_run, c
     assert (tune_run / "tune.json").is_file()
 
 
-def test_lora_tune_and_a_bad_settings_file(tune_run, capsys):
+def test_lora_tune_and_a_bad_settings_file(tune_run, capsys, monkeypatch):
+    import eval.lora
+    warm_ups, warm_up = [], eval.lora.warm_up
+    monkeypatch.setattr(eval.lora, "warm_up", lambda m, settings, docs: warm_ups.append(docs) or warm_up(m, settings,
+                                                                                                        docs))
     assert cli.main(["eval", str(tune_run), "--tune", "--lora-ttt", "--grid", "LORA_LR=0.0001,0.01",
                      "LORA_RANK=2", "LORA_BATCH_DOCS=4", "LORA_CHUNK=32", "LORA_CONTEXT=64"]) != 0
     assert "LORA_LATE_CHUNK=128 must be at most LORA_CONTEXT=64" in capsys.readouterr().err  # the default's 128
+    warm_ups.clear()
     assert cli.main(["eval", str(tune_run), "--tune", "--lora-ttt", "--grid", "LORA_LR=0.0001,0.01",
                      "LORA_RANK=2", "LORA_BATCH_DOCS=4", "LORA_CHUNK=32", "LORA_CONTEXT=64", "LORA_LATE_CHUNK=64"]) == 0
     result = json.loads((tune_run / "tune_lora.json").read_text())
     assert result["kind"] == "lora" and len(result["trials"]) == 3
+    assert warm_ups == [0, 0, 0]  # a trial reports no projection, which is all the warm-up serves
     assert "compliance" not in json.dumps({k: v for k, v in result.items() if k != "base"})  # no checks, no report
     # the stream on the same split, to read LoRA's gains against (sliding alone; the stream's whole evaluation)
     ref = result["reference"]

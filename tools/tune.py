@@ -16,7 +16,7 @@ import copy
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -172,8 +172,9 @@ def tune(model, tokens: np.ndarray, luts, cfg: EvalConfig, lora: LoraConfig | No
         trial_cfg, trial_lora = copy.deepcopy(cfg), copy.deepcopy(lora_cfg)
         apply_settings(trial_cfg, trial_lora, settings)
         if lora is not None:
-            body = evaluate_lora(model, tokens, luts, trial_lora, rank, world_size, progress=False,
-                                 ngram=trial_cfg.ngram_config, verify=False)
+            # no warm-up: it serves the projection, which a trial does not report (the first trial is marked cold)
+            body = evaluate_lora(model, tokens, luts, replace(trial_lora, warmup_docs=0), rank, world_size,
+                                 progress=False, ngram=trial_cfg.ngram_config, verify=False)
             views[tuple(sorted(settings.items()))] = {k: v["val_bpb"] for k, v in body["views"].items()}
         else:
             body = evaluate(model, tokens, luts, trial_cfg, rank, world_size, progress=False)
