@@ -290,3 +290,34 @@ def test_p1_lora_tune_searches_then_scores_the_dev_val_with_what_it_chose(tmp_pa
     assert search.startswith(f"-m tools.commands.cli eval {run} lora_phase_lr=0.003 LORA_CHUNK=64 --data-dir")
     assert search.endswith("--grid LORA_PHASE_LR=0.012") and "--resume" not in search
     assert score.startswith(f"-m tools.commands.cli eval {run} LORA_CHUNK=64 --data-dir")
+
+
+def test_stream_stats_counts_documents_long_ones_and_repeated_5_grams(tmp_path, capsys, monkeypatch):
+    """scripts/stream_stats.py against counts made by hand: documents at each BOS, the share of tokens in documents
+    over 1,024 tokens, and the share of 5-grams seen earlier in the stream; the splits cut to the shortest."""
+    import importlib.util
+    from pathlib import Path
+
+    import numpy as np
+
+    from submission.data import write_shard
+    spec = importlib.util.spec_from_file_location("stream_stats", Path(__file__).parents[1] / "scripts/stream_stats.py")
+    stats = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stats)
+    # two documents: BOS + 1,099 tokens (long), then BOS + 9, which repeats two of the first's 5-grams
+    first = np.concatenate([[1], np.arange(2, 1101)])
+    second = np.array([1, 2, 3, 4, 5, 2, 3, 4, 5, 6])
+    s = stats.stream_stats(np.concatenate([first, second]), bos=1)
+    assert s["tokens"] == 1110 and s["docs"] == 2 and s["median_doc"] == (1100 + 10) / 2
+    assert s["long_doc_share"] == 1100 / 1110
+    # 5-grams: 1,106 windows; seen before: (1,2,3,4,5) at the second BOS and (2,3,4,5,6) at its end, both the first's
+    assert s["repeat_share"] == pytest.approx(2 / 1106)
+    write_shard(tmp_path / "fineweb_val_000000.bin", np.concatenate([first, second]).astype(np.uint16))
+    write_shard(tmp_path / "fineweb_tune_000000.bin", second.astype(np.uint16))
+    monkeypatch.setattr(sys, "argv", ["stream_stats.py", str(tmp_path)])
+    stats.main()
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[2].startswith("| val | 10 | 1 |") and rows[3].startswith("| tune | 10 | 1 |")  # cut to 10 tokens
+    monkeypatch.setattr(sys, "argv", ["stream_stats.py", str(tmp_path), "--splits", "val,dev"])
+    with pytest.raises(SystemExit, match="no shard matches .*fineweb_dev_"):
+        stats.main()
