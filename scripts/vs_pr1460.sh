@@ -5,17 +5,25 @@
 # recurrence from step STEPS/2, warmdown over the last 2/3), then score their raw weights on the dev val. The kit runs
 # RECIPE=sp8192 with what the script lacks turned off (SmearGate, late QAT). Prints the train loss every 50 steps side
 # by side, each one's tokens/s (compile and warmup excluded) and val_bpb at STEPS; logs go to $OUT/vs_pr1460/.
+# KIT_LOG=FILE compares against that kit train.log (an earlier call's, carried) instead of training the kit again, so
+# the script may have the whole call (PR1460_TIMEOUT=540: its own validation at STEPS compiles for minutes); the
+# tokens/s ratio then compares two leases.
 set -uo pipefail
 steps=${1:?usage: scripts/vs_pr1460.sh STEPS [KEY=VALUE ...]}
 shift
 out=${OUT:-$(pwd)/p1_out}/vs_pr1460
 mkdir -p "$out"
-rm -rf /tmp/vs_kit
-timeout "${KIT_TIMEOUT:-300}" python3 -m tools.commands.cli train RECIPE=sp8192 DATA_DIR="$BENCH_DATA8" \
-  TOKENIZER_PATH="$BENCH_TOKENIZER8" TRAIN_BATCH_TOKENS=98304 MAX_STEPS="$steps" MAX_WALLCLOCK_SECONDS=1000000 \
-  SMEAR_GATE=0 QAT_THRESHOLD=0 RUN_DIR=/tmp/vs_kit "$@" > "$out/kit_stdout.txt" 2>&1
-echo "kit exit $?"
-cp /tmp/vs_kit/train.log "$out/kit_train.log" 2>/dev/null
+if [ -n "${KIT_LOG:-}" ]; then
+  cp "$KIT_LOG" "$out/kit_train.log" || exit 1
+  echo "kit: not trained again, its log is $KIT_LOG (tokens/s from another lease)"
+else
+  rm -rf /tmp/vs_kit
+  timeout "${KIT_TIMEOUT:-300}" python3 -m tools.commands.cli train RECIPE=sp8192 DATA_DIR="$BENCH_DATA8" \
+    TOKENIZER_PATH="$BENCH_TOKENIZER8" TRAIN_BATCH_TOKENS=98304 MAX_STEPS="$steps" MAX_WALLCLOCK_SECONDS=1000000 \
+    SMEAR_GATE=0 QAT_THRESHOLD=0 RUN_DIR=/tmp/vs_kit "$@" > "$out/kit_stdout.txt" 2>&1
+  echo "kit exit $?"
+  cp /tmp/vs_kit/train.log "$out/kit_train.log" 2>/dev/null
+fi
 OUT=$out PR1460_TIMEOUT=${PR1460_TIMEOUT:-300} .bench/anchors/run-pr1460 MAX_WALLCLOCK_SECONDS=0 ITERATIONS="$steps" \
   TRAIN_LOG_EVERY=50 VAL_LOSS_EVERY=0 > /dev/null
 python3 - "$out/kit_train.log" "$out/pr1460.log" "$steps" <<'EOF'

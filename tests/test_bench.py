@@ -321,3 +321,33 @@ def test_stream_stats_counts_documents_long_ones_and_repeated_5_grams(tmp_path, 
     monkeypatch.setattr(sys, "argv", ["stream_stats.py", str(tmp_path), "--splits", "val,dev"])
     with pytest.raises(SystemExit, match="no shard matches .*fineweb_dev_"):
         stats.main()
+
+
+def test_vs_pr1460_compares_against_an_earlier_kit_log_without_training_the_kit(tmp_path):
+    """scripts/vs_pr1460.sh with KIT_LOG: the kit is not trained (no python3 -m call), its log is copied beside the
+    script's, and the table reads both: train losses at equal steps, tokens/s, and each one's val_bpb at STEPS (a stub
+    .bench/anchors/run-pr1460 writes the script's log lines)."""
+    import os
+    import subprocess
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    anchors = tmp_path / ".bench" / "anchors"
+    anchors.mkdir(parents=True)
+    (anchors / "run-pr1460").write_text(
+        '#!/bin/sh\necho "$*" > "$OUT/pr1460_args"\n'
+        'printf "50/100 train_loss: 5.0000 train_time: 0.1m tok/s: 500000\\n100/100 train_loss: 4.0000 train_time: '
+        '0.2m tok/s: 600000\\n100/100 val_loss: 3.5000 val_bpb: 1.4000\\n" > "$OUT/pr1460.log"\n')
+    (anchors / "run-pr1460").chmod(0o755)
+    kit_log = tmp_path / "kit_train.log"
+    kit_log.write_text("step:50 train_loss:4.9\nstep:100 train_loss:3.9\ntokens_per_s:960000\n"
+                       "final_raw val_loss:3.4 val_bpb:1.35\n")
+    env = {**os.environ, "KIT_LOG": str(kit_log), "OUT": str(tmp_path / "out"), "PATH": os.environ["PATH"]}
+    done = subprocess.run(["bash", str(repo / "scripts/vs_pr1460.sh"), "100"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, check=True)
+    out = done.stdout
+    assert "kit: not trained again" in out and not (tmp_path / "out/vs_pr1460/kit_stdout.txt").exists()
+    assert "| 50 | 4.9000 | 5.0000 | -0.1000 |" in out and "| 100 | 3.9000 | 4.0000 | -0.1000 |" in out
+    assert "| kit | 960,000 | 1.35 |" in out and "| PR #1460 | 600,000 | 1.4000 |" in out
+    assert "tokens/s ratio kit / script: 1.60" in out
+    assert (tmp_path / "out/vs_pr1460/kit_train.log").read_text() == kit_log.read_text()
+    assert "ITERATIONS=100" in (tmp_path / "out/vs_pr1460/pr1460_args").read_text()
