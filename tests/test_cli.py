@@ -163,3 +163,23 @@ def test_every_setting_has_one_field_docstring():
         trailing = [line for line in source.splitlines() if ":" in line and "#" in line
                     and line.split(":")[0].strip() in fields]
         assert trailing == [], f"{kind.__name__}: a comment beside a field instead of its docstring: {trailing}"
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_command_leaves_no_process_group_behind(monkeypatch, fails):
+    """What a command's setup_distributed started is destroyed when the command ends, done or failed: a gloo rank
+    left to the interpreter's shutdown aborted at exit under torchrun, failing a finished `pgolf eval`."""
+    import torch.distributed as dist
+    from tools.commands import cli
+
+    def command(args):
+        dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+        if fails:
+            raise ValueError("a kit error")
+        return 0
+
+    args = parse_args(["check", "records/x"])
+    args.func = command
+    monkeypatch.setattr(cli, "parse_args", lambda argv=None: args)
+    assert main([]) == (2 if fails else 0)
+    assert not dist.is_initialized()

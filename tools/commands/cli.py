@@ -82,6 +82,19 @@ def main(argv: list[str] | None = None) -> int:
         # own text names the file too (`[Errno 13] Permission denied: 'runs/x/eval.json'`).
         print(f"pgolf {args.subcommand}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        end_distributed()
+
+
+def end_distributed() -> None:
+    """Destroy the process group a torchrun command set up, before the process exits. Left to the interpreter's
+    shutdown, a gloo rank of `pgolf eval --lora-ttt` aborted in 3 of 18 runs ("terminate called without an active
+    exception") after its work was written, and torchrun then failed the whole command."""
+    if "torch.distributed" not in sys.modules:  # a command that never touched torch
+        return
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
