@@ -117,3 +117,27 @@ def test_lora_ttt_under_torchrun_scores_every_target_once_and_passes_its_checks(
     assert "(2 shards)" in result["compliance"]["C4"]["detail"], result["compliance"]["C4"]
     assert result["tokens"] == 23 * 128 and result["stages"]["warmup"] > 0
     assert result["projection"]["gpus"] == 8 and result["projection"]["stages"]["warmup"] > 0
+
+
+def test_the_verified_evaluation_under_torchrun_checks_c1_to_c4_over_both_ranks(scored_run, tmp_path):  # noqa: F811
+    """`torchrun ... -m tools.commands.cli eval RUN_DIR`, the README's multi-GPU evaluation: the stream's score-first
+    TTT, hash embedding and n-gram with their checks reduced over 2 processes (C4: every target once over 2 shards).
+    Sliding windows score the same on 1 process and on 2. TTT and the n-gram do not: each rank adapts and counts on
+    its own contiguous share of the stream only (docs/RULES.md, "More than one GPU")."""
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(scored_run, run_dir)
+    settings = ["CHUNK_TOKENS=1024", "EVAL_COMPILE=0", "COMPLIANCE_CHUNK_TOKENS=512"]
+    out = run([*TORCHRUN, "-m", "tools.commands.cli", "eval", str(run_dir), *settings, "--out",
+               str(tmp_path / "two.json")], REPO)
+    assert "world_size:2" in out
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert {k: v["passed"] for k, v in two["compliance"].items()} == {"C1": True, "C2": True, "C3": True, "C4": True}
+    assert "(2 shards)" in two["compliance"]["C4"]["detail"], two["compliance"]["C4"]
+    sliding = ["EVAL_COMPILE=0", "COMPLIANCE=0", "NGRAM=0", "--no-ttt"]
+    scores = []
+    for launcher, name in (([*TORCHRUN], "two_sliding.json"), ([sys.executable], "one_sliding.json")):
+        run([*launcher, "-m", "tools.commands.cli", "eval", str(run_dir), *sliding, "--out", str(tmp_path / name)],
+            REPO)
+        scores.append(json.loads((tmp_path / name).read_text())["val_bpb"])
+    assert scores[0] == pytest.approx(scores[1], abs=1e-6)
