@@ -99,15 +99,14 @@ def test_a_bounded_tune_under_torchrun_follows_rank_0s_clock(tune_run, tmp_path)
 
 
 def test_lora_ttt_under_torchrun_scores_every_target_once_and_passes_its_checks(scored_run, tmp_path):  # noqa: F811
-    """`pgolf eval RUN --lora-ttt` with 2 processes, as the 8-GPU evaluation runs it: each rank scores its share of
-    the targets (the document cut by the share boundary is context for rank 1), warms up, trains a global phase on
-    its own documents, and the checks reduce over both ranks (C4: every target once over 2 shards)."""
+    """`pgolf eval RUN --lora-ttt` with 2 processes, as the 8-GPU evaluation runs it: each rank warms up and scores
+    its share of the targets (the run's one document is cut by the share boundary: its first half is context for
+    rank 1), and the checks reduce over both ranks (C4: every target once over 2 shards)."""
     import shutil
     run_dir = tmp_path / "run"
     shutil.copytree(scored_run, run_dir)
     settings = ["LORA_RANK=2", "LORA_BATCH_DOCS=4", "LORA_CHUNK=64", "LORA_CONTEXT=128", "LORA_LATE_CHUNK=64",
-                "LORA_LR=0.01", "LORA_COMPLIANCE_TOKENS=256", "LORA_PHASES=1", "LORA_PHASE_DOCS=1",
-                "LORA_GROUP_DOCS=1", "LORA_WARMUP_DOCS=1"]
+                "LORA_LR=0.01", "LORA_COMPLIANCE_TOKENS=256", "LORA_WARMUP_DOCS=1"]
     out = run([*TORCHRUN, "-m", "tools.commands.cli", "eval", str(run_dir), *settings, "--lora-ttt",
                "--out", str(tmp_path / "lora.json")], REPO)
     assert "eval_lora_start" in out and "world_size:2" in out
