@@ -22,10 +22,10 @@ resume=()
 if [ -n "${RESUME:-}" ]; then resume=(--resume "$RESUME"); fi
 scoring=()  # the dev-val pass's fixed settings: not those the grid searched (KEY=VALUE would beat the search's choice)
 for kv in ${fixed[@]+"${fixed[@]}"}; do
-  searched=0
+  key=${kv%%=*} searched=0
   for ((i = 1; i < ${#grid[@]}; i += 2)); do
     g=${grid[i]%%=*}
-    if [ "${g^^}" = "$(k=${kv%%=*}; echo "${k^^}")" ]; then searched=1; fi
+    if [ "${g^^}" = "${key^^}" ]; then searched=1; fi
   done
   if [ "$searched" = 0 ]; then scoring+=("$kv"); fi
 done
