@@ -176,3 +176,27 @@ def test_lora_ttt_is_a_verified_one_off_beside_the_run(run, capsys):
     assert "LORA_ settings (lora_rank) without --lora-ttt" in capsys.readouterr().err
     assert cli.main(["eval", str(run), "LORA_RANKK=2", "--lora-ttt"]) != 0
     assert "unknown setting 'LORA_RANKK': did you mean LORA_RANK" in capsys.readouterr().err
+
+
+def test_a_projection_over_the_limit_is_written_and_warned_about_with_the_settings_that_shorten_it(
+        run, capsys, monkeypatch):
+    """The score still goes to its file and the exit status stays 0 (a projection is an estimate), but stderr names
+    the projected seconds, the limit and the pass's own settings that cut its time; nothing is said under it."""
+    def evaluate(projection):
+        return lambda *a, **kw: {"val_loss": 7.0, "val_bpb": 3.5, "stages": {}, "projection": projection}
+    over = {"seconds": 682.3, "over_limit": True, "stages": {"warmup": 13.9, "adapt": 631.4}}
+    monkeypatch.setattr(tools.commands.eval, "evaluate_lora", evaluate(over))
+    assert cli.main(["eval", str(run), "LORA_LAST_N=6", "--lora-ttt"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(Path(re.search(r"^eval_written path:(\S+)$", out, re.M)[1]).read_text())["val_bpb"] == 3.5
+    assert "projection of this pass is 682.3 s (warmup 13.9 s, adapt 631.4 s), over the evaluation's 600 s" in err
+    assert "fewer adapted blocks (LORA_LAST_N, now 6)" in err and "LORA_LATE_CHUNK, now 128" in err
+    assert cli.main(["eval", str(run), "LORA_LAST_N=0", "--lora-ttt"]) == 0
+    assert "adapters on the last blocks only (LORA_LAST_N, now 0: every block)" in capsys.readouterr().err
+    monkeypatch.setattr(tools.commands.eval, "evaluate_verified", evaluate({"seconds": 640.0, "over_limit": True}))
+    assert cli.main(["eval", str(run), "TTT_EPOCHS=2"]) == 0
+    err = capsys.readouterr().err
+    assert "projection of this pass is 640.0 s, over" in err and "TTT_EPOCHS, now 2" in err and "STRIDE, now 64" in err
+    monkeypatch.setattr(tools.commands.eval, "evaluate_verified", evaluate({"seconds": 540.0, "over_limit": False}))
+    assert cli.main(["eval", str(run)]) == 0
+    assert "projection" not in capsys.readouterr().err

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from eval.bpb import build_byte_luts
 from eval.lora import LoraConfig, evaluate_lora
-from eval.run import EvalConfig
+from eval.run import EVAL_LIMIT_S, EvalConfig
 from eval.verify import evaluate_verified
 from submission.config import ModelConfig, TrainConfig, from_dict, parse_overrides, resolve, to_dict
 from submission.data import load_tokens
@@ -191,9 +191,28 @@ def run_eval(args: argparse.Namespace) -> int:
         log("eval_written", path=str(out_path))
     failed = {k: v["detail"] for k, v in body.get("compliance", {}).items() if not v["passed"]}
     if rank == 0:
+        if body.get("projection", {}).get("over_limit"):
+            print(over_limit_advice(body["projection"], lora_cfg if args.lora_ttt else None, cfg), file=sys.stderr)
         for check, detail in failed.items():
             print(f"pgolf eval: compliance {check} FAILED: {detail}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def over_limit_advice(projection: dict, lora: LoraConfig | None, cfg: EvalConfig) -> str:
+    """What to say when a pass's 8-GPU projection is over the evaluation's limit: the figure, and the settings that
+    shorten that pass. The score is still written: a projection is an estimate, and the choice is the user's."""
+    stages = ", ".join(f"{k} {v} s" for k, v in projection.get("stages", {}).items())
+    head = (f"pgolf eval: warning: the 8-GPU projection of this pass is {projection['seconds']} s"
+            f"{f' ({stages})' if stages else ''}, over the evaluation's {EVAL_LIMIT_S:.0f} s limit")
+    if lora is not None:
+        depth = {0: "adapters on the last blocks only (LORA_LAST_N, now 0: every block) or ", 1: ""}.get(
+            lora.last_n, f"fewer adapted blocks (LORA_LAST_N, now {lora.last_n}) or ")
+        fix = (f"the LoRA pass is bound by its op dispatch, so its time moves with the host: {depth}bigger chunks "
+               f"once a document fills the context (LORA_LATE_CHUNK, now {lora.late_chunk}) shorten it")
+    else:
+        fix = (f"fewer TTT epochs (TTT_EPOCHS, now {cfg.ttt_epochs}) or a longer stride (STRIDE, now {cfg.stride}) "
+               f"shorten it")
+    return f"{head}: {fix}. Choose by the projection, never by the val score (docs/RULES.md)."
 
 
 def eval_settings(args: argparse.Namespace, root: Path, previous: dict | None):
