@@ -339,7 +339,8 @@ def add_commands(subparsers) -> None:
         description="Evaluate a run's artifact. Multi-GPU: torchrun --nproc_per_node=N -m tools.commands.cli eval "
                     "RUN_DIR. "
                     "Eval settings: KEY=VALUE for any EvalConfig field (STRIDE=128, CHUNK_TOKENS=8192, ...) or "
-                    "n-gram field as NGRAM_<FIELD> (NGRAM_ORDER=8). Exit status 1 if a compliance check fails.",
+                    "n-gram field as NGRAM_<FIELD> (NGRAM_ORDER=8). Exit status 1 if a compliance check fails; "
+                    "a warning on stderr if the 8-GPU projection is over 600 s.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=settings_help(EvalConfig, LoraConfig))
     p.add_argument("run_dir", help=f"run or artifact directory holding {MODEL_FILENAME} (and optionally "
                                    f"config.json, train.log, {CODE_FILENAME})")
