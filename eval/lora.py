@@ -46,7 +46,7 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 class LoraConfig:
     """Per-document LoRA TTT (`pgolf eval RUN_DIR --lora-ttt`, settings as LORA_<FIELD>). The records' shape (PRs
     #1530, #1610, #1626: rank 64-96 on q/k/v/o, the MLP and the head, AdamW, 32-token chunks, 64 documents per
-    batch), its learning rates, phases and depth chosen on the tuning split, and the groups and late chunks that
+    batch), its learning rates and phases chosen on the tuning split, and the depth, groups and late chunks that
     keep the full val's 8-GPU projection under 550 s on the slowest host measured (P1, H100: 474.8 s; the eager
     pass is bound by its op dispatch, so the figure moves with the host: 1.36x between two H100 machines). On P1 seed
     1337 it scores 0.0039 below the stream's evaluation with these settings (0.0042 with LORA_LAST_N=6, 0.0033 with
