@@ -86,3 +86,28 @@ def test_bad_input_names_the_file_and_the_fix(tmp_path):
     with pytest.raises(SystemExit, match=r"two baselines share a seed"):
         main(["ablation", str(ABLATION / "embed2"), "--baseline", str(ABLATION / "key_offset"),
               "--baseline", str(ABLATION / "layer_bigram")])
+
+
+SP8192 = ROOT / "ablations"
+PACKED_1337 = SP8192 / "2026-12-07_P1_sp8192_packed_seed1337/packed"
+QAT_OFF_1337 = SP8192 / "2026-12-06_P1_sp8192_packed_seed1337_qat/qat_off"
+
+
+def test_packed_runs_report_their_final_score_and_ignore_names_a_place_not_a_variant(capsys):
+    # two packed P1 runs (real logs): each trained on its own copy of the corpus, so DATA_DIR differs
+    data = json.loads(ablation(capsys, QAT_OFF_1337, "--baseline", PACKED_1337, "--json"))
+    (run,) = data["runs"]
+    assert run["change"] == "DATA_DIR=/tmp/p1/data8 QAT_THRESHOLD=0.0"
+    data = json.loads(ablation(capsys, QAT_OFF_1337, "--baseline", PACKED_1337, "--ignore", "DATA_DIR", "--json"))
+    (run,) = data["runs"]
+    assert run["change"] == "QAT_THRESHOLD=0.0" and data["baselines"][0]["change"] == "(baseline settings)"
+    # the packed program's own legal evaluation: final_eval_exact in each train.log
+    assert (run["final_bpb"], data["baselines"][0]["final_bpb"]) == (1.31164359, 1.31100872)
+    assert run["delta_final"] == pytest.approx(1.31164359 - 1.31100872)
+    assert data["summary"][0]["delta_final"] == pytest.approx(1.31164359 - 1.31100872)
+    text = ablation(capsys, QAT_OFF_1337, "--baseline", PACKED_1337, "--ignore", "data_dir", "--markdown")
+    assert text.splitlines()[0].endswith("| after int6 | delta int6 | final | delta final |")
+    assert "| QAT_THRESHOLD=0.0 | 1337 | 105.52 | 2,274 | 1.33278 / 1.32424 | seed 1337 | +0.00107 | 15,937,194 | " \
+           "0.00 | 1.33148 | +0.00125 | 1.31164 | +0.00063 |" in text
+    assert "summary change:QAT_THRESHOLD=0.0 seeds:1337 delta_prequant:+0.00107 delta_int6:+0.00125 " \
+           "delta_ms:+0.67 delta_final:+0.00063 every_seed_better:false" in text

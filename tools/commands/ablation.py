@@ -21,7 +21,7 @@ def run_ablation(args: argparse.Namespace) -> int:
     seeds = [b.seed for b in baselines]
     if len(set(seeds)) != len(seeds):
         raise SystemExit(f"pgolf ablation: two baselines share a seed ({sorted(seeds)}): pass one baseline per seed")
-    compare(runs, baselines)
+    compare(runs, baselines, args.ignore)
     summaries = summarize(runs)
     if args.plot:
         from tools.records.plots import plot_ablation
@@ -53,6 +53,9 @@ def add_commands(subparsers) -> None:
                         help="run directory, kit train.log, or a folder of run directories")
     parser.add_argument("--baseline", action="append", type=Path, default=[], metavar="RUN",
                         help="baseline run(s): run directories, logs or a record folder (repeatable; one per seed)")
+    parser.add_argument("--ignore", action="append", default=[], metavar="KEY",
+                        help="a setting that names a place, not a variant, so never a change (repeatable): e.g. "
+                             "DATA_DIR when each seed trained on its own copy of one corpus (scripts/p1_seed.sh)")
     out = parser.add_mutually_exclusive_group()
     out.add_argument("--markdown", action="store_true", help="a Markdown table (for a README or a closing note)")
     out.add_argument("--json", action="store_true", help="every figure as JSON")

@@ -1,10 +1,13 @@
 """`pgolf ablation`: the table of an ablation, read from the kit's logs: what each run changed, its step time and
 val_bpb before quantization (raw and EMA), and, where it was quantized, the model's size before the budget fit, the
-clip floor the fit needed and val_bpb after int6, each against the baseline run of the same seed.
+clip floor the fit needed and val_bpb after int6, and the final legal evaluation where the run's program scored
+itself (the packed train_gpt.py's `final_eval_exact`), each against the baseline run of the same seed.
 
 A run is a run directory (train.log, plus quantize.log when `pgolf quantize` ran separately), a kit log file, or a
 folder of run directories (an ablation folder); a baseline may also be a record folder (its train_seed<N>.log).
-What a run changed is read from its `override setting:` lines, less the settings every compared run shares.
+What a run changed is read from its `override setting:` lines, less the settings every compared run shares and
+those named by --ignore (settings that name a place, not a variant: e.g. DATA_DIR when each seed trained on its own
+copy of one corpus, as scripts/p1_seed.sh does).
 """
 from __future__ import annotations
 
@@ -34,11 +37,13 @@ class AblationRun:
     bytes_before_fit: int | None = None   # compressed model before the budget fit (the clip floor's input)
     clip_sigma: float | None = None       # the floor the fit needed (0: none)
     int6_bpb: float | None = None         # the reloaded artifact, flat eval
+    final_bpb: float | None = None        # the legal evaluation the run's program ran (the score), if it did
     change: str = ""                      # filled by compare(): the settings that set this run apart
     vs: str = ""                          # the baseline it is compared with
     delta_prequant: float | None = None
     delta_int6: float | None = None
     delta_ms: float | None = None
+    delta_final: float | None = None
 
 
 def _log_files(path: Path) -> list[Path]:
@@ -64,7 +69,7 @@ def parse_run(path: Path, name: str | None = None) -> AblationRun:
             elif " " in line:
                 key, rest = line.split(" ", 1)
                 if key in ("training_done", "final_raw", "final_prequant", "clip_floor", "budget:",
-                           "quantized_roundtrip_exact"):
+                           "quantized_roundtrip_exact", "final_eval_exact"):
                     figures[key] = dict(KEY_VALUE.findall(rest))
     if "training_done" not in figures or "final_prequant" not in figures:
         raise ResultFormatError(source, "no `training_done` and `final_prequant` lines",
@@ -72,7 +77,8 @@ def parse_run(path: Path, name: str | None = None) -> AblationRun:
                                 "finished kit run (or re-run it)")
     if seed is None:
         seed = int(settings.get("seed", 1337))
-    done, quant = figures["training_done"], figures.get("quantized_roundtrip_exact")
+    done, quant, final = figures["training_done"], figures.get("quantized_roundtrip_exact"), \
+        figures.get("final_eval_exact")
     floor, budget = figures.get("clip_floor"), figures.get("budget:")
     try:
         run = AblationRun(
@@ -84,7 +90,8 @@ def parse_run(path: Path, name: str | None = None) -> AblationRun:
             bytes_before_fit=int(floor["model_bytes"]) if floor else int(budget["model_bytes_before"]) if budget
             else None,
             clip_sigma=float(floor["min_clip_sigma"]) if floor else 0.0 if budget else None,
-            int6_bpb=float(quant["val_bpb"]) if quant else None)
+            int6_bpb=float(quant["val_bpb"]) if quant else None,
+            final_bpb=float(final["val_bpb"]) if final else None)
     except (KeyError, ValueError) as err:
         raise ResultFormatError(source, f"a summary line lacks or garbles {err}",
                                 "use the log the run wrote, unedited") from None
@@ -106,18 +113,21 @@ def collect(path: Path) -> list[AblationRun]:
     return runs
 
 
-def _change(run: AblationRun, shared: dict[str, str]) -> str:
-    keys = sorted(k for k in run.settings if k not in NOT_A_CHANGE and shared.get(k) != run.settings[k])
+def _change(run: AblationRun, shared: dict[str, str], ignore: set[str]) -> str:
+    keys = sorted(k for k in run.settings
+                  if k not in NOT_A_CHANGE and k not in ignore and shared.get(k) != run.settings[k])
     return " ".join(f"{k.upper()}={run.settings[k]}" for k in keys) or "(baseline settings)"
 
 
-def compare(runs: list[AblationRun], baselines: list[AblationRun]) -> list[AblationRun]:
-    """Label each run by what it changed and set its deltas against the baseline of its seed (else their mean)."""
+def compare(runs: list[AblationRun], baselines: list[AblationRun], ignore=()) -> list[AblationRun]:
+    """Label each run by what it changed and set its deltas against the baseline of its seed (else their mean).
+    `ignore`: settings (any case) that never count as a change."""
+    ignore = {k.lower() for k in ignore}
     every = runs + baselines
     shared = {k: v for k, v in every[0].settings.items() if all(r.settings.get(k) == v for r in every)}
     by_seed = {b.seed: b for b in baselines}
     for run in every:
-        run.change = _change(run, shared)
+        run.change = _change(run, shared, ignore)
     for run in runs:
         if not baselines:
             continue
@@ -135,6 +145,7 @@ def compare(runs: list[AblationRun], baselines: list[AblationRun]) -> list[Ablat
             return mine - sum(values) / len(values)
         run.delta_prequant, run.delta_int6, run.delta_ms = delta("prequant_bpb"), delta("int6_bpb"), \
             delta("step_avg_ms")
+        run.delta_final = delta("final_bpb")
     return runs
 
 
@@ -146,6 +157,7 @@ class Summary:
     delta_prequant: float | None = None
     delta_int6: float | None = None
     delta_ms: float | None = None
+    delta_final: float | None = None
     every_seed_better: bool = False
 
 
@@ -158,7 +170,7 @@ def summarize(runs: list[AblationRun]) -> list[Summary]:
         return sum(values) / len(values) if values and all(v is not None for v in values) else None
     return [Summary(change, sorted(r.seed for r in group), mean([r.delta_prequant for r in group]),
                     mean([r.delta_int6 for r in group]), mean([r.delta_ms for r in group]),
-                    all(r.delta_prequant is not None and r.delta_prequant < 0 for r in group))
+                    mean([r.delta_final for r in group]), all(r.delta_prequant is not None and r.delta_prequant < 0 for r in group))
             for change, group in out.items()]
 
 
@@ -169,7 +181,7 @@ def _cell(value, fmt: str) -> str:
 
 
 HEADER = ("change", "seed", "ms/step", "steps", "val_bpb raw / kept", "vs", "delta", "bytes before fit",
-          "clip floor", "after int6", "delta int6")
+          "clip floor", "after int6", "delta int6", "final", "delta final")
 
 
 def table_rows(runs: list[AblationRun], baselines: list[AblationRun]) -> list[tuple[str, ...]]:
@@ -178,7 +190,8 @@ def table_rows(runs: list[AblationRun], baselines: list[AblationRun]) -> list[tu
         rows.append((("baseline: " if is_base else "") + run.change, str(run.seed), f"{run.step_avg_ms:.2f}",
                      f"{run.steps:,}", f"{_cell(run.raw_bpb, '.5f')} / {run.prequant_bpb:.5f}", run.vs,
                      _cell(run.delta_prequant, "+.5f"), _cell(run.bytes_before_fit, ","), _cell(run.clip_sigma, ".2f"),
-                     _cell(run.int6_bpb, ".5f"), _cell(run.delta_int6, "+.5f")))
+                     _cell(run.int6_bpb, ".5f"), _cell(run.delta_int6, "+.5f"), _cell(run.final_bpb, ".5f"),
+                     _cell(run.delta_final, "+.5f")))
     return rows
 
 
@@ -199,5 +212,6 @@ def summary_lines(summaries: list[Summary]) -> list[str]:
     """`key:value` lines per change, for people and grep."""
     return [f"summary change:{s.change.replace(' ', ',')} seeds:{','.join(map(str, s.seeds))} "
             f"delta_prequant:{_cell(s.delta_prequant, '+.5f') or '-'} delta_int6:{_cell(s.delta_int6, '+.5f') or '-'} "
-            f"delta_ms:{_cell(s.delta_ms, '+.2f') or '-'} every_seed_better:{str(s.every_seed_better).lower()}"
+            f"delta_ms:{_cell(s.delta_ms, '+.2f') or '-'} delta_final:{_cell(s.delta_final, '+.5f') or '-'} "
+            f"every_seed_better:{str(s.every_seed_better).lower()}"
             for s in summaries]
