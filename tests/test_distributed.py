@@ -115,7 +115,9 @@ def test_lora_ttt_under_torchrun_scores_every_target_once_and_passes_its_checks(
                                                                             "C4": True}
     assert "(2 shards)" in result["compliance"]["C4"]["detail"], result["compliance"]["C4"]
     assert result["tokens"] == 23 * 128 and result["stages"]["warmup"] > 0
-    assert result["projection"]["gpus"] == 8 and result["projection"]["stages"]["warmup"] > 0
+    # the projection counts the warm-up once, at its one-decimal precision (a tiny CPU warm-up may round to 0.0)
+    assert result["projection"]["gpus"] == 8
+    assert abs(result["projection"]["stages"]["warmup"] - result["stages"]["warmup"]) <= 0.05 + 1e-9
 
 
 def test_the_verified_evaluation_under_torchrun_checks_c1_to_c4_over_both_ranks(scored_run, tmp_path):  # noqa: F811
