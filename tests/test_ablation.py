@@ -111,3 +111,5 @@ def test_packed_runs_report_their_final_score_and_ignore_names_a_place_not_a_var
            "0.00 | 1.33148 | +0.00125 | 1.31164 | +0.00063 |" in text
     assert "summary change:QAT_THRESHOLD=0.0 seeds:1337 delta_prequant:+0.00107 delta_int6:+0.00125 " \
            "delta_ms:+0.67 delta_final:+0.00063 every_seed_better:false" in text
+    with pytest.raises(SystemExit, match=r"--ignore DATA-DIR: no compared run sets it \(their settings: .*DATA_DIR"):
+        main(["ablation", str(QAT_OFF_1337), "--baseline", str(PACKED_1337), "--ignore", "DATA-DIR"])

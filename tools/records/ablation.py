@@ -124,6 +124,11 @@ def compare(runs: list[AblationRun], baselines: list[AblationRun], ignore=()) ->
     `ignore`: settings (any case) that never count as a change."""
     ignore = {k.lower() for k in ignore}
     every = runs + baselines
+    unknown = sorted(k for k in ignore if not any(k in r.settings for r in every))
+    if unknown:
+        raise ValueError(f"--ignore {' '.join(k.upper() for k in unknown)}: no compared run sets it (their settings: "
+                         f"{', '.join(sorted({k.upper() for r in every for k in r.settings})) or 'none'}); pass a "
+                         f"setting from their `override setting:` lines")
     shared = {k: v for k, v in every[0].settings.items() if all(r.settings.get(k) == v for r in every)}
     by_seed = {b.seed: b for b in baselines}
     for run in every:
@@ -170,7 +175,8 @@ def summarize(runs: list[AblationRun]) -> list[Summary]:
         return sum(values) / len(values) if values and all(v is not None for v in values) else None
     return [Summary(change, sorted(r.seed for r in group), mean([r.delta_prequant for r in group]),
                     mean([r.delta_int6 for r in group]), mean([r.delta_ms for r in group]),
-                    mean([r.delta_final for r in group]), all(r.delta_prequant is not None and r.delta_prequant < 0 for r in group))
+                    mean([r.delta_final for r in group]),
+                    all(r.delta_prequant is not None and r.delta_prequant < 0 for r in group))
             for change, group in out.items()]
 
 
