@@ -205,8 +205,12 @@ def over_limit_advice(projection: dict, lora: LoraConfig | None, cfg: EvalConfig
     head = (f"pgolf eval: warning: the 8-GPU projection of this pass is {projection['seconds']} s"
             f"{f' ({stages})' if stages else ''}, over the evaluation's {EVAL_LIMIT_S:.0f} s limit")
     if lora is not None:
-        depth = {0: "adapters on the last blocks only (LORA_LAST_N, now 0: every block) or ", 1: ""}.get(
-            lora.last_n, f"fewer adapted blocks (LORA_LAST_N, now {lora.last_n}) or ")
+        if lora.last_n == 0:
+            depth = "adapters on the last blocks only (LORA_LAST_N, now 0: every block) or "
+        elif lora.last_n > 1:
+            depth = f"fewer adapted blocks (LORA_LAST_N, now {lora.last_n}) or "
+        else:  # one block: none fewer to adapt
+            depth = ""
         fix = (f"the LoRA pass is bound by its op dispatch, so its time moves with the host: {depth}bigger chunks "
                f"once a document fills the context (LORA_LATE_CHUNK, now {lora.late_chunk}) shorten it")
     else:
