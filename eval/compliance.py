@@ -107,7 +107,8 @@ def check_coverage(summaries: list[list[int]], num_targets: int) -> dict:
         expected = end
     if expected != num_targets + 1:
         return _verdict(False, f"targets {expected}..{num_targets} were never scored")
-    return _verdict(True, f"each of the {num_targets:,} targets scored exactly once ({len(summaries)} shards)")
+    shards = f" ({len(summaries)} shards)" if len(summaries) > 1 else ""
+    return _verdict(True, f"each of the {num_targets:,} targets scored exactly once{shards}")
 
 
 def check_events_any_order(events: list[tuple[str, str, int, int]], first: int, end: int) -> dict:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from eval.ngram import NgramBlender, NgramConfig, blend, mixing_features, model_entropy
+from eval.tilt import TiltBlender
 from submission.config import check_ranges
 from submission.model import CastedLinear, plain_linears
 
@@ -337,6 +338,14 @@ class _Replay:
         self.filled, self.width = list(rows), width
 
 
+def shard_targets(num_targets: int, rank: int, world_size: int, align: int) -> tuple[int, int]:
+    """Target positions [first, end) of a rank's contiguous share of 1..num_targets; inner boundaries fall on
+    1 + multiples of `align` (the stride) so shard cuts coincide with window boundaries."""
+    def bound(r: int) -> int:
+        return num_targets + 1 if r == world_size else 1 + num_targets * r // world_size // align * align
+    return bound(rank), bound(rank + 1)
+
+
 def document_targets(tokens: Tensor, first: int, end: int, bos_id: int) -> list[tuple[int, int, int]]:
     """The targets [first, end) cut into documents: (start, lo, hi) per document in position order, where `start`
     is the position of its BOS (or 0 when the stream does not open with one) and [lo, hi) its targets, the tokens
@@ -434,7 +443,7 @@ def score_documents(model, tokens: Tensor, first: int, end: int, *, rank: int, l
     out = _Record(tokens, tokens if score_tokens is None else score_tokens, first, end,
                   {view: torch.zeros(end - first, device=device) for view in views},
                   torch.zeros(end - first, dtype=torch.int32, device=device), {}, [],
-                  NgramBlender(model.cfg.vocab_size, ngram, device) if ngram is not None else None, ngram_chunk)
+                  local_blender(model.cfg.vocab_size, ngram, device) if ngram is not None else None, ngram_chunk)
     base = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in base:
         p.requires_grad_(False)
@@ -639,6 +648,14 @@ def _chunk_step(model, lora: BatchedLoRA | None, optimizer, step_spans, chunk: i
 
 
 @torch.no_grad()
+def local_blender(vocab_size: int, cfg: NgramConfig, device) -> NgramBlender:
+    """An n-gram blender that stays this rank's own under torch.distributed: each rank of a per-document pass counts
+    and refits on its own contiguous share (the scoring stream's blenders gather every rank's rows instead)."""
+    blender = NgramBlender(vocab_size, cfg, device)
+    blender.gather = lambda rows: rows
+    return blender
+
+
 def target_blend(blender: NgramBlender, entropy: Tensor, logp_targets: Tensor, tokens: Tensor, positions: Tensor,
                  targets: Tensor, score_targets: Tensor, logp_score: Tensor, rows: Tensor | None = None,
                  row_index: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
@@ -647,14 +664,12 @@ def target_blend(blender: NgramBlender, entropy: Tensor, logp_targets: Tensor, t
     the model's of them; in a real run they are the targets, the causality check perturbs only the context). rows
     [k, V]: the model's full rows at positions[row_index], returned blended for the normalization check. Then
     blender.update() as after views(). Lives here, not in eval/ngram.py, which the packed program carries."""
-    if blender.tilt:
+    if isinstance(blender, TiltBlender):
         raise ValueError("target_blend: the tilt view needs the model's full rows (use NgramBlender.views)")
     prediction = blender.model.predict(tokens, positions)
     features = mixing_features(entropy, prediction.context_count, prediction.context_order, blender.cfg.order)
     alpha, q = blender.mixer.alpha(features), prediction.q
-    blender._pending.append((positions, features, logp_targets.float(),
-                             q.gather(1, targets.to(q.device).long()[:, None])[:, 0].log(),
-                             torch.zeros(0, 2, device=q.device)))
+    blender.keep(positions, features, logp_targets.float(), q.gather(1, targets.to(q.device).long()[:, None]).log())
     logq = q.gather(1, score_targets.to(q.device).long()[:, None])[:, 0].log()
     score = torch.logaddexp(torch.log1p(-alpha) + logp_score.float(), torch.log(alpha) + logq)
     return score, None if rows is None else blend(rows.float(), q[row_index], alpha[row_index])
@@ -722,7 +737,7 @@ def evaluate_lora(model, val_tokens, luts, cfg: LoraConfig, rank: int = 0, world
     Ranks take contiguous shares of the targets; a document cut by a share boundary is context for the later rank
     (as the sliding stream's windows are)."""
     from eval.run import EVAL_GPUS, EVAL_LIMIT_S, FULL_VAL_TOKENS, view_scores
-    from eval.stream import StageTimer, shard_targets
+    from eval.stream import StageTimer
 
     log = log or (lambda *fields, **kv: None)
     device = next(model.parameters()).device

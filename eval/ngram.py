@@ -1,4 +1,4 @@
-"""Legal n-gram blending: a full-vocabulary backoff distribution built from scored tokens, mixed or tilted into p."""
+"""Legal n-gram blending: a full-vocabulary backoff distribution built from scored tokens, mixed into p."""
 from __future__ import annotations
 
 # What makes it legal (conditions C1-C4 of the challenge's issue #1017; the README's Legality section):
@@ -13,16 +13,16 @@ from __future__ import annotations
 #
 # Storage: per order n >= 2, a sorted int64 array of keys context_id * V + next_token with int64 counts and their
 # prefix sums: 24 bytes per distinct (context, next) pair seen, plus V counts for the unigram. A stream of T
-# scored tokens adds at most T pairs per order; measured at K=12 on sp1024 text: 335 MB per 1.57M tokens, so a
-# rank scoring 7.75M tokens (62M val tokens / 8) holds ~1.7 GB. This replaces a dense [buckets, V] table per
-# order: at V=1024 a dense table of 2^16 buckets is already 256 MiB per order yet would merge ~100 distinct
-# 5-token contexts per bucket. Context ids here are exact while V^(n-1) < 2^47 (orders <= 5 for sp1024, <= 4 for
+# scored tokens adds at most T pairs per order; measured at K=12 on sp1024 text: 335 MB per 1.57M tokens, so every
+# rank, which counts the whole val (40.5M sp8192 or 62M sp1024 tokens), ends at ~9-13 GB. This replaces a dense
+# [buckets, V] table per order: at V=1024 a dense table of 2^16 buckets is already 256 MiB per order yet would
+# merge ~100 distinct 5-token contexts per bucket. Context ids here are exact while V^(n-1) < 2^47 (orders <= 5 for sp1024, <= 4 for
 # sp8192) and hashed modulo a 47-bit prime beyond (expected collisions among 8M contexts of one order: ~0.2).
 #
 # Cost per predicted token, per order: two binary searches over the pairs held (~25 steps), a gather of the
 # T(c) counts its context has seen, one scale of its V-float row of q and a scatter of T(c) values. The dense
 # [N, V] float32 passes dominate the memory traffic: ~(K + 6) * 4V bytes per token (one per order, plus floor,
-# renormalization, log and blend), 72 KiB at K=12, V=1024, i.e. ~0.3 s of HBM time for a rank's 7.75M tokens.
+# renormalization, log and blend), 72 KiB at K=12, V=1024, i.e. ~0.3 s of HBM time for a rank's 1/8 of 62M.
 # In practice the blender is launch- and sync-bound (one host sync per order per call, one table re-sort per
 # order per update, one mixer refit per update), so its time scales with the number of chunks. Measured with the
 # defaults on one H100 over the dev val (1.57M tokens; blending into the static 4-gram described at
@@ -31,14 +31,15 @@ from __future__ import annotations
 #     chunk 32,768: gain 0.062 bits/token, 2.2 s (predict 0.7, count 0.7, mixer refit 0.6)
 #     chunk  8,192: gain 0.084 bits/token, 5.5 s (predict 1.9, count 2.5, mixer refit 1.0)
 #     chunk  2,048: gain 0.105 bits/token, 17 s  (predict 6.3, count 7.4, mixer refit 2.8)
-# Smaller chunks gain more because the counts are fresher, so the chunk size is the real trade-off; a rank's
-# 7.75M tokens take ~5x these times. To keep the n-gram from dominating eval time: predict each scored position
+# Smaller chunks gain more because the counts are fresher, so the chunk size is the real trade-off; every rank
+# counts and refits on the whole val, ~25-40x these times for its counts and refits (predicting is split over the
+# ranks). To keep the n-gram from dominating eval time: predict each scored position
 # once (never per sliding window), keep the token stream on the device so context windows are gathered, not
 # copied, and choose the chunk size from the table above against the time left in the 600 s budget.
 #
-# Ranks: each rank counts the tokens it scored. Counting another rank's tokens is legal only for tokens that are
-# already scored AND lie earlier in the validation stream than every position still to be predicted (C1, C3):
-# with contiguous per-rank shards, a rank may absorb lower-numbered ranks' scored tokens, never higher ones'.
+# Ranks: the stream's ranks each predict a share of every chunk, and once the whole chunk is scored all of them
+# count all of it and refit on the gathered predictions (NgramBlender.update): every token counted is scored and
+# lies before every position still to be predicted (C1, C3), and each rank holds the table one process would.
 
 import math
 import typing
@@ -47,6 +48,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from eval.stream import gather_rows
 from submission.config import check_ranges
 
 SMOOTHINGS = ("witten_bell", "kneser_ney")
@@ -349,26 +351,6 @@ def blend(model_logprobs: torch.Tensor, q: torch.Tensor, alpha: torch.Tensor) ->
     return torch.logaddexp(model_logprobs + torch.log1p(-alpha), torch.log(q.to(model_logprobs)) + torch.log(alpha))
 
 
-def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x <= 0, accurate at both ends (Maechler 2012)."""
-    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
-
-
-def tilt(model_logprobs: torch.Tensor, hint_token: torch.Tensor, beta: torch.Tensor | float) -> torch.Tensor:
-    """log p'(v) = log p(v) + b [v = h] - log Z, Z = 1 + p(h)(exp(b) - 1) = (1 - p(h)) + p(h) exp(b); the hint h
-    must come from the prefix only (e.g. ngram_hint)."""
-    hint = hint_token.long()[:, None]
-    beta = torch.as_tensor(beta, dtype=model_logprobs.dtype, device=model_logprobs.device).expand(hint.shape[0])
-    log_p_hint = model_logprobs.gather(1, hint).squeeze(1)
-    log_z = torch.logaddexp(_log1mexp(log_p_hint), log_p_hint + beta)
-    return (model_logprobs - log_z[:, None]).scatter_add(1, hint, beta[:, None])
-
-
-def ngram_hint(q: torch.Tensor) -> torch.Tensor:
-    """The n-gram's most likely next token per row: a prefix-only hint for tilt."""
-    return q.argmax(-1)
-
-
 class OnlineMixer:
     """Mixing weights fitted by maximum likelihood of the blended score on scored tokens only (C3)."""
 
@@ -439,83 +421,63 @@ def fit_mixing_weights(features: torch.Tensor, logp: torch.Tensor, logq: torch.T
     return w
 
 
-def tilt_nll_change(log_p_hint: torch.Tensor, hit: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """Mean of -log p'(y) + log p(y) under tilt by beta: log Z - beta [y = h], Z = (1 - p(h)) + p(h) exp(beta)."""
-    return (torch.logaddexp(_log1mexp(log_p_hint), log_p_hint + beta) - beta * hit).mean()
-
-
-def fit_tilt_beta(log_p_hint: torch.Tensor, hit: torch.Tensor, start: torch.Tensor, iters: int) -> torch.Tensor:
-    """Minimize tilt_nll_change over the scalar beta by Newton's method (convex: log Z is convex in beta; the
-    gradient is p'(h) - [y = h]) with the mixer's step cap and halving line search; float64 throughout."""
-    lp, hit = log_p_hint.double(), hit.double()
-    beta = start.double().clone()
-    loss = tilt_nll_change(lp, hit, beta)
-    for _ in range(iters):
-        tilted_hint = torch.exp(lp + beta - torch.logaddexp(_log1mexp(lp), lp + beta))
-        curvature = (tilted_hint * (1 - tilted_hint)).mean().clamp_min(1e-12)
-        step = ((tilted_hint - hit).mean() / curvature).clamp(-MAX_LOGIT_STEP, MAX_LOGIT_STEP)
-        for halving in range(30):
-            candidate = beta - step / 2 ** halving
-            candidate_loss = tilt_nll_change(lp, hit, candidate)
-            if candidate_loss < loss:
-                break
-        else:
-            break
-        converged = loss - candidate_loss < FIT_TOLERANCE
-        beta, loss = candidate, candidate_loss
-        if converged:
-            break
-    return beta
-
-
 class NgramBlender:
-    """The n-gram adapter of the scoring stream: views() before a chunk is scored, update() after.
+    """The n-gram adapter of the scoring stream: views() before a chunk is scored, update() after. Its view of the
+    model's distribution p is "blend" = (1 - a_t) p + a_t q_t (the kit's eval/tilt.py adds a "tilt" view).
+    Under torch.distributed the ranks each predict a share of every chunk and all learn from the whole of it (the
+    scoring stream): `gather` collects their rows. Per-document LoRA, whose ranks keep contiguous shares, sets it
+    to the identity so that each rank's blender stays its own."""
 
-    Views of the model's distribution p: "blend" = (1 - a_t) p + a_t q_t; with tilt=True also "tilt": p tilted
-    toward the n-gram's most likely token h_t = argmax q_t by a weight beta fitted, like a_t's weights, by
-    maximum likelihood on scored tokens only (0 before the first update). Rows where the n-gram has counted
-    nothing yet (q uniform, h_t an arbitrary tie) are left untilted and kept out of the fit. Both views come from
-    one prediction of q."""
-
-    def __init__(self, vocab_size: int, cfg: NgramConfig | None = None, device="cpu", tilt: bool = False):
+    def __init__(self, vocab_size: int, cfg: NgramConfig | None = None, device="cpu"):
         self.cfg = cfg or NgramConfig()
         self.model = NgramModel(vocab_size, self.cfg, device)
         self.mixer = OnlineMixer(self.cfg, device)
-        self.tilt = tilt
-        self.beta = torch.zeros((), dtype=torch.float64, device=self.model.device)
-        self.tilt_history = torch.zeros(0, 2, dtype=torch.float32, device=self.model.device)
-        self._pending: list[tuple[torch.Tensor, ...]] = []
+        self._pending: list[torch.Tensor] = []
+        self.gather = gather_rows
 
     @torch.no_grad()
     def views(self, model_logprobs: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
               targets: torch.Tensor) -> dict:
-        """Blended (and tilted) log-probabilities [N, V] for positions from the model's [N, V] log-probabilities
-        and the prefix. Calls for one chunk may be split; update() must then receive exactly those positions.
+        """Blended log-probabilities [N, V] for positions from the model's [N, V] log-probabilities and the prefix.
+        Calls for one chunk may be split; update() must then receive exactly those positions.
         targets: the tokens at `positions` that update() will learn from; the views do not read them, they only pick
         what the update needs (p and q at each target) so that no [N, V] rows are held until then."""
+        logp, prediction, features, _ = self.predict(model_logprobs, tokens, positions, targets)
+        return {"blend": blend(logp, prediction.q, self.mixer.alpha(features))}
+
+    def predict(self, model_logprobs: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
+                targets: torch.Tensor):
+        """(log p in float32, the n-gram's prediction, its mixing features, targets [N, 1]) for views(), keeping
+        what update() learns from."""
         prediction = self.model.predict(tokens, positions)
         logp = model_logprobs.float()
         features = mixing_features(model_entropy(logp), prediction.context_count, prediction.context_order,
                                    self.cfg.order)
-        hint, informed = ngram_hint(prediction.q), prediction.context_order > 0
         t = targets.to(logp.device).long()[:, None]
-        self._pending.append((positions, features, logp.gather(1, t)[:, 0], prediction.q.gather(1, t)[:, 0].log(),
-                              torch.stack([logp.gather(1, hint[:, None])[:, 0], (hint == t[:, 0]).float()],
-                                          1)[informed]))
-        out = {"blend": blend(logp, prediction.q, self.mixer.alpha(features))}
-        if self.tilt:
-            out["tilt"] = tilt(logp, hint, torch.where(informed, self.beta.to(logp.dtype), 0.0))
-        return out
+        self.keep(positions, features, logp.gather(1, t), prediction.q.gather(1, t).log())
+        return logp, prediction, features, t
+
+    def keep(self, positions, *columns) -> None:
+        """What update() learns from, one float64 row per position: the position (exact below 2^53), then the
+        columns (float32 values): here the mixing features and log p and log q of the target."""
+        self._pending.append(torch.cat([x.double().reshape(len(positions), -1)
+                                        for x in (positions.to(columns[0].device), *columns)], 1))
+
+    def gathered(self, pending: list[torch.Tensor], width: int) -> torch.Tensor:
+        """The rows kept since the last update (all ranks' when shared), in position order; width: columns."""
+        rows = self.gather(torch.cat(pending) if pending else
+                           torch.zeros(0, width, dtype=torch.float64, device=self.model.device))
+        return rows[rows[:, 0].argsort()]
 
     @torch.no_grad()
     def update(self, tokens: torch.Tensor, positions: torch.Tensor) -> None:
         """Learn from scored positions (ascending and contiguous; exactly those predicted since the last update, which
-        may have come in any order): counts for the n-gram, then refits of the mixing weights and the tilt on p and
-        q at the scored tokens."""
-        predicted, features, logp, logq, tilt_rows = (torch.cat(x) for x in zip(*self._pending)) if self._pending \
-            else [None] * 5
-        order = None if predicted is None else predicted.to(positions.device).argsort()
-        if order is None or not torch.equal(predicted.to(positions.device)[order], positions):
+        may have come in any order): counts for the n-gram, then a refit of the mixing weights on p and q at the
+        scored tokens. Shared under torch.distributed: every rank calls this with the whole chunk, each having
+        predicted a share of it, and the predictions are gathered, so all ranks learn the same counts and weights."""
+        f = NUM_MIX_FEATURES
+        rows = self.gathered(self._pending, f + 3)
+        if not torch.equal(rows[:, 0].long().to(positions.device), positions):
             raise RuntimeError(f"NgramBlender.update: positions {positions.tolist()[:4]}... are not the ones "
                                "predicted since the last update (predict a chunk, score it, then update it once)")
         start = int(positions[0])
@@ -523,12 +485,6 @@ class NgramBlender:
             raise RuntimeError(f"NgramBlender.update: positions starting at {start} are not contiguous "
                                "(update with the chunk's positions in stream order)")
         targets = tokens[positions.to(tokens.device)].to(self.model.device).long()
-        self._pending = []
-        order = order.to(features.device)
+        self._pending, rows = [], rows.float()
         self.model.update(targets, tokens[max(0, start - self.cfg.order + 1):start])
-        self.mixer.update(features[order], logp[order], logq[order])
-        if self.tilt:
-            self.tilt_history = torch.cat([self.tilt_history, tilt_rows])[-self.cfg.mix_fit_window:]
-            if self.tilt_history.numel():
-                self.beta = fit_tilt_beta(self.tilt_history[:, 0], self.tilt_history[:, 1], self.beta,
-                                          self.cfg.mix_fit_iters)
+        self.mixer.update(rows[:, 1:f + 1], rows[:, f + 1], rows[:, f + 2])

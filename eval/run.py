@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import typing
 from dataclasses import dataclass, field
 
@@ -10,9 +11,9 @@ import torch
 
 from eval.bpb import BPBAccumulator, ByteLUTs, token_bytes_torch
 from eval.ngram import NgramBlender, NgramConfig
-from eval.stream import StageTimer, rope_scaled, score_stream, shard_targets, window_scores
+from eval.stream import StageTimer, rope_scaled, score_stream, window_scores
 from eval.ttt import HashEmbedding, ScoreFirstTTT
-from submission.config import check_ranges
+from submission.config import check_ranges, packed
 
 # Full FineWeb validation set per vocabulary (the challenge's published val shards) and the evaluation budget it
 # is projected onto.
@@ -95,8 +96,10 @@ class EvalConfig:
         if self.hash_embed and not self.ttt:
             raise ValueError("HASH_EMBED=1 with TTT=0: the table is trained only by TTT, so hash_embed needs ttt "
                              "(set HASH_EMBED=0 as well)")
-        if self.ngram_score not in ("blend", "tilt"):
-            raise ValueError(f"NGRAM_SCORE={self.ngram_score!r}: choose blend or tilt")
+        scores = ("blend",) if packed() else ("blend", "tilt")  # the tilt view is the kit's (eval/tilt.py)
+        if self.ngram_score not in scores:
+            raise ValueError(f"NGRAM_SCORE={self.ngram_score!r}: choose {' or '.join(scores)} (tilt is the kit's "
+                             "view, not in the packed program: pgolf eval RUN_DIR NGRAM_SCORE=tilt)")
         if not self.ttt_params.strip(" ,"):
             raise ValueError(f"TTT_PARAMS={self.ttt_params!r}: name 'all' or comma-separated parameter name "
                              "prefixes (e.g. TTT_PARAMS=blocks.9,blocks.10)")
@@ -121,7 +124,8 @@ def stream_pass(model, tokens, first, end, cfg: EvalConfig, *, ttt: bool, table:
         tuner = ScoreFirstTTT(model, lr=cfg.ttt_lr, momentum=cfg.ttt_momentum, epochs=cfg.ttt_epochs,
                               grad_clip=cfg.ttt_grad_clip, batch_seqs=cfg.ttt_batch_seqs, seq_len=cfg.context_len,
                               params=cfg.ttt_params, hash_embed=table, hash_lr_mult=cfg.hash_lr_mult)
-    adapters = {"ngram": NgramBlender(model.cfg.vocab_size, cfg.ngram_config, device, tilt=tilt)} if ngram else {}
+    make = importlib.import_module("eval.tilt").TiltBlender if tilt else NgramBlender  # the tilt view is kit-only
+    adapters = {"ngram": make(model.cfg.vocab_size, cfg.ngram_config, device)} if ngram else {}
     try:
         return score_stream(model, tokens, first, end, context=cfg.context_len, stride=stride, chunk=chunk,
                             batch_windows=cfg.batch_windows, ttt=tuner, adapters=adapters,
@@ -132,13 +136,15 @@ def stream_pass(model, tokens, first, end, cfg: EvalConfig, *, ttt: bool, table:
 
 
 def view_scores(result, tokens, lut) -> dict[str, BPBAccumulator]:
-    """Per view: NLL, targets and bytes summed in float64 and all-reduced over ranks."""
+    """Per view: NLL, targets and bytes of the targets this rank scored (coverage > 0), summed in float64 and
+    all-reduced over ranks."""
     device = tokens.device
     num_bytes = token_bytes_torch(lut, tokens[result.first - 1:result.end - 1], tokens[result.first:result.end])
+    mine = result.coverage > 0
     out = {}
     for view, nll in result.nll.items():
         acc = BPBAccumulator(device)
-        acc.add(nll, num_bytes)
+        acc.add(nll[mine], num_bytes[mine])
         acc.all_reduce()
         out[view] = acc
     return out
@@ -153,9 +159,9 @@ def view_names(cfg: EvalConfig) -> dict[str, str]:
 def evaluate(model, val_tokens, luts: ByteLUTs, cfg: EvalConfig, rank: int = 0, world_size: int = 1,
              progress: bool = True, log=None, verify=None) -> dict:
     """Score the validation tokens with the configured recipe; return the eval-JSON body: val_loss (nats/token),
-    val_bpb, tokens, bytes, stages (seconds), what `verify` adds, projection, config. Ranks take contiguous shares
-    of the targets, each with its own adapters (so adapted scores depend on the number of ranks); sums are
-    all-reduced in float64. The model's weights are restored before returning. `log(*fields, **kv)` gets stage
+    val_bpb, tokens, bytes, stages (seconds), what `verify` adds, projection, config. Ranks split every chunk of
+    the stream and learn from all of it (eval.stream.score_stream), so the score is the same on any number of
+    ranks; sums are all-reduced in float64. The model's weights are restored before returning. `log(*fields, **kv)` gets stage
     lines and, last, `final_eval_exact val_loss:<.8f> val_bpb:<.8f>`.
     verify(tokens, initial, compiled, result, scores, seconds, timer) -> dict (eval/verify.py, kit only) runs after
     the main pass, under its RoPE scaling, and returns eval-JSON keys to add; the main pass then also records the
@@ -173,7 +179,7 @@ def evaluate(model, val_tokens, luts: ByteLUTs, cfg: EvalConfig, rank: int = 0, 
     if num_targets < 1 or int(tokens.max()) >= vocab:
         raise ValueError(f"validation tokens: {tokens.numel()} tokens with max id {int(tokens.max())}; need >= 2 "
                          f"tokens with ids < the model's vocab_size {vocab} (wrong tokenizer or shards?)")
-    first, end = shard_targets(num_targets, rank, world_size, cfg.stride)
+    first, end = 1, num_targets + 1
     lut = luts.to_torch(device)
     compiled = torch.compile(window_scores, dynamic=False) if cfg.eval_compile and device.type == "cuda" else None
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -181,7 +187,7 @@ def evaluate(model, val_tokens, luts: ByteLUTs, cfg: EvalConfig, rank: int = 0, 
     table = HashEmbedding(cfg.hash_buckets, model.cfg.model_dim, model.cfg.bos_id).to(device) \
         if cfg.hash_embed else None
     tilt = cfg.ngram and (cfg.ngram_score == "tilt" or verify is not None and cfg.ablation)
-    log("eval_start", targets=num_targets, shard=f"[{first},{end})", world_size=world_size,
+    log("eval_start", targets=num_targets, world_size=world_size,
         context_len=cfg.context_len, stride=cfg.stride, chunk_tokens=cfg.chunk_tokens, ttt=cfg.ttt,
         hash_embed=cfg.hash_embed, ngram=cfg.ngram, compile=compiled is not None)
     with rope_scaled(model, cfg.rope_scale):
@@ -200,13 +206,16 @@ def evaluate(model, val_tokens, luts: ByteLUTs, cfg: EvalConfig, rank: int = 0, 
             model.load_state_dict(initial)
     final = scores["tilt" if cfg.ngram and cfg.ngram_score == "tilt" else "blend" if cfg.ngram else "model"]
 
+    # What the submission runs (verification is the kit's): compile once, then the main pass over the full val.
+    # Scoring, views and TTT's steps are split over the ranks, so they scale to 8 GPUs' share; the n-gram's update
+    # (its counts and refit) runs whole on every rank, so it scales with the tokens only.
+    seconds = torch.tensor([main_seconds, timer.seconds.get("ngram", 0.0)], device=device, dtype=torch.float64)
     if distributed():  # the slowest rank sets the time
-        slowest = torch.tensor([main_seconds], device=device)
-        torch.distributed.all_reduce(slowest, op=torch.distributed.ReduceOp.MAX)
-        main_seconds = slowest.item()
+        torch.distributed.all_reduce(seconds, op=torch.distributed.ReduceOp.MAX)
+    main_seconds, replicated = seconds.tolist()
     full = FULL_VAL_TOKENS.get(vocab, FULL_VAL_TOKENS[1024])
-    # What the submission runs: compile once, then the main pass at 8 GPUs' share (verification is the kit's).
-    projected = timer.seconds.get("compile", 0.0) + main_seconds * (full / EVAL_GPUS) / (final.tokens / world_size)
+    projected = timer.seconds.get("compile", 0.0) + full / final.tokens * (
+        (main_seconds - replicated) * world_size / EVAL_GPUS + replicated)
     projection = {"full_val_tokens": full, "gpus": EVAL_GPUS, "seconds": round(projected, 1),
                   "over_limit": projected > EVAL_LIMIT_S}
     body = {"val_loss": final.val_loss, "val_bpb": final.val_bpb, "tokens": final.tokens, "bytes": final.bytes,

@@ -62,12 +62,25 @@ def window_scores(model, extra, x: torch.Tensor, last: int, targets: torch.Tenso
     return -logp.gather(-1, targets[..., None]).squeeze(-1), logp[0, -1]
 
 
-def shard_targets(num_targets: int, rank: int, world_size: int, align: int) -> tuple[int, int]:
-    """Target positions [first, end) of a rank's contiguous share of 1..num_targets; inner boundaries fall on
-    1 + multiples of `align` (the stride) so shard cuts coincide with window boundaries."""
-    def bound(r: int) -> int:
-        return num_targets + 1 if r == world_size else 1 + num_targets * r // world_size // align * align
-    return bound(rank), bound(rank + 1)
+def process_group() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed group; (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows [n_r, ...] (n_r may differ), concatenated in rank order, on every rank."""
+    world = process_group()[1]
+    if world == 1:
+        return rows
+    counts = [torch.tensor([rows.size(0)], device=rows.device) for _ in range(world)]
+    torch.distributed.all_gather(counts, counts[0].clone())
+    counts = [int(n) for n in counts]
+    padded = F.pad(rows, (0, 0) * (rows.dim() - 1) + (0, max(counts) - rows.size(0)))
+    out = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(out, padded)
+    return torch.cat([o[:n] for o, n in zip(out, counts)])
 
 
 def plan_windows(first: int, end: int, context: int, stride: int, chunk: int):
@@ -94,8 +107,8 @@ class StreamResult:
     """What one pass of the stream recorded for its targets [first, end)."""
     first: int
     end: int
-    nll: dict[str, torch.Tensor]    # view -> NLL (nats) per target, float32 [end - first]
-    coverage: torch.Tensor          # int32 [end - first]: times each target was scored (C4)
+    nll: dict[str, torch.Tensor]    # view -> NLL (nats) per target, float32 [end - first]; 0 if another rank's
+    coverage: torch.Tensor          # int32 [end - first]: times this rank scored each target (C4)
     norm: dict[str, torch.Tensor]   # view -> [max |sum p - 1|, min p, non-finite count] over checked rows (C2)
     events: list[tuple[str, str, int, int]]  # ("score", "", lo, hi) / ("update", adapter, 0, hi) in order (C3)
 
@@ -140,6 +153,9 @@ def score_stream(model, tokens: torch.Tensor, first: int, end: int, *, context: 
     recorded, and only then adapters learn: each `adapters[name].update(tokens[:hi], positions)` and, except
     after the last chunk, `ttt.update(tokens[:hi], lo, hi, progress)`; they are handed only tokens already scored
     (or before `first`). `ttt.extra_embed` (a module or None) feeds the model's extra_embed.
+    Under torch.distributed every rank runs this with the same arguments: the ranks split each chunk's windows (a
+    rank records NLL and coverage for its share only), meet once all have scored the chunk, and then all learn from
+    the whole chunk (the adapters and TTT share what they learn), so the scores do not depend on the world size.
     score_tokens: the tokens the targets are read from (default `tokens`); the causality check scores original
     targets after perturbing the context stream. compiled: torch.compile(window_scores) for full batches (static
     shapes: the last batch of a chunk is padded)."""
@@ -156,6 +172,15 @@ def score_stream(model, tokens: torch.Tensor, first: int, end: int, *, context: 
     starts, lows, highs = (torch.as_tensor(a, device=device) for a in (starts_np, lo_np, hi_np))
     sizes = hi_np - lo_np
     n_shard = end - first
+    rank, world = process_group()
+    # Each chunk's share of windows [a, b) and of targets [s_lo, s_hi) on this rank.
+    if max(w1 - w0 for *_, w0, w1 in chunks) < world:  # then a rank would score nothing and make no views
+        raise ValueError(f"{world} ranks: every chunk has fewer windows than ranks (use fewer processes, or a "
+                         "smaller STRIDE or a larger CHUNK_TOKENS)")
+    shares = []
+    for c_lo, _, w0, w1 in chunks:
+        a, b = w0 + (w1 - w0) * rank // world, w0 + (w1 - w0) * (rank + 1) // world
+        shares.append((a, b, *((int(lo_np[a]), int(hi_np[b - 1])) if b > a else (c_lo, c_lo))))
     rows_mode = bool(adapters)  # adapters need the model's full distribution of every target in the chunk
     nll = {"model": torch.zeros(n_shard + 1, device=device)}  # the last slot absorbs masked-out writes
     coverage = torch.zeros(n_shard + 1, dtype=torch.int32, device=device)
@@ -169,10 +194,10 @@ def score_stream(model, tokens: torch.Tensor, first: int, end: int, *, context: 
         with timer("compile"), torch.no_grad():
             x = tokens[:context].expand(batch_windows, -1).contiguous()
             compiled(model, extra, x, stride, None if rows_mode else x[:, -stride:].contiguous())
-    bar = packable_progress_bar(total=n_shard, desc=desc, unit="tok", unit_scale=True, disable=not progress,
-                                leave=False)
+    bar = packable_progress_bar(total=sum(s[3] - s[2] for s in shares), desc=desc, unit="tok", unit_scale=True,
+                                disable=not progress, leave=False)
 
-    def run_batch(i: int, j: int, last: int, fn, c_lo: int, rows):
+    def run_batch(i: int, j: int, last: int, fn, s_lo: int, rows):
         st, lo, hi = starts[i:j], lows[i:j], highs[i:j]
         if fn is compiled and j - i < batch_windows:  # pad to the compiled batch; padding scores nothing
             pad = batch_windows - (j - i)
@@ -185,29 +210,31 @@ def score_stream(model, tokens: torch.Tensor, first: int, end: int, *, context: 
         coverage.index_put_((slot,), torch.ones_like(slot, dtype=torch.int32), accumulate=True)
         if rows_mode:
             logp = fn(model, extra, x, last, None)
-            rows.index_copy_(0, torch.where(scored, pos - c_lo, rows.size(0) - 1).flatten(), logp.flatten(0, 1))
+            rows.index_copy_(0, torch.where(scored, pos - s_lo, rows.size(0) - 1).flatten(), logp.flatten(0, 1))
         else:
             batch_nll, sample = fn(model, extra, x, last, score_tokens[pos])
             nll["model"].index_put_((slot,), batch_nll.flatten())
             _check_rows(norm, "model", sample[None])
         bar.update(int(sizes[i:j].sum()))
 
-    for index, (c_lo, c_hi, w0, w1) in enumerate(chunks):
-        n = c_hi - c_lo
-        rows = torch.empty(n + 1, model.cfg.vocab_size, device=device) if rows_mode else None
+    for index, ((c_lo, c_hi, _, _), (a, b, s_lo, s_hi)) in enumerate(zip(chunks, shares)):
+        rows = torch.empty(s_hi - s_lo + 1, model.cfg.vocab_size, device=device) if rows_mode else None
         with timer("score"), torch.no_grad():
-            i = w0
-            while i < w1:
+            i = a
+            while i < b:
                 if starts_np[i] == 0:  # head window: all its positions, eager (one or two per stream)
-                    run_batch(i, i + 1, context, window_scores, c_lo, rows)
+                    run_batch(i, i + 1, context, window_scores, s_lo, rows)
                     i += 1
                 else:
-                    j = min(i + batch_windows, w1)
-                    run_batch(i, j, stride, window_scores if compiled is None else compiled, c_lo, rows)
+                    j = min(i + batch_windows, b)
+                    run_batch(i, j, stride, window_scores if compiled is None else compiled, s_lo, rows)
                     i = j
         if rows_mode:
             with timer("views"), torch.no_grad():
-                _score_views(rows, adapters, tokens, score_tokens, c_lo, c_hi, first, nll, norm)
+                _score_views(rows, adapters, tokens, score_tokens, s_lo, s_hi, first, nll, norm)
+        if world > 1 and (adapters or ttt is not None):
+            with timer("score"):  # every rank has scored its share: the chunk is scored, and may be learned from
+                torch.distributed.all_reduce(torch.zeros(1, device=device))
         events.append(("score", "", c_lo, c_hi))
         known = tokens[:c_hi]
         for name, adapter in adapters.items():

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eval.stream import process_group
 from submission.model import bigram_bucket
 
 
@@ -56,8 +57,20 @@ def training_windows(known: torch.Tensor, lo: int, hi: int, seq_len: int) -> lis
     return [(torch.stack([x for x, _ in g]), torch.stack([y for _, y in g])) for g in groups if g]
 
 
+def all_reduce_grads(params: list[nn.Parameter]) -> None:
+    """Sum the gradients of `params` over the ranks in one flat all-reduce (a missing gradient counts as zeros)."""
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    torch.distributed.all_reduce(flat)
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p).to(p.dtype)
+
+
 class ScoreFirstTTT:
     """SGD with momentum on each scored chunk (after its scores are recorded), for `epochs` passes over it.
+    Under torch.distributed the ranks split each batch's sequences and sum their gradients (each rank's loss is
+    its share of the batch's summed NLL over the batch's target count), so every rank takes the step one process
+    would take on the whole batch and the weights stay the same on all of them.
 
     One optimizer for the whole stream (momentum carries across chunks); the LR of every group follows a cosine
     from its base LR at the first chunk toward 0 at the last (never trained) chunk. Groups: the chosen model
@@ -91,13 +104,20 @@ class ScoreFirstTTT:
         batches = [(x[i:i + self.batch_seqs], y[i:i + self.batch_seqs])
                    for x, y in training_windows(known, lo, hi, self.seq_len)
                    for i in range(0, x.size(0), self.batch_seqs)]
+        rank, world = process_group()
         for _ in range(self.epochs):
             for x, y in batches:
-                with torch.autocast(x.device.type, torch.bfloat16, enabled=x.is_cuda):
-                    extra = None if self.extra_embed is None else self.extra_embed(x)
-                    z = self.model.logits(x, extra)
-                loss = F.cross_entropy(z.reshape(-1, z.size(-1)), y.reshape(-1), ignore_index=-100)
-                loss.backward()
+                count = (y != -100).sum()
+                x, y = (t[t.size(0) * rank // world:t.size(0) * (rank + 1) // world] for t in (x, y))
+                if len(x):
+                    with torch.autocast(x.device.type, torch.bfloat16, enabled=x.is_cuda):
+                        extra = None if self.extra_embed is None else self.extra_embed(x)
+                        z = self.model.logits(x, extra)
+                    loss = F.cross_entropy(z.reshape(-1, z.size(-1)), y.reshape(-1), ignore_index=-100,
+                                           reduction="sum") / count
+                    loss.backward()
+                if world > 1:
+                    all_reduce_grads(self.trained)
                 if self.grad_clip:
                     torch.nn.utils.clip_grad_norm_(self.trained, self.grad_clip)
                 self.optimizer.step()

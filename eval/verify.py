@@ -31,7 +31,7 @@ def evaluate_verified(model, val_tokens, luts: ByteLUTs, cfg: EvalConfig, rank: 
         if cfg.compliance:
             with timer("compliance"), _deterministic(tokens.device):
                 c1 = _causality(model, tokens, initial, cfg, tilt="tilt" in result.nll)
-            out["compliance"] = _compliance(result, c1, tokens.numel() - 1, tokens.device)
+            out["compliance"] = _compliance(result, c1, tokens.numel() - 1)
             log("eval_compliance", **{k: "pass" if v["passed"] else "FAIL" for k, v in out["compliance"].items()})
         return out
 
@@ -60,26 +60,25 @@ def _deterministic(device: torch.device):
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
-def _compliance(result, c1: dict, num_targets: int, device) -> dict:
-    """C2-C4 of the main stream, reduced over ranks; C1 from the perturbation runs."""
+def _compliance(result, c1: dict, num_targets: int) -> dict:
+    """C1 from the perturbation runs (each rank checks the scores it made) and C2-C4 of the main stream, reduced
+    over ranks (C4 on the coverage counts summed over them: the ranks split every chunk of one stream)."""
     norm = {view: stats.clone() for view, stats in result.norm.items()}
     c3 = check_events(result.events, result.first)
-    summary = torch.tensor(coverage_summary(result.first, result.end, result.coverage), device=device)
+    coverage = result.coverage.clone()
     if distributed():
         for stats in norm.values():  # max error, max of -min p, max non-finite count: one MAX reduction
             stats[1].neg_()
             torch.distributed.all_reduce(stats, op=torch.distributed.ReduceOp.MAX)
             stats[1].neg_()
-        flags = torch.tensor([float(c3["passed"])], device=device)
-        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
-        if c3["passed"] and not flags.item():
-            c3 = {"passed": False, "detail": "another rank's stream updated before scoring (see its log)"}
-        gathered = [torch.empty_like(summary) for _ in range(torch.distributed.get_world_size())]
-        torch.distributed.all_gather(gathered, summary)
-        summaries = [g.tolist() for g in gathered]
-    else:
-        summaries = [summary.tolist()]
-    return {"C1": c1, "C2": check_normalization(norm), "C3": c3, "C4": check_coverage(summaries, num_targets)}
+        torch.distributed.all_reduce(coverage)
+        verdicts = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(verdicts, (c1, c3))
+        failed = [[(rank, v[k]) for rank, v in enumerate(verdicts) if not v[k]["passed"]] for k in (0, 1)]
+        c1, c3 = (own if not fails else {"passed": False, "detail": f"rank {fails[0][0]}: {fails[0][1]['detail']}"}
+                  for own, fails in zip((c1, c3), failed))  # the first failing rank's verdict, naming the rank
+    summary = coverage_summary(result.first, result.end, coverage)
+    return {"C1": c1, "C2": check_normalization(norm), "C3": c3, "C4": check_coverage([summary], num_targets)}
 
 
 def _causality(model, tokens, initial: dict, cfg: EvalConfig, tilt: bool) -> dict:

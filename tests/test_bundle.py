@@ -318,8 +318,8 @@ def test_tracebacks_and_getsource_see_the_unpacked_source(tmp_path):
     proc = run_packed(result.packed, tmp_path / "empty")
     assert proc.stdout == "def explode(n):\n"
     # The message is shortened to the kit file and line plus its values (test_raise_messages_... covers the rules).
-    assert "raise ValueError(f'fk_core/util.py:2 {n}')" in proc.stderr
-    assert "ValueError: fk_core/util.py:2 7" in proc.stderr
+    assert "raise ValueError(f'util.py:2 {n}')" in proc.stderr
+    assert "ValueError: util.py:2 7" in proc.stderr
 
 
 def test_write_bundle_hash_follows_the_sources_not_the_comments(fake_kit, tmp_path):
@@ -937,8 +937,8 @@ def test_raise_messages_become_path_line_and_values(tmp_path):
     assert short.sizes.minified < full.sizes.minified
     # Full messages: the packed program prints exactly what the readable kit prints.
     assert run_packed(full.packed, tmp_path / "full").stdout == reference.stdout
-    lib = "fk_m/lib.py"
-    at = {marker: f"{lib}:{raise_line(kit, lib, marker)}" for marker in ("fit: code", "shard {name", "MESSAGE_PROSE",
+    lib = "fk_m/lib.py"  # named lib.py in the messages: no other file of the program has that name
+    at = {marker: f"lib.py:{raise_line(kit, lib, marker)}" for marker in ("fit: code", "shard {name", "MESSAGE_PROSE",
                                                                          "setting {text}")}
     assert [int(v.rpartition(":")[2]) for v in at.values()] == [6, 12, 16, 23]
     proc = run_packed(short.packed, tmp_path / "short")
@@ -953,6 +953,13 @@ def test_raise_messages_become_path_line_and_values(tmp_path):
                                                  "assert: KEPT_ASSERT y", "final_eval_exact path:y val_bpb:1.2500"]
     assert "MESSAGE_PROSE" not in short.readable_source and "re-fit" not in short.readable_source
     assert "MESSAGE_PROSE" in full.readable_source
+
+
+def test_a_message_names_its_file_alone_unless_another_file_of_the_program_shares_the_name():
+    from tools.pack.bundle.build import message_label
+    rels = ["submission/model.py", "eval/run.py", "tools/quant/run.py", "train_gpt.py"]
+    assert [message_label(rel, rels) for rel in rels] == ["model.py", "eval/run.py", "tools/quant/run.py",
+                                                          "train_gpt.py"]
 
 
 def test_cli_bundle_full_messages_flag(tmp_path, capsys):

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 
 from eval.bpb import build_byte_luts
 from eval.flat import evaluate_flat
+from eval.lora import shard_targets
 from eval.run import EvalConfig, evaluate
-from eval.stream import plan_windows, rope_scaled, score_stream, shard_targets, window_scores
+from eval.stream import plan_windows, rope_scaled, score_stream, window_scores
 from submission.config import ModelConfig, resolve, to_dict
 from submission.model import GPT, rope_tables
 from tests.tiny import EVERY_FEATURE_2_LAYERS
@@ -215,6 +216,38 @@ def test_evaluate_returns_the_contract_body_and_runs_no_verification(real_tokens
     assert exact == ["eval_hash_embed_exact", "eval_ngram_exact", "final_eval_exact"]  # no tilt view, no ablation
     assert f"eval_ngram_exact val_loss:{body['val_loss']:.8f} val_bpb:{body['val_bpb']:.8f}" in lines
     json.dumps(body)  # JSON-able as is
+
+
+def test_the_projection_splits_scoring_and_ttt_over_8_gpus_but_not_the_ngrams_update(real_tokens, sp):
+    """On 8 GPUs the ranks divide each chunk's windows and TTT's sequences among them, but every rank counts and
+    refits the n-gram on the whole chunk: the projection scales only the split stages by 1/8."""
+    body = evaluate(tiny_model(), real_tokens[:500].numpy().astype(np.uint16), build_byte_luts(sp, 1024),
+                    small_eval_config(), progress=False)
+    stages, scale = body["stages"], 62_021_632 / body["tokens"]
+    split = stages["score"] + stages["views"] + stages["ttt"]
+    expected = stages.get("compile", 0.0) + scale * (split / 8 + stages["ngram"])
+    tolerance = 0.05 + 0.0005 * (1 + scale * (3 / 8 + 1))  # the stages are rounded to 1 ms, the projection to 0.1 s
+    assert body["projection"]["seconds"] == pytest.approx(expected, abs=tolerance)
+    assert scale * stages["ngram"] * 7 / 8 > 2 * tolerance  # dividing the n-gram by 8 too would fail the check
+
+
+def test_a_stream_too_short_for_its_ranks_is_refused_before_any_collective(real_tokens, monkeypatch):
+    """A rank whose shares are all empty would make no views, and the per-view reductions after the stream would
+    wait for it forever: the stream refuses such a split up front, on every rank alike."""
+    import eval.stream
+    monkeypatch.setattr(eval.stream, "process_group", lambda: (0, 8))
+    with pytest.raises(ValueError, match="8 ranks: every chunk has fewer windows than ranks"):
+        score_stream(tiny_model(), real_tokens[:100], 1, 100, context=32, stride=16, chunk=64, batch_windows=4,
+                     adapters={"spy": SpyAdapter([])})
+
+
+def test_the_packed_program_refuses_the_tilt_view_which_only_the_kit_carries(monkeypatch):
+    import eval.run
+    assert EvalConfig(ngram_score="tilt").ngram_score == "tilt"  # the kit has eval/tilt.py
+    monkeypatch.setattr(eval.run, "packed", lambda: True)
+    with pytest.raises(ValueError, match=r"NGRAM_SCORE='tilt': choose blend \(tilt is the kit's view"):
+        EvalConfig(ngram_score="tilt")
+    assert EvalConfig().ngram_score == "blend"
 
 
 def test_eval_overrides_reach_nested_ngram_fields_and_are_validated():

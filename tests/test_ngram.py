@@ -1,4 +1,5 @@
-"""Tests for eval/ngram.py: normalization (C2), causality (C1), exact counts under hashing, BOS, blend/tilt, mixer."""
+"""Tests for eval/ngram.py (and the kit's tilt view, eval/tilt.py): normalization (C2), causality (C1), exact counts
+under hashing, BOS, blend/tilt, mixer."""
 from __future__ import annotations
 
 import itertools
@@ -13,8 +14,8 @@ import pytest
 import torch
 
 from eval.ngram import (SMOOTHINGS, NgramBlender, NgramConfig, NgramModel, OnlineMixer, PairCounts, blend,
-                        context_windows, fit_mixing_weights, fit_tilt_beta, mixing_features, mixture_nll,
-                        model_entropy, ngram_hint, tilt, tilt_nll_change)
+                        context_windows, fit_mixing_weights, mixing_features, mixture_nll, model_entropy)
+from eval.tilt import TiltBlender, fit_tilt_beta, ngram_hint, tilt, tilt_nll_change
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DOCS = REPO / "data" / "sample" / "sample_wiki.jsonl.xz"
@@ -340,7 +341,7 @@ def test_tilt_fit_reaches_the_scipy_optimum_and_matches_the_tilted_scores():
 
 def test_blender_tilt_view_starts_untilted_and_learns_from_scored_hints(real_tokens):
     vocab = 1024
-    blender = NgramBlender(vocab, NgramConfig(order=4), tilt=True)
+    blender = TiltBlender(vocab, NgramConfig(order=4))
     logp = torch.log_softmax(torch.zeros(2000, vocab), -1)
     first = blender.views(logp, real_tokens, torch.arange(1, 2001), real_tokens[1:2001])
     assert set(first) == {"blend", "tilt"} and torch.equal(first["tilt"], logp)  # beta = 0 before any update
@@ -427,11 +428,11 @@ def test_blender_learns_the_same_from_pieces_predicted_out_of_order(real_tokens)
     pieces = [(1, 700), (700, 1500), (1500, 3001)]
     blenders = []
     for order in (pieces, pieces[::-1]):
-        blender = NgramBlender(vocab, NgramConfig(order=4), tilt=True)
+        blender = TiltBlender(vocab, NgramConfig(order=4))
         blender.views(logp[:200], real_tokens, torch.arange(3001, 3201), real_tokens[3001:3201])
         with pytest.raises(RuntimeError, match="not the ones predicted"):
             blender.update(real_tokens, torch.arange(3001, 3202))
-        blender = NgramBlender(vocab, NgramConfig(order=4), tilt=True)
+        blender = TiltBlender(vocab, NgramConfig(order=4))
         for a, b in order:
             blender.views(logp[a - 1:b - 1], real_tokens, torch.arange(a, b), real_tokens[a:b])
         blender.update(real_tokens, torch.arange(1, 3001))
@@ -472,4 +473,4 @@ def test_the_blend_from_targets_alone_is_the_blend_of_full_rows(real_tokens):
         assert torch.equal(full.mixer.weights, alone.mixer.weights)
     assert full.mixer.weights is not None and full.model.tokens_counted == alone.model.tokens_counted == n
     with pytest.raises(ValueError, match="tilt view needs"):
-        target_blend(NgramBlender(vocab, tilt=True), *[None] * 7)
+        target_blend(TiltBlender(vocab), *[None] * 7)

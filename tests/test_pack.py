@@ -204,7 +204,7 @@ def test_the_speedrun_switches_are_packed_only_when_on_and_then_match_the_kit(da
     proc = subprocess.run([sys.executable, "train_gpt.py", f"DATA_DIR={data}", f"TOKENIZER_PATH={TOKENIZER}",
                            f"RUN_DIR={tmp_path / 'off_run'}", *TINY, *SWITCHES_ON], cwd=alone,
                           env={**pipeline_env(), "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
-    where = re.search(r"ImportError: submission/model\.py:(\d+)", proc.stderr)
+    where = re.search(r"ImportError: model\.py:(\d+)", proc.stderr)  # the only model.py: named alone
     assert proc.returncode != 0 and where, proc.stderr[-2000:]  # short message: the kit's line holds the full text
     lines = (REPO / "submission/model.py").read_text().splitlines()
     assert "bundled with the speedrun switches off" in "".join(lines[int(where.group(1)) - 1:int(where.group(1)) + 1])

@@ -83,12 +83,13 @@ def test_compliance_alone_checks_the_views_the_score_uses(tokens, sp):
 
 
 def test_the_packed_program_has_no_verification_code():
+    """Nor the tilt view (eval/tilt.py), which only the kit's ablation, tuning and `pgolf eval` use."""
     from tools.pack.ship import bundle_entry
     result = bundle_entry()
-    assert "eval/verify.py" not in result.modules and "eval/compliance.py" not in result.modules
+    assert not {"eval/verify.py", "eval/compliance.py", "eval/tilt.py"} & set(result.modules)
     tree = ast.parse(result.readable_source)
     packed = {node.name for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
-    for module in ("eval/verify.py", "eval/compliance.py"):
+    for module in ("eval/verify.py", "eval/compliance.py", "eval/tilt.py"):
         defined = {node.name for node in ast.parse((REPO / module).read_text()).body
                    if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
         assert defined and not defined & packed, f"{module} definitions packed: {sorted(defined & packed)}"
@@ -116,3 +117,25 @@ def test_merging_a_verification_keeps_the_packed_score_and_refuses_another_artif
     assert unchecked["compliance_not_run"] and "compliance" not in unchecked  # COMPLIANCE=0 verified nothing
     with pytest.raises(ValueError, match="101-byte model.*states 100"):
         merge_verification(packed, {**verified, "bytes_model": 101})
+
+
+def test_under_torch_distributed_the_checks_sum_coverage_and_report_a_failing_ranks_verdict():
+    """With a process group the ranks split every chunk: C4 counts the coverage summed over them (one stream), and
+    a rank's failing C1 or C3 verdict becomes everyone's, naming the rank (a group of one here; tests/
+    test_distributed.py runs two processes)."""
+    import torch.distributed as dist
+
+    from eval.stream import StreamResult
+    from eval.verify import _compliance
+    norm = {"model": torch.tensor([1e-7, 1e-3, 0.0], dtype=torch.float64)}
+    result = StreamResult(1, 5, {"model": torch.zeros(4)}, torch.tensor([1, 1, 1, 1], dtype=torch.int32), norm,
+                          [("score", "", 1, 5)])
+    failed = {"passed": False, "detail": "the score at position 3 changed"}
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        checks = _compliance(result, failed, 4)
+    finally:
+        dist.destroy_process_group()
+    assert checks["C1"] == {"passed": False, "detail": "rank 0: the score at position 3 changed"}
+    assert checks["C3"]["passed"] and checks["C2"]["passed"]
+    assert checks["C4"] == {"passed": True, "detail": "each of the 4 targets scored exactly once"}

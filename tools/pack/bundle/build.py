@@ -56,6 +56,13 @@ def find_kit_root(entry: Path) -> Path:
     return folder
 
 
+def message_label(rel: str, rels: list[str]) -> str:
+    """How a shortened raise message names its file: the file name where it is the program's only file of that name
+    (submission/model.py -> model.py), else the kit-relative path."""
+    name = rel.rsplit("/", 1)[-1]
+    return name if [r.rsplit("/", 1)[-1] for r in rels].count(name) == 1 else rel
+
+
 def _register_optional(program: str, name: str, source: str) -> str:
     """`program` with, after its __future__ imports, statements that run `source` as module `name` in its own
     namespace and put it in sys.modules, where the program's importlib.import_module(name) finds it."""
@@ -88,7 +95,8 @@ def bundle(entry: Path, kit_root: Path, kit_packages: tuple[str, ...] = KIT_PACK
     modules = bundler.order()
     pruned = bundler.prune(modules)
     modules = [m for m in modules if not m.empty]
-    messages = sum(shorten_messages(m.tree, m.rel) for m in modules) if short_messages else None
+    messages = sum(shorten_messages(m.tree, message_label(m.rel, [n.rel for n in modules])) for m in modules) \
+        if short_messages else None
     renamed = bundler.plan_names(modules)
     tree = assemble(bundler, modules)
     long_names = minify(tree)

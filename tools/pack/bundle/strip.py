@@ -88,7 +88,8 @@ def shorten_messages(tree: ast.Module, rel: str) -> int:
 
     The kit's messages name the file, the value and the fix (README: Bad input); their prose was 3.1 KB of the
     pipeline's 29.3 KB of lzma. The packed program keeps the exception type and the values; the kit at rel:line has
-    the text.
+    the text. rel may be the file's name alone where no other file of the program has that name (message_label):
+    the kit's folders cost the pipeline 141 bytes of its packed file.
     Run before anything moves a node, so the line is the kit file's. Assert messages, prints and logs stay as written.
     Returns how many messages were shortened."""
     count = 0
