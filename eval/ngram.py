@@ -16,8 +16,8 @@ from __future__ import annotations
 # scored tokens adds at most T pairs per order; measured at K=12 on sp1024 text: 335 MB per 1.57M tokens, so every
 # rank, which counts the whole val (40.5M sp8192 or 62M sp1024 tokens), ends at ~9-13 GB. This replaces a dense
 # [buckets, V] table per order: at V=1024 a dense table of 2^16 buckets is already 256 MiB per order yet would
-# merge ~100 distinct 5-token contexts per bucket. Context ids here are exact while V^(n-1) < 2^47 (orders <= 5 for sp1024, <= 4 for
-# sp8192) and hashed modulo a 47-bit prime beyond (expected collisions among 8M contexts of one order: ~0.2).
+# merge ~100 distinct 5-token contexts per bucket. Context ids are exact while V^(n-1) < 2^47 (orders <= 5 at
+# sp1024, <= 4 at sp8192), hashed modulo a 47-bit prime beyond (expected collisions, 8M contexts of one order: 0.2).
 #
 # Cost per predicted token, per order: two binary searches over the pairs held (~25 steps), a gather of the
 # T(c) counts its context has seen, one scale of its V-float row of q and a scatter of T(c) values. The dense
@@ -464,7 +464,7 @@ class NgramBlender:
                                         for x in (positions.to(columns[0].device), *columns)], 1))
 
     def gathered(self, pending: list[torch.Tensor], width: int) -> torch.Tensor:
-        """The rows kept since the last update (all ranks' when shared), in position order; width: columns."""
+        """The rows kept since the last update (every rank's, via self.gather), by position; width: columns."""
         rows = self.gather(torch.cat(pending) if pending else
                            torch.zeros(0, width, dtype=torch.float64, device=self.model.device))
         return rows[rows[:, 0].argsort()]

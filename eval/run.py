@@ -161,8 +161,8 @@ def evaluate(model, val_tokens, luts: ByteLUTs, cfg: EvalConfig, rank: int = 0, 
     """Score the validation tokens with the configured recipe; return the eval-JSON body: val_loss (nats/token),
     val_bpb, tokens, bytes, stages (seconds), what `verify` adds, projection, config. Ranks split every chunk of
     the stream and learn from all of it (eval.stream.score_stream), so the score is the same on any number of
-    ranks; sums are all-reduced in float64. The model's weights are restored before returning. `log(*fields, **kv)` gets stage
-    lines and, last, `final_eval_exact val_loss:<.8f> val_bpb:<.8f>`.
+    ranks; sums are all-reduced in float64. The model's weights are restored before returning. `log(*fields, **kv)`
+    gets stage lines and, last, `final_eval_exact val_loss:<.8f> val_bpb:<.8f>`.
     verify(tokens, initial, compiled, result, scores, seconds, timer) -> dict (eval/verify.py, kit only) runs after
     the main pass, under its RoPE scaling, and returns eval-JSON keys to add; the main pass then also records the
     tilt view when cfg.ablation is set."""

@@ -173,7 +173,7 @@ def score_stream(model, tokens: torch.Tensor, first: int, end: int, *, context: 
     sizes = hi_np - lo_np
     n_shard = end - first
     rank, world = process_group()
-    # Each chunk's share of windows [a, b) and of targets [s_lo, s_hi) on this rank.
+    # Each chunk's share of windows [a, b) and of targets [s_lo, s_hi) on this rank; every rank needs one somewhere.
     if max(w1 - w0 for *_, w0, w1 in chunks) < world:  # then a rank would score nothing and make no views
         raise ValueError(f"{world} ranks: every chunk has fewer windows than ranks (use fewer processes, or a "
                          "smaller STRIDE or a larger CHUNK_TOKENS)")
