@@ -647,7 +647,6 @@ def _chunk_step(model, lora: BatchedLoRA | None, optimizer, step_spans, chunk: i
     return sum(c_hi - c_lo for _, c_lo, c_hi, *_ in spans)
 
 
-@torch.no_grad()
 def local_blender(vocab_size: int, cfg: NgramConfig, device) -> NgramBlender:
     """An n-gram blender that stays this rank's own under torch.distributed: each rank of a per-document pass counts
     and refits on its own contiguous share (the scoring stream's blenders gather every rank's rows instead)."""
@@ -656,6 +655,7 @@ def local_blender(vocab_size: int, cfg: NgramConfig, device) -> NgramBlender:
     return blender
 
 
+@torch.no_grad()
 def target_blend(blender: NgramBlender, entropy: Tensor, logp_targets: Tensor, tokens: Tensor, positions: Tensor,
                  targets: Tensor, score_targets: Tensor, logp_score: Tensor, rows: Tensor | None = None,
                  row_index: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
