@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from dataclasses import replace
 
 import pytest
 import torch
 
+from submission.model import GPT
 from tests.test_quantize import QUANT, TINY_CALIB, Lines, make_run, trained_like, MODEL
 from tools.pack.artifact import DECIMAL_CAP, MODEL_FILENAME, pack_artifact, read_artifact
 from tools.quant.allocate import Probe, allocate, entropy_bytes, probe, quantized_names, single_clip_bytes
@@ -189,3 +191,49 @@ def test_bit_allocation_needs_sd_clipping():
         QuantConfig(clip_policy="search", bit_allocation=True)
     with pytest.raises(ValueError, match="ALLOCATION_GRID"):
         QuantConfig(clip_policy="sdclip", bit_allocation=True, allocation_grid=(1.0, -2.0))
+
+
+def _gap_budget():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "scripts" / "gap_budget.py"
+    spec = importlib.util.spec_from_file_location("gap_budget", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gap_budget_code_bits_match_rounded_gaussian_samples():
+    """scripts/gap_budget.py's byte model: the entropy of N(0, 1) rounded at a step, against counted samples."""
+    gb = _gap_budget()
+    x = torch.randn(2_000_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for step, qmax in [(12.85 / 31, 31), (20 / 127 * 0.6, 127), (1.5, 1)]:
+        codes = (x / step).round().clamp(-qmax, qmax).reshape(1, -1)
+        counted = (entropy_bytes(codes) - 2) * 8 / codes.numel()  # less the one row's float16 scale
+        assert gb.gaussian_code_bits(step, qmax) == pytest.approx(counted, abs=2e-3)
+
+
+def test_gap_budget_replays_the_logged_allocation(tmp_path, capsys):
+    """The model at the log's own choice is scaled to the measured gap; the replay at the same bytes does no worse
+    (the allocation is optimal under the model), and more bytes predict a smaller gap."""
+    import json
+    gb = _gap_budget()
+    with torch.device("meta"):
+        names = [n for n, t in GPT(MODEL).state_dict().items() if t.ndim == 2]
+    lines = [f"allocation:{n} loss_coef:{1e-4 * (i + 1):.3e} multiplier:1 probe_losses:+0" for i, n in
+             enumerate(names)]
+    lines += ["final_prequant val_loss:3.0 val_bpb:1.30000 steps:10 weights:ema",
+              "roundtrip_eval artifact:x tokens:1000 bytes:4000 seconds:1",
+              "quantized_roundtrip_exact val_loss:3.01 val_bpb:1.30700"]
+    (tmp_path / "train.log").write_text("\n".join(lines) + "\n")
+    (tmp_path / "config.json").write_text(json.dumps({"model": vars(MODEL)}))
+    gb.main([str(tmp_path / "train.log"), "--extra-mb", "0.001,0.01"])
+    out = capsys.readouterr().out
+    modelled, scale = map(float, re.search(r"modelled (\S+) at .* scale (\S+)", out).groups())
+    assert modelled * scale == pytest.approx(0.007, rel=1e-3) and "measured gap +0.00700" in out
+    rows = [r.split(" | ") for r in out.splitlines() if r.startswith("| +")]
+    predicted = [float(r[2]) for r in rows]
+    assert predicted[0] <= modelled + 1e-5 and predicted[0] > predicted[1] > predicted[2] > 0
+    (tmp_path / "train.log").write_text("allocation:blocks.99.attn.c_q.weight loss_coef:1e-4 multiplier:1\n")
+    with pytest.raises(SystemExit, match="config.json"):
+        gb.main([str(tmp_path / "train.log")])
