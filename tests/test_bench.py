@@ -351,3 +351,25 @@ def test_vs_pr1460_compares_against_an_earlier_kit_log_without_training_the_kit(
     assert "tokens/s ratio kit / script: 1.60" in out
     assert (tmp_path / "out/vs_pr1460/kit_train.log").read_text() == kit_log.read_text()
     assert "ITERATIONS=100" in (tmp_path / "out/vs_pr1460/pr1460_args").read_text()
+
+
+def test_ablation_speed_times_each_setting_against_the_recipe_timed_twice(tmp_path):
+    """scripts/ablation_speed.sh on a tiny CPU model: the recipe timed first and last, one row per setting with its
+    ms/step and the difference to the recipe's mean, and a setting pgolf bench refuses reported as failed."""
+    import os
+    import re
+    import subprocess
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    tiny = ("RECIPE=sp1024 VOCAB_SIZE=1024 NUM_LAYERS=2 MODEL_DIM=64 NUM_HEADS=2 NUM_KV_HEADS=1 SEQ_LEN=128 "
+            "TRAIN_BATCH_TOKENS=256 MICRO_BATCH_TOKENS=256 COMPILE=0")
+    env = {**os.environ, "OUT": str(tmp_path), "BENCH_STEPS": "2", "BENCH_WARMUP": "1"}
+    out = subprocess.run(["bash", "scripts/ablation_speed.sh", tiny, "MLP_MULT=2", "NO_SUCH_KEY=1"], cwd=repo,
+                         env=env, capture_output=True, text=True, check=True).stdout
+    first, last, mean = map(float, re.search(r"recipe as is: (\S+) ms/step first, (\S+) last \(mean (\S+)\)",
+                                             out).groups())
+    assert mean == pytest.approx((first + last) / 2, abs=0.01)
+    ms, delta = re.search(r"^\| MLP_MULT=2 \| (\S+) \| (\S+) \|$", out, re.M).groups()
+    assert float(delta) == pytest.approx(float(ms) - mean, abs=0.011)
+    assert "| NO_SUCH_KEY=1 | failed (bench_2.txt) | - |" in out
+    assert "unknown setting 'NO_SUCH_KEY'" in (tmp_path / "ablation_speed" / "bench_2.txt").read_text()
