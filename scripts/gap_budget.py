@@ -6,7 +6,9 @@ LOG: the logs of one quantization with BIT_ALLOCATION=1 (the packed program's tr
 `pgolf quantize`, its quantize.log and the run's train.log). They give each quantized matrix's measured
 sensitivity a_t (its `allocation:` line: rounding it at m x the recipe's step costs a_t m^2 nats per token), the
 EMA val_bpb before quantization, the roundtrip val_bpb after it and the val's tokens per byte. config.json (default:
-beside the first LOG) builds the model on the meta device for each matrix's shape.
+beside the first LOG) builds the model on the meta device for each matrix's shape. The code widths and SD-clip
+k are QuantConfig's defaults (the sp8192 recipe's): a run quantized with other MATRIX_BITS, EMBED_BITS or
+SDCLIP_* settings is modelled wrongly.
 
 Each matrix's code bytes at a multiplier m are modelled as the entropy of a Gaussian row rounded at that step and
 clipped at its code range (the rows of a trained P1 model are close to Gaussian; brotli came within 1% of the codes'
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         shapes = {n: tuple(t.shape) for n, t in GPT(model_cfg).state_dict().items() if t.ndim == 2}
     cfg = QuantConfig()
     grid = [float(x) for x in args.grid.split(",")] if args.grid else list(cfg.allocation_grid)
-    log_grid = sorted(set(grid) | set(cfg.allocation_grid))
+    log_grid = sorted(set(grid) | {float(m) for _, _, m in ALLOCATION.findall(text)})  # with the log's choices
     probes, chosen = probes_from_log(text, shapes, cfg, log_grid)
     source = ", ".join(map(str, args.logs))
     ema = last_float(r"^final_prequant val_loss:\S+ val_bpb:(\S+)", text, source)
