@@ -7,9 +7,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
 from tools.records.results import RecordResults, SeedResult, check_consistent
+
+
+def _scipy_stats():
+    """scipy.stats, imported when a test runs: it takes ~1.3 s, and every `pgolf` command imports this module."""
+    from scipy import stats
+    return stats
+
 
 # The rules: a new record must beat the current one by at least 0.005 nats (val_loss) with p < 0.01.
 NAT_MARGIN = 0.005
@@ -95,7 +101,7 @@ def seeds_needed(effect: float, std: float, alpha: float = ALPHA, max_seeds: int
     if std == 0:
         return 2
     for n in range(2, max_seeds + 1):
-        if stats.t.ppf(1 - alpha, n - 1) < effect * math.sqrt(n) / std:
+        if _scipy_stats().t.ppf(1 - alpha, n - 1) < effect * math.sqrt(n) / std:
             return n
     return None
 
@@ -106,7 +112,7 @@ def rule_test(values: list[float], reference: float, margin: float = NAT_MARGIN,
     if len(values) < 2:
         raise ValueError(f"a t-test needs at least 2 seeds, got {len(values)} (run more seeds)")
     threshold = reference - margin
-    result = stats.ttest_1samp(values, popmean=threshold, alternative="less")
+    result = _scipy_stats().ttest_1samp(values, popmean=threshold, alternative="less")
     summary = summarize(values)
     return RuleTest(metric, reference, margin, threshold, summary.mean, float(result.statistic), len(values) - 1,
                     float(result.pvalue), alpha, bool(result.pvalue < alpha),
@@ -124,6 +130,7 @@ def welch_test(values: list[float], record_values: list[float], metric: str) -> 
     if len(values) < 2 or len(record_values) < 2:
         raise ValueError(f"Welch's t-test needs at least 2 seeds on each side, got {len(values)} and "
                          f"{len(record_values)} (run more seeds)")
+    stats = _scipy_stats()
     two = stats.ttest_ind(values, record_values, equal_var=False)
     one = stats.ttest_ind(values, record_values, equal_var=False, alternative="less")
     return WelchTest(metric, float(two.statistic), welch_df(values, record_values), float(two.pvalue),
