@@ -45,11 +45,10 @@ def last_float(pattern: str, text: str, source: str) -> float:
 
 def gaussian_code_bits(step: float, qmax: int) -> float:
     """Entropy in bits of N(0, 1) rounded to the nearest multiple of `step`, codes clipped to [-qmax, qmax]."""
-    j = torch.arange(-qmax, qmax + 1, dtype=torch.float64)
-    upper = torch.where(j == qmax, torch.tensor(math.inf, dtype=torch.float64), (j + 0.5) * step)
-    lower = torch.where(j == -qmax, torch.tensor(-math.inf, dtype=torch.float64), (j - 0.5) * step)
-    cdf = lambda x: 0.5 * (1 + torch.erf(x / math.sqrt(2)))  # noqa: E731
-    p = (cdf(upper) - cdf(lower)).clamp_min(1e-300)
+    edges = torch.arange(-qmax - 1, qmax + 1, dtype=torch.float64) + 0.5  # between neighbouring codes, and both ends
+    edges[0], edges[-1] = -math.inf, math.inf
+    cdf = torch.special.ndtr(edges * step)
+    p = cdf.diff().clamp_min(1e-300)
     return float(-(p * p.log2()).sum())
 
 
@@ -61,8 +60,9 @@ def matrix_bytes(shape: tuple[int, int], bits: int, sigmas: float, multiplier: f
 
 
 def probes_from_log(text: str, shapes: dict[str, tuple[int, int]], cfg: QuantConfig,
-                    grid: list[float]) -> tuple[list[Probe], dict[str, float]]:
-    probes, chosen = [], {}
+                    grid: list[float]) -> tuple[list[Probe], float, float]:
+    """The logged matrices as probes on `grid`, and the modelled bytes and loss (nats) of the log's own choice."""
+    probes, own_bytes, own_loss = [], 0.0, 0.0
     for name, coef, multiplier in ALLOCATION.findall(text):
         if name not in shapes:
             raise SystemExit(f"allocation line names {name}, which the model of config.json does not have: "
@@ -72,10 +72,11 @@ def probes_from_log(text: str, shapes: dict[str, tuple[int, int]], cfg: QuantCon
                                                                                   cfg.sdclip_sigmas)
         grid_bytes = [matrix_bytes(shapes[name], bits, sigmas, m) for m in grid]
         probes.append(Probe(name, math.prod(shapes[name]), float(coef), [], grid_bytes))
-        chosen[name] = float(multiplier)
+        own_bytes += matrix_bytes(shapes[name], bits, sigmas, float(multiplier))
+        own_loss += float(coef) * float(multiplier) ** 2
     if not probes:
         raise SystemExit("no `allocation:` lines in the logs: quantize with BIT_ALLOCATION=1")
-    return probes, chosen
+    return probes, own_bytes, own_loss
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,33 +93,29 @@ def main(argv: list[str] | None = None) -> None:
         shapes = {n: tuple(t.shape) for n, t in GPT(model_cfg).state_dict().items() if t.ndim == 2}
     cfg = QuantConfig()
     grid = [float(x) for x in args.grid.split(",")] if args.grid else list(cfg.allocation_grid)
-    log_grid = sorted(set(grid) | {float(m) for _, _, m in ALLOCATION.findall(text)})  # with the log's choices
-    probes, chosen = probes_from_log(text, shapes, cfg, log_grid)
+    probes, own_bytes, own_loss = probes_from_log(text, shapes, cfg, grid)
     source = ", ".join(map(str, args.logs))
     ema = last_float(r"^final_prequant val_loss:\S+ val_bpb:(\S+)", text, source)
     roundtrip = last_float(r"^quantized_roundtrip_exact val_loss:\S+ val_bpb:(\S+)", text, source)
     tokens = last_float(r"^roundtrip_eval .*tokens:(\d+)", text, source)
     val_bytes = last_float(r"^roundtrip_eval .*bytes:(\d+)", text, source)
     to_bpb = tokens / val_bytes / math.log(2)  # nats per token -> bits per byte
-    own_bytes = sum(pr.grid_bytes[log_grid.index(chosen[pr.name])] for pr in probes)
-    own_loss = sum(pr.loss_coef * chosen[pr.name] ** 2 for pr in probes) * to_bpb
+    own_loss *= to_bpb
     measured = roundtrip - ema
     scale = measured / own_loss
     print(f"{len(probes)} matrices; measured gap {measured:+.5f} bpb, modelled {own_loss:+.5f} at the log's choice "
           f"({own_bytes / 1e6:.3f} MB of modelled code bytes); scale {scale:.3f}")
     print("| code bytes | multipliers at the grid's ends | predicted gap (bpb) | scaled to the measured |")
     print("|---|---|---|---|")
-    index = [log_grid.index(m) for m in grid]
-    replay = [Probe(pr.name, pr.numel, pr.loss_coef, [], [pr.grid_bytes[i] for i in index]) for pr in probes]
     for extra in [0.0] + [float(x) for x in args.extra_mb.split(",")]:
         try:
-            a = allocate(replay, grid, own_bytes + extra * 1e6)
+            a = allocate(probes, grid, own_bytes + extra * 1e6)
         except ValueError as err:
             print(f"| +{extra:g} MB | {err} | | |")
             continue
         loss = a.predicted_loss * to_bpb
-        ends = sum(m in (grid[0], grid[-1]) for m in a.multipliers.values())
-        print(f"| +{extra:g} MB | {ends} of {len(replay)} | {loss:+.5f} | {loss * scale:+.5f} |")
+        ends = sum(m in (min(grid), max(grid)) for m in a.multipliers.values())
+        print(f"| +{extra:g} MB | {ends} of {len(probes)} | {loss:+.5f} | {loss * scale:+.5f} |")
 
 
 if __name__ == "__main__":
