@@ -363,7 +363,9 @@ def test_ablation_speed_times_each_setting_against_the_recipe_timed_twice(tmp_pa
     repo = Path(__file__).resolve().parents[1]
     tiny = ("RECIPE=sp1024 VOCAB_SIZE=1024 NUM_LAYERS=2 MODEL_DIM=64 NUM_HEADS=2 NUM_KV_HEADS=1 SEQ_LEN=128 "
             "TRAIN_BATCH_TOKENS=256 MICRO_BATCH_TOKENS=256 COMPILE=0")
-    env = {**os.environ, "OUT": str(tmp_path), "BENCH_STEPS": "2", "BENCH_WARMUP": "1"}
+    # the script calls python3: the one running the tests (the venv's, not whatever PATH has first, as under CI)
+    env = {**os.environ, "OUT": str(tmp_path), "BENCH_STEPS": "2", "BENCH_WARMUP": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     out = subprocess.run(["bash", "scripts/ablation_speed.sh", tiny, "MLP_MULT=2", "NO_SUCH_KEY=1"], cwd=repo,
                          env=env, capture_output=True, text=True, check=True).stdout
     first, last, mean = map(float, re.search(r"recipe as is: (\S+) ms/step first, (\S+) last \(mean (\S+)\)",
