@@ -183,3 +183,20 @@ def test_a_command_leaves_no_process_group_behind(monkeypatch, fails):
     monkeypatch.setattr(cli, "parse_args", lambda argv=None: args)
     assert main([]) == (2 if fails else 0)
     assert not dist.is_initialized()
+
+
+def test_a_named_command_imports_its_own_module_alone(tmp_path):
+    """`pgolf ablation ...` builds the ablation command alone, so a records-only command never imports torch; no
+    command, or one that is not a module's, still gets the whole parser (the usage error lists every command)."""
+    import subprocess
+    code = ("import sys\nfrom tools.commands import cli\ntry:\n    cli.main(sys.argv[1:])\nfinally:\n"
+            "    print('torch' in sys.modules, 'tools.commands.train' in sys.modules)")
+    repo = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-c", code, "ablation", str(tmp_path)], cwd=repo, capture_output=True,
+                         text=True)
+    assert run.stdout.split() == ["False", "False"] and str(tmp_path) in run.stderr  # its own error, no torch
+    assert set(build_parser("ablation")._actions[-1].choices) == {"ablation"}
+    assert set(build_parser("no-such-command")._actions[-1].choices) == set(build_parser()._actions[-1].choices)
+    run = subprocess.run([sys.executable, "-m", "tools.commands.cli", "no-such-command"], cwd=repo,
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "choose from" in run.stderr and "quantize" in run.stderr

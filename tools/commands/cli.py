@@ -27,12 +27,15 @@ COMMAND_MODULES = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `pgolf` parser with every command, or with `command` alone when a module of COMMAND_MODULES is named after
+    it: `pgolf ablation` or `pgolf stats` then never imports torch, which the model commands' modules load (~3 s)."""
     parser = argparse.ArgumentParser(
         prog="pgolf", description="Parameter Golf kit: data, train, quantize, pack, eval, records.")
     # not dest="command": a subcommand's own option of that name (`pgolf seeds --command`) would overwrite it
     sub = parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    modules = [m for m in COMMAND_MODULES if m.rsplit(".", 1)[-1] == command] or COMMAND_MODULES
+    for name in modules:
         importlib.import_module(name).add_commands(sub)
     return parser
 
@@ -63,8 +66,9 @@ def path_arg(kind: str, output: bool = False, fix: str = ""):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Like parse_args, but KEY=VALUE settings may also follow the flags (`pgolf quantize RUN --device cpu
     CALIB_SEQS=8`): argparse alone ends a command's positionals at the first flag and rejects the rest."""
-    parser = build_parser()
-    args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv[0] if argv else None)
+    args, extra = parser.parse_known_args(argv)
     dest = settings_dest(parser, args.subcommand) if extra else None
     if dest is not None and all(SETTING.match(a) for a in extra):
         setattr(args, dest, [*getattr(args, dest), *extra])
